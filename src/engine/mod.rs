@@ -1,0 +1,123 @@
+//! The sans-IO core: transaction state machines that take events and emit commands.
+//!
+//! ```text
+//!   Start / Recover / Reply / Timer          Persist / Announce / Send / SetTimer / Finished
+//!   ─────────────────────────────▶  Engine  ─────────────────────────────────────────────▶
+//!        (time is an input)        (pure)        (the runtime performs them, in order)
+//! ```
+//!
+//! Nothing here does I/O, sleeps or reads the clock: time comes in with every event, so tests
+//! are synchronous and deterministic. The runtime ([`crate::coordinator`]) drains the commands
+//! and performs them **in order**; a [`Command::Persist`] is a barrier, so no later command
+//! of the same batch runs before the record is durable. That order is how the engine states
+//! the durability rule: the decision is on disk before any participant hears it.
+
+pub mod twopc;
+
+use crate::proto::{ParticipantCommand, TransactionEvent};
+
+/// Timers a transaction can arm; at most one of each is armed at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Timer {
+    /// The prepare phase's deadline.
+    PrepareTimeout,
+    /// The next resend of unconfirmed phase-2 commands.
+    Phase2Retry,
+    /// When phase 2 counts as stuck.
+    Stuck,
+}
+
+/// What the runtime must do, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    /// Write this record to the log (the events stream) under the deterministic message id,
+    /// and wait until it is durable before running any later command.
+    Persist {
+        /// The `Nats-Msg-Id` of the write: retries of it are idempotent.
+        msg_id: String,
+        /// The record.
+        event: TransactionEvent,
+    },
+    /// Publish this event for observers; it needs no barrier.
+    Announce {
+        /// The `Nats-Msg-Id` of the write.
+        msg_id: String,
+        /// The event.
+        event: TransactionEvent,
+    },
+    /// Send a command to a participant.
+    Send(ParticipantCommand),
+    /// Arm (or re-arm) a timer for the given Unix millisecond.
+    SetTimer {
+        /// Which timer.
+        timer: Timer,
+        /// When it fires.
+        at_ms: u64,
+    },
+    /// Disarm a timer.
+    CancelTimer(Timer),
+    /// The transaction reached its outcome; the runtime may forget it.
+    Finished,
+}
+
+/// Engine settings that come from configuration.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EngineConfig {
+    /// Prepare timeout when the request names none.
+    pub default_timeout_ms: u64,
+    /// First phase-2 resend delay.
+    pub retry_base_ms: u64,
+    /// Largest phase-2 resend delay.
+    pub retry_cap_ms: u64,
+    /// After this long in phase 2 without every confirmation, the transaction is flagged stuck.
+    pub stuck_after_ms: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            default_timeout_ms: 5_000,
+            retry_base_ms: 500,
+            retry_cap_ms: 30_000,
+            stuck_after_ms: 60_000,
+        }
+    }
+}
+
+/// Exponential backoff with deterministic jitter: attempt `n` (1-based) waits about
+/// `base * 2^(n-1)`, capped, and spread by up to a quarter from a hash of `seed` so that many
+/// transactions retrying at once do not move in lockstep.
+pub fn backoff_ms(base: u64, cap: u64, n: u32, seed: &str) -> u64 {
+    let exp = base.saturating_mul(1u64 << n.saturating_sub(1).min(30));
+    let delay = exp.min(cap).max(1);
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in seed.bytes().chain(n.to_le_bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    let spread = delay / 4;
+    if spread == 0 {
+        delay
+    } else {
+        delay - spread + h % (spread * 2 + 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::backoff_ms;
+
+    #[test]
+    fn backoff_grows_then_caps_with_bounded_jitter() {
+        let b = |n| backoff_ms(100, 1_000, n, "t");
+        assert!((75..=125).contains(&b(1)), "{}", b(1));
+        assert!((150..=250).contains(&b(2)), "{}", b(2));
+        for n in 5..40 {
+            assert!((750..=1_250).contains(&b(n)), "{n}: {}", b(n));
+        }
+        assert_ne!(
+            backoff_ms(1000, 10_000, 3, "a"),
+            backoff_ms(1000, 10_000, 3, "b")
+        );
+    }
+}

@@ -1,0 +1,622 @@
+//! The two-phase-commit state machine of one transaction (presumed abort).
+//!
+//! Transition table (every other pair is ignored with a typed [`EngineError`]):
+//!
+//! | phase      | event                                   | next        | commands                                     |
+//! |------------|-----------------------------------------|-------------|----------------------------------------------|
+//! | (start)    | `start`                                 | Preparing   | Persist(accepted), Announce(preparing), Send(prepare)×N, SetTimer(prepare) |
+//! | Preparing  | vote abort                              | Aborting    | Persist(aborting), Send(abort) to non-refusers, timers |
+//! | Preparing  | last vote, all ready/read_only          | Committing  | Persist(committing), Send(commit) to ready steps, timers |
+//! | Preparing  | prepare timeout                         | Aborting    | as a vote abort, reason `timeout`            |
+//! | Committing/Aborting | `done` from the last pending step | Committed/Aborted | Persist(final), Finished         |
+//! | Committing/Aborting | retry timer                     | same        | Persist(round), Send to pending, re-arm      |
+//! | Committing/Aborting | stuck timer                     | same        | Announce(stuck)                              |
+//! | (recover)  | log says accepted/preparing             | Preparing   | Persist(round), Send(prepare)×N with attempt+1, SetTimer |
+//! | (recover)  | log says committing/aborting            | same        | Persist(round), Send to pending with attempt+1, timers |
+//! | Committed/Aborted | anything                         | same        | none (terminal states absorb late messages)  |
+//!
+//! Every send round is persisted (with its attempt numbers) before it goes out, so a
+//! restarted coordinator always resends with a higher attempt than any reply already
+//! consumed: reply message ids never collide with ones JetStream has already deduplicated.
+
+use serde_json::Value;
+
+use super::{Command, EngineConfig, Timer, backoff_ms};
+use crate::proto::{
+    CommandKind, Mode, ParticipantCommand, ParticipantReply, Reason, ReplyOutcome, StepStatus,
+    TransactionEvent, TransactionRequest, TxnState, Vote,
+};
+
+/// Where a 2PC transaction stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Collecting votes.
+    Preparing,
+    /// Commit decided and durable; waiting for confirmations.
+    Committing,
+    /// Abort decided and durable; waiting for confirmations.
+    Aborting,
+    /// Every participant committed.
+    Committed,
+    /// Every participant aborted.
+    Aborted,
+}
+
+impl Phase {
+    fn state(self) -> TxnState {
+        match self {
+            Phase::Preparing => TxnState::Preparing,
+            Phase::Committing => TxnState::Committing,
+            Phase::Aborting => TxnState::Aborting,
+            Phase::Committed => TxnState::Committed,
+            Phase::Aborted => TxnState::Aborted,
+        }
+    }
+}
+
+/// An input the engine did not apply, and why. None of these change state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    /// The reply names a step the transaction does not have.
+    #[error("reply for step {step}, but the transaction has {steps} steps")]
+    UnknownStep {
+        /// The step in the reply.
+        step: usize,
+        /// How many steps there are.
+        steps: usize,
+    },
+    /// The reply's service is not the step's service.
+    #[error("reply from service {got:?} for step {step}, which belongs to {expected:?}")]
+    ServiceMismatch {
+        /// The step.
+        step: usize,
+        /// The step's service.
+        expected: String,
+        /// The reply's service.
+        got: String,
+    },
+    /// The outcome does not answer that kind of command.
+    #[error("outcome {outcome:?} is not an answer to a {kind:?} command")]
+    InvalidOutcome {
+        /// The command kind.
+        kind: CommandKind,
+        /// The outcome.
+        outcome: ReplyOutcome,
+    },
+    /// The reply belongs to a phase that is over (a late or duplicated message).
+    #[error("{kind:?} reply arrived while the transaction is {phase:?}")]
+    Late {
+        /// The reply's kind.
+        kind: CommandKind,
+        /// The current phase.
+        phase: Phase,
+    },
+    /// A second, different vote from the same step; the first one stands.
+    #[error("step {step} voted {first:?} and then {second:?}; the first vote stands")]
+    ConflictingVote {
+        /// The step.
+        step: usize,
+        /// The recorded vote.
+        first: Vote,
+        /// The new vote.
+        second: Vote,
+    },
+}
+
+/// Why a log could not be turned back into a running transaction.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecoverError {
+    /// The last record is terminal: nothing to resume.
+    #[error("transaction is already {0:?}")]
+    Finished(TxnState),
+    /// The records contradict each other.
+    #[error("inconsistent log: {0}")]
+    Inconsistent(String),
+}
+
+/// An input to the machine.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A participant's reply.
+    Reply(ParticipantReply),
+    /// A timer fired.
+    Timer(Timer),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Branch {
+    service: String,
+    action: String,
+    payload: Value,
+    vote: Option<Vote>,
+    done: bool,
+    prepare_attempt: u32,
+    decision_attempt: u32,
+}
+
+/// One 2PC transaction.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TwoPc {
+    txn_id: String,
+    cfg: EngineConfig,
+    reply_to: String,
+    branches: Vec<Branch>,
+    timeout_ms: u64,
+    metadata: Option<Value>,
+    submit_seq: Option<u64>,
+    phase: Phase,
+    reason: Option<Reason>,
+    deadline_ms: u64,
+    retry_round: u32,
+    stuck: bool,
+}
+
+impl TwoPc {
+    /// Begins a new transaction: the accepted record is persisted before any prepare goes out.
+    pub fn start(
+        txn_id: String,
+        request: &TransactionRequest,
+        submit_seq: Option<u64>,
+        reply_to: String,
+        cfg: EngineConfig,
+        now: u64,
+        out: &mut Vec<Command>,
+    ) -> TwoPc {
+        let timeout_ms = request.timeout_ms.unwrap_or(cfg.default_timeout_ms);
+        let branches = request
+            .steps
+            .iter()
+            .map(|s| Branch {
+                service: s.service.clone(),
+                action: s.action.clone(),
+                payload: s.payload.clone(),
+                vote: None,
+                done: false,
+                prepare_attempt: 1,
+                decision_attempt: 0,
+            })
+            .collect();
+        let mut txn = TwoPc {
+            txn_id,
+            cfg,
+            reply_to,
+            branches,
+            timeout_ms,
+            metadata: request.metadata.clone(),
+            submit_seq,
+            phase: Phase::Preparing,
+            reason: None,
+            deadline_ms: now.saturating_add(timeout_ms),
+            retry_round: 0,
+            stuck: false,
+        };
+        out.push(Command::Persist {
+            msg_id: format!("{}.accepted", txn.txn_id),
+            event: txn.event(TxnState::Accepted, now, true),
+        });
+        out.push(Command::Announce {
+            msg_id: format!("{}.preparing.1", txn.txn_id),
+            event: txn.event(TxnState::Preparing, now, false),
+        });
+        txn.send_prepares(out);
+        out.push(Command::SetTimer {
+            timer: Timer::PrepareTimeout,
+            at_ms: txn.deadline_ms,
+        });
+        txn
+    }
+
+    /// Rebuilds a transaction from its log: the `accepted` record (for the payloads) and the
+    /// last record written. Resumes it: prepares are resent if no decision was recorded,
+    /// otherwise the decision is resent to every participant that has not confirmed it.
+    pub fn recover(
+        accepted: &TransactionEvent,
+        last: &TransactionEvent,
+        reply_to: String,
+        cfg: EngineConfig,
+        now: u64,
+        out: &mut Vec<Command>,
+    ) -> Result<TwoPc, RecoverError> {
+        if last.state.is_terminal() {
+            return Err(RecoverError::Finished(last.state));
+        }
+        if accepted.state != TxnState::Accepted {
+            return Err(RecoverError::Inconsistent(format!(
+                "first record is {:?}, not accepted",
+                accepted.state
+            )));
+        }
+        if accepted.txn_id != last.txn_id || accepted.steps.len() != last.steps.len() {
+            return Err(RecoverError::Inconsistent(
+                "first and last records describe different transactions".into(),
+            ));
+        }
+        let branches = accepted
+            .steps
+            .iter()
+            .zip(&last.steps)
+            .map(|(a, l)| Branch {
+                service: a.service.clone(),
+                action: a.action.clone(),
+                payload: a.payload.clone().unwrap_or(Value::Null),
+                vote: l.vote,
+                done: l.done,
+                prepare_attempt: a.prepare_attempt.max(l.prepare_attempt),
+                decision_attempt: l.decision_attempt,
+            })
+            .collect();
+        let timeout_ms = accepted.timeout_ms.unwrap_or(cfg.default_timeout_ms);
+        let mut txn = TwoPc {
+            txn_id: accepted.txn_id.clone(),
+            cfg,
+            reply_to,
+            branches,
+            timeout_ms,
+            metadata: accepted.metadata.clone(),
+            submit_seq: accepted.submit_seq,
+            phase: Phase::Preparing,
+            reason: last.reason.clone(),
+            deadline_ms: now.saturating_add(timeout_ms),
+            retry_round: 0,
+            stuck: last.stuck,
+        };
+        match last.state {
+            TxnState::Accepted | TxnState::Preparing => {
+                // Votes consumed before the crash were only in memory: ask again. Participants
+                // answer a repeated prepare from their stored vote.
+                for b in &mut txn.branches {
+                    b.vote = None;
+                    b.prepare_attempt += 1;
+                }
+                let round = txn.max_attempt(|b| b.prepare_attempt);
+                out.push(Command::Persist {
+                    msg_id: format!("{}.prepare.r{round}", txn.txn_id),
+                    event: txn.event(TxnState::Preparing, now, false),
+                });
+                txn.send_prepares(out);
+                out.push(Command::SetTimer {
+                    timer: Timer::PrepareTimeout,
+                    at_ms: txn.deadline_ms,
+                });
+            }
+            TxnState::Committing | TxnState::Aborting => {
+                txn.phase = if last.state == TxnState::Committing {
+                    Phase::Committing
+                } else {
+                    Phase::Aborting
+                };
+                if txn.phase == Phase::Committing
+                    && txn
+                        .branches
+                        .iter()
+                        .any(|b| !matches!(b.vote, Some(Vote::Ready | Vote::ReadOnly)))
+                {
+                    return Err(RecoverError::Inconsistent(
+                        "commit recorded without every vote ready".into(),
+                    ));
+                }
+                if txn.pending().next().is_none() {
+                    txn.finish(now, out);
+                } else {
+                    txn.resend_round(now, out);
+                    out.push(Command::SetTimer {
+                        timer: Timer::Stuck,
+                        at_ms: now.saturating_add(cfg.stuck_after_ms),
+                    });
+                }
+            }
+            TxnState::Committed | TxnState::Aborted | TxnState::Rejected => {
+                return Err(RecoverError::Finished(last.state));
+            }
+        }
+        Ok(txn)
+    }
+
+    /// The transaction id.
+    pub fn txn_id(&self) -> &str {
+        &self.txn_id
+    }
+
+    /// The current phase.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// Whether the outcome is reached and confirmed by everyone.
+    pub fn is_finished(&self) -> bool {
+        matches!(self.phase, Phase::Committed | Phase::Aborted)
+    }
+
+    /// The transaction as an event, for status queries.
+    pub fn snapshot(&self, now: u64) -> TransactionEvent {
+        self.event(self.phase.state(), now, false)
+    }
+
+    /// Applies one event. `Err` means the event was ignored, and says why.
+    pub fn handle(
+        &mut self,
+        now: u64,
+        event: Event,
+        out: &mut Vec<Command>,
+    ) -> Result<(), EngineError> {
+        match event {
+            Event::Reply(reply) => self.on_reply(now, reply, out),
+            Event::Timer(timer) => {
+                self.on_timer(now, timer, out);
+                Ok(())
+            }
+        }
+    }
+
+    fn on_reply(
+        &mut self,
+        now: u64,
+        reply: ParticipantReply,
+        out: &mut Vec<Command>,
+    ) -> Result<(), EngineError> {
+        let steps = self.branches.len();
+        let branch = self
+            .branches
+            .get(reply.step)
+            .ok_or(EngineError::UnknownStep {
+                step: reply.step,
+                steps,
+            })?;
+        if branch.service != reply.service {
+            return Err(EngineError::ServiceMismatch {
+                step: reply.step,
+                expected: branch.service.clone(),
+                got: reply.service,
+            });
+        }
+        let vote = match (reply.kind, reply.outcome) {
+            (CommandKind::Prepare, ReplyOutcome::Ready) => Some(Vote::Ready),
+            (CommandKind::Prepare, ReplyOutcome::ReadOnly) => Some(Vote::ReadOnly),
+            (CommandKind::Prepare, ReplyOutcome::Abort) => Some(Vote::Abort),
+            (CommandKind::Commit | CommandKind::Abort, ReplyOutcome::Done) => None,
+            (kind, outcome) => return Err(EngineError::InvalidOutcome { kind, outcome }),
+        };
+        match (self.phase, reply.kind, vote) {
+            (Phase::Preparing, CommandKind::Prepare, Some(vote)) => {
+                self.on_vote(now, reply.step, vote, reply.reason, out)
+            }
+            (Phase::Committing, CommandKind::Commit, None)
+            | (Phase::Aborting, CommandKind::Abort, None) => {
+                self.branches[reply.step].done = true;
+                if self.pending().next().is_none() {
+                    self.finish(now, out);
+                }
+                Ok(())
+            }
+            (phase, kind, _) => Err(EngineError::Late { kind, phase }),
+        }
+    }
+
+    fn on_vote(
+        &mut self,
+        now: u64,
+        step: usize,
+        vote: Vote,
+        reason: Option<String>,
+        out: &mut Vec<Command>,
+    ) -> Result<(), EngineError> {
+        let branch = &mut self.branches[step];
+        match branch.vote {
+            Some(first) if first == vote => return Ok(()),
+            Some(first) => {
+                return Err(EngineError::ConflictingVote {
+                    step,
+                    first,
+                    second: vote,
+                });
+            }
+            None => branch.vote = Some(vote),
+        }
+        if vote == Vote::Abort {
+            let reason = Reason::VoteAbort {
+                service: branch.service.clone(),
+                step,
+                message: reason.unwrap_or_else(|| "no reason given".into()),
+            };
+            self.decide(Phase::Aborting, Some(reason), now, out);
+        } else if self.branches.iter().all(|b| b.vote.is_some()) {
+            self.decide(Phase::Committing, None, now, out);
+        }
+        Ok(())
+    }
+
+    fn on_timer(&mut self, now: u64, timer: Timer, out: &mut Vec<Command>) {
+        match (self.phase, timer) {
+            (Phase::Preparing, Timer::PrepareTimeout) if now >= self.deadline_ms => {
+                let silent: Vec<usize> = (0..self.branches.len())
+                    .filter(|&i| self.branches[i].vote.is_none())
+                    .collect();
+                let reason = Reason::Timeout {
+                    services: silent
+                        .iter()
+                        .map(|&i| self.branches[i].service.clone())
+                        .collect(),
+                    steps: silent,
+                };
+                self.decide(Phase::Aborting, Some(reason), now, out);
+            }
+            (Phase::Committing | Phase::Aborting, Timer::Phase2Retry) => {
+                self.resend_round(now, out);
+            }
+            (Phase::Committing | Phase::Aborting, Timer::Stuck) if !self.stuck => {
+                self.stuck = true;
+                out.push(Command::Announce {
+                    msg_id: format!("{}.stuck", self.txn_id),
+                    event: self.snapshot(now),
+                });
+            }
+            // A timer armed for a phase that is over: stale, nothing to do.
+            _ => {}
+        }
+    }
+
+    /// Records the decision durably, then tells the participants that need to hear it.
+    fn decide(&mut self, phase: Phase, reason: Option<Reason>, now: u64, out: &mut Vec<Command>) {
+        self.phase = phase;
+        self.reason = reason;
+        out.push(Command::CancelTimer(Timer::PrepareTimeout));
+        let targets: Vec<usize> = self.pending().collect();
+        if targets.is_empty() {
+            // Nobody to tell (all read-only, or the only voter refused): decision and end are one.
+            self.finish(now, out);
+            return;
+        }
+        for &i in &targets {
+            self.branches[i].decision_attempt = 1;
+        }
+        out.push(Command::Persist {
+            msg_id: format!("{}.decided", self.txn_id),
+            event: self.snapshot(now),
+        });
+        for i in targets {
+            out.push(Command::Send(self.command(i, self.phase2_kind())));
+        }
+        self.retry_round = 1;
+        out.push(Command::SetTimer {
+            timer: Timer::Phase2Retry,
+            at_ms: now.saturating_add(self.retry_delay()),
+        });
+        out.push(Command::SetTimer {
+            timer: Timer::Stuck,
+            at_ms: now.saturating_add(self.cfg.stuck_after_ms),
+        });
+    }
+
+    /// Resends the decision to every participant that has not confirmed it, after persisting
+    /// the new attempt numbers.
+    fn resend_round(&mut self, now: u64, out: &mut Vec<Command>) {
+        let targets: Vec<usize> = self.pending().collect();
+        for &i in &targets {
+            self.branches[i].decision_attempt += 1;
+        }
+        let round = self.max_attempt(|b| b.decision_attempt);
+        out.push(Command::Persist {
+            msg_id: format!("{}.{}.r{round}", self.txn_id, self.phase2_kind().as_str()),
+            event: self.snapshot(now),
+        });
+        for i in targets {
+            out.push(Command::Send(self.command(i, self.phase2_kind())));
+        }
+        self.retry_round += 1;
+        out.push(Command::SetTimer {
+            timer: Timer::Phase2Retry,
+            at_ms: now.saturating_add(self.retry_delay()),
+        });
+    }
+
+    fn finish(&mut self, now: u64, out: &mut Vec<Command>) {
+        self.phase = match self.phase {
+            Phase::Committing | Phase::Committed => Phase::Committed,
+            _ => Phase::Aborted,
+        };
+        out.push(Command::Persist {
+            msg_id: format!("{}.final", self.txn_id),
+            event: self.snapshot(now),
+        });
+        for timer in [Timer::PrepareTimeout, Timer::Phase2Retry, Timer::Stuck] {
+            out.push(Command::CancelTimer(timer));
+        }
+        out.push(Command::Finished);
+    }
+
+    fn send_prepares(&self, out: &mut Vec<Command>) {
+        for i in 0..self.branches.len() {
+            out.push(Command::Send(self.command(i, CommandKind::Prepare)));
+        }
+    }
+
+    /// Steps that still owe a phase-2 confirmation.
+    fn pending(&self) -> impl Iterator<Item = usize> + '_ {
+        let committing = self.phase == Phase::Committing;
+        self.branches
+            .iter()
+            .enumerate()
+            .filter(move |(_, b)| {
+                !b.done
+                    && if committing {
+                        b.vote == Some(Vote::Ready)
+                    } else {
+                        // Silent steps may have prepared; refusers and read-only steps hold nothing.
+                        matches!(b.vote, None | Some(Vote::Ready))
+                    }
+            })
+            .map(|(i, _)| i)
+    }
+
+    fn phase2_kind(&self) -> CommandKind {
+        if self.phase == Phase::Committing {
+            CommandKind::Commit
+        } else {
+            CommandKind::Abort
+        }
+    }
+
+    fn retry_delay(&self) -> u64 {
+        backoff_ms(
+            self.cfg.retry_base_ms,
+            self.cfg.retry_cap_ms,
+            self.retry_round,
+            &self.txn_id,
+        )
+    }
+
+    fn max_attempt(&self, f: impl Fn(&Branch) -> u32) -> u32 {
+        self.branches.iter().map(f).max().unwrap_or(0)
+    }
+
+    fn command(&self, step: usize, kind: CommandKind) -> ParticipantCommand {
+        let b = &self.branches[step];
+        let (payload, attempt, deadline_ms) = match kind {
+            CommandKind::Prepare => (b.payload.clone(), b.prepare_attempt, self.deadline_ms),
+            _ => (Value::Null, b.decision_attempt, 0),
+        };
+        ParticipantCommand {
+            txn_id: self.txn_id.clone(),
+            service: b.service.clone(),
+            step,
+            kind,
+            action: b.action.clone(),
+            payload,
+            reply_to: self.reply_to.clone(),
+            attempt,
+            deadline_ms,
+        }
+    }
+
+    fn event(&self, state: TxnState, now: u64, with_payload: bool) -> TransactionEvent {
+        TransactionEvent {
+            txn_id: self.txn_id.clone(),
+            state,
+            mode: Mode::TwoPc,
+            steps: self
+                .branches
+                .iter()
+                .enumerate()
+                .map(|(i, b)| StepStatus {
+                    step: i,
+                    service: b.service.clone(),
+                    action: b.action.clone(),
+                    vote: b.vote,
+                    done: b.done,
+                    prepare_attempt: b.prepare_attempt,
+                    decision_attempt: b.decision_attempt,
+                    payload: with_payload.then(|| b.payload.clone()),
+                })
+                .collect(),
+            timestamp_ms: now,
+            reason: self.reason.clone(),
+            stuck: self.stuck,
+            timeout_ms: Some(self.timeout_ms),
+            metadata: self.metadata.clone(),
+            submit_seq: self.submit_seq,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,787 @@
+//! The wire contract: every JSON message txcoord reads or writes, the subjects they travel
+//! on, and the validation of untrusted transaction requests.
+//!
+//! These types are the public contract described in `schemas/`. Field names are fixed; new
+//! optional fields may be added. A test validates every message the code emits against its
+//! schema, so this module and `schemas/*.json` cannot drift apart.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Largest number of steps one transaction may have.
+pub const MAX_STEPS: usize = 100;
+/// Largest length of a service name, an action or a txn_id.
+pub const MAX_NAME_LEN: usize = 64;
+/// Largest length of a txn_id.
+pub const MAX_TXN_ID_LEN: usize = 128;
+
+/// How a transaction is run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum Mode {
+    /// Two-phase commit, presumed abort.
+    #[default]
+    #[serde(rename = "2pc")]
+    TwoPc,
+    /// A saga: ordered steps with compensations.
+    #[serde(rename = "saga")]
+    Saga,
+}
+
+/// One branch of a transaction, as a client asks for it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRequest {
+    /// The service that runs this step; becomes a subject token.
+    pub service: String,
+    /// What the service is asked to do (`reserve`, `charge`, ...).
+    pub action: String,
+    /// Free-form input for the service.
+    #[serde(default)]
+    pub payload: Value,
+}
+
+/// A client's request to run one transaction (`<prefix>.submit`, `<prefix>.api.execute`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TransactionRequest {
+    /// The transaction's id; the coordinator assigns one when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub txn_id: Option<String>,
+    /// `2pc` (the default) or `saga`.
+    #[serde(default)]
+    pub mode: Mode,
+    /// The branches, keyed by their index.
+    pub steps: Vec<StepRequest>,
+    /// Prepare timeout in milliseconds; the configured default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Opaque client data, echoed in every event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Value>,
+}
+
+/// What a command asks a participant to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommandKind {
+    /// Phase 1: hold the resources and vote.
+    Prepare,
+    /// Phase 2: make the prepared change permanent.
+    Commit,
+    /// Phase 2: release whatever was prepared.
+    Abort,
+}
+
+impl CommandKind {
+    /// The lower-case name used in subjects and message ids.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandKind::Prepare => "prepare",
+            CommandKind::Commit => "commit",
+            CommandKind::Abort => "abort",
+        }
+    }
+}
+
+/// A command from the coordinator to one service (`<prefix>.cmd.<service>.<txn_id>`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ParticipantCommand {
+    /// The transaction.
+    pub txn_id: String,
+    /// The service this command is for.
+    pub service: String,
+    /// The step's index in the request.
+    pub step: usize,
+    /// prepare, commit or abort.
+    pub kind: CommandKind,
+    /// The step's action.
+    pub action: String,
+    /// The step's payload (on prepare; `null` on commit and abort).
+    #[serde(default)]
+    pub payload: Value,
+    /// Where to publish the reply, with JetStream.
+    pub reply_to: String,
+    /// 1 on the first send, one more on each resend by the coordinator.
+    pub attempt: u32,
+    /// Unix milliseconds after which a prepare should vote abort instead of being run.
+    pub deadline_ms: u64,
+}
+
+/// A participant's answer to a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplyOutcome {
+    /// Prepared: ready to commit.
+    Ready,
+    /// Nothing to commit or abort: no phase 2 for this step.
+    ReadOnly,
+    /// Will not commit.
+    Abort,
+    /// The commit or abort was applied.
+    Done,
+}
+
+/// A participant's reply, published with JetStream to the command's `reply_to`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ParticipantReply {
+    /// The transaction.
+    pub txn_id: String,
+    /// The replying service.
+    pub service: String,
+    /// The step's index.
+    pub step: usize,
+    /// The kind of the command answered.
+    pub kind: CommandKind,
+    /// The vote, or `done`.
+    pub outcome: ReplyOutcome,
+    /// Why, when the vote is `abort`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The attempt of the command answered.
+    #[serde(default)]
+    pub attempt: u32,
+}
+
+impl ParticipantReply {
+    /// The deterministic `Nats-Msg-Id` of this reply: `<txn_id>.<service>.<step>.<kind>.<attempt>`.
+    pub fn msg_id(&self) -> String {
+        format!(
+            "{}.{}.{}.{}.{}",
+            self.txn_id,
+            self.service,
+            self.step,
+            self.kind.as_str(),
+            self.attempt
+        )
+    }
+}
+
+/// A step's vote as recorded by the coordinator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Vote {
+    /// Prepared.
+    Ready,
+    /// Nothing to do in phase 2.
+    ReadOnly,
+    /// Refused.
+    Abort,
+}
+
+/// The state of a transaction, as published in its events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TxnState {
+    /// Durably recorded; prepares are about to go out.
+    Accepted,
+    /// Prepares sent; collecting votes.
+    Preparing,
+    /// Decided commit (durably); confirmations pending.
+    Committing,
+    /// Decided abort (durably); confirmations pending.
+    Aborting,
+    /// Every participant committed.
+    Committed,
+    /// Every participant aborted.
+    Aborted,
+    /// The request was invalid; nothing ran.
+    Rejected,
+}
+
+impl TxnState {
+    /// Whether no further event follows this one.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            TxnState::Committed | TxnState::Aborted | TxnState::Rejected
+        )
+    }
+}
+
+/// Why a transaction aborted or was rejected.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Reason {
+    /// A participant voted abort.
+    VoteAbort {
+        /// The service that refused.
+        service: String,
+        /// Its step.
+        step: usize,
+        /// Its text.
+        message: String,
+    },
+    /// The prepare timeout fired before every vote arrived.
+    Timeout {
+        /// The services that did not answer.
+        services: Vec<String>,
+        /// Their steps.
+        steps: Vec<usize>,
+    },
+    /// The request broke the contract.
+    InvalidRequest {
+        /// What was wrong.
+        message: String,
+        /// Where in the request (a JSON path), when known.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        path: Option<String>,
+    },
+}
+
+/// One step as seen in an event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepStatus {
+    /// The step's index.
+    pub step: usize,
+    /// Its service.
+    pub service: String,
+    /// Its action.
+    pub action: String,
+    /// The vote, once received.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vote: Option<Vote>,
+    /// Whether the participant confirmed phase 2.
+    #[serde(default)]
+    pub done: bool,
+    /// How many times prepare was sent.
+    #[serde(default)]
+    pub prepare_attempt: u32,
+    /// How many times the phase-2 command was sent.
+    #[serde(default)]
+    pub decision_attempt: u32,
+    /// The payload (only in the `accepted` record, which the coordinator recovers from).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<Value>,
+}
+
+/// A state change of one transaction (`<prefix>.events.<txn_id>`). These records are also the
+/// coordinator's durable log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TransactionEvent {
+    /// The transaction.
+    pub txn_id: String,
+    /// Its state after this change.
+    pub state: TxnState,
+    /// How it runs.
+    #[serde(default)]
+    pub mode: Mode,
+    /// Every step with its vote so far.
+    pub steps: Vec<StepStatus>,
+    /// When this event was made, Unix milliseconds.
+    pub timestamp_ms: u64,
+    /// Why it aborted or was rejected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<Reason>,
+    /// Phase 2 has been unconfirmed longer than the configured limit; still retried.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stuck: bool,
+    /// The prepare timeout in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// The client's metadata, echoed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Value>,
+    /// The stream sequence of the submission this transaction came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submit_seq: Option<u64>,
+}
+
+/// What went wrong with a submission; published on `<prefix>.errors` when the request has no
+/// usable txn_id (otherwise the same content goes into a `rejected` event).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubmitError {
+    /// The stream sequence of the bad submission, kept in the submit stream for inspection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submit_seq: Option<u64>,
+    /// The txn_id, if one could be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub txn_id: Option<String>,
+    /// What kind of problem: `too_large`, `malformed_json`, `invalid_request`, `duplicate_txn_id`.
+    pub kind: String,
+    /// What was wrong.
+    pub message: String,
+    /// Where (a JSON path), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// When, Unix milliseconds.
+    pub timestamp_ms: u64,
+}
+
+/// The request body of `<prefix>.api.status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusRequest {
+    /// The transaction to look up.
+    pub txn_id: String,
+}
+
+/// An error reply of the request/reply API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApiError {
+    /// What was wrong.
+    pub error: String,
+}
+
+/// Whether `name` can be a subject token: `[A-Za-z0-9_-]{1,max}`.
+pub fn is_token(name: &str, max: usize) -> bool {
+    !name.is_empty()
+        && name.len() <= max
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Why a submission was refused, with where it went wrong.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RequestError {
+    /// Bigger than the configured limit.
+    #[error("request is {size} bytes, over the limit of {limit} bytes")]
+    TooLarge {
+        /// Its size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// Not JSON at all.
+    #[error("request is not valid JSON: {0}")]
+    MalformedJson(String),
+    /// JSON, but not a valid transaction request.
+    #[error("invalid request at {path}: {message}")]
+    Invalid {
+        /// A JSON path such as `steps[1].service`.
+        path: String,
+        /// What was wrong.
+        message: String,
+    },
+}
+
+impl RequestError {
+    /// The `kind` used in [`SubmitError`].
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RequestError::TooLarge { .. } => "too_large",
+            RequestError::MalformedJson(_) => "malformed_json",
+            RequestError::Invalid { .. } => "invalid_request",
+        }
+    }
+
+    /// The JSON path, when known.
+    pub fn path(&self) -> Option<String> {
+        match self {
+            RequestError::Invalid { path, .. } => Some(path.clone()),
+            _ => None,
+        }
+    }
+
+    fn invalid(path: impl Into<String>, message: impl Into<String>) -> Self {
+        RequestError::Invalid {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Limits applied to incoming requests.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestLimits {
+    /// Largest accepted request, in bytes.
+    pub max_bytes: usize,
+    /// Largest number of steps.
+    pub max_steps: usize,
+    /// Largest timeout a request may ask for, in milliseconds.
+    pub max_timeout_ms: u64,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        RequestLimits {
+            max_bytes: 256 * 1024,
+            max_steps: MAX_STEPS,
+            max_timeout_ms: 3_600_000,
+        }
+    }
+}
+
+/// The outcome of parsing a submission: the request, or the error with whatever txn_id could
+/// be salvaged so the rejection can be published on that transaction's event subject.
+#[derive(Debug)]
+pub struct Parsed {
+    /// The txn_id found in the submission, if it was a valid token.
+    pub txn_id: Option<String>,
+    /// The request, or why it was refused.
+    pub result: Result<TransactionRequest, RequestError>,
+}
+
+/// Parses and validates an untrusted submission.
+pub fn parse_request(bytes: &[u8], limits: &RequestLimits) -> Parsed {
+    if bytes.len() > limits.max_bytes {
+        return Parsed {
+            txn_id: None,
+            result: Err(RequestError::TooLarge {
+                size: bytes.len(),
+                limit: limits.max_bytes,
+            }),
+        };
+    }
+    let value: Value = match serde_json::from_slice(bytes) {
+        Ok(v) => v,
+        Err(e) => {
+            return Parsed {
+                txn_id: None,
+                result: Err(RequestError::MalformedJson(e.to_string())),
+            };
+        }
+    };
+    let txn_id = value
+        .get("txn_id")
+        .and_then(Value::as_str)
+        .filter(|id| is_token(id, MAX_TXN_ID_LEN))
+        .map(str::to_owned);
+    let result = request_from_value(value, limits);
+    Parsed { txn_id, result }
+}
+
+fn request_from_value(
+    value: Value,
+    limits: &RequestLimits,
+) -> Result<TransactionRequest, RequestError> {
+    if !value.is_object() {
+        return Err(RequestError::invalid(
+            "$",
+            "a transaction request must be a JSON object",
+        ));
+    }
+    let request: TransactionRequest = serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        RequestError::invalid(
+            if path == "." { "$".into() } else { path },
+            e.into_inner().to_string(),
+        )
+    })?;
+    validate_request(&request, limits)?;
+    Ok(request)
+}
+
+/// Checks the rules a well-typed request must still follow.
+pub fn validate_request(
+    request: &TransactionRequest,
+    limits: &RequestLimits,
+) -> Result<(), RequestError> {
+    if let Some(id) = &request.txn_id
+        && !is_token(id, MAX_TXN_ID_LEN)
+    {
+        return Err(RequestError::invalid(
+            "txn_id",
+            format!(
+                "txn_id {id:?} must be 1 to {MAX_TXN_ID_LEN} characters of A-Z, a-z, 0-9, '_' or '-'"
+            ),
+        ));
+    }
+    if request.mode == Mode::Saga {
+        return Err(RequestError::invalid(
+            "mode",
+            "mode \"saga\" is not supported by this coordinator yet; use \"2pc\"",
+        ));
+    }
+    if request.steps.is_empty() {
+        return Err(RequestError::invalid(
+            "steps",
+            "a transaction needs at least one step",
+        ));
+    }
+    if request.steps.len() > limits.max_steps {
+        return Err(RequestError::invalid(
+            "steps",
+            format!(
+                "{} steps is more than the limit of {}",
+                request.steps.len(),
+                limits.max_steps
+            ),
+        ));
+    }
+    for (i, step) in request.steps.iter().enumerate() {
+        if !is_token(&step.service, MAX_NAME_LEN) {
+            return Err(RequestError::invalid(
+                format!("steps[{i}].service"),
+                format!(
+                    "service name {:?} must be 1 to {MAX_NAME_LEN} characters of A-Z, a-z, 0-9, '_' or '-'",
+                    step.service
+                ),
+            ));
+        }
+        if step.action.is_empty() || step.action.len() > MAX_NAME_LEN {
+            return Err(RequestError::invalid(
+                format!("steps[{i}].action"),
+                format!("action must be 1 to {MAX_NAME_LEN} characters"),
+            ));
+        }
+    }
+    if let Some(t) = request.timeout_ms
+        && (t == 0 || t > limits.max_timeout_ms)
+    {
+        return Err(RequestError::invalid(
+            "timeout_ms",
+            format!(
+                "timeout_ms must be between 1 and {} (got {t})",
+                limits.max_timeout_ms
+            ),
+        ));
+    }
+    if let Some(m) = &request.metadata
+        && !m.is_object()
+    {
+        return Err(RequestError::invalid(
+            "metadata",
+            "metadata must be a JSON object",
+        ));
+    }
+    Ok(())
+}
+
+/// The subjects and stream names derived from the configured prefix.
+#[derive(Debug, Clone)]
+pub struct Subjects {
+    prefix: String,
+}
+
+impl Subjects {
+    /// Subjects under `prefix` (`txn` by default).
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Subjects {
+            prefix: prefix.into(),
+        }
+    }
+
+    /// The prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Where clients submit requests.
+    pub fn submit(&self) -> String {
+        format!("{}.submit", self.prefix)
+    }
+
+    /// The events of one transaction.
+    pub fn events(&self, txn_id: &str) -> String {
+        format!("{}.events.{txn_id}", self.prefix)
+    }
+
+    /// Every transaction's events.
+    pub fn events_all(&self) -> String {
+        format!("{}.events.>", self.prefix)
+    }
+
+    /// Submission errors that have no txn_id.
+    pub fn errors(&self) -> String {
+        format!("{}.errors", self.prefix)
+    }
+
+    /// A command for one service about one transaction.
+    pub fn command(&self, service: &str, txn_id: &str) -> String {
+        format!("{}.cmd.{service}.{txn_id}", self.prefix)
+    }
+
+    /// Every command for one service (its durable consumer's filter).
+    pub fn commands_for(&self, service: &str) -> String {
+        format!("{}.cmd.{service}.>", self.prefix)
+    }
+
+    /// Every command.
+    pub fn commands_all(&self) -> String {
+        format!("{}.cmd.>", self.prefix)
+    }
+
+    /// Where participants reply about one transaction.
+    pub fn reply(&self, txn_id: &str) -> String {
+        format!("{}.reply.{txn_id}", self.prefix)
+    }
+
+    /// Every reply.
+    pub fn replies_all(&self) -> String {
+        format!("{}.reply.>", self.prefix)
+    }
+
+    /// A request/reply API endpoint, e.g. `api("execute")`.
+    pub fn api(&self, name: &str) -> String {
+        format!("{}.api.{name}", self.prefix)
+    }
+
+    fn stream(&self, what: &str) -> String {
+        let p: String = self
+            .prefix
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_uppercase()
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        format!("{p}_{what}")
+    }
+
+    /// The stream holding submissions.
+    pub fn submit_stream(&self) -> String {
+        self.stream("SUBMIT")
+    }
+
+    /// The stream holding events (the coordinator's log) and errors.
+    pub fn events_stream(&self) -> String {
+        self.stream("EVENTS")
+    }
+
+    /// The stream holding participant commands.
+    pub fn command_stream(&self) -> String {
+        self.stream("CMD")
+    }
+
+    /// The stream holding participant replies.
+    pub fn reply_stream(&self) -> String {
+        self.stream("REPLY")
+    }
+}
+
+impl Default for Subjects {
+    fn default() -> Self {
+        Subjects::new("txn")
+    }
+}
+
+/// The current time in Unix milliseconds.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Parsed {
+        parse_request(s.as_bytes(), &RequestLimits::default())
+    }
+
+    #[test]
+    fn accepts_the_documented_example() {
+        let p = parse(
+            r#"{"txn_id":"t-1","mode":"2pc","steps":[
+                {"service":"inventory","action":"reserve","payload":{"sku":"apple","qty":2}},
+                {"service":"payment","action":"charge","payload":{"account":"alice","amount":300}}],
+                "timeout_ms":5000,"metadata":{}}"#,
+        );
+        let r = p.result.expect("valid");
+        assert_eq!(p.txn_id.as_deref(), Some("t-1"));
+        assert_eq!(r.steps.len(), 2);
+        assert_eq!(r.steps[1].service, "payment");
+        assert_eq!(r.timeout_ms, Some(5000));
+    }
+
+    #[test]
+    fn mode_defaults_to_2pc_and_payload_to_null() {
+        let r = parse(r#"{"steps":[{"service":"a","action":"x"}]}"#)
+            .result
+            .expect("valid");
+        assert_eq!(r.mode, Mode::TwoPc);
+        assert_eq!(r.steps[0].payload, Value::Null);
+    }
+
+    #[test]
+    fn malformed_json_says_where() {
+        let p = parse(r#"{"steps": [}"#);
+        match p.result {
+            Err(RequestError::MalformedJson(m)) => assert!(m.contains("column"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn schema_errors_name_the_path() {
+        let p = parse(r#"{"txn_id":"a","steps":[{"service":"a","action":"x"},{"service":"b"}]}"#);
+        assert_eq!(p.txn_id.as_deref(), Some("a"));
+        match p.result {
+            Err(RequestError::Invalid { path, message }) => {
+                assert_eq!(path, "steps[1]");
+                assert!(message.contains("action"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_service_names_are_refused() {
+        for name in ["", "a.b", "a b", "a>", "*", &"x".repeat(65)] {
+            let body = serde_json::json!({"steps":[{"service": name, "action":"x"}]});
+            let p = parse(&body.to_string());
+            match p.result {
+                Err(RequestError::Invalid { path, .. }) => assert_eq!(path, "steps[0].service"),
+                other => panic!("{name:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn step_count_limits() {
+        let none = parse(r#"{"steps":[]}"#);
+        assert!(
+            matches!(none.result, Err(RequestError::Invalid { ref path, .. }) if path == "steps")
+        );
+        let steps: Vec<_> = (0..101)
+            .map(|_| serde_json::json!({"service":"s","action":"a"}))
+            .collect();
+        let many = parse(&serde_json::json!({ "steps": steps }).to_string());
+        assert!(
+            matches!(many.result, Err(RequestError::Invalid { ref path, .. }) if path == "steps")
+        );
+    }
+
+    #[test]
+    fn oversize_is_refused_before_parsing() {
+        let limits = RequestLimits {
+            max_bytes: 10,
+            ..RequestLimits::default()
+        };
+        let p = parse_request(br#"{"steps":[{"service":"a","action":"b"}]}"#, &limits);
+        assert!(matches!(
+            p.result,
+            Err(RequestError::TooLarge { limit: 10, .. })
+        ));
+    }
+
+    #[test]
+    fn bad_txn_id_is_not_salvaged() {
+        let p = parse(r#"{"txn_id":"a.b","steps":[{"service":"a","action":"b"}]}"#);
+        assert_eq!(p.txn_id, None);
+        assert!(
+            matches!(p.result, Err(RequestError::Invalid { ref path, .. }) if path == "txn_id")
+        );
+    }
+
+    #[test]
+    fn non_object_is_refused() {
+        let p = parse("[1,2]");
+        assert!(matches!(p.result, Err(RequestError::Invalid { ref path, .. }) if path == "$"));
+    }
+
+    #[test]
+    fn reply_msg_id_is_deterministic() {
+        let r = ParticipantReply {
+            txn_id: "t".into(),
+            service: "inv".into(),
+            step: 2,
+            kind: CommandKind::Commit,
+            outcome: ReplyOutcome::Done,
+            reason: None,
+            attempt: 3,
+        };
+        assert_eq!(r.msg_id(), "t.inv.2.commit.3");
+    }
+
+    #[test]
+    fn subjects_follow_the_prefix() {
+        let s = Subjects::new("acme-txn");
+        assert_eq!(s.command("inv", "t1"), "acme-txn.cmd.inv.t1");
+        assert_eq!(s.events_stream(), "ACME_TXN_EVENTS");
+        assert_eq!(s.api("execute"), "acme-txn.api.execute");
+    }
+}
