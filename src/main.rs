@@ -1,1 +1,245 @@
-fn main() {}
+//! The `txcoord` command: `serve` runs the coordinator, `submit` and `status` talk to one,
+//! `participant` runs the built-in scripted participant.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use serde_json::Value;
+use txcoord::config::Config;
+use txcoord::proto::TxnState;
+
+#[derive(Parser)]
+#[command(
+    name = "txcoord",
+    version,
+    about = "Distributed transactions (2PC) over NATS JetStream"
+)]
+struct Cli {
+    /// NATS server URL(s), comma separated.
+    #[arg(long, global = true, env = "TXCOORD_NATS_URL")]
+    nats_url: Option<String>,
+    /// Configuration file (TOML); ./txcoord.toml is read if present.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Subject prefix.
+    #[arg(long, global = true)]
+    prefix: Option<String>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the coordinator.
+    Serve {
+        /// Largest number of transactions in flight.
+        #[arg(long)]
+        max_in_flight: Option<usize>,
+        /// Default prepare timeout in milliseconds.
+        #[arg(long)]
+        prepare_timeout_ms: Option<u64>,
+    },
+    /// Submit one request (a JSON object) or many (JSON Lines) and print each final event.
+    /// Exit 0 if all committed, 1 if any aborted or was rejected, 2 on error.
+    Submit {
+        /// A file, or - for standard input.
+        file: String,
+        /// How long to wait for the outcomes, in seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout_secs: u64,
+    },
+    /// Print a transaction's latest state.
+    Status {
+        /// The transaction id.
+        txn_id: String,
+    },
+    /// Run the built-in scripted participant (each step's payload says how it votes).
+    Participant {
+        /// The service name to serve.
+        #[arg(long)]
+        service: String,
+        /// Delay every prepare by this many milliseconds.
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+        /// Commands handled at once.
+        #[arg(long, default_value_t = 256)]
+        concurrency: usize,
+    },
+}
+
+fn load_config(cli: &Cli) -> anyhow::Result<Config> {
+    let mut cfg = Config::load(cli.config.as_deref())?;
+    if let Some(url) = &cli.nats_url {
+        cfg.nats_url = url.clone();
+    }
+    if let Some(p) = &cli.prefix {
+        cfg.subject_prefix = p.clone();
+    }
+    if let Cmd::Serve {
+        max_in_flight,
+        prepare_timeout_ms,
+    } = &cli.command
+    {
+        if let Some(m) = max_in_flight {
+            cfg.max_in_flight = *m;
+        }
+        if let Some(t) = prepare_timeout_ms {
+            cfg.prepare_timeout_ms = *t;
+        }
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TXCOORD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return std::future::pending().await,
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    init_tracing();
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let cfg = load_config(&cli)?;
+    match cli.command {
+        Cmd::Serve { .. } => {
+            txcoord::coordinator::run(cfg, shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Submit { file, timeout_secs } => {
+            submit(&cfg, &file, Duration::from_secs(timeout_secs)).await
+        }
+        Cmd::Status { txn_id } => {
+            let nc = txcoord::nats::connect_config(&cfg, "txcoord-cli", false).await?;
+            let client = txcoord::client::Client::new(nc, &cfg.subject_prefix).await?;
+            let ev = client.status(&txn_id).await?;
+            println!("{}", serde_json::to_string(&ev)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Participant {
+            service,
+            delay_ms,
+            concurrency,
+        } => {
+            let nc = txcoord::nats::connect_config(
+                &cfg,
+                &format!("txcoord-participant-{service}"),
+                true,
+            )
+            .await?;
+            let options = txcoord::participant::Options {
+                prefix: cfg.subject_prefix.clone(),
+                max_concurrent: concurrency,
+                replicas: cfg.stream_replicas,
+                ..Default::default()
+            };
+            let p = txcoord::scripted::Scripted {
+                prepare_delay: Duration::from_millis(delay_ms),
+            };
+            println!("participant {service} starting");
+            txcoord::participant::run(nc, &service, p, options, shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Reads one JSON object, or JSON Lines.
+fn read_requests(text: &str) -> Vec<Result<Value, String>> {
+    if let Ok(v) = serde_json::from_str::<Value>(text)
+        && v.is_object()
+    {
+        return vec![Ok(v)];
+    }
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str::<Value>(l)
+                .map_err(|e| format!("line {}: not valid JSON: {e}", i + 1))
+        })
+        .collect()
+}
+
+async fn submit(cfg: &Config, file: &str, timeout: Duration) -> anyhow::Result<ExitCode> {
+    let text = if file == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("reading standard input")?;
+        s
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("reading {file}"))?
+    };
+    let parsed = read_requests(&text);
+    let mut failed = false;
+    let mut good = Vec::new();
+    for p in parsed {
+        match p {
+            Ok(v) => good.push(v),
+            Err(e) => {
+                println!("{}", serde_json::json!({ "error": e }));
+                failed = true;
+            }
+        }
+    }
+    let nc = txcoord::nats::connect_config(cfg, "txcoord-cli", false).await?;
+    let client = txcoord::client::Client::new(nc, &cfg.subject_prefix).await?;
+    let mut aborted = false;
+    for result in client.submit_and_wait(good, timeout).await {
+        match result {
+            Ok(ev) => {
+                if ev.state != TxnState::Committed {
+                    aborted = true;
+                }
+                println!("{}", serde_json::to_string(&ev)?);
+            }
+            Err(e) => {
+                println!("{}", serde_json::json!({ "error": e.to_string() }));
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::from(2)
+    } else if aborted {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}

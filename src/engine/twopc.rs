@@ -8,12 +8,18 @@
 //! | Preparing  | vote abort                              | Aborting    | Persist(aborting), Send(abort) to non-refusers, timers |
 //! | Preparing  | last vote, all ready/read_only          | Committing  | Persist(committing), Send(commit) to ready steps, timers |
 //! | Preparing  | prepare timeout                         | Aborting    | as a vote abort, reason `timeout`            |
-//! | Committing/Aborting | `done` from the last pending step | Committed/Aborted | Persist(final), Finished         |
+//! | Committing | `done` from the last pending step          | Committed   | Persist(final), Finished                     |
+//! | Aborting   | last pending step `done`, or its abort command stored in JetStream | Aborted | Persist(final), Finished |
 //! | Committing/Aborting | retry timer                     | same        | Persist(round), Send to pending, re-arm      |
 //! | Committing/Aborting | stuck timer                     | same        | Announce(stuck)                              |
 //! | (recover)  | log says accepted/preparing             | Preparing   | Persist(round), Send(prepare)×N with attempt+1, SetTimer |
 //! | (recover)  | log says committing/aborting            | same        | Persist(round), Send to pending with attempt+1, timers |
 //! | Committed/Aborted | anything                         | same        | none (terminal states absorb late messages)  |
+//!
+//! Presumed abort: a commit is over only when every ready participant confirmed it, but an
+//! abort is over once each abort command is confirmed *or* durably stored in the command
+//! stream. A participant that is down (or never existed) gets its abort from its durable
+//! consumer when it comes up, so a dead service cannot hold an aborted transaction open.
 //!
 //! Every send round is persisted (with its attempt numbers) before it goes out, so a
 //! restarted coordinator always resends with a higher attempt than any reply already
@@ -121,6 +127,16 @@ pub enum Event {
     Reply(ParticipantReply),
     /// A timer fired.
     Timer(Timer),
+    /// JetStream acknowledged a command the runtime sent: it is durably queued for the
+    /// participant's durable consumer, which will deliver it even if the service is down now.
+    Stored {
+        /// The step.
+        step: usize,
+        /// The command's kind.
+        kind: CommandKind,
+        /// The command's attempt.
+        attempt: u32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -132,6 +148,8 @@ struct Branch {
     done: bool,
     prepare_attempt: u32,
     decision_attempt: u32,
+    /// Its abort command is durably queued (presumed abort needs no more than that).
+    abort_stored: bool,
 }
 
 /// One 2PC transaction.
@@ -174,9 +192,10 @@ impl TwoPc {
                 done: false,
                 prepare_attempt: 1,
                 decision_attempt: 0,
+                abort_stored: false,
             })
             .collect();
-        let mut txn = TwoPc {
+        let txn = TwoPc {
             txn_id,
             cfg,
             reply_to,
@@ -243,6 +262,7 @@ impl TwoPc {
                 done: l.done,
                 prepare_attempt: a.prepare_attempt.max(l.prepare_attempt),
                 decision_attempt: l.decision_attempt,
+                abort_stored: false,
             })
             .collect();
         let timeout_ms = accepted.timeout_ms.unwrap_or(cfg.default_timeout_ms);
@@ -345,6 +365,24 @@ impl TwoPc {
                 self.on_timer(now, timer, out);
                 Ok(())
             }
+            Event::Stored {
+                step,
+                kind: CommandKind::Abort,
+                ..
+            } if self.phase == Phase::Aborting => {
+                let steps = self.branches.len();
+                let branch = self
+                    .branches
+                    .get_mut(step)
+                    .ok_or(EngineError::UnknownStep { step, steps })?;
+                branch.abort_stored = true;
+                if self.pending().next().is_none() {
+                    self.finish(now, out);
+                }
+                Ok(())
+            }
+            // Commits need the participant's own confirmation; other acks change nothing.
+            Event::Stored { .. } => Ok(()),
         }
     }
 
@@ -541,8 +579,9 @@ impl TwoPc {
                     && if committing {
                         b.vote == Some(Vote::Ready)
                     } else {
-                        // Silent steps may have prepared; refusers and read-only steps hold nothing.
-                        matches!(b.vote, None | Some(Vote::Ready))
+                        // Silent steps may have prepared; refusers and read-only steps hold
+                        // nothing. An abort durably queued for the step needs no more.
+                        !b.abort_stored && matches!(b.vote, None | Some(Vote::Ready))
                     }
             })
             .map(|(i, _)| i)

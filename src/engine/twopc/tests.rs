@@ -222,6 +222,46 @@ fn timeout_names_the_silent_services() {
 }
 
 #[test]
+fn an_abort_queued_for_a_dead_service_finishes_the_transaction() {
+    let (mut txn, _) = start(&["a", "ghost"]);
+    let mut out = Vec::new();
+    txn.handle(5, vote(0, "a", ReplyOutcome::Ready), &mut out)
+        .unwrap();
+    txn.handle(1_000, Event::Timer(Timer::PrepareTimeout), &mut out)
+        .unwrap();
+    assert_eq!(txn.phase(), Phase::Aborting);
+    let mut out = Vec::new();
+    let stored = |step| Event::Stored {
+        step,
+        kind: CommandKind::Abort,
+        attempt: 1,
+    };
+    txn.handle(1_001, stored(1), &mut out).unwrap();
+    assert_eq!(txn.phase(), Phase::Aborting, "a still owes its abort");
+    txn.handle(1_002, done(0, "a", CommandKind::Abort), &mut out)
+        .unwrap();
+    assert_eq!(txn.phase(), Phase::Aborted);
+    assert_eq!(persisted(&out), vec![TxnState::Aborted]);
+}
+
+#[test]
+fn a_stored_commit_is_not_a_confirmation() {
+    let (mut txn, _) = start(&["a"]);
+    let mut out = Vec::new();
+    txn.handle(1, vote(0, "a", ReplyOutcome::Ready), &mut out)
+        .unwrap();
+    let stored = Event::Stored {
+        step: 0,
+        kind: CommandKind::Commit,
+        attempt: 1,
+    };
+    let mut out = Vec::new();
+    txn.handle(2, stored, &mut out).unwrap();
+    assert!(out.is_empty());
+    assert_eq!(txn.phase(), Phase::Committing);
+}
+
+#[test]
 fn read_only_steps_get_no_phase_two() {
     let (mut txn, _) = start(&["a", "b"]);
     let mut out = Vec::new();
@@ -539,6 +579,8 @@ struct Sim {
     timers: BTreeMap<Timer, u64>,
     /// Commands in the stream, not yet acked by their participant.
     commands: Vec<ParticipantCommand>,
+    /// Acknowledgements of stored commands on their way back to the coordinator task.
+    stored: Vec<(usize, CommandKind, u32)>,
     /// Replies in the stream, not yet acked by the coordinator.
     replies: Vec<ParticipantReply>,
     /// Reply ids JetStream has stored: a second publish with one of these is dropped.
@@ -560,6 +602,7 @@ impl Sim {
             engine: None,
             timers: BTreeMap::new(),
             commands: Vec::new(),
+            stored: Vec::new(),
             replies: Vec::new(),
             reply_ids: HashSet::new(),
             parts: votes
@@ -634,6 +677,7 @@ impl Sim {
                 Command::Send(c) => {
                     // A publish may be lost in chaos (the runtime gives up after its retries).
                     if !(self.chaos && self.rng.chance(5)) {
+                        self.stored.push((c.step, c.kind, c.attempt));
                         self.commands.push(c);
                     }
                 }
@@ -651,6 +695,7 @@ impl Sim {
     fn crash(&mut self) {
         self.engine = None;
         self.timers.clear();
+        self.stored.clear();
         self.crashes += 1;
     }
 
@@ -690,6 +735,9 @@ impl Sim {
         if !self.timers.is_empty() && self.engine.is_some() && timer_now {
             choices.push(2);
         }
+        if !self.stored.is_empty() {
+            choices.push(4);
+        }
         if self.chaos {
             choices.push(3);
         }
@@ -725,6 +773,15 @@ impl Sim {
                 self.timers.remove(&timer);
                 self.now = self.now.max(at);
                 self.feed(Event::Timer(timer));
+            }
+            4 => {
+                let (step, kind, attempt) =
+                    self.stored.swap_remove(self.rng.below(self.stored.len()));
+                self.feed(Event::Stored {
+                    step,
+                    kind,
+                    attempt,
+                });
             }
             _ => {
                 if self.rng.chance(30) {

@@ -1,0 +1,235 @@
+//! A client of the coordinator: submits requests on `<prefix>.submit` and waits for their
+//! final events; asks `<prefix>.api.status`. Used by the CLI, the tests and the demo.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use futures::StreamExt;
+use serde_json::Value;
+
+use crate::nats::{Expect, NatsError, StreamSettings, ensure_streams, publish_durable};
+use crate::proto::{ApiError, StatusRequest, Subjects, TransactionEvent};
+
+/// A client failure.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// NATS trouble.
+    #[error(transparent)]
+    Nats(#[from] NatsError),
+    /// A request that cannot be submitted as given.
+    #[error("{0}")]
+    Invalid(String),
+    /// No final event arrived in time.
+    #[error("no outcome for {txn_id} within {waited:?}")]
+    TimedOut {
+        /// The transaction.
+        txn_id: String,
+        /// How long we waited.
+        waited: Duration,
+    },
+    /// The coordinator answered with an error.
+    #[error("coordinator: {0}")]
+    Api(String),
+}
+
+/// A connection to a coordinator's subjects.
+#[derive(Clone)]
+pub struct Client {
+    nc: async_nats::Client,
+    js: jetstream::Context,
+    subjects: Subjects,
+    events: jetstream::stream::Stream,
+}
+
+impl Client {
+    /// Opens the streams (creating them if the coordinator has not yet).
+    pub async fn new(nc: async_nats::Client, prefix: &str) -> Result<Client, ClientError> {
+        let subjects = Subjects::new(prefix);
+        let js = crate::nats::jetstream(nc.clone(), Duration::from_secs(5));
+        let streams = ensure_streams(&js, &subjects, &StreamSettings::default()).await?;
+        Ok(Client {
+            nc,
+            js,
+            subjects,
+            events: streams.events,
+        })
+    }
+
+    /// The subjects used.
+    pub fn subjects(&self) -> &Subjects {
+        &self.subjects
+    }
+
+    /// The last recorded event of a transaction, read from the stream.
+    pub async fn last_event(&self, txn_id: &str) -> Option<TransactionEvent> {
+        let msg = self
+            .events
+            .direct_get_last_for_subject(self.subjects.events(txn_id))
+            .await
+            .ok()?;
+        serde_json::from_slice(&msg.payload).ok()
+    }
+
+    /// Every recorded event of a transaction, oldest first.
+    pub async fn history(&self, txn_id: &str) -> Vec<TransactionEvent> {
+        let mut out = Vec::new();
+        let subject = self.subjects.events(txn_id);
+        let mut seq = 0;
+        while let Ok(msg) = self
+            .events
+            .direct_get_next_for_subject(subject.clone(), Some(seq + 1))
+            .await
+        {
+            seq = msg.sequence;
+            if let Ok(ev) = serde_json::from_slice(&msg.payload) {
+                out.push(ev);
+            }
+        }
+        out
+    }
+
+    /// Publishes raw bytes on the submit subject (for tools and tests of bad input).
+    pub async fn submit_raw(&self, body: bytes::Bytes, msg_id: &str) -> Result<u64, ClientError> {
+        let ack = publish_durable(
+            &self.js,
+            &self.subjects.submit(),
+            msg_id,
+            body,
+            Expect::default(),
+            Some(5),
+        )
+        .await?;
+        Ok(ack.sequence)
+    }
+
+    /// Submits requests (JSON objects; a missing txn_id is filled in) and waits up to
+    /// `timeout` for each one's final event. Results come back in input order.
+    pub async fn submit_and_wait(
+        &self,
+        requests: Vec<Value>,
+        timeout: Duration,
+    ) -> Vec<Result<TransactionEvent, ClientError>> {
+        let mut ids = Vec::with_capacity(requests.len());
+        let mut results: Vec<Option<Result<TransactionEvent, ClientError>>> = Vec::new();
+        let mut sub = match self
+            .nc
+            .subscribe(format!("{}.events.*", self.subjects.prefix()))
+            .await
+        {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot subscribe to events; polling instead");
+                None
+            }
+        };
+        let mut acks = Vec::new();
+        for mut req in requests {
+            let Some(obj) = req.as_object_mut() else {
+                ids.push(String::new());
+                results.push(Some(Err(ClientError::Invalid(
+                    "a request must be a JSON object".into(),
+                ))));
+                continue;
+            };
+            let id = match obj.get("txn_id") {
+                Some(Value::String(s)) => s.clone(),
+                Some(_) => {
+                    ids.push(String::new());
+                    results.push(Some(Err(ClientError::Invalid(
+                        "txn_id must be a string".into(),
+                    ))));
+                    continue;
+                }
+                None => {
+                    let id = uuid::Uuid::now_v7().to_string();
+                    obj.insert("txn_id".into(), Value::String(id.clone()));
+                    id
+                }
+            };
+            let body = bytes::Bytes::from(serde_json::to_vec(&req).unwrap_or_default());
+            let js = self.js.clone();
+            let subject = self.subjects.submit();
+            let msg_id = id.clone();
+            acks.push(tokio::spawn(async move {
+                publish_durable(&js, &subject, &msg_id, body, Expect::default(), Some(10)).await
+            }));
+            ids.push(id);
+            results.push(None);
+        }
+        let mut waiting: HashSet<String> = ids
+            .iter()
+            .zip(&results)
+            .filter(|(_, r)| r.is_none())
+            .map(|(i, _)| i.clone())
+            .collect();
+        let mut found: HashMap<String, Result<TransactionEvent, ClientError>> = HashMap::new();
+        for ack in acks {
+            if let Ok(Err(e)) = ack.await {
+                tracing::warn!(error = %e, "submission failed");
+            }
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut poll = tokio::time::interval(Duration::from_secs(2));
+        while !waiting.is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::select! {
+                msg = async { match sub.as_mut() { Some(s) => s.next().await, None => std::future::pending().await } } => {
+                    let Some(msg) = msg else { sub = None; continue };
+                    if let Ok(ev) = serde_json::from_slice::<TransactionEvent>(&msg.payload)
+                        && ev.state.is_terminal()
+                        && waiting.remove(&ev.txn_id)
+                    {
+                        found.insert(ev.txn_id.clone(), Ok(ev));
+                    }
+                }
+                _ = poll.tick() => {
+                    // Catch outcomes recorded before we subscribed (a resubmission) or missed.
+                    let ids: Vec<String> = waiting.iter().cloned().collect();
+                    for id in ids {
+                        if let Some(ev) = self.last_event(&id).await
+                            && ev.state.is_terminal()
+                        {
+                            waiting.remove(&id);
+                            found.insert(id, Ok(ev));
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+        }
+        ids.into_iter()
+            .zip(results)
+            .map(|(id, r)| match r {
+                Some(r) => r,
+                None => found.remove(&id).unwrap_or(Err(ClientError::TimedOut {
+                    txn_id: id,
+                    waited: timeout,
+                })),
+            })
+            .collect()
+    }
+
+    /// Asks the coordinator for a transaction's latest state.
+    pub async fn status(&self, txn_id: &str) -> Result<TransactionEvent, ClientError> {
+        let body = serde_json::to_vec(&StatusRequest {
+            txn_id: txn_id.to_string(),
+        })
+        .unwrap_or_default();
+        let reply = tokio::time::timeout(
+            Duration::from_secs(10),
+            self.nc.request(self.subjects.api("status"), body.into()),
+        )
+        .await
+        .map_err(|_| ClientError::Api("no answer from txn.api.status".into()))?
+        .map_err(|e| ClientError::Api(e.to_string()))?;
+        if let Ok(ev) = serde_json::from_slice::<TransactionEvent>(&reply.payload) {
+            return Ok(ev);
+        }
+        match serde_json::from_slice::<ApiError>(&reply.payload) {
+            Ok(e) => Err(ClientError::Api(e.error)),
+            Err(_) => Err(ClientError::Api(
+                String::from_utf8_lossy(&reply.payload).into_owned(),
+            )),
+        }
+    }
+}

@@ -1,0 +1,380 @@
+//! Configuration: defaults, then a TOML file, then `TXCOORD_*` environment variables, then
+//! command-line flags; [`Config::validate`] names the field of any bad value.
+//!
+//! Nested keys use a double underscore in the environment: `TXCOORD_NATS__TOKEN` sets
+//! `nats.token`; `TXCOORD_NATS_URL` sets `nats_url`.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::EngineConfig;
+use crate::proto::{RequestLimits, Subjects};
+
+/// How to reach and authenticate to NATS.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsAuth {
+    /// User name (with `password`).
+    pub user: Option<String>,
+    /// Password (with `user`).
+    pub password: Option<String>,
+    /// Token authentication.
+    pub token: Option<String>,
+    /// A `.creds` file (JWT and NKey seed).
+    pub creds_file: Option<PathBuf>,
+    /// CA certificate (PEM) to trust for TLS.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS, with `tls_key_file`.
+    pub tls_cert_file: Option<PathBuf>,
+    /// Client key (PEM), with `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
+    /// Refuse to connect without TLS.
+    pub tls_required: bool,
+}
+
+/// Where JetStream keeps the streams.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Storage {
+    /// On disk: survives a server restart.
+    #[default]
+    File,
+    /// In memory: fast, lost on restart.
+    Memory,
+}
+
+/// Everything the coordinator and the CLI read from configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// NATS server URLs, comma separated.
+    pub nats_url: String,
+    /// Credentials and TLS.
+    pub nats: NatsAuth,
+    /// First token(s) of every subject (`txn`).
+    pub subject_prefix: String,
+    /// Prepare timeout when a request names none.
+    pub prepare_timeout_ms: u64,
+    /// Largest prepare timeout a request may ask for.
+    pub max_timeout_ms: u64,
+    /// First delay before phase-2 commands are resent.
+    pub retry_base_ms: u64,
+    /// Largest delay between resends.
+    pub retry_cap_ms: u64,
+    /// After this long unconfirmed, phase 2 is flagged `stuck` (and still retried).
+    pub stuck_after_ms: u64,
+    /// How long to wait for a JetStream acknowledgement before retrying a write.
+    pub publish_timeout_ms: u64,
+    /// Transactions in flight at once; more submissions wait in the stream (backpressure).
+    pub max_in_flight: usize,
+    /// Largest request accepted, in bytes.
+    pub max_request_bytes: usize,
+    /// Largest number of steps in a request.
+    pub max_steps: usize,
+    /// Stream replicas: 1, or 3 on a cluster.
+    pub stream_replicas: usize,
+    /// File or memory.
+    pub storage: Storage,
+    /// How long submissions are kept (for inspection), in seconds; 0 keeps them forever.
+    pub submit_max_age_secs: u64,
+    /// How long events (the log) are kept, in seconds; 0 keeps them forever, which is what
+    /// "one outcome per txn_id, forever" needs.
+    pub events_max_age_secs: u64,
+    /// How long commands and replies are kept, in seconds.
+    pub command_max_age_secs: u64,
+    /// JetStream's duplicate window for message ids, in seconds.
+    pub duplicate_window_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            nats_url: "nats://127.0.0.1:4222".into(),
+            nats: NatsAuth::default(),
+            subject_prefix: "txn".into(),
+            prepare_timeout_ms: 5_000,
+            max_timeout_ms: 3_600_000,
+            retry_base_ms: 500,
+            retry_cap_ms: 30_000,
+            stuck_after_ms: 60_000,
+            publish_timeout_ms: 5_000,
+            max_in_flight: 10_000,
+            max_request_bytes: 256 * 1024,
+            max_steps: crate::proto::MAX_STEPS,
+            stream_replicas: 1,
+            storage: Storage::File,
+            submit_max_age_secs: 7 * 24 * 3600,
+            events_max_age_secs: 0,
+            command_max_age_secs: 7 * 24 * 3600,
+            duplicate_window_secs: 120,
+        }
+    }
+}
+
+/// A configuration that could not be loaded or is not valid.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or environment could not be read or parsed.
+    #[error("cannot load configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    /// A field has a bad value.
+    #[error("invalid configuration: {field}: {message}")]
+    Invalid {
+        /// The field, as written in `txcoord.toml`.
+        field: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+impl Config {
+    /// Loads defaults, then `file` (or `./txcoord.toml` if it exists), then `TXCOORD_*`
+    /// variables. Flags are applied by the caller afterwards, then [`Config::validate`].
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let defaults = config::Config::try_from(&Config::default())?;
+        let mut builder = config::Config::builder().add_source(defaults);
+        match file {
+            Some(path) => {
+                builder = builder.add_source(config::File::from(path).required(true));
+            }
+            None => {
+                builder =
+                    builder.add_source(config::File::with_name("txcoord.toml").required(false));
+            }
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("TXCOORD")
+                .prefix_separator("_")
+                .separator("__")
+                .try_parsing(true),
+        );
+        let cfg: Config = builder.build()?.try_deserialize()?;
+        Ok(cfg)
+    }
+
+    /// Checks every field; the error names the first bad one.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.nats_url.split(',').any(|u| u.trim().is_empty()) {
+            return Err(invalid("nats_url", "must list at least one server URL"));
+        }
+        if self.subject_prefix.is_empty()
+            || !self
+                .subject_prefix
+                .split('.')
+                .all(|t| crate::proto::is_token(t, 64))
+        {
+            return Err(invalid(
+                "subject_prefix",
+                format!(
+                    "{:?} must be dot-separated tokens of A-Z, a-z, 0-9, '_' or '-'",
+                    self.subject_prefix
+                ),
+            ));
+        }
+        let positive = [
+            ("prepare_timeout_ms", self.prepare_timeout_ms),
+            ("max_timeout_ms", self.max_timeout_ms),
+            ("retry_base_ms", self.retry_base_ms),
+            ("retry_cap_ms", self.retry_cap_ms),
+            ("stuck_after_ms", self.stuck_after_ms),
+            ("publish_timeout_ms", self.publish_timeout_ms),
+            ("duplicate_window_secs", self.duplicate_window_secs),
+        ];
+        for (field, value) in positive {
+            if value == 0 {
+                return Err(invalid(field, "must be greater than 0"));
+            }
+        }
+        if self.prepare_timeout_ms > self.max_timeout_ms {
+            return Err(invalid(
+                "prepare_timeout_ms",
+                format!(
+                    "{} exceeds max_timeout_ms ({})",
+                    self.prepare_timeout_ms, self.max_timeout_ms
+                ),
+            ));
+        }
+        if self.retry_base_ms > self.retry_cap_ms {
+            return Err(invalid(
+                "retry_base_ms",
+                format!(
+                    "{} exceeds retry_cap_ms ({})",
+                    self.retry_base_ms, self.retry_cap_ms
+                ),
+            ));
+        }
+        if self.max_in_flight == 0 {
+            return Err(invalid("max_in_flight", "must be at least 1"));
+        }
+        if !(64..=8 * 1024 * 1024).contains(&self.max_request_bytes) {
+            return Err(invalid(
+                "max_request_bytes",
+                "must be between 64 bytes and 8 MiB (and below the server's max_payload)",
+            ));
+        }
+        if !(1..=crate::proto::MAX_STEPS).contains(&self.max_steps) {
+            return Err(invalid(
+                "max_steps",
+                format!("must be between 1 and {}", crate::proto::MAX_STEPS),
+            ));
+        }
+        if !matches!(self.stream_replicas, 1 | 3) {
+            return Err(invalid(
+                "stream_replicas",
+                format!("must be 1 or 3 (got {})", self.stream_replicas),
+            ));
+        }
+        let a = &self.nats;
+        if a.user.is_some() != a.password.is_some() {
+            return Err(invalid("nats.user", "user and password go together"));
+        }
+        if a.token.is_some() && a.user.is_some() {
+            return Err(invalid("nats.token", "use either a token or user/password"));
+        }
+        if a.tls_cert_file.is_some() != a.tls_key_file.is_some() {
+            return Err(invalid(
+                "nats.tls_cert_file",
+                "tls_cert_file and tls_key_file go together",
+            ));
+        }
+        for (field, path) in [
+            ("nats.creds_file", &a.creds_file),
+            ("nats.tls_ca_file", &a.tls_ca_file),
+            ("nats.tls_cert_file", &a.tls_cert_file),
+            ("nats.tls_key_file", &a.tls_key_file),
+        ] {
+            if let Some(p) = path
+                && !p.is_file()
+            {
+                return Err(invalid(
+                    field,
+                    format!("{} is not a readable file", p.display()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The subjects under the configured prefix.
+    pub fn subjects(&self) -> Subjects {
+        Subjects::new(self.subject_prefix.clone())
+    }
+
+    /// The limits applied to incoming requests.
+    pub fn limits(&self) -> RequestLimits {
+        RequestLimits {
+            max_bytes: self.max_request_bytes,
+            max_steps: self.max_steps,
+            max_timeout_ms: self.max_timeout_ms,
+        }
+    }
+
+    /// The engine's settings.
+    pub fn engine(&self) -> EngineConfig {
+        EngineConfig {
+            default_timeout_ms: self.prepare_timeout_ms,
+            retry_base_ms: self.retry_base_ms,
+            retry_cap_ms: self.retry_cap_ms,
+            stuck_after_ms: self.stuck_after_ms,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        type Mutation = Box<dyn Fn(&mut Config)>;
+        let cases: Vec<(Mutation, &str)> = vec![
+            (Box::new(|c| c.stream_replicas = 2), "stream_replicas"),
+            (
+                Box::new(|c| c.subject_prefix = "a..b".into()),
+                "subject_prefix",
+            ),
+            (
+                Box::new(|c| c.subject_prefix = "a*".into()),
+                "subject_prefix",
+            ),
+            (Box::new(|c| c.prepare_timeout_ms = 0), "prepare_timeout_ms"),
+            (Box::new(|c| c.retry_base_ms = 100_000), "retry_base_ms"),
+            (Box::new(|c| c.max_in_flight = 0), "max_in_flight"),
+            (Box::new(|c| c.nats.user = Some("u".into())), "nats.user"),
+            (
+                Box::new(|c| c.nats.creds_file = Some("/nonexistent.creds".into())),
+                "nats.creds_file",
+            ),
+            (Box::new(|c| c.nats_url = "".into()), "nats_url"),
+        ];
+        for (mutate, field) in cases {
+            let mut c = Config::default();
+            mutate(&mut c);
+            match c.validate() {
+                Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn layers_apply_in_order_file_then_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "prepare_timeout_ms = 1234\nmax_in_flight = 7\n[nats]\ntoken = \"s3cret\"\n",
+        )
+        .unwrap();
+        // The environment layer reads a map here, so the test leaves the process
+        // environment alone (other tests run in parallel).
+        let cfg = config::Config::builder()
+            .add_source(config::Config::try_from(&Config::default()).unwrap())
+            .add_source(config::File::from(file.as_path()))
+            .add_source(
+                config::Environment::with_prefix("TXCOORD")
+                    .prefix_separator("_")
+                    .separator("__")
+                    .try_parsing(true)
+                    .source(Some(
+                        [
+                            ("TXCOORD_MAX_IN_FLIGHT".to_string(), "9".to_string()),
+                            ("TXCOORD_NATS_URL".to_string(), "nats://h:1".to_string()),
+                        ]
+                        .into_iter()
+                        .collect(),
+                    )),
+            )
+            .build()
+            .unwrap()
+            .try_deserialize::<Config>()
+            .unwrap();
+        assert_eq!(cfg.prepare_timeout_ms, 1234);
+        assert_eq!(cfg.max_in_flight, 9);
+        assert_eq!(cfg.nats_url, "nats://h:1");
+        assert_eq!(cfg.nats.token.as_deref(), Some("s3cret"));
+        assert_eq!(cfg.retry_cap_ms, Config::default().retry_cap_ms);
+    }
+
+    #[test]
+    fn unknown_keys_in_the_file_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "prepare_timeout = 5\n").unwrap();
+        let err = Config::load(Some(&file)).unwrap_err().to_string();
+        assert!(err.contains("prepare_timeout"), "{err}");
+    }
+}

@@ -1,0 +1,215 @@
+//! The request/reply API, registered as the NATS micro service `txcoord` (so `$SRV.PING`,
+//! `$SRV.INFO` and `$SRV.STATS` work): `<prefix>.api.execute` runs a request and replies with
+//! its final event; `<prefix>.api.status` replies with a transaction's latest state.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::service::ServiceExt;
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use super::txn::{TxnMsg, to_bytes};
+use super::{CoordinatorError, Shared};
+use crate::nats::{Expect, publish_durable};
+use crate::proto::{
+    ApiError, MAX_TXN_ID_LEN, StatusRequest, TransactionEvent, is_token, parse_request,
+};
+
+/// The running API; dropping it stops the endpoints.
+pub struct ApiHandle {
+    _service: async_nats::service::Service,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for ApiHandle {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Registers the micro service and its endpoints.
+pub async fn start(
+    client: async_nats::Client,
+    shared: Arc<Shared>,
+) -> Result<ApiHandle, CoordinatorError> {
+    let stats_shared = shared.clone();
+    let service = client
+        .service_builder()
+        .description("txcoord distributed-transaction coordinator")
+        .stats_handler(move |_endpoint, _stats| {
+            stats_shared.metrics.to_json(stats_shared.router.len())
+        })
+        .start("txcoord", env!("CARGO_PKG_VERSION"))
+        .await
+        .map_err(|e| CoordinatorError::Api(e.to_string()))?;
+    let api_err = |e: async_nats::Error| CoordinatorError::Api(e.to_string());
+    let mut execute = service
+        .endpoint_builder()
+        .name("execute")
+        .add(shared.subjects.api("execute"))
+        .await
+        .map_err(api_err)?;
+    let mut status = service
+        .endpoint_builder()
+        .name("status")
+        .add(shared.subjects.api("status"))
+        .await
+        .map_err(api_err)?;
+    let s1 = shared.clone();
+    let c1 = client.clone();
+    let t1 = tokio::spawn(async move {
+        while let Some(req) = execute.next().await {
+            tokio::spawn(handle_execute(c1.clone(), s1.clone(), req));
+        }
+    });
+    let s2 = shared.clone();
+    let t2 = tokio::spawn(async move {
+        while let Some(req) = status.next().await {
+            tokio::spawn(handle_status(s2.clone(), req));
+        }
+    });
+    Ok(ApiHandle {
+        _service: service,
+        tasks: vec![t1, t2],
+    })
+}
+
+fn error_body(message: impl Into<String>) -> Bytes {
+    to_bytes(&ApiError {
+        error: message.into(),
+    })
+}
+
+async fn respond(req: &async_nats::service::Request, body: Bytes) {
+    if let Err(e) = req.respond(Ok(body)).await {
+        tracing::debug!(error = %e, "API reply not delivered");
+    }
+}
+
+async fn handle_execute(
+    client: async_nats::Client,
+    shared: Arc<Shared>,
+    req: async_nats::service::Request,
+) {
+    let parsed = parse_request(&req.message.payload, &shared.limits);
+    // Invalid requests still go through the submit stream when they carry a txn_id, so they
+    // are recorded and rejected exactly like any other submission.
+    let (txn_id, body, timeout_ms) = match (parsed.result, parsed.txn_id) {
+        (Ok(mut request), _) => {
+            let id = request
+                .txn_id
+                .get_or_insert_with(|| uuid::Uuid::now_v7().to_string())
+                .clone();
+            let t = request
+                .timeout_ms
+                .unwrap_or(shared.engine.default_timeout_ms);
+            (id, to_bytes(&request), t)
+        }
+        (Err(_), Some(id)) => (
+            id,
+            req.message.payload.clone(),
+            shared.engine.default_timeout_ms,
+        ),
+        (Err(e), None) => return respond(&req, error_body(e.to_string())).await,
+    };
+    let subject = shared.subjects.events(&txn_id);
+    let mut sub = match client.subscribe(subject.clone()).await {
+        Ok(s) => s,
+        Err(e) => return respond(&req, error_body(format!("cannot watch {subject}: {e}"))).await,
+    };
+    if let Err(e) = publish_durable(
+        &shared.js,
+        &shared.subjects.submit(),
+        &txn_id,
+        body,
+        Expect::default(),
+        Some(5),
+    )
+    .await
+    {
+        return respond(&req, error_body(format!("submission not accepted: {e}"))).await;
+    }
+    // Already finished (a resubmission): the recorded outcome is the answer.
+    if let Some(ev) = last_event(&shared, &txn_id).await
+        && ev.state.is_terminal()
+    {
+        return respond(&req, to_bytes(&ev)).await;
+    }
+    let wait = Duration::from_millis(timeout_ms.saturating_add(30_000));
+    let mut latest: Option<TransactionEvent> = None;
+    let outcome = tokio::time::timeout(wait, async {
+        while let Some(msg) = sub.next().await {
+            if let Ok(ev) = serde_json::from_slice::<TransactionEvent>(&msg.payload) {
+                let terminal = ev.state.is_terminal();
+                latest = Some(ev);
+                if terminal {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    match (outcome, latest) {
+        (Ok(()), Some(ev)) => respond(&req, to_bytes(&ev)).await,
+        (_, Some(ev)) => respond(&req, to_bytes(&ev)).await,
+        (_, None) => {
+            respond(
+                &req,
+                error_body(format!(
+                    "no outcome for {txn_id} within {wait:?}; ask txn.api.status later"
+                )),
+            )
+            .await
+        }
+    }
+}
+
+/// The last recorded event of a transaction, if any.
+pub async fn last_event(shared: &Shared, txn_id: &str) -> Option<TransactionEvent> {
+    let msg = shared
+        .streams
+        .events
+        .direct_get_last_for_subject(shared.subjects.events(txn_id))
+        .await
+        .ok()?;
+    serde_json::from_slice(&msg.payload).ok()
+}
+
+async fn handle_status(shared: Arc<Shared>, req: async_nats::service::Request) {
+    let query: StatusRequest = match serde_json::from_slice(&req.message.payload) {
+        Ok(q) => q,
+        Err(e) => {
+            return respond(
+                &req,
+                error_body(format!(
+                    "status request must be {{\"txn_id\": \"...\"}}: {e}"
+                )),
+            )
+            .await;
+        }
+    };
+    if !is_token(&query.txn_id, MAX_TXN_ID_LEN) {
+        return respond(
+            &req,
+            error_body(format!("txn_id {:?} is not a valid id", query.txn_id)),
+        )
+        .await;
+    }
+    if let Some(tx) = shared.router.get(&query.txn_id) {
+        let (otx, orx) = oneshot::channel();
+        if tx.send(TxnMsg::Status(otx)).await.is_ok()
+            && let Ok(Ok(ev)) = tokio::time::timeout(Duration::from_secs(2), orx).await
+        {
+            return respond(&req, to_bytes(&ev)).await;
+        }
+    }
+    match last_event(&shared, &query.txn_id).await {
+        Some(ev) => respond(&req, to_bytes(&ev)).await,
+        None => respond(&req, error_body(format!("unknown txn_id {}", query.txn_id))).await,
+    }
+}

@@ -1,0 +1,532 @@
+//! The coordinator runtime (`txcoord serve`): it reads submissions and participant replies
+//! from JetStream, drives one [`TwoPc`] engine per transaction, and performs the engine's
+//! commands. It owns no state that is not in JetStream: on start it rebuilds every
+//! unfinished transaction from the events stream and resumes it.
+//!
+//! ```text
+//!  txn.submit ─▶ [submit consumer] ─▶ spawn txn task ─┐        ┌─▶ txn.events.<id>  (log)
+//!                                                    ├─ engine ┤
+//!  txn.reply.> ─▶ [reply consumer] ─▶ Router ────────┘        └─▶ txn.cmd.<svc>.<id>
+//! ```
+
+pub mod api;
+pub mod txn;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer};
+use futures::StreamExt;
+use tokio::sync::{Semaphore, mpsc};
+use tracing::Instrument;
+
+use crate::config::Config;
+use crate::engine::EngineConfig;
+use crate::engine::twopc::{Phase, RecoverError, TwoPc};
+use crate::nats::{Expect, NatsError, StreamSettings, Streams, ensure_streams, publish_durable};
+use crate::proto::{
+    Mode, ParticipantReply, Reason, RequestError, RequestLimits, Subjects, SubmitError,
+    TransactionEvent, TxnState, now_ms, parse_request,
+};
+use txn::{Begin, Router, TxnMsg, to_bytes};
+
+/// The durable consumer that reads submissions.
+pub const SUBMIT_CONSUMER: &str = "txcoord-submit";
+/// The durable consumer that reads replies.
+pub const REPLY_CONSUMER: &str = "txcoord-replies";
+
+/// Why the coordinator stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    /// NATS could not be reached or used.
+    #[error(transparent)]
+    Nats(#[from] NatsError),
+    /// A JetStream consumer could not be set up.
+    #[error("consumer {consumer}: {message}")]
+    Consumer {
+        /// Which one.
+        consumer: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The request/reply API could not be registered.
+    #[error("cannot start the txcoord micro service: {0}")]
+    Api(String),
+}
+
+/// Counters exposed in the micro service's stats.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    accepted: AtomicU64,
+    committed: AtomicU64,
+    aborted: AtomicU64,
+    rejected: AtomicU64,
+    duplicates: AtomicU64,
+    recovered: AtomicU64,
+}
+
+impl Metrics {
+    fn accepted(&self) {
+        self.accepted.fetch_add(1, Ordering::Relaxed);
+    }
+    fn duplicate(&self) {
+        self.duplicates.fetch_add(1, Ordering::Relaxed);
+    }
+    fn finished(&self, phase: Phase) {
+        match phase {
+            Phase::Committed => self.committed.fetch_add(1, Ordering::Relaxed),
+            Phase::Aborted => self.aborted.fetch_add(1, Ordering::Relaxed),
+            _ => 0,
+        };
+    }
+
+    /// The counters as JSON.
+    pub fn to_json(&self, in_flight: usize) -> serde_json::Value {
+        serde_json::json!({
+            "accepted": self.accepted.load(Ordering::Relaxed),
+            "committed": self.committed.load(Ordering::Relaxed),
+            "aborted": self.aborted.load(Ordering::Relaxed),
+            "rejected": self.rejected.load(Ordering::Relaxed),
+            "duplicates": self.duplicates.load(Ordering::Relaxed),
+            "recovered": self.recovered.load(Ordering::Relaxed),
+            "in_flight": in_flight,
+        })
+    }
+}
+
+/// What every task of the coordinator shares.
+pub struct Shared {
+    /// Subjects under the configured prefix.
+    pub subjects: Subjects,
+    /// JetStream, for every write.
+    pub js: jetstream::Context,
+    /// The streams.
+    pub streams: Streams,
+    /// Running transactions.
+    pub router: Router,
+    /// Engine settings.
+    pub engine: EngineConfig,
+    /// Request limits.
+    pub limits: RequestLimits,
+    /// Counters.
+    pub metrics: Metrics,
+    /// A test hook (`TXCOORD_FAILPOINT`): `after-decision` stops a transaction right after its
+    /// decision is durable, before any participant hears it, so a test can kill the process there.
+    pub failpoint: Option<String>,
+}
+
+/// Runs the coordinator until `shutdown` completes.
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), CoordinatorError> {
+    let client = crate::nats::connect_config(&cfg, "txcoord", true).await?;
+    let js = crate::nats::jetstream(
+        client.clone(),
+        Duration::from_millis(cfg.publish_timeout_ms),
+    );
+    let subjects = cfg.subjects();
+    let streams = ensure_streams(&js, &subjects, &StreamSettings::from_config(&cfg)).await?;
+    let shared = Arc::new(Shared {
+        subjects,
+        js,
+        streams,
+        router: Router::new(),
+        engine: cfg.engine(),
+        limits: cfg.limits(),
+        metrics: Metrics::default(),
+        failpoint: std::env::var("TXCOORD_FAILPOINT")
+            .ok()
+            .filter(|s| !s.is_empty()),
+    });
+
+    let recovered = recover(&shared).await?;
+    tracing::info!(recovered, "recovery done");
+    let replies = reply_consumer(&shared).await?;
+    let submissions = submit_consumer(&shared).await?;
+    let api = api::start(client.clone(), shared.clone()).await?;
+    let permits = Arc::new(Semaphore::new(cfg.max_in_flight));
+    tracing::info!(url = %cfg.nats_url, prefix = %cfg.subject_prefix, "coordinator ready");
+    println!("txcoord ready");
+
+    tokio::select! {
+        biased;
+        _ = shutdown => tracing::info!("shutting down"),
+        _ = run_replies(shared.clone(), replies) => tracing::error!("reply loop ended"),
+        _ = run_submissions(shared.clone(), submissions, permits) => tracing::error!("submit loop ended"),
+    }
+    drop(api);
+    // Every write is either acknowledged or will be redone from the log: nothing to flush.
+    let _ = client.flush().await;
+    Ok(())
+}
+
+async fn pull_consumer(
+    stream: &jetstream::stream::Stream,
+    name: &str,
+    ack_wait: Duration,
+    max_ack_pending: i64,
+) -> Result<consumer::Consumer<consumer::pull::Config>, CoordinatorError> {
+    stream
+        .get_or_create_consumer(
+            name,
+            consumer::pull::Config {
+                durable_name: Some(name.to_string()),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait,
+                max_ack_pending,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| CoordinatorError::Consumer {
+            consumer: name.to_string(),
+            message: e.to_string(),
+        })
+}
+
+async fn reply_consumer(
+    shared: &Shared,
+) -> Result<consumer::Consumer<consumer::pull::Config>, CoordinatorError> {
+    pull_consumer(
+        &shared.streams.replies,
+        REPLY_CONSUMER,
+        Duration::from_secs(30),
+        100_000,
+    )
+    .await
+}
+
+async fn submit_consumer(
+    shared: &Shared,
+) -> Result<consumer::Consumer<consumer::pull::Config>, CoordinatorError> {
+    pull_consumer(
+        &shared.streams.submit,
+        SUBMIT_CONSUMER,
+        Duration::from_secs(60),
+        20_000,
+    )
+    .await
+}
+
+/// Reads a consumer forever, re-subscribing after errors (a server restart, say).
+async fn each_message<F, Fut>(
+    consumer: consumer::Consumer<consumer::pull::Config>,
+    name: &str,
+    mut f: F,
+) where
+    F: FnMut(jetstream::Message) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    loop {
+        let mut messages = match consumer
+            .stream()
+            .max_messages_per_batch(500)
+            .messages()
+            .await
+        {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(consumer = name, error = %e, "cannot read consumer, retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        while let Some(next) = messages.next().await {
+            match next {
+                Ok(msg) => f(msg).await,
+                Err(e) => {
+                    tracing::debug!(consumer = name, error = %e, "consumer stream error");
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn run_replies(shared: Arc<Shared>, consumer: consumer::Consumer<consumer::pull::Config>) {
+    each_message(consumer, REPLY_CONSUMER, |msg| {
+        let shared = shared.clone();
+        async move {
+            match serde_json::from_slice::<ParticipantReply>(&msg.payload) {
+                Ok(reply) => match shared.router.get(&reply.txn_id) {
+                    Some(tx) => {
+                        let _ = tx.send(TxnMsg::Reply(reply)).await;
+                    }
+                    None => tracing::debug!(txn_id = %reply.txn_id, service = %reply.service,
+                        "reply for a transaction that is not running (finished or unknown); ignored"),
+                },
+                Err(e) => tracing::warn!(subject = %msg.subject, error = %e, "malformed participant reply ignored"),
+            }
+            if let Err(e) = msg.ack().await {
+                tracing::debug!(error = %e, "reply ack failed; it will be redelivered and deduplicated");
+            }
+        }
+    })
+    .await
+}
+
+async fn run_submissions(
+    shared: Arc<Shared>,
+    consumer: consumer::Consumer<consumer::pull::Config>,
+    permits: Arc<Semaphore>,
+) {
+    each_message(consumer, SUBMIT_CONSUMER, |msg| {
+        let shared = shared.clone();
+        let permits = permits.clone();
+        async move {
+            // Backpressure: at the in-flight limit, stop taking submissions; they wait in the stream.
+            let Ok(permit) = permits.acquire_owned().await else {
+                return;
+            };
+            submission(shared, msg, permit).await;
+        }
+    })
+    .await
+}
+
+/// Handles one submission: reject it, or start its transaction.
+async fn submission(
+    shared: Arc<Shared>,
+    msg: jetstream::Message,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let seq = msg.info().map(|i| i.stream_sequence).ok();
+    let parsed = parse_request(&msg.payload, &shared.limits);
+    let request = match parsed.result {
+        Ok(r) => r,
+        Err(e) => {
+            reject(&shared, parsed.txn_id, seq, e).await;
+            if let Err(e) = msg.ack().await {
+                tracing::debug!(error = %e, "ack of a rejected submission failed");
+            }
+            return;
+        }
+    };
+    let txn_id = request
+        .txn_id
+        .clone()
+        .unwrap_or_else(|| derived_txn_id(&shared.subjects, seq));
+    let (tx, rx) = mpsc::channel(64);
+    if !shared.router.insert(&txn_id, tx.clone()) {
+        tracing::info!(%txn_id, "duplicate submission of a running transaction ignored");
+        shared.metrics.duplicate();
+        let _ = msg.ack().await;
+        return;
+    }
+    let span = tracing::info_span!("txn", %txn_id);
+    let mut out = Vec::new();
+    let engine = TwoPc::start(
+        txn_id.clone(),
+        &request,
+        seq,
+        shared.subjects.reply(&txn_id),
+        shared.engine,
+        now_ms(),
+        &mut out,
+    );
+    tokio::spawn(
+        txn::drive(
+            shared.clone(),
+            engine,
+            out,
+            Begin::New {
+                submission: Some(Box::new(msg)),
+            },
+            tx,
+            rx,
+            Some(permit),
+        )
+        .instrument(span),
+    );
+}
+
+/// A txn_id for a request that has none: derived from its stream sequence, so a redelivery
+/// of the same submission gets the same id (and is recognised as a duplicate).
+fn derived_txn_id(subjects: &Subjects, seq: Option<u64>) -> String {
+    match seq {
+        Some(seq) => uuid::Uuid::new_v5(
+            &uuid::Uuid::NAMESPACE_OID,
+            format!("{}:{seq}", subjects.submit_stream()).as_bytes(),
+        )
+        .to_string(),
+        None => uuid::Uuid::now_v7().to_string(),
+    }
+}
+
+/// Records a bad submission: a `rejected` event if it has a usable txn_id that is not taken,
+/// otherwise an error on `<prefix>.errors` naming its stream sequence.
+async fn reject(shared: &Shared, txn_id: Option<String>, seq: Option<u64>, err: RequestError) {
+    tracing::warn!(txn_id = txn_id.as_deref().unwrap_or("-"), submit_seq = seq, error = %err, "submission rejected");
+    shared.metrics.rejected.fetch_add(1, Ordering::Relaxed);
+    let now = now_ms();
+    if let Some(id) = &txn_id {
+        let event = TransactionEvent {
+            txn_id: id.clone(),
+            state: TxnState::Rejected,
+            mode: Mode::TwoPc,
+            steps: Vec::new(),
+            timestamp_ms: now,
+            reason: Some(Reason::InvalidRequest {
+                message: err.to_string(),
+                path: err.path(),
+            }),
+            stuck: false,
+            timeout_ms: None,
+            metadata: None,
+            submit_seq: seq,
+        };
+        let subject = shared.subjects.events(id);
+        let msg_id = format!("{id}.rejected.{}", seq.unwrap_or(0));
+        match publish_durable(
+            &shared.js,
+            &subject,
+            &msg_id,
+            to_bytes(&event),
+            Expect {
+                last_subject_sequence: Some(0),
+            },
+            None,
+        )
+        .await
+        {
+            Ok(_) => return,
+            Err(e) => {
+                tracing::info!(txn_id = %id, error = %e, "txn_id already used; reporting on the errors subject")
+            }
+        }
+    }
+    let report = SubmitError {
+        submit_seq: seq,
+        txn_id,
+        kind: err.kind().into(),
+        message: err.to_string(),
+        path: err.path(),
+        timestamp_ms: now,
+    };
+    let msg_id = format!("error.{}", seq.unwrap_or(0));
+    if let Err(e) = publish_durable(
+        &shared.js,
+        &shared.subjects.errors(),
+        &msg_id,
+        to_bytes(&report),
+        Expect::default(),
+        None,
+    )
+    .await
+    {
+        tracing::error!(error = %e, "cannot publish a submission error");
+    }
+}
+
+/// Rebuilds and resumes every unfinished transaction from the events stream.
+async fn recover(shared: &Arc<Shared>) -> Result<usize, CoordinatorError> {
+    let events = &shared.streams.events;
+    let consumer = events
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: shared.subjects.events_all(),
+            deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| CoordinatorError::Consumer {
+            consumer: "recovery".into(),
+            message: e.to_string(),
+        })?;
+    let mut consumer = consumer;
+    let pending = consumer
+        .info()
+        .await
+        .map_err(|e| CoordinatorError::Consumer {
+            consumer: "recovery".into(),
+            message: e.to_string(),
+        })?
+        .num_pending;
+    if pending == 0 {
+        return Ok(0);
+    }
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| CoordinatorError::Consumer {
+            consumer: "recovery".into(),
+            message: e.to_string(),
+        })?;
+    let mut count = 0;
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(10), messages.next()).await;
+        let msg = match next {
+            Ok(Some(Ok(m))) => m,
+            Ok(Some(Err(e))) => {
+                tracing::warn!(error = %e, "recovery read error");
+                continue;
+            }
+            Ok(None) | Err(_) => break,
+        };
+        let done = msg.info().map(|i| i.pending == 0).unwrap_or(false);
+        match serde_json::from_slice::<TransactionEvent>(&msg.payload) {
+            Ok(last) if !last.state.is_terminal() => {
+                if resume(shared, last).await {
+                    count += 1;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(subject = %msg.subject, error = %e, "unreadable log record skipped")
+            }
+        }
+        if done {
+            break;
+        }
+    }
+    shared
+        .metrics
+        .recovered
+        .store(count as u64, Ordering::Relaxed);
+    Ok(count)
+}
+
+async fn resume(shared: &Arc<Shared>, last: TransactionEvent) -> bool {
+    let txn_id = last.txn_id.clone();
+    let accepted = if last.state == TxnState::Accepted {
+        last.clone()
+    } else {
+        let first = shared
+            .streams
+            .events
+            .direct_get_first_for_subject(shared.subjects.events(&txn_id))
+            .await;
+        match first.map(|m| serde_json::from_slice::<TransactionEvent>(&m.payload)) {
+            Ok(Ok(ev)) => ev,
+            other => {
+                tracing::error!(%txn_id, "cannot read the accepted record: {other:?}");
+                return false;
+            }
+        }
+    };
+    let mut out = Vec::new();
+    let engine = match TwoPc::recover(
+        &accepted,
+        &last,
+        shared.subjects.reply(&txn_id),
+        shared.engine,
+        now_ms(),
+        &mut out,
+    ) {
+        Ok(e) => e,
+        Err(RecoverError::Finished(_)) => return false,
+        Err(e) => {
+            tracing::error!(%txn_id, error = %e, "cannot resume transaction");
+            return false;
+        }
+    };
+    let (tx, rx) = mpsc::channel(64);
+    if !shared.router.insert(&txn_id, tx.clone()) {
+        return false;
+    }
+    tracing::info!(%txn_id, state = ?last.state, "resuming transaction");
+    let span = tracing::info_span!("txn", %txn_id);
+    tokio::spawn(
+        txn::drive(shared.clone(), engine, out, Begin::Recovered, tx, rx, None).instrument(span),
+    );
+    true
+}

@@ -1,0 +1,317 @@
+//! NATS plumbing shared by the coordinator, the participant SDK and the CLI: connecting
+//! with the configured credentials, creating the streams, and durable publishes that retry
+//! under the same `Nats-Msg-Id` until JetStream acknowledges them.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, context::PublishErrorKind, stream};
+use bytes::Bytes;
+
+use crate::config::{Config, NatsAuth, Storage};
+use crate::proto::Subjects;
+
+/// A failure talking to NATS.
+#[derive(Debug, thiserror::Error)]
+pub enum NatsError {
+    /// Could not connect.
+    #[error("cannot connect to NATS at {url}: {source}")]
+    Connect {
+        /// The URL tried.
+        url: String,
+        /// Why.
+        source: async_nats::ConnectError,
+    },
+    /// Could not read the credentials file.
+    #[error("cannot read NATS credentials file {path}: {source}")]
+    Credentials {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Could not create or read a stream.
+    #[error("stream {stream}: {message}")]
+    Stream {
+        /// The stream.
+        stream: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// A publish failed for good.
+    #[error("publish to {subject} failed: {source}")]
+    Publish {
+        /// The subject.
+        subject: String,
+        /// Why.
+        source: jetstream::context::PublishError,
+    },
+    /// The process is shutting down.
+    #[error("shutting down")]
+    Shutdown,
+}
+
+/// Connects with the credentials and TLS settings of `auth`. With `retry`, keeps trying
+/// until the server is reachable (the coordinator and services may start before NATS).
+pub async fn connect(
+    url: &str,
+    auth: &NatsAuth,
+    name: &str,
+    retry: bool,
+) -> Result<async_nats::Client, NatsError> {
+    let mut opts = async_nats::ConnectOptions::new()
+        .name(name)
+        .connection_timeout(Duration::from_secs(5));
+    if let (Some(user), Some(pass)) = (&auth.user, &auth.password) {
+        opts = opts.user_and_password(user.clone(), pass.clone());
+    }
+    if let Some(token) = &auth.token {
+        opts = opts.token(token.clone());
+    }
+    if let Some(path) = &auth.creds_file {
+        opts = opts
+            .credentials_file(path)
+            .await
+            .map_err(|source| NatsError::Credentials {
+                path: path.display().to_string(),
+                source,
+            })?;
+    }
+    if let Some(ca) = &auth.tls_ca_file {
+        opts = opts.add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&auth.tls_cert_file, &auth.tls_key_file) {
+        opts = opts.add_client_certificate(cert.clone(), key.clone());
+    }
+    if auth.tls_required {
+        opts = opts.require_tls(true);
+    }
+    if retry {
+        opts = opts.retry_on_initial_connect();
+    }
+    let addrs: Vec<String> = url.split(',').map(|u| u.trim().to_string()).collect();
+    let addrs: Vec<async_nats::ServerAddr> = addrs
+        .iter()
+        .filter_map(|a| a.parse().ok())
+        .collect::<Vec<_>>();
+    opts.connect(addrs.as_slice())
+        .await
+        .map_err(|source| NatsError::Connect {
+            url: url.to_string(),
+            source,
+        })
+}
+
+/// Connects as configured.
+pub async fn connect_config(
+    cfg: &Config,
+    name: &str,
+    retry: bool,
+) -> Result<async_nats::Client, NatsError> {
+    connect(&cfg.nats_url, &cfg.nats, name, retry).await
+}
+
+/// A JetStream context whose publishes wait at most `timeout` for an acknowledgement and
+/// apply backpressure instead of failing when many acks are outstanding.
+pub fn jetstream(client: async_nats::Client, timeout: Duration) -> jetstream::Context {
+    jetstream::ContextBuilder::new()
+        .timeout(timeout)
+        .max_ack_inflight(20_000)
+        .backpressure_on_inflight(true)
+        .build(client)
+}
+
+/// Settings of the four streams.
+#[derive(Debug, Clone)]
+pub struct StreamSettings {
+    /// 1 or 3.
+    pub replicas: usize,
+    /// File or memory.
+    pub storage: Storage,
+    /// Submission retention.
+    pub submit_max_age: Duration,
+    /// Event (log) retention; zero is forever.
+    pub events_max_age: Duration,
+    /// Command and reply retention (a safety net: acked messages are removed).
+    pub command_max_age: Duration,
+    /// JetStream's message-id duplicate window.
+    pub duplicate_window: Duration,
+}
+
+impl StreamSettings {
+    /// From the configuration.
+    pub fn from_config(cfg: &Config) -> Self {
+        StreamSettings {
+            replicas: cfg.stream_replicas,
+            storage: cfg.storage,
+            submit_max_age: Duration::from_secs(cfg.submit_max_age_secs),
+            events_max_age: Duration::from_secs(cfg.events_max_age_secs),
+            command_max_age: Duration::from_secs(cfg.command_max_age_secs),
+            duplicate_window: Duration::from_secs(cfg.duplicate_window_secs),
+        }
+    }
+}
+
+impl Default for StreamSettings {
+    fn default() -> Self {
+        StreamSettings::from_config(&Config::default())
+    }
+}
+
+/// The streams txcoord uses, each created if missing (an existing stream is used as it is).
+#[derive(Debug, Clone)]
+pub struct Streams {
+    /// `<prefix>.submit`, kept for inspection.
+    pub submit: stream::Stream,
+    /// `<prefix>.events.>` and `<prefix>.errors`: the coordinator's log.
+    pub events: stream::Stream,
+    /// `<prefix>.cmd.>`, a work queue read by each service's durable consumer.
+    pub commands: stream::Stream,
+    /// `<prefix>.reply.>`, a work queue read by the coordinator.
+    pub replies: stream::Stream,
+}
+
+/// Creates (or opens) every stream.
+pub async fn ensure_streams(
+    js: &jetstream::Context,
+    subjects: &Subjects,
+    settings: &StreamSettings,
+) -> Result<Streams, NatsError> {
+    let base = |name: String, subjects: Vec<String>| stream::Config {
+        name,
+        subjects,
+        num_replicas: settings.replicas,
+        storage: match settings.storage {
+            Storage::File => stream::StorageType::File,
+            Storage::Memory => stream::StorageType::Memory,
+        },
+        duplicate_window: settings.duplicate_window,
+        allow_direct: true,
+        ..Default::default()
+    };
+    let submit = stream::Config {
+        max_age: settings.submit_max_age,
+        ..base(subjects.submit_stream(), vec![subjects.submit()])
+    };
+    let events = stream::Config {
+        max_age: settings.events_max_age,
+        ..base(
+            subjects.events_stream(),
+            vec![subjects.events_all(), subjects.errors()],
+        )
+    };
+    let commands = stream::Config {
+        max_age: settings.command_max_age,
+        retention: stream::RetentionPolicy::WorkQueue,
+        ..base(subjects.command_stream(), vec![subjects.commands_all()])
+    };
+    let replies = stream::Config {
+        max_age: settings.command_max_age,
+        retention: stream::RetentionPolicy::WorkQueue,
+        ..base(subjects.reply_stream(), vec![subjects.replies_all()])
+    };
+    Ok(Streams {
+        submit: open_stream(js, submit).await?,
+        events: open_stream(js, events).await?,
+        commands: open_stream(js, commands).await?,
+        replies: open_stream(js, replies).await?,
+    })
+}
+
+async fn open_stream(
+    js: &jetstream::Context,
+    config: stream::Config,
+) -> Result<stream::Stream, NatsError> {
+    let name = config.name.clone();
+    let mut delay = Duration::from_millis(100);
+    // JetStream may still be starting (or electing a leader on a cluster): retry a while.
+    for attempt in 0..30 {
+        match js.get_or_create_stream(config.clone()).await {
+            Ok(s) => return Ok(s),
+            Err(e) if attempt < 29 => {
+                tracing::debug!(stream = %name, error = %e, "stream not ready, retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => {
+                return Err(NatsError::Stream {
+                    stream: name,
+                    message: e.to_string(),
+                });
+            }
+        }
+    }
+    Err(NatsError::Stream {
+        stream: name,
+        message: "unreachable".into(),
+    })
+}
+
+/// What a durable publish is asked to guarantee besides the message id.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Expect {
+    /// `Nats-Expected-Last-Subject-Sequence`: 0 means "nothing on this subject yet".
+    pub last_subject_sequence: Option<u64>,
+}
+
+/// Whether a failed publish may succeed if tried again with the same message id.
+pub fn is_transient(kind: PublishErrorKind) -> bool {
+    matches!(
+        kind,
+        PublishErrorKind::TimedOut
+            | PublishErrorKind::BrokenPipe
+            | PublishErrorKind::StreamNotFound
+            | PublishErrorKind::MaxAckPending
+            | PublishErrorKind::Other
+    )
+}
+
+/// Publishes once with a message id and waits for the acknowledgement.
+pub async fn publish_once(
+    js: &jetstream::Context,
+    subject: &str,
+    msg_id: &str,
+    payload: Bytes,
+    expect: Expect,
+) -> Result<jetstream::publish::PublishAck, jetstream::context::PublishError> {
+    let mut msg = jetstream::message::PublishMessage::build()
+        .payload(payload)
+        .message_id(msg_id);
+    if let Some(seq) = expect.last_subject_sequence {
+        msg = msg.expected_last_subject_sequence(seq);
+    }
+    js.send_publish(subject.to_string(), msg).await?.await
+}
+
+/// Publishes with a message id, retrying transient failures with backoff up to
+/// `max_attempts` times (`None`: until it succeeds). Retries are idempotent: JetStream
+/// drops a second copy with the same id inside its duplicate window.
+pub async fn publish_durable(
+    js: &jetstream::Context,
+    subject: &str,
+    msg_id: &str,
+    payload: Bytes,
+    expect: Expect,
+    max_attempts: Option<u32>,
+) -> Result<jetstream::publish::PublishAck, NatsError> {
+    let mut delay = Duration::from_millis(50);
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        match publish_once(js, subject, msg_id, payload.clone(), expect).await {
+            Ok(ack) => return Ok(ack),
+            Err(e) if is_transient(e.kind()) && max_attempts.is_none_or(|m| attempt < m) => {
+                if attempt == 3 || attempt.is_multiple_of(20) {
+                    tracing::warn!(%subject, %msg_id, attempt, error = %e, "publish failing, retrying");
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(source) => {
+                return Err(NatsError::Publish {
+                    subject: subject.to_string(),
+                    source,
+                });
+            }
+        }
+    }
+}

