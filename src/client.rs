@@ -163,7 +163,7 @@ impl Client {
             .filter(|(_, r)| r.is_none())
             .map(|(i, _)| i.clone())
             .collect();
-        let mut found: HashMap<String, Result<TransactionEvent, ClientError>> = HashMap::new();
+        let mut found: HashMap<String, TransactionEvent> = HashMap::new();
         for ack in acks {
             if let Ok(Err(e)) = ack.await {
                 tracing::warn!(error = %e, "submission failed");
@@ -179,7 +179,7 @@ impl Client {
                         && ev.state.is_terminal()
                         && waiting.remove(&ev.txn_id)
                     {
-                        found.insert(ev.txn_id.clone(), Ok(ev));
+                        found.insert(ev.txn_id.clone(), ev);
                     }
                 }
                 _ = poll.tick() => {
@@ -190,7 +190,7 @@ impl Client {
                             && ev.state.is_terminal()
                         {
                             waiting.remove(&id);
-                            found.insert(id, Ok(ev));
+                            found.insert(id, ev);
                         }
                     }
                 }
@@ -201,10 +201,10 @@ impl Client {
             .zip(results)
             .map(|(id, r)| match r {
                 Some(r) => r,
-                None => found.remove(&id).unwrap_or(Err(ClientError::TimedOut {
+                None => found.get(&id).cloned().ok_or(ClientError::TimedOut {
                     txn_id: id,
                     waited: timeout,
-                })),
+                }),
             })
             .collect()
     }

@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 use crate::engine::EngineConfig;
 use crate::proto::{RequestLimits, Subjects};
 
+/// `TXCOORD_*` variables that are not configuration keys: the log filter and the test hook.
+pub const RESERVED_ENV: &[&str] = &["TXCOORD_LOG", "TXCOORD_FAILPOINT"];
+
 /// How to reach and authenticate to NATS.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -150,11 +153,17 @@ impl Config {
                     builder.add_source(config::File::with_name("txcoord.toml").required(false));
             }
         }
+        // Unknown TXCOORD_* variables are errors (a typo should not be silently ignored),
+        // except the few that are not configuration.
+        let vars: config::Map<String, String> = std::env::vars()
+            .filter(|(k, _)| k.starts_with("TXCOORD_") && !RESERVED_ENV.contains(&k.as_str()))
+            .collect();
         builder = builder.add_source(
             config::Environment::with_prefix("TXCOORD")
                 .prefix_separator("_")
                 .separator("__")
-                .try_parsing(true),
+                .try_parsing(true)
+                .source(Some(vars)),
         );
         let cfg: Config = builder.build()?.try_deserialize()?;
         Ok(cfg)

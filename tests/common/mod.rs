@@ -1,0 +1,234 @@
+//! Test helpers: a real nats-server on a free port with a temp store, and real `txcoord`
+//! processes (coordinator, scripted participants) that can be SIGKILLed and restarted.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use txcoord::client::Client;
+use txcoord::natsserver::NatsServer;
+use txcoord::participant::{BranchRecord, BranchState, branch_store, read_branch};
+use txcoord::proto::TransactionEvent;
+
+/// A child process whose stderr goes to a file we can search; killed on drop.
+pub struct Proc {
+    child: Option<Child>,
+    pub log: PathBuf,
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
+}
+
+impl Proc {
+    pub fn spawn(dir: &std::path::Path, name: &str, args: &[&str], envs: &[(&str, &str)]) -> Proc {
+        let mut p = Proc {
+            child: None,
+            log: dir.join(format!("{name}.log")),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            envs: envs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        p.start();
+        p
+    }
+
+    fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_txcoord"));
+        cmd.args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .env("TXCOORD_LOG", "info,async_nats=warn");
+        for (k, v) in &self.envs {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().expect("spawn txcoord"));
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the same command again, optionally with other environment variables.
+    pub fn restart_with(&mut self, envs: &[(&str, &str)]) {
+        self.kill9();
+        self.envs = envs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.start();
+    }
+
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.start();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle`.
+    pub async fn wait_for(&self, needle: &str, timeout: Duration) {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if self.log_text().contains(needle) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!(
+            "{needle:?} not seen in {} within {timeout:?}:\n{}",
+            self.log.display(),
+            self.log_text()
+        );
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A whole system: nats-server, coordinator, and scripted participants.
+pub struct System {
+    pub nats: NatsServer,
+    pub dir: tempfile::TempDir,
+    pub coordinator: Proc,
+    pub participants: Vec<(String, Proc)>,
+    pub client: Client,
+    pub nc: async_nats::Client,
+}
+
+impl System {
+    /// Starts everything; the coordinator gets `coord_env` in its environment.
+    pub async fn start(services: &[&str], coord_env: &[(&str, &str)]) -> System {
+        let nats = NatsServer::start().expect("nats-server (run ./dev setup)");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = nats.url();
+        let mut env: Vec<(&str, &str)> = vec![("TXCOORD_NATS_URL", url.as_str())];
+        env.extend_from_slice(coord_env);
+        let coordinator = Proc::spawn(dir.path(), "coordinator", &["serve"], &env);
+        let participants = services
+            .iter()
+            .map(|s| {
+                let p = Proc::spawn(
+                    dir.path(),
+                    s,
+                    &["participant", "--service", s],
+                    &[("TXCOORD_NATS_URL", url.as_str())],
+                );
+                (s.to_string(), p)
+            })
+            .collect();
+        let nc = async_nats::connect(&url).await.expect("connect");
+        let client = Client::new(nc.clone(), "txn").await.expect("client");
+        let sys = System {
+            nats,
+            dir,
+            coordinator,
+            participants,
+            client,
+            nc,
+        };
+        sys.coordinator
+            .wait_for("coordinator ready", Duration::from_secs(30))
+            .await;
+        for (_, p) in &sys.participants {
+            p.wait_for("participant ready", Duration::from_secs(30))
+                .await;
+        }
+        sys
+    }
+
+    pub fn participant(&mut self, service: &str) -> &mut Proc {
+        &mut self
+            .participants
+            .iter_mut()
+            .find(|(s, _)| s == service)
+            .expect("participant")
+            .1
+    }
+
+    pub async fn run(&self, request: Value) -> TransactionEvent {
+        self.client
+            .submit_and_wait(vec![request], Duration::from_secs(60))
+            .await
+            .remove(0)
+            .unwrap_or_else(|e| {
+                panic!(
+                    "no outcome: {e}\ncoordinator log:\n{}",
+                    self.coordinator.log_text()
+                )
+            })
+    }
+
+    /// A service's branch record.
+    pub async fn branch(&self, service: &str, txn_id: &str, step: usize) -> Option<BranchRecord> {
+        let js = async_nats::jetstream::new(self.nc.clone());
+        let store = branch_store(&js, service, 1).await.ok()?;
+        read_branch(&store, txn_id, step).await
+    }
+
+    /// Waits until a service's branch reaches `state`.
+    pub async fn wait_branch(&self, service: &str, txn_id: &str, step: usize, state: BranchState) {
+        let start = Instant::now();
+        let mut last = None;
+        while start.elapsed() < Duration::from_secs(30) {
+            last = self.branch(service, txn_id, step).await.map(|r| r.state);
+            if last == Some(state) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{service} branch {txn_id}/{step} is {last:?}, expected {state:?}");
+    }
+
+    /// Waits until the transaction's log has a record in one of `states`.
+    pub async fn wait_state(
+        &self,
+        txn_id: &str,
+        pred: impl Fn(&TransactionEvent) -> bool,
+    ) -> TransactionEvent {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(30) {
+            if let Some(ev) = self
+                .client
+                .history(txn_id)
+                .await
+                .into_iter()
+                .find(|e| pred(e))
+            {
+                return ev;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!(
+            "{txn_id}: state not reached; history {:?}",
+            self.client.history(txn_id).await
+        );
+    }
+}
+
+/// A step for the scripted participant.
+pub fn step(service: &str, payload: Value) -> Value {
+    json!({"service": service, "action": "act", "payload": payload})
+}
+
+/// A request with these steps.
+pub fn request(txn_id: &str, steps: Vec<Value>) -> Value {
+    json!({"txn_id": txn_id, "mode": "2pc", "steps": steps})
+}
