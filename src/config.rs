@@ -101,7 +101,7 @@ impl Default for Config {
             retry_base_ms: 500,
             retry_cap_ms: 30_000,
             stuck_after_ms: 60_000,
-            publish_timeout_ms: 5_000,
+            publish_timeout_ms: 1_000,
             max_in_flight: 10_000,
             max_request_bytes: 256 * 1024,
             max_steps: crate::proto::MAX_STEPS,

@@ -174,9 +174,39 @@ impl NatsServer {
         }
     }
 
-    /// Kills and starts again on the same port with the same store.
-    pub fn restart(&mut self) -> Result<(), ServerError> {
+    /// SIGKILLs the server and starts it again on the same port and store.
+    pub fn kill_and_restart(&mut self) -> Result<(), ServerError> {
         self.kill();
+        self.spawn()
+    }
+
+    /// Stops the server gracefully (SIGTERM: it flushes its store) and waits for it, falling
+    /// back to SIGKILL after 10 s.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let term = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+            if term.is_ok_and(|s| s.success()) {
+                let start = Instant::now();
+                while start.elapsed() < Duration::from_secs(10) {
+                    if let Ok(Some(_)) = c.try_wait() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops gracefully and starts again on the same port with the same store: what an
+    /// operator's restart does. (A SIGKILL, [`NatsServer::kill`], may lose writes the server
+    /// had acknowledged but not yet flushed, unless it runs with `sync_interval: always`.)
+    pub fn restart(&mut self) -> Result<(), ServerError> {
+        self.stop();
         self.spawn()
     }
 }

@@ -134,6 +134,9 @@ pub struct Options {
     pub retry_delay: Duration,
     /// KV bucket replicas (1 or 3).
     pub replicas: usize,
+    /// How long to wait for JetStream to acknowledge a write before retrying it (retries are
+    /// idempotent; a short wait recovers fast when a server dies with the write in flight).
+    pub ack_timeout: Duration,
 }
 
 impl Default for Options {
@@ -144,6 +147,7 @@ impl Default for Options {
             ack_wait: Duration::from_secs(30),
             retry_delay: Duration::from_millis(500),
             replicas: 1,
+            ack_timeout: Duration::from_secs(1),
         }
     }
 }
@@ -227,7 +231,7 @@ pub async fn run<P: Participant>(
         return Err(SdkError::InvalidService(service.to_string()));
     }
     let subjects = Subjects::new(options.prefix.clone());
-    let js = crate::nats::jetstream(client, Duration::from_secs(5));
+    let js = crate::nats::jetstream(client, options.ack_timeout);
     let streams = crate::nats::ensure_streams(
         &js,
         &subjects,
@@ -354,13 +358,15 @@ async fn send_reply<P>(
         attempt: cmd.attempt,
     };
     let body = Bytes::from(serde_json::to_vec(&reply).unwrap_or_default());
+    // Retry through a NATS blip (a server restart takes a second or two): giving up early
+    // would leave the command to its ack_wait redelivery, long after the prepare timeout.
     match publish_durable(
         &ctx.js,
         &cmd.reply_to,
         &reply.msg_id(),
         body,
         Expect::default(),
-        Some(5),
+        Some(30),
     )
     .await
     {
@@ -398,20 +404,48 @@ fn vote_of(rec: &BranchRecord) -> (ReplyOutcome, Option<String>) {
     }
 }
 
-async fn load(store: &kv::Store, key: &str) -> Result<Option<(BranchRecord, u64)>, ApplyError> {
-    match store.entry(key).await {
-        Ok(Some(entry)) if matches!(entry.operation, kv::Operation::Put) => {
-            let rec = serde_json::from_slice(&entry.value)
-                .map_err(|_| ApplyError::Corrupt(key.to_string()))?;
-            Ok(Some((rec, entry.revision)))
+/// Retries a KV operation through transient failures (a server restarting answers "no
+/// responders" for a second or two). Only conflicts and unreadable records come back at once.
+async fn kv_retry<T, F, Fut>(mut op: F) -> Result<T, ApplyError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, ApplyError>>,
+{
+    let mut delay = Duration::from_millis(50);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match op().await {
+            Err(ApplyError::Store(e)) if attempt < 40 => {
+                if attempt == 3 {
+                    tracing::warn!(error = %e, "branch store unavailable, retrying");
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+            other => return other,
         }
-        Ok(_) => Ok(None),
-        Err(e) => Err(ApplyError::Store(e.to_string())),
     }
 }
 
+async fn load(store: &kv::Store, key: &str) -> Result<Option<(BranchRecord, u64)>, ApplyError> {
+    kv_retry(|| async {
+        match store.entry(key).await {
+            Ok(Some(entry)) if matches!(entry.operation, kv::Operation::Put) => {
+                let rec = serde_json::from_slice(&entry.value)
+                    .map_err(|_| ApplyError::Corrupt(key.to_string()))?;
+                Ok(Some((rec, entry.revision)))
+            }
+            Ok(_) => Ok(None),
+            Err(e) => Err(ApplyError::Store(e.to_string())),
+        }
+    })
+    .await
+}
+
 /// Writes a record: create when `revision` is None, else compare-and-set. `Ok(false)` when
-/// another writer got there first.
+/// another writer got there first. A retried write that already landed shows up as a
+/// conflict, and the caller's loop re-reads and finds its own record.
 async fn store(
     store: &kv::Store,
     key: &str,
@@ -419,21 +453,32 @@ async fn store(
     revision: Option<u64>,
 ) -> Result<bool, ApplyError> {
     let body = Bytes::from(serde_json::to_vec(rec).unwrap_or_default());
-    let result = match revision {
-        None => store.create(key, body).await.map(|_| ()).map_err(|e| {
-            let lost = matches!(e.kind(), kv::CreateErrorKind::AlreadyExists);
-            (lost, e.to_string())
-        }),
-        Some(rev) => store.update(key, body, rev).await.map(|_| ()).map_err(|e| {
-            let lost = matches!(e.kind(), kv::UpdateErrorKind::WrongLastRevision);
-            (lost, e.to_string())
-        }),
-    };
-    match result {
-        Ok(()) => Ok(true),
-        Err((true, _)) => Ok(false),
-        Err((false, e)) => Err(ApplyError::Store(e)),
-    }
+    kv_retry(|| async {
+        let result = match revision {
+            None => store
+                .create(key, body.clone())
+                .await
+                .map(|_| ())
+                .map_err(|e| {
+                    let lost = matches!(e.kind(), kv::CreateErrorKind::AlreadyExists);
+                    (lost, e.to_string())
+                }),
+            Some(rev) => store
+                .update(key, body.clone(), rev)
+                .await
+                .map(|_| ())
+                .map_err(|e| {
+                    let lost = matches!(e.kind(), kv::UpdateErrorKind::WrongLastRevision);
+                    (lost, e.to_string())
+                }),
+        };
+        match result {
+            Ok(()) => Ok(true),
+            Err((true, _)) => Ok(false),
+            Err((false, e)) => Err(ApplyError::Store(e)),
+        }
+    })
+    .await
 }
 
 fn record(

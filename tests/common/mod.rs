@@ -46,7 +46,10 @@ impl Proc {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
-            .env("TXCOORD_LOG", "info,async_nats=warn");
+            .env(
+                "TXCOORD_LOG",
+                std::env::var("TEST_TXCOORD_LOG").unwrap_or_else(|_| "info,async_nats=warn".into()),
+            );
         for (k, v) in &self.envs {
             cmd.env(k, v);
         }
@@ -116,7 +119,20 @@ pub struct System {
 impl System {
     /// Starts everything; the coordinator gets `coord_env` in its environment.
     pub async fn start(services: &[&str], coord_env: &[(&str, &str)]) -> System {
-        let nats = NatsServer::start().expect("nats-server (run ./dev setup)");
+        Self::start_on(
+            NatsServer::start().expect("nats-server (run ./dev setup)"),
+            services,
+            coord_env,
+        )
+        .await
+    }
+
+    /// Starts everything on a given server.
+    pub async fn start_on(
+        nats: NatsServer,
+        services: &[&str],
+        coord_env: &[(&str, &str)],
+    ) -> System {
         let dir = tempfile::tempdir().expect("tempdir");
         let url = nats.url();
         let mut env: Vec<(&str, &str)> = vec![("TXCOORD_NATS_URL", url.as_str())];
@@ -152,6 +168,32 @@ impl System {
                 .await;
         }
         sys
+    }
+
+    /// Prints every warning and error the processes logged (for a failing test's output).
+    pub fn dump_logs(&self) {
+        let procs = std::iter::once(("coordinator", &self.coordinator))
+            .chain(self.participants.iter().map(|(s, p)| (s.as_str(), p)));
+        for (name, p) in procs {
+            for line in p
+                .log_text()
+                .lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            {
+                eprintln!("[{name}] {line}");
+            }
+        }
+    }
+
+    /// Prints every log line that mentions `needle`.
+    pub fn dump_matching(&self, needle: &str) {
+        let procs = std::iter::once(("coordinator", &self.coordinator))
+            .chain(self.participants.iter().map(|(s, p)| (s.as_str(), p)));
+        for (name, p) in procs {
+            for line in p.log_text().lines().filter(|l| l.contains(needle)) {
+                eprintln!("[{name}] {line}");
+            }
+        }
     }
 
     pub fn participant(&mut self, service: &str) -> &mut Proc {

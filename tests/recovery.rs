@@ -1,0 +1,247 @@
+//! Crash recovery with real processes: the coordinator SIGKILLed during prepare and right
+//! after its decision is durable, a participant SIGKILLed after voting, and nats-server
+//! restarted mid-run with the same store.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{System, request, step};
+use serde_json::json;
+use txcoord::natsserver::NatsServer;
+use txcoord::participant::BranchState;
+use txcoord::proto::TxnState;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_killed_during_prepare_resumes_and_commits() {
+    let mut sys = System::start(&["a", "b"], &[]).await;
+    let url = sys.nats.url();
+    let req = request(
+        "kill-prep",
+        vec![step("a", json!({})), step("b", json!({"delay_ms": 1500}))],
+    );
+    sys.client
+        .submit_raw(serde_json::to_vec(&req).unwrap().into(), "kill-prep")
+        .await
+        .unwrap();
+    // a has voted; b is still preparing: the coordinator holds a's vote only in memory.
+    sys.participant("a")
+        .wait_for("VOTED Ready txn_id=kill-prep", Duration::from_secs(10))
+        .await;
+    sys.coordinator.kill9();
+    let last = sys
+        .client
+        .last_event("kill-prep")
+        .await
+        .expect("accepted record");
+    assert!(
+        matches!(last.state, TxnState::Accepted | TxnState::Preparing),
+        "{last:?}"
+    );
+    sys.coordinator.restart_with(&[("TXCOORD_NATS_URL", &url)]);
+    let ev = sys.wait_state("kill-prep", |e| e.state.is_terminal()).await;
+    assert_eq!(ev.state, TxnState::Committed, "{ev:?}");
+    // The resumed prepare was answered from a's stored vote (attempt 2), not by preparing again.
+    assert_eq!(ev.steps[0].prepare_attempt, 2);
+    assert_eq!(
+        sys.participant("a")
+            .log_text()
+            .matches("VOTED Ready txn_id=kill-prep")
+            .count(),
+        1
+    );
+    sys.wait_branch("a", "kill-prep", 0, BranchState::Committed)
+        .await;
+    sys.wait_branch("b", "kill-prep", 1, BranchState::Committed)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_killed_after_the_decision_is_durable_delivers_it_after_restart() {
+    let mut sys = System::start(&["a", "b"], &[("TXCOORD_FAILPOINT", "after-decision")]).await;
+    let url = sys.nats.url();
+    for (id, abort) in [("kill-dec-c", false), ("kill-dec-a", true)] {
+        let vote = if abort { "abort" } else { "ready" };
+        let req = request(
+            id,
+            vec![
+                step("a", json!({})),
+                step("b", json!({"vote": vote, "delay_ms": 100})),
+            ],
+        );
+        sys.client
+            .submit_raw(serde_json::to_vec(&req).unwrap().into(), id)
+            .await
+            .unwrap();
+        sys.coordinator
+            .wait_for(
+                &format!("FAILPOINT after-decision txn_id={id}"),
+                Duration::from_secs(10),
+            )
+            .await;
+    }
+    sys.coordinator.kill9();
+    // The decisions are on disk; nobody has heard them.
+    let c = sys.client.last_event("kill-dec-c").await.unwrap();
+    assert_eq!(c.state, TxnState::Committing);
+    let a = sys.client.last_event("kill-dec-a").await.unwrap();
+    assert_eq!(a.state, TxnState::Aborting);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        sys.branch("a", "kill-dec-c", 0).await.map(|r| r.state),
+        Some(BranchState::Prepared)
+    );
+    assert_eq!(
+        sys.branch("a", "kill-dec-a", 0).await.map(|r| r.state),
+        Some(BranchState::Prepared)
+    );
+
+    sys.coordinator.restart_with(&[("TXCOORD_NATS_URL", &url)]);
+    let c = sys
+        .wait_state("kill-dec-c", |e| e.state.is_terminal())
+        .await;
+    assert_eq!(c.state, TxnState::Committed);
+    let a = sys
+        .wait_state("kill-dec-a", |e| e.state.is_terminal())
+        .await;
+    assert_eq!(a.state, TxnState::Aborted);
+    sys.wait_branch("a", "kill-dec-c", 0, BranchState::Committed)
+        .await;
+    sys.wait_branch("b", "kill-dec-c", 1, BranchState::Committed)
+        .await;
+    sys.wait_branch("a", "kill-dec-a", 0, BranchState::Aborted)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn participant_killed_after_voting_ready_applies_the_decision_after_restart() {
+    let mut sys = System::start(&["a", "b"], &[]).await;
+    // b votes at once; a takes a while, so the decision comes after b is dead.
+    let req = request(
+        "kill-part",
+        vec![step("a", json!({"delay_ms": 1500})), step("b", json!({}))],
+    );
+    sys.client
+        .submit_raw(serde_json::to_vec(&req).unwrap().into(), "kill-part")
+        .await
+        .unwrap();
+    sys.participant("b")
+        .wait_for("VOTED Ready txn_id=kill-part", Duration::from_secs(10))
+        .await;
+    sys.participant("b").kill9();
+    assert_eq!(
+        sys.branch("b", "kill-part", 1).await.map(|r| r.state),
+        Some(BranchState::Prepared)
+    );
+    // The commit is decided while b is down; it waits in b's durable consumer.
+    let committing = sys
+        .wait_state("kill-part", |e| e.state == TxnState::Committing)
+        .await;
+    assert!(!committing.steps[1].done);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        sys.branch("b", "kill-part", 1).await.map(|r| r.state),
+        Some(BranchState::Prepared)
+    );
+    sys.participant("b").restart();
+    let ev = sys.wait_state("kill-part", |e| e.state.is_terminal()).await;
+    assert_eq!(ev.state, TxnState::Committed);
+    sys.wait_branch("b", "kill-part", 1, BranchState::Committed)
+        .await;
+    // b did not prepare twice.
+    assert_eq!(
+        sys.participant("b")
+            .log_text()
+            .matches("VOTED Ready txn_id=kill-part")
+            .count(),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_server_restart_mid_run_loses_no_transaction() {
+    let sys = System::start(&["a", "b"], &[]).await;
+    server_trouble_mid_run(sys, 200, |s| s.restart()).await;
+}
+
+/// With every write fsynced before its ack, even a SIGKILL of nats-server loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_server_sigkilled_with_sync_always_loses_no_transaction() {
+    let nats = NatsServer::start_with(None, None, "sync_interval: always").expect("nats-server");
+    let sys = System::start_on(nats, &["a", "b"], &[]).await;
+    server_trouble_mid_run(sys, 100, |s| s.kill_and_restart()).await;
+}
+
+/// Runs `n` transactions, hits the server with `trouble` while many are in flight, and
+/// checks that every one finishes with the outcome its votes dictate.
+async fn server_trouble_mid_run(
+    mut sys: System,
+    n: usize,
+    trouble: impl FnOnce(&mut NatsServer) -> Result<(), txcoord::natsserver::ServerError>,
+) {
+    let reqs: Vec<_> = (0..n)
+        .map(|i| {
+            let vote = if i % 7 == 0 { "abort" } else { "ready" };
+            request(
+                &format!("restart-{i}"),
+                vec![
+                    step("a", json!({"delay_ms": (i % 10) * 150})),
+                    step("b", json!({"vote": vote})),
+                ],
+            )
+        })
+        .collect();
+    let client = sys.client.clone();
+    let run =
+        tokio::spawn(async move { client.submit_and_wait(reqs, Duration::from_secs(180)).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut unfinished = 0;
+    for i in 0..n {
+        if !sys
+            .client
+            .last_event(&format!("restart-{i}"))
+            .await
+            .is_some_and(|e| e.state.is_terminal())
+        {
+            unfinished += 1;
+        }
+    }
+    trouble(&mut sys.nats).expect("restart nats-server");
+    eprintln!("restarted nats-server with {unfinished} of {n} transactions unfinished");
+    assert!(
+        unfinished > n / 4,
+        "the restart must hit transactions in flight ({unfinished} unfinished)"
+    );
+    let outs = run.await.unwrap();
+    // Client publishes retry under their message ids, so every submission lands once the
+    // server is back, and every transaction must finish with the outcome its votes dictate.
+    let mut wrong = Vec::new();
+    for (i, o) in outs.into_iter().enumerate() {
+        let id = format!("restart-{i}");
+        let ev = match o {
+            Ok(ev) => ev,
+            Err(e) => {
+                eprintln!("{id}: client wait ended ({e}); reading the outcome from the log");
+                sys.wait_state(&id, |e| e.state.is_terminal()).await
+            }
+        };
+        let want = if i % 7 == 0 {
+            TxnState::Aborted
+        } else {
+            TxnState::Committed
+        };
+        if ev.state != want {
+            sys.dump_matching(&format!("{id} "));
+            sys.dump_matching(&format!("{id}}}"));
+            wrong.push((id, ev));
+        }
+    }
+    if !wrong.is_empty() {
+        sys.dump_logs();
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} wrong outcomes: {wrong:?}",
+        wrong.len()
+    );
+}
