@@ -73,20 +73,35 @@ impl Client {
 
     /// Every recorded event of a transaction, oldest first.
     pub async fn history(&self, txn_id: &str) -> Vec<TransactionEvent> {
+        self.read_all(&self.subjects.events(txn_id)).await
+    }
+
+    /// Every submission error recorded on `<prefix>.errors`, oldest first.
+    pub async fn errors(&self) -> Vec<crate::proto::SubmitError> {
+        self.read_all(&self.subjects.errors()).await
+    }
+
+    async fn read_all<T: serde::de::DeserializeOwned>(&self, subject: &str) -> Vec<T> {
         let mut out = Vec::new();
-        let subject = self.subjects.events(txn_id);
         let mut seq = 0;
         while let Ok(msg) = self
             .events
-            .direct_get_next_for_subject(subject.clone(), Some(seq + 1))
+            .direct_get_next_for_subject(subject.to_string(), Some(seq + 1))
             .await
         {
             seq = msg.sequence;
-            if let Ok(ev) = serde_json::from_slice(&msg.payload) {
-                out.push(ev);
+            if let Ok(v) = serde_json::from_slice(&msg.payload) {
+                out.push(v);
             }
         }
         out
+    }
+
+    /// The submissions stream (bad submissions stay there for inspection).
+    pub async fn submission(&self, seq: u64) -> Option<bytes::Bytes> {
+        let js = self.js.clone();
+        let stream = js.get_stream(self.subjects.submit_stream()).await.ok()?;
+        stream.direct_get(seq).await.ok().map(|m| m.payload)
     }
 
     /// Publishes raw bytes on the submit subject (for tools and tests of bad input).
