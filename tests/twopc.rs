@@ -247,3 +247,45 @@ async fn api_execute_and_status_answer_over_request_reply() {
     let ping: serde_json::Value = serde_json::from_slice(&ping.payload).unwrap();
     assert_eq!(ping["name"], "txcoord");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_in_flight_limit_holds_submissions_back_and_all_finish() {
+    let sys = System::start(&["a"], &[("TXCOORD_MAX_IN_FLIGHT", "4")]).await;
+    let reqs: Vec<_> = (0..24)
+        .map(|i| {
+            request(
+                &format!("bp-{i}"),
+                vec![step("a", json!({"delay_ms": 150}))],
+            )
+        })
+        .collect();
+    let client = sys.client.clone();
+    let run =
+        tokio::spawn(async move { client.submit_and_wait(reqs, Duration::from_secs(60)).await });
+    // Sample the coordinator's own count while the batch drains.
+    let mut peak = 0;
+    let mut samples = 0;
+    while !run.is_finished() {
+        let stats = sys
+            .nc
+            .request("$SRV.STATS.txcoord", "".into())
+            .await
+            .unwrap();
+        let stats: serde_json::Value = serde_json::from_slice(&stats.payload).unwrap();
+        let in_flight = stats["endpoints"][0]["data"]["in_flight"].as_u64().unwrap();
+        peak = peak.max(in_flight);
+        samples += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let outs = run.await.unwrap();
+    assert!(
+        outs.iter()
+            .all(|o| o.as_ref().map(|e| e.state).ok() == Some(TxnState::Committed))
+    );
+    assert!(samples > 10, "too few samples to judge ({samples})");
+    assert!(peak <= 4, "in flight peaked at {peak}, over the limit of 4");
+    assert!(
+        peak >= 2,
+        "the limit was never approached (peak {peak}); the test proves nothing"
+    );
+}

@@ -12,7 +12,7 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::Shared;
-use crate::engine::twopc::{Event, TwoPc};
+use crate::engine::twopc::{EngineError, Event, TwoPc};
 use crate::engine::{Command, Timer};
 use crate::nats::{Expect, publish_durable};
 use crate::proto::{CommandKind, ParticipantReply, TransactionEvent, TxnState, now_ms};
@@ -148,8 +148,11 @@ pub async fn drive(
                 msg = rx.recv() => match msg {
                     Some(TxnMsg::Reply(reply)) => {
                         let attempt = reply.attempt;
-                        if let Err(e) = engine.handle(now_ms(), Event::Reply(reply), &mut out) {
-                            tracing::debug!(error = %e, attempt, "reply ignored");
+                        match engine.handle(now_ms(), Event::Reply(reply), &mut out) {
+                            Ok(()) => {}
+                            // Duplicates and late answers are normal under at-least-once delivery.
+                            Err(e @ EngineError::Late { .. }) => tracing::debug!(error = %e, attempt, "reply ignored"),
+                            Err(e) => tracing::warn!(error = %e, attempt, "reply ignored"),
                         }
                     }
                     Some(TxnMsg::Status(tx)) => {
