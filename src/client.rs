@@ -125,6 +125,17 @@ impl Client {
         requests: Vec<Value>,
         timeout: Duration,
     ) -> Vec<Result<TransactionEvent, ClientError>> {
+        self.submit_and_watch(requests, timeout, |_, _| {}).await
+    }
+
+    /// As [`Client::submit_and_wait`], calling `on_done(event, latency)` as each final event
+    /// arrives; the latency runs from the request's publish to the event's arrival.
+    pub async fn submit_and_watch(
+        &self,
+        requests: Vec<Value>,
+        timeout: Duration,
+        mut on_done: impl FnMut(&TransactionEvent, Duration),
+    ) -> Vec<Result<TransactionEvent, ClientError>> {
         let mut ids = Vec::with_capacity(requests.len());
         let mut results: Vec<Option<Result<TransactionEvent, ClientError>>> = Vec::new();
         let mut sub = match self
@@ -138,6 +149,7 @@ impl Client {
                 None
             }
         };
+        let mut sent_at: HashMap<String, tokio::time::Instant> = HashMap::new();
         let mut acks = Vec::new();
         for mut req in requests {
             let Some(obj) = req.as_object_mut() else {
@@ -166,6 +178,9 @@ impl Client {
             let js = self.js.clone();
             let subject = self.subjects.submit();
             let msg_id = id.clone();
+            sent_at
+                .entry(id.clone())
+                .or_insert_with(tokio::time::Instant::now);
             acks.push(tokio::spawn(async move {
                 publish_durable(&js, &subject, &msg_id, body, Expect::default(), Some(10)).await
             }));
@@ -179,22 +194,35 @@ impl Client {
             .map(|(i, _)| i.clone())
             .collect();
         let mut found: HashMap<String, TransactionEvent> = HashMap::new();
-        for ack in acks {
-            if let Ok(Err(e)) = ack.await {
-                tracing::warn!(error = %e, "submission failed");
-            }
-        }
+        let mut done = |ev: TransactionEvent, found: &mut HashMap<String, TransactionEvent>| {
+            let latency = sent_at
+                .get(&ev.txn_id)
+                .map(|t| t.elapsed())
+                .unwrap_or_default();
+            on_done(&ev, latency);
+            found.insert(ev.txn_id.clone(), ev);
+        };
         let deadline = tokio::time::Instant::now() + timeout;
         let mut poll = tokio::time::interval(Duration::from_secs(2));
+        let mut acks = futures::future::join_all(acks);
+        let mut acked = false;
         while !waiting.is_empty() && tokio::time::Instant::now() < deadline {
             tokio::select! {
+                results = &mut acks, if !acked => {
+                    acked = true;
+                    for r in results {
+                        if let Ok(Err(e)) = r {
+                            tracing::warn!(error = %e, "submission failed");
+                        }
+                    }
+                }
                 msg = async { match sub.as_mut() { Some(s) => s.next().await, None => std::future::pending().await } } => {
                     let Some(msg) = msg else { sub = None; continue };
                     if let Ok(ev) = serde_json::from_slice::<TransactionEvent>(&msg.payload)
                         && ev.state.is_terminal()
                         && waiting.remove(&ev.txn_id)
                     {
-                        found.insert(ev.txn_id.clone(), ev);
+                        done(ev, &mut found);
                     }
                 }
                 _ = poll.tick() => {
@@ -205,7 +233,7 @@ impl Client {
                             && ev.state.is_terminal()
                         {
                             waiting.remove(&id);
-                            found.insert(id, ev);
+                            done(ev, &mut found);
                         }
                     }
                 }

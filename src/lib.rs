@@ -6,6 +6,7 @@
 //! - [`coordinator`]: the runtime that drives them over JetStream (`txcoord serve`).
 //! - [`participant`]: the SDK a service uses to take part.
 //! - [`client`]: submit requests and read outcomes.
+//! - [`kvtable`]: typed records in a KV bucket with compare-and-set updates.
 //! - [`config`], [`nats`], [`natsserver`], [`scripted`]: configuration, NATS plumbing, a
 //!   local nats-server launcher, and a payload-scripted participant.
 #![forbid(unsafe_code)]
@@ -15,6 +16,7 @@ pub mod client;
 pub mod config;
 pub mod coordinator;
 pub mod engine;
+pub mod kvtable;
 pub mod nats;
 pub mod natsserver;
 pub mod participant;

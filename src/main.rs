@@ -12,6 +12,8 @@ use serde_json::Value;
 use txcoord::config::Config;
 use txcoord::proto::TxnState;
 
+mod demo;
+
 #[derive(Parser)]
 #[command(
     name = "txcoord",
@@ -57,6 +59,9 @@ enum Cmd {
         /// The transaction id.
         txn_id: String,
     },
+    /// Run the order demo end to end: nats-server (unless --nats-url), the coordinator, the
+    /// inventory, payment and order services; place orders; print a summary; check invariants.
+    Demo(demo::DemoArgs),
     /// Run the built-in scripted participant (each step's payload says how it votes).
     Participant {
         /// The service name to serve.
@@ -101,6 +106,7 @@ fn init_tracing() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
@@ -138,6 +144,14 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let cfg = load_config(&cli)?;
     match cli.command {
+        Cmd::Demo(args) => {
+            let ok = demo::run(args, cli.nats_url).await?;
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
         Cmd::Serve { .. } => {
             txcoord::coordinator::run(cfg, shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)

@@ -1,0 +1,163 @@
+//! What the example services share: command-line arguments, seeding, and running a
+//! [`Participant`] with the SDK until SIGINT/SIGTERM.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use txcoord::kvtable::Table;
+use txcoord::participant::{Participant, TxnContext};
+
+/// Arguments every example service takes.
+#[derive(Parser, Debug)]
+pub struct Args {
+    /// NATS server URL(s).
+    #[arg(
+        long,
+        env = "TXCOORD_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    pub nats_url: String,
+    /// Subject prefix of the coordinator.
+    #[arg(long, env = "TXCOORD_PREFIX", default_value = "txn")]
+    pub prefix: String,
+    /// KV bucket holding this service's records (default: <service>_data).
+    #[arg(long)]
+    pub bucket: Option<String>,
+    /// Seed records as KEY=AMOUNT (repeatable); existing records are never overwritten.
+    #[arg(long = "seed", value_name = "KEY=AMOUNT")]
+    pub seed: Vec<String>,
+    /// Seed records from a JSON file: {"KEY": AMOUNT, ...}.
+    #[arg(long)]
+    pub seed_file: Option<PathBuf>,
+    /// Commands handled at once.
+    #[arg(long, default_value_t = 256)]
+    pub concurrency: usize,
+}
+
+impl Args {
+    /// The bucket name.
+    pub fn bucket(&self, service: &str) -> String {
+        self.bucket
+            .clone()
+            .unwrap_or_else(|| format!("{service}_data"))
+    }
+
+    /// The seed entries, from flags and file.
+    pub fn seeds(&self) -> anyhow::Result<Vec<(String, u64)>> {
+        let mut out = Vec::new();
+        if let Some(path) = &self.seed_file {
+            let text = std::fs::read_to_string(path)?;
+            let map: std::collections::BTreeMap<String, u64> = serde_json::from_str(&text)
+                .map_err(|e| {
+                    anyhow::anyhow!("{}: expected {{\"KEY\": AMOUNT}}: {e}", path.display())
+                })?;
+            out.extend(map);
+        }
+        for s in &self.seed {
+            let (k, v) = s
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("--seed {s:?}: expected KEY=AMOUNT"))?;
+            let v: u64 = v
+                .parse()
+                .map_err(|_| anyhow::anyhow!("--seed {s:?}: AMOUNT must be a whole number"))?;
+            out.push((k.to_string(), v));
+        }
+        Ok(out)
+    }
+}
+
+/// The key under which a branch's hold is kept inside a record.
+pub fn hold_key(txn: &TxnContext) -> String {
+    format!("{}.{}", txn.txn_id, txn.step)
+}
+
+/// A demo and test knob: a payload's `delay_ms` makes prepare slow.
+pub async fn demo_delay(payload: &Value) {
+    if let Some(ms) = payload.get("delay_ms").and_then(Value::as_u64) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+}
+
+/// Parses a step's payload, or says what is wrong with it.
+pub fn parse_payload<T: DeserializeOwned>(payload: &Value) -> Result<T, String> {
+    serde_json::from_value(payload.clone()).map_err(|e| format!("invalid payload: {e}"))
+}
+
+async fn shutdown() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Parses arguments, opens the table, seeds it with `seed(amount)` (a service whose records
+/// only come from transactions passes None, and refuses seeds), and runs the participant.
+pub async fn main<T, P>(
+    service: &str,
+    seed: Option<fn(u64) -> T>,
+    make: impl FnOnce(Table<T>) -> P,
+) -> ExitCode
+where
+    T: Serialize + DeserializeOwned + Clone,
+    P: Participant,
+{
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TXCOORD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let args = Args::parse();
+    match run(service, args, seed, make).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{service}: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run<T, P>(
+    service: &str,
+    args: Args,
+    seed: Option<fn(u64) -> T>,
+    make: impl FnOnce(Table<T>) -> P,
+) -> anyhow::Result<()>
+where
+    T: Serialize + DeserializeOwned + Clone,
+    P: Participant,
+{
+    let nc = txcoord::nats::connect(&args.nats_url, &Default::default(), service, true).await?;
+    let js = txcoord::nats::jetstream(nc.clone(), Duration::from_secs(1));
+    let table = Table::open(&js, &args.bucket(service), 1).await?;
+    let seeds = args.seeds()?;
+    let seed = match (seed, seeds.is_empty()) {
+        (Some(f), _) => f,
+        (None, true) => |_| unreachable!("no seeds"),
+        (None, false) => {
+            anyhow::bail!("{service} takes no seeds: its records come from transactions")
+        }
+    };
+    for (key, amount) in seeds {
+        if table.insert_if_absent(&key, seed(amount)).await? {
+            tracing::info!(%key, amount, "seeded");
+        }
+    }
+    let options = txcoord::participant::Options {
+        prefix: args.prefix.clone(),
+        max_concurrent: args.concurrency,
+        ..Default::default()
+    };
+    txcoord::participant::run(nc, service, make(table), options, shutdown()).await?;
+    Ok(())
+}

@@ -1,0 +1,152 @@
+//! The payment service: account balances. `prepare charge {account, amount}` holds the
+//! funds, commit debits them, abort releases them. See README.md beside this file.
+
+#[path = "../common.rs"]
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use txcoord::kvtable::{Change, Table};
+use txcoord::participant::{Participant, ServiceError, TxnContext, Vote};
+
+/// One account. `version` counts committed changes; the KV revision guards every write.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Account {
+    /// Money not held and not charged.
+    balance: u64,
+    /// Money debited by committed transactions.
+    charged: u64,
+    /// Money held by prepared transactions, by `<txn_id>.<step>`.
+    #[serde(default)]
+    holds: BTreeMap<String, u64>,
+    /// Bumped by every commit.
+    version: u64,
+}
+
+#[derive(Deserialize)]
+struct Charge {
+    account: String,
+    amount: u64,
+    #[serde(default)]
+    expected_version: Option<u64>,
+}
+
+struct Payment {
+    accounts: Table<Account>,
+}
+
+impl Participant for Payment {
+    async fn prepare(&self, txn: &TxnContext, action: &str, payload: &Value) -> Vote {
+        if action != "charge" {
+            return Vote::Abort(format!(
+                "unknown action {action:?}; payment knows \"charge\""
+            ));
+        }
+        let req: Charge = match common::parse_payload(payload) {
+            Ok(r) => r,
+            Err(e) => return Vote::Abort(e),
+        };
+        common::demo_delay(payload).await;
+        let hold = common::hold_key(txn);
+        let decided = self
+            .accounts
+            .update(&req.account, |cur| {
+                let Some(a) = cur else {
+                    return (
+                        Change::Keep,
+                        Vote::Abort(format!("unknown account: {:?}", req.account)),
+                    );
+                };
+                if a.holds.contains_key(&hold) {
+                    return (Change::Keep, Vote::Ready);
+                }
+                if let Some(v) = req.expected_version
+                    && v != a.version
+                {
+                    return (
+                        Change::Keep,
+                        Vote::Abort(format!(
+                            "version_conflict: {} is at version {}, expected {v}",
+                            req.account, a.version
+                        )),
+                    );
+                }
+                if a.balance < req.amount {
+                    return (
+                        Change::Keep,
+                        Vote::Abort(format!(
+                            "insufficient funds: {} has {}, charge is {}",
+                            req.account, a.balance, req.amount
+                        )),
+                    );
+                }
+                let mut next = a.clone();
+                next.balance -= req.amount;
+                next.holds.insert(hold.clone(), req.amount);
+                (Change::Put(next), Vote::Ready)
+            })
+            .await;
+        decided.unwrap_or_else(|e| Vote::Abort(format!("account store unavailable: {e}")))
+    }
+
+    async fn commit(&self, txn: &TxnContext) -> Result<(), ServiceError> {
+        self.settle(txn, true).await
+    }
+
+    async fn abort(&self, txn: &TxnContext) -> Result<(), ServiceError> {
+        self.settle(txn, false).await
+    }
+}
+
+impl Payment {
+    /// Turns the hold into a debit (commit) or gives it back (abort); a no-op when the hold
+    /// is already gone (a repeated call).
+    async fn settle(&self, txn: &TxnContext, commit: bool) -> Result<(), ServiceError> {
+        let account = txn
+            .payload
+            .get("account")
+            .and_then(Value::as_str)
+            .ok_or_else(|| {
+                ServiceError(format!(
+                    "branch {}.{} has no account in its payload",
+                    txn.txn_id, txn.step
+                ))
+            })?;
+        let hold = common::hold_key(txn);
+        self.accounts
+            .update(account, |cur| match cur {
+                Some(a) if a.holds.contains_key(&hold) => {
+                    let mut next = a.clone();
+                    let amount = next.holds.remove(&hold).unwrap_or(0);
+                    if commit {
+                        next.charged += amount;
+                        next.version += 1;
+                    } else {
+                        next.balance += amount;
+                    }
+                    (Change::Put(next), ())
+                }
+                _ => (Change::Keep, ()),
+            })
+            .await
+            .map_err(|e| ServiceError(e.to_string()))
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    common::main(
+        "payment",
+        Some(|n| Account {
+            balance: n,
+            charged: 0,
+            holds: BTreeMap::new(),
+            version: 0,
+        }),
+        |accounts| Payment { accounts },
+    )
+    .await
+}

@@ -1,0 +1,628 @@
+//! `txcoord demo`: the order demo. It starts nats-server (unless given a URL), the
+//! coordinator and the inventory, payment and order services as real child processes. It
+//! places orders concurrently, prints a summary, checks the invariants, and stops everything.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use txcoord::kvtable::Table;
+use txcoord::natsserver::NatsServer;
+use txcoord::proto::{Reason, TransactionEvent, TxnState};
+
+/// The demo's options.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DemoArgs {
+    /// How many orders to place.
+    #[arg(long, default_value_t = 300)]
+    pub orders: usize,
+    /// The nats-server binary to start (else NATS_SERVER_BIN, the project's install, PATH).
+    #[arg(long)]
+    pub nats_server: Option<PathBuf>,
+    /// Kill the coordinator with SIGKILL mid-run and restart it.
+    #[arg(long)]
+    pub kill_coordinator: bool,
+    /// Where to keep the server's store and the processes' logs (a temp dir otherwise).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Seed of the order generator, for a repeatable run.
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+}
+
+const STOCK: &[(&str, u64, u64)] = &[
+    ("apple", 400, 120),
+    ("pear", 150, 90),
+    ("plum", 60, 300),
+    ("rare", 6, 5000),
+];
+const ACCOUNTS: &[(&str, u64)] = &[
+    ("alice", 400_000),
+    ("bob", 150_000),
+    ("dave", 300_000),
+    ("carol", 900),
+];
+
+/// A child process killed on drop.
+struct Proc {
+    name: String,
+    child: Option<Child>,
+    cmd: Vec<String>,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &str, cmd: Vec<String>, log: PathBuf) -> anyhow::Result<Proc> {
+        let mut p = Proc {
+            name: name.to_string(),
+            child: None,
+            cmd,
+            log,
+        };
+        p.start()?;
+        Ok(p)
+    }
+
+    fn start(&mut self) -> anyhow::Result<()> {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let err = out.try_clone()?;
+        let child = Command::new(&self.cmd[0])
+            .args(&self.cmd[1..])
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("starting {} ({})", self.name, self.cmd[0]))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(5) {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    async fn wait_for(&self, needle: &str, timeout: Duration) -> anyhow::Result<()> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if std::fs::read_to_string(&self.log)
+                .unwrap_or_default()
+                .contains(needle)
+            {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        bail!(
+            "{} did not start within {timeout:?}; see {}",
+            self.name,
+            self.log.display()
+        )
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A sibling binary of this one (the services are built next to `txcoord`).
+fn sibling(name: &str) -> anyhow::Result<String> {
+    let me = std::env::current_exe().context("locating the txcoord binary")?;
+    let path = me.with_file_name(name);
+    if !path.is_file() {
+        bail!(
+            "{} not found next to {}; build all binaries (cargo build --bins)",
+            name,
+            me.display()
+        );
+    }
+    Ok(path.display().to_string())
+}
+
+/// A small deterministic generator (the demo must not depend on the clock for its orders).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn pick<'a>(&mut self, weighted: &[(&'a str, u64)]) -> &'a str {
+        let total: u64 = weighted.iter().map(|(_, w)| w).sum();
+        let mut x = self.below(total);
+        for (v, w) in weighted {
+            if x < *w {
+                return v;
+            }
+            x -= w;
+        }
+        weighted[0].0
+    }
+}
+
+/// One generated order, with what it is meant to exercise.
+struct Order {
+    request: Value,
+    sku: String,
+    qty: u64,
+    account: String,
+    amount: u64,
+}
+
+fn generate(n: usize, seed: u64, prefix_id: &str) -> Vec<Order> {
+    let mut rng = Rng(seed.wrapping_mul(0x9E3779B97F4A7C15) | 1);
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let sku = rng
+            .pick(&[("apple", 40), ("pear", 25), ("plum", 15), ("rare", 20)])
+            .to_string();
+        let account = rng
+            .pick(&[
+                ("alice", 35),
+                ("bob", 25),
+                ("dave", 28),
+                ("carol", 9),
+                ("mallory", 3),
+            ])
+            .to_string();
+        let qty = 1 + rng.below(4);
+        let price = STOCK
+            .iter()
+            .find(|s| s.0 == sku)
+            .map(|s| s.2)
+            .unwrap_or(100);
+        let amount = qty * price;
+        // A few reuse an earlier order id (duplicate), a few carry a stale expected version,
+        // a few meet a slow payment service (prepare timeout).
+        let order_id = if i > 10 && rng.below(50) == 0 {
+            format!("{prefix_id}-ord-{}", rng.below(i as u64))
+        } else {
+            format!("{prefix_id}-ord-{i}")
+        };
+        let mut inv = json!({"sku": sku, "qty": qty});
+        if i > n / 2 && rng.below(40) == 0 {
+            inv["expected_version"] = json!(0);
+        }
+        let mut pay = json!({"account": account, "amount": amount});
+        let mut timeout_ms = 5_000;
+        if rng.below(60) == 0 {
+            pay["delay_ms"] = json!(1_500);
+            timeout_ms = 700;
+        }
+        let request = json!({
+            "txn_id": format!("{prefix_id}-txn-{i}"),
+            "mode": "2pc",
+            "timeout_ms": timeout_ms,
+            "metadata": {"demo": true},
+            "steps": [
+                {"service": "inventory", "action": "reserve", "payload": inv},
+                {"service": "payment", "action": "charge", "payload": pay},
+                {"service": "order", "action": "create", "payload": {
+                    "order_id": order_id, "account": account, "items": [{"sku": sku, "qty": qty}]}},
+            ],
+        });
+        out.push(Order {
+            request,
+            sku,
+            qty,
+            account,
+            amount,
+        });
+    }
+    out
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Stock {
+    available: u64,
+    sold: u64,
+    #[serde(default)]
+    holds: BTreeMap<String, u64>,
+    version: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Account {
+    balance: u64,
+    charged: u64,
+    #[serde(default)]
+    holds: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct OrderRec {
+    state: String,
+    txn_id: String,
+}
+
+/// Runs the demo; `Ok(true)` when every invariant holds.
+pub async fn run(args: DemoArgs, nats_url: Option<String>) -> anyhow::Result<bool> {
+    let tmp;
+    let dir: PathBuf = match &args.data_dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            d.clone()
+        }
+        None => {
+            tmp = tempfile::Builder::new().prefix("txcoord-demo-").tempdir()?;
+            tmp.path().to_path_buf()
+        }
+    };
+    let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+    let mut server = None;
+    let (url, prefix, bucket_suffix) = match &nats_url {
+        Some(u) => (u.clone(), format!("demo-{run_id}"), format!("_{run_id}")),
+        None => {
+            let s =
+                NatsServer::start_with(args.nats_server.as_deref(), Some(&dir.join("nats")), "")
+                    .context("starting nats-server")?;
+            let u = s.url();
+            server = Some(s);
+            (u, "txn".to_string(), String::new())
+        }
+    };
+    eprintln!("txcoord demo: NATS at {url}, logs in {}", dir.display());
+
+    let me = std::env::current_exe()?.display().to_string();
+    let coord_cmd = vec![
+        me,
+        "serve".into(),
+        "--nats-url".into(),
+        url.clone(),
+        "--prefix".into(),
+        prefix.clone(),
+    ];
+    let mut coordinator = Proc::spawn("coordinator", coord_cmd, dir.join("coordinator.log"))?;
+    let service = |name: &str, seeds: Vec<String>| -> anyhow::Result<Proc> {
+        let mut cmd = vec![
+            sibling(&format!("txcoord-{name}"))?,
+            "--nats-url".into(),
+            url.clone(),
+            "--prefix".into(),
+            prefix.clone(),
+            "--bucket".into(),
+            format!("{name}_data{bucket_suffix}"),
+        ];
+        for s in seeds {
+            cmd.push("--seed".into());
+            cmd.push(s);
+        }
+        Proc::spawn(name, cmd, dir.join(format!("{name}.log")))
+    };
+    let services = [
+        service(
+            "inventory",
+            STOCK.iter().map(|(k, n, _)| format!("{k}={n}")).collect(),
+        )?,
+        service(
+            "payment",
+            ACCOUNTS.iter().map(|(k, n)| format!("{k}={n}")).collect(),
+        )?,
+        service("order", Vec::new())?,
+    ];
+    coordinator
+        .wait_for("coordinator ready", Duration::from_secs(30))
+        .await?;
+    for s in &services {
+        s.wait_for("participant ready", Duration::from_secs(30))
+            .await?;
+    }
+
+    let nc = txcoord::nats::connect(&url, &Default::default(), "txcoord-demo", false).await?;
+    let client = txcoord::client::Client::new(nc.clone(), &prefix).await?;
+    let orders = generate(args.orders, args.seed, &run_id);
+    let requests: Vec<Value> = orders.iter().map(|o| o.request.clone()).collect();
+
+    let bar = indicatif::ProgressBar::new(orders.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} placing orders [{bar:40}] {pos}/{len} {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let mut latencies = hdrhistogram::Histogram::<u64>::new(3)?;
+    let kill_at = if args.kill_coordinator {
+        Some(orders.len() as u64 / 3)
+    } else {
+        None
+    };
+    let (kill_tx, mut kill_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let mut killed_after = None;
+    let started = Instant::now();
+    let outcomes = {
+        let mut done = 0u64;
+        let watch = client.submit_and_watch(requests, Duration::from_secs(300), |ev, latency| {
+            done += 1;
+            bar.inc(1);
+            if ev.state == TxnState::Committed {
+                let _ = latencies.record(latency.as_micros() as u64);
+            }
+            if Some(done) == kill_at {
+                let _ = kill_tx.send(());
+            }
+        });
+        tokio::pin!(watch);
+        loop {
+            tokio::select! {
+                out = &mut watch => break out,
+                Some(()) = kill_rx.recv() => {
+                    bar.set_message("coordinator killed (SIGKILL), restarting");
+                    coordinator.kill9();
+                    killed_after = Some(bar.position());
+                    coordinator.start()?;
+                }
+            }
+        }
+    };
+    let elapsed = started.elapsed();
+    bar.finish_with_message("done");
+    if args.kill_coordinator {
+        coordinator
+            .wait_for("recovery done", Duration::from_secs(30))
+            .await?;
+    }
+
+    let js = txcoord::nats::jetstream(nc.clone(), Duration::from_secs(2));
+    let stock_t: Table<Stock> =
+        Table::open(&js, &format!("inventory_data{bucket_suffix}"), 1).await?;
+    let acct_t: Table<Account> =
+        Table::open(&js, &format!("payment_data{bucket_suffix}"), 1).await?;
+    let order_t: Table<OrderRec> =
+        Table::open(&js, &format!("order_data{bucket_suffix}"), 1).await?;
+
+    // Aborts are final once queued for the services; give them a moment to release holds.
+    let settle = Instant::now();
+    let (stock, accounts, order_recs) = loop {
+        let stock = stock_t.all().await?;
+        let accounts = acct_t.all().await?;
+        let order_recs = order_t.all().await?;
+        let held = stock.values().any(|s| !s.holds.is_empty())
+            || accounts.values().any(|a| !a.holds.is_empty())
+            || order_recs.values().any(|o| o.state != "confirmed");
+        if !held || settle.elapsed() > Duration::from_secs(30) {
+            break (stock, accounts, order_recs);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    let mut events: HashMap<String, TransactionEvent> = HashMap::new();
+    let mut unfinished = 0;
+    for (o, r) in orders.iter().zip(outcomes) {
+        match r {
+            Ok(ev) => {
+                events.insert(ev.txn_id.clone(), ev);
+            }
+            Err(_) => {
+                unfinished += 1;
+                let id = o.request["txn_id"].as_str().unwrap_or_default().to_string();
+                if let Some(ev) = client.last_event(&id).await {
+                    events.insert(id, ev);
+                }
+            }
+        }
+    }
+
+    // Summary.
+    let committed: Vec<&Order> = orders
+        .iter()
+        .filter(|o| {
+            events
+                .get(o.request["txn_id"].as_str().unwrap_or_default())
+                .is_some_and(|e| e.state == TxnState::Committed)
+        })
+        .collect();
+    let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+    for ev in events.values().filter(|e| e.state != TxnState::Committed) {
+        let key = match &ev.reason {
+            Some(Reason::VoteAbort {
+                service, message, ..
+            }) => {
+                let short = message.split(':').next().unwrap_or(message);
+                format!("{service}: {short}")
+            }
+            Some(Reason::Timeout { services, .. }) => format!("timeout ({})", services.join(", ")),
+            Some(Reason::InvalidRequest { .. }) => "invalid request".into(),
+            None => format!("{:?}", ev.state),
+        };
+        *reasons.entry(key).or_default() += 1;
+    }
+    println!();
+    println!(
+        "== txcoord order demo: {} orders in {:.2}s ==",
+        orders.len(),
+        elapsed.as_secs_f64()
+    );
+    println!("committed  {:>5}", committed.len());
+    println!("aborted    {:>5}", events.len() - committed.len());
+    for (k, v) in &reasons {
+        println!("  {v:>5}  {k}");
+    }
+    if unfinished > 0 {
+        println!("no outcome {unfinished:>5}");
+    }
+    if let Some(n) = killed_after {
+        let log = std::fs::read_to_string(&coordinator.log).unwrap_or_default();
+        let resumed = log
+            .lines()
+            .filter(|l| l.contains("recovery done"))
+            .filter_map(|l| l.rsplit("recovered=").next())
+            .filter_map(|n| {
+                n.trim()
+                    .trim_matches(|c: char| !c.is_ascii_digit())
+                    .parse::<u64>()
+                    .ok()
+            })
+            .next_back()
+            .unwrap_or(0);
+        println!(
+            "coordinator: SIGKILLed after {n} outcomes, restarted, resumed {resumed} in-flight transactions from its log"
+        );
+    }
+    if !latencies.is_empty() {
+        println!(
+            "latency of committed orders: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            latencies.value_at_quantile(0.5) as f64 / 1000.0,
+            latencies.value_at_quantile(0.99) as f64 / 1000.0,
+            latencies.max() as f64 / 1000.0
+        );
+    }
+    println!(
+        "stock:    {}",
+        stock
+            .iter()
+            .map(|(k, s)| format!("{k} {} left, {} sold (v{})", s.available, s.sold, s.version))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    println!(
+        "balances: {}",
+        accounts
+            .iter()
+            .map(|(k, a)| format!("{k} {} (charged {})", a.balance, a.charged))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    println!(
+        "orders:   {} confirmed",
+        order_recs
+            .values()
+            .filter(|o| o.state == "confirmed")
+            .count()
+    );
+
+    // Invariants.
+    let mut broken: Vec<String> = Vec::new();
+    if unfinished > 0 {
+        broken.push(format!("{unfinished} orders reached no outcome"));
+    }
+    let mut sold_by: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut charged_by: BTreeMap<&str, u64> = BTreeMap::new();
+    for o in &committed {
+        *sold_by.entry(&o.sku).or_default() += o.qty;
+        *charged_by.entry(&o.account).or_default() += o.amount;
+    }
+    for (sku, initial, _) in STOCK {
+        match stock.get(*sku) {
+            Some(s) => {
+                let held: u64 = s.holds.values().sum();
+                if s.available + s.sold + held != *initial {
+                    broken.push(format!(
+                        "stock of {sku}: {} left + {} sold + {held} held != {initial} initial",
+                        s.available, s.sold
+                    ));
+                }
+                if held > 0 {
+                    broken.push(format!("stock of {sku}: {held} still reserved"));
+                }
+                let want = sold_by.get(sku).copied().unwrap_or(0);
+                if s.sold != want {
+                    broken.push(format!(
+                        "stock of {sku}: {} sold but committed orders took {want}",
+                        s.sold
+                    ));
+                }
+            }
+            None => broken.push(format!("stock of {sku} is missing")),
+        }
+    }
+    for (acct, initial) in ACCOUNTS {
+        match accounts.get(*acct) {
+            Some(a) => {
+                let held: u64 = a.holds.values().sum();
+                if a.balance + a.charged + held != *initial {
+                    broken.push(format!(
+                        "money of {acct}: {} + {} charged + {held} held != {initial} initial",
+                        a.balance, a.charged
+                    ));
+                }
+                if held > 0 {
+                    broken.push(format!("money of {acct}: {held} still held"));
+                }
+                let want = charged_by.get(acct).copied().unwrap_or(0);
+                if a.charged != want {
+                    broken.push(format!(
+                        "money of {acct}: {} charged but committed orders cost {want}",
+                        a.charged
+                    ));
+                }
+            }
+            None => broken.push(format!("account {acct} is missing")),
+        }
+    }
+    let committed_ids: HashSet<&str> = committed
+        .iter()
+        .filter_map(|o| o.request["txn_id"].as_str())
+        .collect();
+    for (id, rec) in &order_recs {
+        if rec.state != "confirmed" {
+            broken.push(format!("order {id} left {}", rec.state));
+        }
+        if !committed_ids.contains(rec.txn_id.as_str()) {
+            broken.push(format!(
+                "order {id} exists but its transaction {} did not commit",
+                rec.txn_id
+            ));
+        }
+    }
+    let confirmed_txns: HashSet<&str> = order_recs.values().map(|o| o.txn_id.as_str()).collect();
+    for id in &committed_ids {
+        if !confirmed_txns.contains(id) {
+            broken.push(format!(
+                "transaction {id} committed but has no confirmed order"
+            ));
+        }
+    }
+    println!();
+    if broken.is_empty() {
+        println!(
+            "invariants: OK (stock = remaining + sold; money = balances + charged; every confirmed order has its reservation and charge; aborted orders left nothing; nothing held)"
+        );
+    } else {
+        println!("invariants: BROKEN");
+        for b in &broken {
+            println!("  - {b}");
+        }
+    }
+
+    coordinator.stop();
+    drop(services);
+    if let Some(mut s) = server {
+        s.stop();
+    }
+    Ok(broken.is_empty())
+}
