@@ -108,29 +108,54 @@ impl Proc {
             let _ = c.wait();
         }
     }
-
-    async fn wait_for(&self, needle: &str, timeout: Duration) -> anyhow::Result<()> {
-        let start = Instant::now();
-        while start.elapsed() < timeout {
-            if std::fs::read_to_string(&self.log)
-                .unwrap_or_default()
-                .contains(needle)
-            {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        bail!(
-            "{} did not start within {timeout:?}; see {}",
-            self.name,
-            self.log.display()
-        )
-    }
 }
 
 impl Drop for Proc {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Waits until the coordinator's micro service answers (it registers after recovery) and
+/// returns its counters.
+async fn coordinator_stats(nc: &async_nats::Client, timeout: Duration) -> anyhow::Result<Value> {
+    let start = Instant::now();
+    loop {
+        let asked = tokio::time::timeout(
+            Duration::from_millis(500),
+            nc.request("$SRV.STATS.txcoord", "".into()),
+        )
+        .await;
+        if let Ok(Ok(reply)) = asked
+            && let Ok(v) = serde_json::from_slice::<Value>(&reply.payload)
+        {
+            return Ok(v["endpoints"][0]["data"].clone());
+        }
+        if start.elapsed() > timeout {
+            bail!("no answer on $SRV.STATS.txcoord within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until a service's durable consumer exists (the SDK creates it when it starts).
+async fn wait_consumer(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    name: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        if let Ok(s) = js.get_stream(stream).await
+            && s.consumer_info(name).await.is_ok()
+        {
+            return Ok(());
+        }
+        if start.elapsed() > timeout {
+            bail!("no durable consumer {name} on {stream} within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -219,7 +244,7 @@ fn generate(n: usize, seed: u64, prefix_id: &str) -> Vec<Order> {
         }
         let mut pay = json!({"account": account, "amount": amount});
         let mut timeout_ms = 5_000;
-        if rng.below(60) == 0 {
+        if i % 50 == 25 {
             pay["delay_ms"] = json!(1_500);
             timeout_ms = 700;
         }
@@ -297,6 +322,7 @@ pub async fn run(args: DemoArgs, nats_url: Option<String>) -> anyhow::Result<boo
     };
     eprintln!("txcoord demo: NATS at {url}, logs in {}", dir.display());
 
+    let nc = txcoord::nats::connect(&url, &Default::default(), "txcoord-demo", true).await?;
     let me = std::env::current_exe()?.display().to_string();
     let coord_cmd = vec![
         me,
@@ -334,15 +360,21 @@ pub async fn run(args: DemoArgs, nats_url: Option<String>) -> anyhow::Result<boo
         )?,
         service("order", Vec::new())?,
     ];
-    coordinator
-        .wait_for("coordinator ready", Duration::from_secs(30))
-        .await?;
+    coordinator_stats(&nc, Duration::from_secs(30))
+        .await
+        .with_context(|| format!("coordinator not ready; see {}", coordinator.log.display()))?;
+    let subjects = txcoord::proto::Subjects::new(prefix.clone());
+    let js = txcoord::nats::jetstream(nc.clone(), Duration::from_secs(2));
     for s in &services {
-        s.wait_for("participant ready", Duration::from_secs(30))
-            .await?;
+        wait_consumer(
+            &js,
+            &subjects.command_stream(),
+            &s.name,
+            Duration::from_secs(30),
+        )
+        .await
+        .with_context(|| format!("{} not ready; see {}", s.name, s.log.display()))?;
     }
-
-    let nc = txcoord::nats::connect(&url, &Default::default(), "txcoord-demo", false).await?;
     let client = txcoord::client::Client::new(nc.clone(), &prefix).await?;
     let orders = generate(args.orders, args.seed, &run_id);
     let requests: Vec<Value> = orders.iter().map(|o| o.request.clone()).collect();
@@ -391,13 +423,8 @@ pub async fn run(args: DemoArgs, nats_url: Option<String>) -> anyhow::Result<boo
     };
     let elapsed = started.elapsed();
     bar.finish_with_message("done");
-    if args.kill_coordinator {
-        coordinator
-            .wait_for("recovery done", Duration::from_secs(30))
-            .await?;
-    }
-
-    let js = txcoord::nats::jetstream(nc.clone(), Duration::from_secs(2));
+    // After a kill, this also waits for the restarted coordinator to finish its recovery.
+    let stats = coordinator_stats(&nc, Duration::from_secs(30)).await?;
     let stock_t: Table<Stock> =
         Table::open(&js, &format!("inventory_data{bucket_suffix}"), 1).await?;
     let acct_t: Table<Account> =
@@ -476,19 +503,7 @@ pub async fn run(args: DemoArgs, nats_url: Option<String>) -> anyhow::Result<boo
         println!("no outcome {unfinished:>5}");
     }
     if let Some(n) = killed_after {
-        let log = std::fs::read_to_string(&coordinator.log).unwrap_or_default();
-        let resumed = log
-            .lines()
-            .filter(|l| l.contains("recovery done"))
-            .filter_map(|l| l.rsplit("recovered=").next())
-            .filter_map(|n| {
-                n.trim()
-                    .trim_matches(|c: char| !c.is_ascii_digit())
-                    .parse::<u64>()
-                    .ok()
-            })
-            .next_back()
-            .unwrap_or(0);
+        let resumed = stats["recovered"].as_u64().unwrap_or(0);
         println!(
             "coordinator: SIGKILLed after {n} outcomes, restarted, resumed {resumed} in-flight transactions from its log"
         );

@@ -15,6 +15,7 @@ use txcoord::proto::TransactionEvent;
 /// A child process whose stderr goes to a file we can search; killed on drop.
 pub struct Proc {
     child: Option<Child>,
+    bin: String,
     pub log: PathBuf,
     args: Vec<String>,
     envs: Vec<(String, String)>,
@@ -22,8 +23,19 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(dir: &std::path::Path, name: &str, args: &[&str], envs: &[(&str, &str)]) -> Proc {
+        Self::spawn_bin(env!("CARGO_BIN_EXE_txcoord"), dir, name, args, envs)
+    }
+
+    pub fn spawn_bin(
+        bin: &str,
+        dir: &std::path::Path,
+        name: &str,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Proc {
         let mut p = Proc {
             child: None,
+            bin: bin.to_string(),
             log: dir.join(format!("{name}.log")),
             args: args.iter().map(|s| s.to_string()).collect(),
             envs: envs
@@ -41,7 +53,7 @@ impl Proc {
             .append(true)
             .open(&self.log)
             .expect("log file");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_txcoord"));
+        let mut cmd = Command::new(&self.bin);
         cmd.args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -193,6 +205,53 @@ impl System {
             for line in p.log_text().lines().filter(|l| l.contains(needle)) {
                 eprintln!("[{name}] {line}");
             }
+        }
+    }
+
+    /// Starts one of the example services (`inventory`, `payment`, `order`) as `name`, with
+    /// extra arguments, and waits until it is ready.
+    pub async fn spawn_service(&mut self, name: &str, service: &str, args: &[&str]) {
+        let bin = match service {
+            "inventory" => env!("CARGO_BIN_EXE_txcoord-inventory"),
+            "payment" => env!("CARGO_BIN_EXE_txcoord-payment"),
+            "order" => env!("CARGO_BIN_EXE_txcoord-order"),
+            other => panic!("no service {other}"),
+        };
+        let url = self.nats.url();
+        let mut all = vec!["--nats-url", url.as_str()];
+        all.extend_from_slice(args);
+        let p = Proc::spawn_bin(bin, self.dir.path(), name, &all, &[]);
+        p.wait_for("participant ready", Duration::from_secs(30))
+            .await;
+        self.participants.push((name.to_string(), p));
+    }
+
+    /// A service's record, as JSON.
+    pub async fn record(&self, bucket: &str, key: &str) -> Option<Value> {
+        let js = async_nats::jetstream::new(self.nc.clone());
+        let table: txcoord::kvtable::Table<Value> =
+            txcoord::kvtable::Table::open(&js, bucket, 1).await.ok()?;
+        table.get(key).await.ok().flatten().map(|(v, _)| v)
+    }
+
+    /// Waits until a service's record satisfies `pred`.
+    pub async fn wait_record(
+        &self,
+        bucket: &str,
+        key: &str,
+        pred: impl Fn(Option<&Value>) -> bool,
+    ) -> Option<Value> {
+        let start = Instant::now();
+        loop {
+            let rec = self.record(bucket, key).await;
+            if pred(rec.as_ref()) {
+                return rec;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{bucket}/{key} never got there: {rec:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

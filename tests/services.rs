@@ -1,0 +1,318 @@
+//! The example services (inventory, payment, order) as real processes with the real
+//! coordinator: commit and abort paths, a service SIGKILLed after voting, concurrent orders
+//! on one SKU with two inventory instances, optimistic concurrency, and the whole demo with
+//! the coordinator killed mid-run.
+
+mod common;
+
+use std::time::Duration;
+
+use common::System;
+use serde_json::{Value, json};
+use txcoord::proto::{Reason, TxnState};
+
+async fn shop() -> System {
+    let mut sys = System::start(&[], &[]).await;
+    sys.spawn_service(
+        "inventory",
+        "inventory",
+        &["--seed", "apple=10", "--seed", "pear=3", "--seed", "hot=10"],
+    )
+    .await;
+    sys.spawn_service(
+        "payment",
+        "payment",
+        &["--seed", "alice=1000", "--seed", "bob=50"],
+    )
+    .await;
+    sys.spawn_service("order", "order", &[]).await;
+    sys
+}
+
+fn order(txn: &str, order_id: &str, sku: &str, qty: u64, account: &str, amount: u64) -> Value {
+    json!({"txn_id": txn, "steps": [
+        {"service": "inventory", "action": "reserve", "payload": {"sku": sku, "qty": qty}},
+        {"service": "payment", "action": "charge", "payload": {"account": account, "amount": amount}},
+        {"service": "order", "action": "create", "payload": {"order_id": order_id, "account": account, "items": [{"sku": sku, "qty": qty}]}},
+    ]})
+}
+
+fn n(v: &Value, field: &str) -> u64 {
+    v[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{field} in {v}"))
+}
+
+fn no_holds(v: Option<&Value>) -> bool {
+    v.is_some_and(|v| v["holds"].as_object().is_none_or(|h| h.is_empty()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_and_abort_paths_of_every_service() {
+    let sys = shop().await;
+    // Commit: every service applies its part.
+    let ev = sys
+        .run(order("t-ok", "o-1", "apple", 2, "alice", 300))
+        .await;
+    assert_eq!(ev.state, TxnState::Committed, "{ev:?}");
+    let apple = sys
+        .wait_record("inventory_data", "apple", no_holds)
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            n(&apple, "available"),
+            n(&apple, "sold"),
+            n(&apple, "version")
+        ),
+        (8, 2, 1)
+    );
+    let alice = sys
+        .wait_record("payment_data", "alice", no_holds)
+        .await
+        .unwrap();
+    assert_eq!((n(&alice, "balance"), n(&alice, "charged")), (700, 300));
+    let o1 = sys
+        .wait_record("order_data", "o-1", |o| {
+            o.is_some_and(|o| o["state"] == "confirmed")
+        })
+        .await
+        .unwrap();
+    assert_eq!(o1["txn_id"], "t-ok");
+
+    // Inventory refuses: payment releases its hold, the order disappears.
+    let ev = sys
+        .run(order("t-stock", "o-2", "pear", 5, "alice", 100))
+        .await;
+    let Some(Reason::VoteAbort {
+        service, message, ..
+    }) = &ev.reason
+    else {
+        panic!("{ev:?}")
+    };
+    assert_eq!(service, "inventory");
+    assert!(message.starts_with("out of stock"), "{message}");
+    // Payment refuses: inventory releases its hold.
+    let ev = sys
+        .run(order("t-funds", "o-3", "pear", 1, "bob", 500))
+        .await;
+    let Some(Reason::VoteAbort {
+        service, message, ..
+    }) = &ev.reason
+    else {
+        panic!("{ev:?}")
+    };
+    assert_eq!(service, "payment");
+    assert!(message.starts_with("insufficient funds"), "{message}");
+    // Order refuses (a duplicate id): inventory and payment release theirs.
+    let ev = sys
+        .run(order("t-dup", "o-1", "apple", 1, "alice", 10))
+        .await;
+    let Some(Reason::VoteAbort {
+        service, message, ..
+    }) = &ev.reason
+    else {
+        panic!("{ev:?}")
+    };
+    assert_eq!(service, "order");
+    assert!(message.starts_with("duplicate order_id"), "{message}");
+    // Unknown account.
+    let ev = sys
+        .run(order("t-who", "o-4", "apple", 1, "mallory", 10))
+        .await;
+    assert!(
+        matches!(&ev.reason, Some(Reason::VoteAbort { message, .. }) if message.starts_with("unknown account"))
+    );
+
+    let pear = sys
+        .wait_record("inventory_data", "pear", no_holds)
+        .await
+        .unwrap();
+    assert_eq!((n(&pear, "available"), n(&pear, "sold")), (3, 0));
+    let apple = sys
+        .wait_record("inventory_data", "apple", no_holds)
+        .await
+        .unwrap();
+    assert_eq!((n(&apple, "available"), n(&apple, "sold")), (8, 2));
+    let alice = sys
+        .wait_record("payment_data", "alice", no_holds)
+        .await
+        .unwrap();
+    assert_eq!((n(&alice, "balance"), n(&alice, "charged")), (700, 300));
+    let bob = sys
+        .wait_record("payment_data", "bob", no_holds)
+        .await
+        .unwrap();
+    assert_eq!(n(&bob, "balance"), 50);
+    for id in ["o-2", "o-3", "o-4"] {
+        sys.wait_record("order_data", id, |o| o.is_none()).await;
+    }
+    let o1 = sys.record("order_data", "o-1").await.unwrap();
+    assert_eq!(
+        o1["txn_id"], "t-ok",
+        "the duplicate did not touch the first order"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_killed_after_voting_completes_the_transaction_after_restart() {
+    let mut sys = shop().await;
+    // Payment is slow, so the decision comes after inventory has voted and died.
+    let mut req = order("t-kill", "o-k", "apple", 4, "alice", 100);
+    req["steps"][1]["payload"]["delay_ms"] = json!(1500);
+    sys.client
+        .submit_raw(serde_json::to_vec(&req).unwrap().into(), "t-kill")
+        .await
+        .unwrap();
+    sys.wait_record("inventory_data", "apple", |r| {
+        r.is_some_and(|r| r["holds"].as_object().is_some_and(|h| !h.is_empty()))
+    })
+    .await;
+    sys.participant("inventory").kill9();
+    sys.wait_state("t-kill", |e| e.state == TxnState::Committing)
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let held = sys.record("inventory_data", "apple").await.unwrap();
+    assert_eq!(
+        n(&held, "sold"),
+        0,
+        "nothing applied while inventory is down"
+    );
+    sys.participant("inventory").restart();
+    let ev = sys.wait_state("t-kill", |e| e.state.is_terminal()).await;
+    assert_eq!(ev.state, TxnState::Committed);
+    let apple = sys
+        .wait_record("inventory_data", "apple", no_holds)
+        .await
+        .unwrap();
+    assert_eq!((n(&apple, "available"), n(&apple, "sold")), (6, 4));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_orders_on_one_sku_never_oversell() {
+    let mut sys = shop().await;
+    // A second inventory instance shares the durable consumer.
+    sys.spawn_service("inventory-2", "inventory", &[]).await;
+    let reqs: Vec<_> = (0..60)
+        .map(|i| {
+            order(
+                &format!("hot-{i}"),
+                &format!("oh-{i}"),
+                "hot",
+                1,
+                "alice",
+                10,
+            )
+        })
+        .collect();
+    let outs = sys
+        .client
+        .submit_and_wait(reqs, Duration::from_secs(120))
+        .await;
+    let committed = outs
+        .iter()
+        .filter(|o| o.as_ref().is_ok_and(|e| e.state == TxnState::Committed))
+        .count();
+    let out_of_stock = outs
+        .iter()
+        .filter(|o| {
+            o.as_ref().is_ok_and(|e| matches!(&e.reason, Some(Reason::VoteAbort { message, .. }) if message.starts_with("out of stock")))
+        })
+        .count();
+    assert_eq!(committed, 10, "exactly the stock sells");
+    assert_eq!(committed + out_of_stock, 60);
+    let hot = sys
+        .wait_record("inventory_data", "hot", no_holds)
+        .await
+        .unwrap();
+    assert_eq!(
+        (n(&hot, "available"), n(&hot, "sold"), n(&hot, "version")),
+        (0, 10, 10),
+        "no lost update"
+    );
+    let alice = sys
+        .wait_record("payment_data", "alice", no_holds)
+        .await
+        .unwrap();
+    assert_eq!((n(&alice, "balance"), n(&alice, "charged")), (900, 100));
+    // Both instances did work.
+    let served = |name: &str| {
+        sys.participants
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap()
+            .1
+            .log_text()
+    };
+    assert!(
+        !served("inventory").contains("panicked") && !served("inventory-2").contains("panicked")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_expected_version_aborts_with_version_conflict() {
+    let sys = shop().await;
+    assert_eq!(
+        sys.run(order("v-1", "ov-1", "apple", 1, "alice", 10))
+            .await
+            .state,
+        TxnState::Committed
+    );
+    sys.wait_record("inventory_data", "apple", |r| {
+        r.is_some_and(|r| r["version"] == 1)
+    })
+    .await;
+    let mut stale = order("v-2", "ov-2", "apple", 1, "alice", 10);
+    stale["steps"][0]["payload"]["expected_version"] = json!(0);
+    let ev = sys.run(stale).await;
+    let Some(Reason::VoteAbort {
+        service, message, ..
+    }) = &ev.reason
+    else {
+        panic!("{ev:?}")
+    };
+    assert_eq!(service, "inventory");
+    assert!(message.starts_with("version_conflict"), "{message}");
+    let mut fresh = order("v-3", "ov-3", "apple", 1, "alice", 10);
+    fresh["steps"][0]["payload"]["expected_version"] = json!(1);
+    assert_eq!(sys.run(fresh).await.state, TxnState::Committed);
+    let apple = sys
+        .wait_record("inventory_data", "apple", no_holds)
+        .await
+        .unwrap();
+    assert_eq!((n(&apple, "sold"), n(&apple, "version")), (2, 2));
+}
+
+#[test]
+fn the_demo_with_a_killed_coordinator_keeps_every_invariant() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_txcoord"))
+        .args([
+            "demo",
+            "--kill-coordinator",
+            "--orders",
+            "150",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .env("TXCOORD_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("invariants: OK"), "{stdout}");
+    assert!(
+        stdout.contains("SIGKILLed after"),
+        "the kill happened: {stdout}"
+    );
+    let committed: u64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("committed"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(committed > 30, "most orders should commit: {stdout}");
+}
