@@ -23,7 +23,7 @@ pub struct Args {
     )]
     pub nats_url: String,
     /// Subject prefix of the coordinator.
-    #[arg(long, env = "TXCOORD_PREFIX", default_value = "txn")]
+    #[arg(long, env = "TXCOORD_SUBJECT_PREFIX", default_value = "txn")]
     pub prefix: String,
     /// KV bucket holding this service's records (default: <service>_data).
     #[arg(long)]

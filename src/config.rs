@@ -14,6 +14,38 @@ use crate::proto::{RequestLimits, Subjects};
 /// `TXCOORD_*` variables that are not configuration keys: the log filter and the test hook.
 pub const RESERVED_ENV: &[&str] = &["TXCOORD_LOG", "TXCOORD_FAILPOINT"];
 
+/// Splits `TXCOORD_*` variables into the ones that name configuration keys (`TXCOORD_NATS_URL`,
+/// `TXCOORD_NATS__TOKEN`, ...) and the names of the others. The `TXCOORD_` namespace is shared
+/// with scripts and tools, so an unknown variable is reported, not fatal; an unknown key in a
+/// configuration file, which is ours alone, is an error.
+pub fn env_layer(
+    vars: impl Iterator<Item = (String, String)>,
+) -> (config::Map<String, String>, Vec<String>) {
+    let mut known = std::collections::HashSet::new();
+    if let Ok(serde_json::Value::Object(top)) = serde_json::to_value(Config::default()) {
+        for (k, v) in top {
+            if let serde_json::Value::Object(inner) = v {
+                known.extend(inner.keys().map(|i| format!("{k}__{i}")));
+            } else {
+                known.insert(k);
+            }
+        }
+    }
+    let mut keep = config::Map::new();
+    let mut ignored = Vec::new();
+    for (name, value) in vars {
+        let Some(key) = name.strip_prefix("TXCOORD_") else {
+            continue;
+        };
+        if known.contains(&key.to_lowercase()) {
+            keep.insert(name, value);
+        } else if !RESERVED_ENV.contains(&name.as_str()) {
+            ignored.push(name);
+        }
+    }
+    (keep, ignored)
+}
+
 /// How to reach and authenticate to NATS.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -153,11 +185,10 @@ impl Config {
                     builder.add_source(config::File::with_name("txcoord.toml").required(false));
             }
         }
-        // Unknown TXCOORD_* variables are errors (a typo should not be silently ignored),
-        // except the few that are not configuration.
-        let vars: config::Map<String, String> = std::env::vars()
-            .filter(|(k, _)| k.starts_with("TXCOORD_") && !RESERVED_ENV.contains(&k.as_str()))
-            .collect();
+        let (vars, ignored) = env_layer(std::env::vars());
+        for name in ignored {
+            tracing::warn!(variable = %name, "ignoring {name}: not a configuration key (see txcoord.toml keys)");
+        }
         builder = builder.add_source(
             config::Environment::with_prefix("TXCOORD")
                 .prefix_separator("_")
@@ -376,6 +407,33 @@ mod tests {
         assert_eq!(cfg.nats_url, "nats://h:1");
         assert_eq!(cfg.nats.token.as_deref(), Some("s3cret"));
         assert_eq!(cfg.retry_cap_ms, Config::default().retry_cap_ms);
+    }
+
+    #[test]
+    fn environment_variables_that_are_not_keys_are_reported_not_used() {
+        let vars = [
+            ("TXCOORD_NATS_URL", "nats://h:1"),
+            ("TXCOORD_NATS__TOKEN", "t"),
+            ("TXCOORD_MAX_IN_FLIGHT", "3"),
+            ("TXCOORD_LOG", "debug"),
+            ("TXCOORD_PREPARE_TIMEOUT", "5"),
+            ("TXCOORD_NATS__TOKN", "x"),
+            ("HOME", "/root"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let (keep, ignored) = env_layer(vars);
+        let mut kept: Vec<_> = keep.keys().cloned().collect();
+        kept.sort();
+        assert_eq!(
+            kept,
+            [
+                "TXCOORD_MAX_IN_FLIGHT",
+                "TXCOORD_NATS_URL",
+                "TXCOORD_NATS__TOKEN"
+            ]
+        );
+        assert_eq!(ignored, ["TXCOORD_PREPARE_TIMEOUT", "TXCOORD_NATS__TOKN"]);
     }
 
     #[test]
