@@ -101,6 +101,10 @@ pub struct Config {
     pub stuck_after_ms: u64,
     /// How long to wait for a JetStream acknowledgement before retrying a write.
     pub publish_timeout_ms: u64,
+    /// Saga: tries of an execute that fails retryably before the step counts as failed.
+    pub saga_execute_attempts: u32,
+    /// Saga: failed tries of a compensation before the saga shows `failed` (still retried).
+    pub saga_compensation_attempts: u32,
     /// Transactions in flight at once; more submissions wait in the stream (backpressure).
     pub max_in_flight: usize,
     /// Largest request accepted, in bytes.
@@ -134,6 +138,8 @@ impl Default for Config {
             retry_cap_ms: 30_000,
             stuck_after_ms: 60_000,
             publish_timeout_ms: 1_000,
+            saga_execute_attempts: 3,
+            saga_compensation_attempts: 5,
             max_in_flight: 10_000,
             max_request_bytes: 256 * 1024,
             max_steps: crate::proto::MAX_STEPS,
@@ -251,6 +257,12 @@ impl Config {
                 ),
             ));
         }
+        if self.saga_execute_attempts == 0 {
+            return Err(invalid("saga_execute_attempts", "must be at least 1"));
+        }
+        if self.saga_compensation_attempts == 0 {
+            return Err(invalid("saga_compensation_attempts", "must be at least 1"));
+        }
         if self.max_in_flight == 0 {
             return Err(invalid("max_in_flight", "must be at least 1"));
         }
@@ -324,6 +336,8 @@ impl Config {
             retry_base_ms: self.retry_base_ms,
             retry_cap_ms: self.retry_cap_ms,
             stuck_after_ms: self.stuck_after_ms,
+            execute_attempts: self.saga_execute_attempts,
+            compensation_attempts: self.saga_compensation_attempts,
         }
     }
 }

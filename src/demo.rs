@@ -619,6 +619,17 @@ fn report(
                     message.split(':').next().unwrap_or(message)
                 )
             }
+            Some(Reason::StepFailed {
+                service, message, ..
+            }) => {
+                format!(
+                    "{service}: {}",
+                    message.split(':').next().unwrap_or(message)
+                )
+            }
+            Some(Reason::CompensationFailed { service, .. }) => {
+                format!("{service}: compensation failing")
+            }
             Some(Reason::Timeout { services, .. }) => format!("timeout ({})", services.join(", ")),
             Some(Reason::InvalidRequest { .. }) => "invalid request".into(),
             None => format!("{:?}", ev.state),

@@ -62,6 +62,23 @@ pub struct TxnContext {
     pub payload: Value,
     /// The coordinator's attempt number for this command.
     pub attempt: u32,
+    /// Sagas, on compensate: the compensating action the request named, if any.
+    pub compensate_action: Option<String>,
+}
+
+/// What a saga step's `execute` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepResult {
+    /// Applied.
+    Done,
+    /// Not applied. A retryable failure is tried again (up to the coordinator's limit); any
+    /// other starts the saga's compensation.
+    Failed {
+        /// Why, for the client.
+        reason: String,
+        /// Whether trying again may succeed.
+        retryable: bool,
+    },
 }
 
 /// An error a service returns from commit or abort; the command is retried with backoff.
@@ -69,20 +86,53 @@ pub struct TxnContext {
 #[error("{0}")]
 pub struct ServiceError(pub String);
 
-/// A service taking part in two-phase commit.
+/// A service taking part in transactions: two-phase commit (`prepare`, `commit`, `abort`),
+/// sagas (`execute`, `compensate`), or both. Implement the phases your service takes part
+/// in; the defaults refuse.
 pub trait Participant: Send + Sync + 'static {
-    /// Holds what the step needs and votes. Called at most once per branch, except after a
-    /// crash before the vote was stored.
+    /// 2PC: holds what the step needs and votes. Called at most once per branch, except
+    /// after a crash before the vote was stored.
     fn prepare(
         &self,
-        txn: &TxnContext,
-        action: &str,
-        payload: &Value,
-    ) -> impl Future<Output = Vote> + Send;
-    /// Makes the prepared change permanent.
-    fn commit(&self, txn: &TxnContext) -> impl Future<Output = Result<(), ServiceError>> + Send;
-    /// Releases what prepare held.
-    fn abort(&self, txn: &TxnContext) -> impl Future<Output = Result<(), ServiceError>> + Send;
+        _txn: &TxnContext,
+        _action: &str,
+        _payload: &Value,
+    ) -> impl Future<Output = Vote> + Send {
+        async { Vote::Abort("this service does not take part in two-phase commit".into()) }
+    }
+    /// 2PC: makes the prepared change permanent.
+    fn commit(&self, _txn: &TxnContext) -> impl Future<Output = Result<(), ServiceError>> + Send {
+        async { Ok(()) }
+    }
+    /// 2PC: releases what prepare held.
+    fn abort(&self, _txn: &TxnContext) -> impl Future<Output = Result<(), ServiceError>> + Send {
+        async { Ok(()) }
+    }
+    /// Saga: does the step for real. Called at most once per branch (a retryable failure is
+    /// not recorded, so the retry calls again), except after a crash before the result was
+    /// stored; never after the branch's compensation arrived.
+    fn execute(
+        &self,
+        _txn: &TxnContext,
+        _action: &str,
+        _payload: &Value,
+    ) -> impl Future<Output = StepResult> + Send {
+        async {
+            StepResult::Failed {
+                reason: "this service does not run saga steps".into(),
+                retryable: false,
+            }
+        }
+    }
+    /// Saga: undoes an executed step (`txn.action` and `txn.payload` are the original ones,
+    /// `txn.compensate_action` the name the request gave). Only called for a branch whose
+    /// execute succeeded; an error is reported as `failed` and the coordinator retries.
+    fn compensate(
+        &self,
+        _txn: &TxnContext,
+    ) -> impl Future<Output = Result<(), ServiceError>> + Send {
+        async { Ok(()) }
+    }
 }
 
 /// Where a branch stands, as stored in the service's KV bucket.
@@ -101,6 +151,15 @@ pub enum BranchState {
     Aborted,
     /// Aborted before any prepare arrived: a later prepare votes abort.
     AbortedBeforePrepare,
+    /// Saga: executed.
+    Executed,
+    /// Saga: execute failed for good; nothing to undo.
+    ExecuteFailed,
+    /// Saga: compensated after it executed (or failed).
+    Compensated,
+    /// Saga: a compensate arrived before any execute ("null compensation"): recorded, so a
+    /// late execute is refused ("hanging prevention").
+    CompensatedBeforeExecute,
 }
 
 /// The durable record of one branch.
@@ -342,20 +401,49 @@ async fn handle<P: Participant>(ctx: &Ctx<P>, msg: jetstream::Message) {
     .await
 }
 
+/// What a branch answers a command.
+#[derive(Debug, Clone, PartialEq)]
+struct Answer {
+    outcome: ReplyOutcome,
+    reason: Option<String>,
+    retryable: Option<bool>,
+}
+
+impl Answer {
+    fn of(outcome: ReplyOutcome) -> Answer {
+        Answer {
+            outcome,
+            reason: None,
+            retryable: None,
+        }
+    }
+    fn because(outcome: ReplyOutcome, reason: impl Into<String>) -> Answer {
+        Answer {
+            outcome,
+            reason: Some(reason.into()),
+            retryable: None,
+        }
+    }
+    fn failed(reason: impl Into<String>, retryable: bool) -> Answer {
+        Answer {
+            outcome: ReplyOutcome::Failed,
+            reason: Some(reason.into()),
+            retryable: Some(retryable),
+        }
+    }
+}
+
 /// The reply: published durably with its deterministic id before the command is acked.
-async fn send_reply<P>(
-    ctx: &Ctx<P>,
-    cmd: &ParticipantCommand,
-    (outcome, reason): (ReplyOutcome, Option<String>),
-) -> bool {
+async fn send_reply<P>(ctx: &Ctx<P>, cmd: &ParticipantCommand, answer: Answer) -> bool {
     let reply = ParticipantReply {
         txn_id: cmd.txn_id.clone(),
         service: ctx.service.clone(),
         step: cmd.step,
         kind: cmd.kind,
-        outcome,
-        reason,
+        outcome: answer.outcome,
+        reason: answer.reason,
         attempt: cmd.attempt,
+        retryable: answer.retryable,
     };
     let body = Bytes::from(serde_json::to_vec(&reply).unwrap_or_default());
     // Retry through a NATS blip (a server restart takes a second or two): giving up early
@@ -388,18 +476,42 @@ enum ApplyError {
     Corrupt(String),
 }
 
-fn vote_of(rec: &BranchRecord) -> (ReplyOutcome, Option<String>) {
+fn vote_of(rec: &BranchRecord) -> Answer {
     match rec.state {
-        BranchState::Prepared | BranchState::Committed => (ReplyOutcome::Ready, None),
-        BranchState::ReadOnly => (ReplyOutcome::ReadOnly, None),
-        BranchState::VotedAbort => (ReplyOutcome::Abort, rec.reason.clone()),
-        BranchState::Aborted => (
-            ReplyOutcome::Abort,
-            Some("transaction already aborted".into()),
-        ),
-        BranchState::AbortedBeforePrepare => (
-            ReplyOutcome::Abort,
-            Some("abort arrived before prepare".into()),
+        BranchState::Prepared | BranchState::Committed => Answer::of(ReplyOutcome::Ready),
+        BranchState::ReadOnly => Answer::of(ReplyOutcome::ReadOnly),
+        BranchState::VotedAbort => Answer {
+            reason: rec.reason.clone(),
+            ..Answer::of(ReplyOutcome::Abort)
+        },
+        BranchState::Aborted => Answer::because(ReplyOutcome::Abort, "transaction already aborted"),
+        BranchState::AbortedBeforePrepare => {
+            Answer::because(ReplyOutcome::Abort, "abort arrived before prepare")
+        }
+        // A 2PC prepare for a branch that ran as a saga step: refuse.
+        BranchState::Executed
+        | BranchState::ExecuteFailed
+        | BranchState::Compensated
+        | BranchState::CompensatedBeforeExecute => {
+            Answer::because(ReplyOutcome::Abort, "branch already ran as a saga step")
+        }
+    }
+}
+
+/// The answer to a repeated execute, from the record.
+fn execute_result_of(rec: &BranchRecord) -> Answer {
+    match rec.state {
+        BranchState::Executed => Answer::of(ReplyOutcome::Done),
+        BranchState::ExecuteFailed => {
+            Answer::failed(rec.reason.clone().unwrap_or_else(|| "failed".into()), false)
+        }
+        // Hanging prevention: the compensation came first (or already ran); never execute now.
+        BranchState::Compensated | BranchState::CompensatedBeforeExecute => {
+            Answer::failed("execute arrived after its compensation; refused", false)
+        }
+        _ => Answer::failed(
+            "branch is a two-phase-commit branch, not a saga step",
+            false,
         ),
     }
 }
@@ -499,7 +611,7 @@ fn record(
 async fn apply<P: Participant>(
     ctx: &Ctx<P>,
     cmd: &ParticipantCommand,
-) -> Result<(ReplyOutcome, Option<String>), ApplyError> {
+) -> Result<Answer, ApplyError> {
     let key = branch_key(&cmd.txn_id, cmd.step);
     let mut txn = TxnContext {
         txn_id: cmd.txn_id.clone(),
@@ -508,6 +620,7 @@ async fn apply<P: Participant>(
         action: cmd.action.clone(),
         payload: cmd.payload.clone(),
         attempt: cmd.attempt,
+        compensate_action: cmd.compensate_action.clone(),
     };
     // Compare-and-set loop: a concurrent writer (another instance, a racing redelivery)
     // makes us re-read and decide again from what is stored.
@@ -551,7 +664,7 @@ async fn apply<P: Participant>(
                 txn.payload = rec.payload.clone();
                 match rec.state {
                     BranchState::Committed | BranchState::ReadOnly => {
-                        return Ok((ReplyOutcome::Done, None));
+                        return Ok(Answer::of(ReplyOutcome::Done));
                     }
                     BranchState::Prepared => {
                         ctx.participant.commit(&txn).await?;
@@ -561,7 +674,7 @@ async fn apply<P: Participant>(
                             ..rec
                         };
                         if store(&ctx.store, &key, &new, Some(rev)).await? {
-                            return Ok((ReplyOutcome::Done, None));
+                            return Ok(Answer::of(ReplyOutcome::Done));
                         }
                         continue;
                     }
@@ -592,7 +705,7 @@ async fn apply<P: Participant>(
                             ..rec
                         };
                         if store(&ctx.store, &key, &new, Some(rev)).await? {
-                            return Ok((ReplyOutcome::Done, None));
+                            return Ok(Answer::of(ReplyOutcome::Done));
                         }
                         continue;
                     }
@@ -600,7 +713,7 @@ async fn apply<P: Participant>(
                         tracing::error!("abort for a committed branch; refusing to confirm");
                         return Err(ApplyError::Store("abort for a committed branch".into()));
                     }
-                    _ => return Ok((ReplyOutcome::Done, None)),
+                    _ => return Ok(Answer::of(ReplyOutcome::Done)),
                 }
             }
             (CommandKind::Abort, None) => {
@@ -611,7 +724,81 @@ async fn apply<P: Participant>(
                     None,
                 );
                 if store(&ctx.store, &key, &rec, None).await? {
-                    return Ok((ReplyOutcome::Done, None));
+                    return Ok(Answer::of(ReplyOutcome::Done));
+                }
+                continue;
+            }
+            // Sagas. Idempotency: a repeat answers from the record.
+            (CommandKind::Execute, Some((rec, _))) => return Ok(execute_result_of(&rec)),
+            (CommandKind::Execute, None) => {
+                let result = ctx
+                    .participant
+                    .execute(&txn, &cmd.action, &cmd.payload)
+                    .await;
+                let (state, reason) = match result {
+                    StepResult::Done => (BranchState::Executed, None),
+                    // Not recorded: the retry runs the step again.
+                    StepResult::Failed {
+                        reason,
+                        retryable: true,
+                    } => return Ok(Answer::failed(reason, true)),
+                    StepResult::Failed {
+                        reason,
+                        retryable: false,
+                    } => (BranchState::ExecuteFailed, Some(reason)),
+                };
+                let rec = record(state, &cmd.action, &cmd.payload, reason);
+                if store(&ctx.store, &key, &rec, None).await? {
+                    return Ok(execute_result_of(&rec));
+                }
+                // A compensation overtook us while we executed: undo what we just did.
+                if state == BranchState::Executed
+                    && let Some((other, _)) = load(&ctx.store, &key).await?
+                    && other.state == BranchState::CompensatedBeforeExecute
+                {
+                    ctx.participant.compensate(&txn).await?;
+                }
+                continue;
+            }
+            (CommandKind::Compensate, Some((rec, rev))) => match rec.state {
+                BranchState::Executed => {
+                    if let Err(e) = ctx.participant.compensate(&txn).await {
+                        return Ok(Answer::failed(e.0, true));
+                    }
+                    let new = BranchRecord {
+                        state: BranchState::Compensated,
+                        updated_ms: now_ms(),
+                        ..rec
+                    };
+                    if store(&ctx.store, &key, &new, Some(rev)).await? {
+                        return Ok(Answer::of(ReplyOutcome::Done));
+                    }
+                    continue;
+                }
+                // Nothing was applied; record that the compensation came, for hanging prevention.
+                BranchState::ExecuteFailed => {
+                    let new = BranchRecord {
+                        state: BranchState::Compensated,
+                        updated_ms: now_ms(),
+                        ..rec
+                    };
+                    if store(&ctx.store, &key, &new, Some(rev)).await? {
+                        return Ok(Answer::of(ReplyOutcome::Done));
+                    }
+                    continue;
+                }
+                _ => return Ok(Answer::of(ReplyOutcome::Done)),
+            },
+            // Null compensation: nothing executed here; remember it so a late execute is refused.
+            (CommandKind::Compensate, None) => {
+                let rec = record(
+                    BranchState::CompensatedBeforeExecute,
+                    &cmd.action,
+                    &cmd.payload,
+                    None,
+                );
+                if store(&ctx.store, &key, &rec, None).await? {
+                    return Ok(Answer::of(ReplyOutcome::Done));
                 }
                 continue;
             }

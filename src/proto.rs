@@ -37,6 +37,12 @@ pub struct StepRequest {
     /// Free-form input for the service.
     #[serde(default)]
     pub payload: Value,
+    /// Sagas: the compensating action (the participant's own default when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compensate: Option<String>,
+    /// Sagas: this step's timeout in milliseconds, overriding the request's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
 }
 
 /// A client's request to run one transaction (`<prefix>.submit`, `<prefix>.api.execute`).
@@ -68,6 +74,10 @@ pub enum CommandKind {
     Commit,
     /// Phase 2: release whatever was prepared.
     Abort,
+    /// Saga: do the step for real.
+    Execute,
+    /// Saga: undo a step that executed (or may have).
+    Compensate,
 }
 
 impl CommandKind {
@@ -77,6 +87,8 @@ impl CommandKind {
             CommandKind::Prepare => "prepare",
             CommandKind::Commit => "commit",
             CommandKind::Abort => "abort",
+            CommandKind::Execute => "execute",
+            CommandKind::Compensate => "compensate",
         }
     }
 }
@@ -103,6 +115,10 @@ pub struct ParticipantCommand {
     pub attempt: u32,
     /// Unix milliseconds after which a prepare should vote abort instead of being run.
     pub deadline_ms: u64,
+    /// Sagas, on compensate: the compensating action named in the request, if any (`action`
+    /// and `payload` are the original step's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compensate_action: Option<String>,
 }
 
 /// A participant's answer to a command.
@@ -115,8 +131,10 @@ pub enum ReplyOutcome {
     ReadOnly,
     /// Will not commit.
     Abort,
-    /// The commit or abort was applied.
+    /// The commit, abort, execute or compensate was applied.
     Done,
+    /// Sagas: the execute or compensate did not apply.
+    Failed,
 }
 
 /// A participant's reply, published with JetStream to the command's `reply_to`.
@@ -138,6 +156,9 @@ pub struct ParticipantReply {
     /// The attempt of the command answered.
     #[serde(default)]
     pub attempt: u32,
+    /// Sagas, with `failed`: whether trying again may succeed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retryable: Option<bool>,
 }
 
 impl ParticipantReply {
@@ -184,6 +205,17 @@ pub enum TxnState {
     Aborted,
     /// The request was invalid; nothing ran.
     Rejected,
+    /// Saga: running its steps forward.
+    Executing,
+    /// Saga: undoing the steps that executed, newest first.
+    Compensating,
+    /// Saga: every step done.
+    Completed,
+    /// Saga: every step that executed (or may have) was undone.
+    Compensated,
+    /// Saga: a compensation could not be applied after its retries; a person must look. It
+    /// is still retried at the longest backoff, and may yet end `compensated`.
+    Failed,
 }
 
 impl TxnState {
@@ -191,8 +223,18 @@ impl TxnState {
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            TxnState::Committed | TxnState::Aborted | TxnState::Rejected
+            TxnState::Committed
+                | TxnState::Aborted
+                | TxnState::Rejected
+                | TxnState::Completed
+                | TxnState::Compensated
         )
+    }
+
+    /// Whether a client waiting for the outcome can stop: a terminal state, or `failed`
+    /// (which needs a person, though the coordinator keeps trying).
+    pub fn is_outcome(self) -> bool {
+        self.is_terminal() || self == TxnState::Failed
     }
 }
 
@@ -215,6 +257,24 @@ pub enum Reason {
         services: Vec<String>,
         /// Their steps.
         steps: Vec<usize>,
+    },
+    /// Saga: a step failed for good.
+    StepFailed {
+        /// Its service.
+        service: String,
+        /// The step.
+        step: usize,
+        /// The participant's text.
+        message: String,
+    },
+    /// Saga: a compensation kept failing; the saga is `failed` and still retried.
+    CompensationFailed {
+        /// Its service.
+        service: String,
+        /// The step being compensated.
+        step: usize,
+        /// The participant's last text.
+        message: String,
     },
     /// The request broke the contract.
     InvalidRequest {
@@ -250,6 +310,55 @@ pub struct StepStatus {
     /// The payload (only in the `accepted` record, which the coordinator recovers from).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload: Option<Value>,
+    /// Sagas: where this step stands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saga: Option<SagaStep>,
+    /// Sagas: the compensating action named in the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compensate: Option<String>,
+    /// Sagas: this step's own timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// Where one saga step stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SagaStep {
+    /// The step's state.
+    pub state: SagaStepState,
+    /// How many times execute was sent.
+    #[serde(default)]
+    pub execute_attempt: u32,
+    /// How many times compensate was sent.
+    #[serde(default)]
+    pub compensate_attempt: u32,
+    /// Failed executes or compensations so far (for retry limits).
+    #[serde(default)]
+    pub failures: u32,
+}
+
+/// The state of one saga step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SagaStepState {
+    /// Not started.
+    Pending,
+    /// Execute sent, no answer yet.
+    Executing,
+    /// Executed.
+    Done,
+    /// Execute failed; nothing to undo.
+    Failed,
+    /// No answer in time: it may have executed, so it is compensated too.
+    TimedOut,
+    /// Failed retryably until its tries ran out: an earlier attempt may still be in flight
+    /// and succeed, so it is compensated too (a compensation that finds nothing executed is
+    /// recorded by the participant, which then refuses any late execute).
+    Uncertain,
+    /// Compensate sent, not confirmed yet.
+    Compensating,
+    /// Undone.
+    Compensated,
 }
 
 /// A state change of one transaction (`<prefix>.events.<txn_id>`). These records are also the
@@ -282,6 +391,12 @@ pub struct TransactionEvent {
     /// The stream sequence of the submission this transaction came from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub submit_seq: Option<u64>,
+    /// Sagas: the step being executed or compensated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_step: Option<usize>,
+    /// Sagas: why compensation started, kept while `reason` says a compensation is failing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<Reason>,
 }
 
 /// What went wrong with a submission; published on `<prefix>.errors` when the request has no
@@ -474,12 +589,6 @@ pub fn validate_request(
             ),
         ));
     }
-    if request.mode == Mode::Saga {
-        return Err(RequestError::invalid(
-            "mode",
-            "mode \"saga\" is not supported by this coordinator yet; use \"2pc\"",
-        ));
-    }
     if request.steps.is_empty() {
         return Err(RequestError::invalid(
             "steps",
@@ -510,6 +619,31 @@ pub fn validate_request(
             return Err(RequestError::invalid(
                 format!("steps[{i}].action"),
                 format!("action must be 1 to {MAX_NAME_LEN} characters"),
+            ));
+        }
+        if request.mode == Mode::TwoPc && (step.compensate.is_some() || step.timeout_ms.is_some()) {
+            return Err(RequestError::invalid(
+                format!("steps[{i}]"),
+                "compensate and a per-step timeout_ms belong to mode \"saga\"",
+            ));
+        }
+        if let Some(c) = &step.compensate
+            && (c.is_empty() || c.len() > MAX_NAME_LEN)
+        {
+            return Err(RequestError::invalid(
+                format!("steps[{i}].compensate"),
+                format!("compensate must be 1 to {MAX_NAME_LEN} characters"),
+            ));
+        }
+        if let Some(t) = step.timeout_ms
+            && (t == 0 || t > limits.max_timeout_ms)
+        {
+            return Err(RequestError::invalid(
+                format!("steps[{i}].timeout_ms"),
+                format!(
+                    "timeout_ms must be between 1 and {} (got {t})",
+                    limits.max_timeout_ms
+                ),
             ));
         }
     }
@@ -773,6 +907,7 @@ mod tests {
             outcome: ReplyOutcome::Done,
             reason: None,
             attempt: 3,
+            retryable: None,
         };
         assert_eq!(r.msg_id(), "t.inv.2.commit.3");
     }

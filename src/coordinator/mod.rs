@@ -374,6 +374,8 @@ async fn reject(shared: &Shared, txn_id: Option<String>, seq: Option<u64>, err: 
             timeout_ms: None,
             metadata: None,
             submit_seq: seq,
+            current_step: None,
+            cause: None,
         };
         let subject = shared.subjects.events(id);
         let msg_id = format!("{id}.rejected.{}", seq.unwrap_or(0));

@@ -12,9 +12,29 @@
 //! of the same batch runs before the record is durable. That order is how the engine states
 //! the durability rule: the decision is on disk before any participant hears it.
 
+pub mod saga;
 pub mod twopc;
 
-use crate::proto::{ParticipantCommand, TransactionEvent};
+use crate::proto::{CommandKind, ParticipantCommand, ParticipantReply, TransactionEvent};
+
+/// An input to a transaction's machine.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A participant's reply.
+    Reply(ParticipantReply),
+    /// A timer fired.
+    Timer(Timer),
+    /// JetStream acknowledged a command the runtime sent: it is durably queued for the
+    /// participant's durable consumer, which will deliver it even if the service is down now.
+    Stored {
+        /// The step.
+        step: usize,
+        /// The command's kind.
+        kind: CommandKind,
+        /// The command's attempt.
+        attempt: u32,
+    },
+}
 
 /// Timers a transaction can arm; at most one of each is armed at a time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -25,6 +45,10 @@ pub enum Timer {
     Phase2Retry,
     /// When phase 2 counts as stuck.
     Stuck,
+    /// Saga: the current step's deadline.
+    StepTimeout,
+    /// Saga: the next try of the current step's execute or compensate.
+    StepRetry,
 }
 
 /// What the runtime must do, in order.
@@ -71,6 +95,11 @@ pub struct EngineConfig {
     pub retry_cap_ms: u64,
     /// After this long in phase 2 without every confirmation, the transaction is flagged stuck.
     pub stuck_after_ms: u64,
+    /// Saga: tries of an execute that fails retryably, before the step counts as failed.
+    pub execute_attempts: u32,
+    /// Saga: failed tries of a compensation before the saga is `failed` (it is still retried,
+    /// at the longest backoff).
+    pub compensation_attempts: u32,
 }
 
 impl Default for EngineConfig {
@@ -80,6 +109,8 @@ impl Default for EngineConfig {
             retry_base_ms: 500,
             retry_cap_ms: 30_000,
             stuck_after_ms: 60_000,
+            execute_attempts: 3,
+            compensation_attempts: 5,
         }
     }
 }

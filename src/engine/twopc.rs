@@ -90,12 +90,12 @@ pub enum EngineError {
         outcome: ReplyOutcome,
     },
     /// The reply belongs to a phase that is over (a late or duplicated message).
-    #[error("{kind:?} reply arrived while the transaction is {phase:?}")]
+    #[error("{kind:?} reply arrived while the transaction is {state:?}")]
     Late {
         /// The reply's kind.
         kind: CommandKind,
-        /// The current phase.
-        phase: Phase,
+        /// The transaction's state.
+        state: TxnState,
     },
     /// A second, different vote from the same step; the first one stands.
     #[error("step {step} voted {first:?} and then {second:?}; the first vote stands")]
@@ -120,24 +120,7 @@ pub enum RecoverError {
     Inconsistent(String),
 }
 
-/// An input to the machine.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Event {
-    /// A participant's reply.
-    Reply(ParticipantReply),
-    /// A timer fired.
-    Timer(Timer),
-    /// JetStream acknowledged a command the runtime sent: it is durably queued for the
-    /// participant's durable consumer, which will deliver it even if the service is down now.
-    Stored {
-        /// The step.
-        step: usize,
-        /// The command's kind.
-        kind: CommandKind,
-        /// The command's attempt.
-        attempt: u32,
-    },
-}
+pub use super::Event;
 
 #[derive(Debug, Clone, PartialEq)]
 struct Branch {
@@ -325,8 +308,10 @@ impl TwoPc {
                     });
                 }
             }
-            TxnState::Committed | TxnState::Aborted | TxnState::Rejected => {
-                return Err(RecoverError::Finished(last.state));
+            other => {
+                return Err(RecoverError::Inconsistent(format!(
+                    "a 2PC transaction cannot be in state {other:?}"
+                )));
             }
         }
         Ok(txn)
@@ -426,7 +411,10 @@ impl TwoPc {
                 }
                 Ok(())
             }
-            (phase, kind, _) => Err(EngineError::Late { kind, phase }),
+            (phase, kind, _) => Err(EngineError::Late {
+                kind,
+                state: phase.state(),
+            }),
         }
     }
 
@@ -624,6 +612,7 @@ impl TwoPc {
             reply_to: self.reply_to.clone(),
             attempt,
             deadline_ms,
+            compensate_action: None,
         }
     }
 
@@ -645,6 +634,9 @@ impl TwoPc {
                     prepare_attempt: b.prepare_attempt,
                     decision_attempt: b.decision_attempt,
                     payload: with_payload.then(|| b.payload.clone()),
+                    saga: None,
+                    compensate: None,
+                    timeout_ms: None,
                 })
                 .collect(),
             timestamp_ms: now,
@@ -653,6 +645,8 @@ impl TwoPc {
             timeout_ms: Some(self.timeout_ms),
             metadata: self.metadata.clone(),
             submit_seq: self.submit_seq,
+            current_step: None,
+            cause: None,
         }
     }
 }

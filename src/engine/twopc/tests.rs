@@ -14,6 +14,8 @@ const CFG: EngineConfig = EngineConfig {
     retry_base_ms: 100,
     retry_cap_ms: 1_000,
     stuck_after_ms: 5_000,
+    execute_attempts: 3,
+    compensation_attempts: 5,
 };
 
 fn request(services: &[&str]) -> TransactionRequest {
@@ -26,6 +28,8 @@ fn request(services: &[&str]) -> TransactionRequest {
                 service: (*s).into(),
                 action: "act".into(),
                 payload: json!({"for": s}),
+                compensate: None,
+                timeout_ms: None,
             })
             .collect(),
         timeout_ms: None,
@@ -56,6 +60,7 @@ fn reply(step: usize, service: &str, kind: CommandKind, outcome: ReplyOutcome) -
         outcome,
         reason: (outcome == ReplyOutcome::Abort).then(|| "no stock".into()),
         attempt: 1,
+        retryable: None,
     })
 }
 
@@ -556,6 +561,9 @@ impl Part {
                 };
                 ReplyOutcome::Done
             }
+            CommandKind::Execute | CommandKind::Compensate => {
+                panic!("a 2PC transaction sent {:?}", cmd.kind)
+            }
         };
         ParticipantReply {
             txn_id: cmd.txn_id.clone(),
@@ -565,6 +573,7 @@ impl Part {
             outcome,
             reason: (outcome == ReplyOutcome::Abort).then(|| "refused".into()),
             attempt: cmd.attempt,
+            retryable: None,
         }
     }
 }

@@ -1,0 +1,600 @@
+//! The saga state machine of one transaction: do each step for real, in order; when one
+//! fails or times out, undo every step that executed (or may have) with its compensation,
+//! newest first.
+//!
+//! Transition table (every other pair is ignored with a typed [`EngineError`]):
+//!
+//! | phase        | event                                       | next          | commands |
+//! |--------------|---------------------------------------------|---------------|----------|
+//! | (start)      | `start`                                     | Executing(0)  | Persist(accepted), Send(execute 0), SetTimer(step) |
+//! | Executing(i) | `done` for i                                | Executing(i+1) / Completed | Persist(progress), Send(execute i+1) / Persist(completed), Finished |
+//! | Executing(i) | retryable `failed`, tries left              | same          | SetTimer(retry); on it: Persist(round), Send(execute i, attempt+1) |
+//! | Executing(i) | `failed` (or out of tries)                  | Compensating  | compensate i-1 .. 0 that are done |
+//! | Executing(i) | step timeout                                | Compensating  | compensate i (it may have executed), then i-1 .. 0 |
+//! | Compensating(j) | `done` for j                             | Compensating(next) / Compensated | Persist(progress), Send(compensate next) / Persist(compensated), Finished |
+//! | Compensating(j) | `failed` or timeout                      | same (shown `failed` after the limit) | SetTimer(retry, backoff capped); on it: Persist(round), Send(compensate j, attempt+1) |
+//! | (recover)    | log says executing / compensating / failed  | same          | Persist(round), resend the current command with attempt+1 |
+//! | Completed/Compensated | anything                           | same          | none |
+//!
+//! Every command is preceded by a persisted record of the progress so far, so a restarted
+//! coordinator continues from where the log says: forward if compensation has not started,
+//! backward otherwise. Once a step's compensation began, no execute is ever sent for it.
+
+use serde_json::Value;
+
+use super::twopc::{EngineError, RecoverError};
+use super::{Command, EngineConfig, Event, Timer, backoff_ms};
+use crate::proto::{
+    CommandKind, Mode, ParticipantCommand, ParticipantReply, Reason, ReplyOutcome, SagaStep,
+    SagaStepState, StepStatus, TransactionEvent, TransactionRequest, TxnState,
+};
+
+/// Where a saga stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Running step `cursor` forward.
+    Executing,
+    /// Undoing step `cursor`.
+    Compensating,
+    /// Every step done.
+    Completed,
+    /// Every step that executed (or may have) undone.
+    Compensated,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Step {
+    service: String,
+    action: String,
+    payload: Value,
+    compensate: Option<String>,
+    timeout_ms: Option<u64>,
+    state: SagaStepState,
+    execute_attempt: u32,
+    compensate_attempt: u32,
+    failures: u32,
+}
+
+/// One saga.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Saga {
+    txn_id: String,
+    cfg: EngineConfig,
+    reply_to: String,
+    steps: Vec<Step>,
+    timeout_ms: u64,
+    metadata: Option<Value>,
+    submit_seq: Option<u64>,
+    phase: Phase,
+    cursor: usize,
+    /// Why compensation started.
+    cause: Option<Reason>,
+    /// Set while the current compensation has failed past its limit (state `failed`).
+    failing: Option<Reason>,
+}
+
+impl Saga {
+    /// Begins a saga: the accepted record is persisted before the first execute goes out.
+    pub fn start(
+        txn_id: String,
+        request: &TransactionRequest,
+        submit_seq: Option<u64>,
+        reply_to: String,
+        cfg: EngineConfig,
+        now: u64,
+        out: &mut Vec<Command>,
+    ) -> Saga {
+        let steps = request
+            .steps
+            .iter()
+            .map(|s| Step {
+                service: s.service.clone(),
+                action: s.action.clone(),
+                payload: s.payload.clone(),
+                compensate: s.compensate.clone(),
+                timeout_ms: s.timeout_ms,
+                state: SagaStepState::Pending,
+                execute_attempt: 0,
+                compensate_attempt: 0,
+                failures: 0,
+            })
+            .collect();
+        let mut saga = Saga {
+            txn_id,
+            cfg,
+            reply_to,
+            steps,
+            timeout_ms: request.timeout_ms.unwrap_or(cfg.default_timeout_ms),
+            metadata: request.metadata.clone(),
+            submit_seq,
+            phase: Phase::Executing,
+            cursor: 0,
+            cause: None,
+            failing: None,
+        };
+        saga.steps[0].state = SagaStepState::Executing;
+        saga.steps[0].execute_attempt = 1;
+        out.push(Command::Persist {
+            msg_id: format!("{}.accepted", saga.txn_id),
+            event: saga.event(TxnState::Accepted, now, true),
+        });
+        saga.send_current(now, out);
+        saga
+    }
+
+    /// Rebuilds a saga from its `accepted` record and its last record, and resumes it by
+    /// resending the current command with a higher attempt.
+    pub fn recover(
+        accepted: &TransactionEvent,
+        last: &TransactionEvent,
+        reply_to: String,
+        cfg: EngineConfig,
+        now: u64,
+        out: &mut Vec<Command>,
+    ) -> Result<Saga, RecoverError> {
+        if last.state.is_terminal() {
+            return Err(RecoverError::Finished(last.state));
+        }
+        if accepted.state != TxnState::Accepted
+            || accepted.txn_id != last.txn_id
+            || accepted.steps.len() != last.steps.len()
+            || accepted.steps.is_empty()
+        {
+            return Err(RecoverError::Inconsistent(
+                "first and last records do not describe one saga".into(),
+            ));
+        }
+        let steps = accepted
+            .steps
+            .iter()
+            .zip(&last.steps)
+            .map(|(a, l)| {
+                let s = l.saga.clone().unwrap_or(SagaStep {
+                    state: SagaStepState::Pending,
+                    execute_attempt: 0,
+                    compensate_attempt: 0,
+                    failures: 0,
+                });
+                Step {
+                    service: a.service.clone(),
+                    action: a.action.clone(),
+                    payload: a.payload.clone().unwrap_or(Value::Null),
+                    compensate: a.compensate.clone(),
+                    timeout_ms: a.timeout_ms,
+                    state: s.state,
+                    execute_attempt: s.execute_attempt,
+                    compensate_attempt: s.compensate_attempt,
+                    failures: s.failures,
+                }
+            })
+            .collect();
+        let phase = match last.state {
+            TxnState::Accepted | TxnState::Executing => Phase::Executing,
+            TxnState::Compensating | TxnState::Failed => Phase::Compensating,
+            other => {
+                return Err(RecoverError::Inconsistent(format!(
+                    "a saga cannot be in state {other:?}"
+                )));
+            }
+        };
+        let mut saga = Saga {
+            txn_id: accepted.txn_id.clone(),
+            cfg,
+            reply_to,
+            steps,
+            timeout_ms: accepted.timeout_ms.unwrap_or(cfg.default_timeout_ms),
+            metadata: accepted.metadata.clone(),
+            submit_seq: accepted.submit_seq,
+            phase,
+            cursor: last.current_step.unwrap_or(0),
+            cause: last.cause.clone().or_else(|| last.reason.clone()),
+            failing: (last.state == TxnState::Failed)
+                .then(|| last.reason.clone())
+                .flatten(),
+        };
+        if saga.cursor >= saga.steps.len() {
+            return Err(RecoverError::Inconsistent(format!(
+                "current step {} of {} steps",
+                saga.cursor,
+                saga.steps.len()
+            )));
+        }
+        match (saga.phase, saga.steps[saga.cursor].state) {
+            (Phase::Executing, SagaStepState::Executing | SagaStepState::Pending) => {
+                saga.steps[saga.cursor].state = SagaStepState::Executing;
+                saga.resend(now, out);
+            }
+            (Phase::Executing, SagaStepState::Done) => saga.advance(now, out),
+            (Phase::Compensating, SagaStepState::Compensating) => saga.resend(now, out),
+            (Phase::Compensating, SagaStepState::Compensated) => saga.next_compensation(now, out),
+            (phase, state) => {
+                return Err(RecoverError::Inconsistent(format!(
+                    "{phase:?} with current step {state:?}"
+                )));
+            }
+        }
+        Ok(saga)
+    }
+
+    /// The transaction id.
+    pub fn txn_id(&self) -> &str {
+        &self.txn_id
+    }
+
+    /// The current phase.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// Whether the saga reached `completed` or `compensated`.
+    pub fn is_finished(&self) -> bool {
+        matches!(self.phase, Phase::Completed | Phase::Compensated)
+    }
+
+    /// The state shown in events.
+    pub fn state(&self) -> TxnState {
+        match self.phase {
+            Phase::Executing => TxnState::Executing,
+            Phase::Compensating if self.failing.is_some() => TxnState::Failed,
+            Phase::Compensating => TxnState::Compensating,
+            Phase::Completed => TxnState::Completed,
+            Phase::Compensated => TxnState::Compensated,
+        }
+    }
+
+    /// The saga as an event, for status queries.
+    pub fn snapshot(&self, now: u64) -> TransactionEvent {
+        self.event(self.state(), now, false)
+    }
+
+    /// Applies one event. `Err` means the event was ignored, and says why.
+    pub fn handle(
+        &mut self,
+        now: u64,
+        event: Event,
+        out: &mut Vec<Command>,
+    ) -> Result<(), EngineError> {
+        match event {
+            Event::Reply(reply) => self.on_reply(now, reply, out),
+            Event::Timer(timer) => {
+                self.on_timer(now, timer, out);
+                Ok(())
+            }
+            Event::Stored { .. } => Ok(()),
+        }
+    }
+
+    fn on_reply(
+        &mut self,
+        now: u64,
+        r: ParticipantReply,
+        out: &mut Vec<Command>,
+    ) -> Result<(), EngineError> {
+        let steps = self.steps.len();
+        let step = self.steps.get(r.step).ok_or(EngineError::UnknownStep {
+            step: r.step,
+            steps,
+        })?;
+        if step.service != r.service {
+            return Err(EngineError::ServiceMismatch {
+                step: r.step,
+                expected: step.service.clone(),
+                got: r.service,
+            });
+        }
+        if !matches!(r.outcome, ReplyOutcome::Done | ReplyOutcome::Failed)
+            || !matches!(r.kind, CommandKind::Execute | CommandKind::Compensate)
+        {
+            return Err(EngineError::InvalidOutcome {
+                kind: r.kind,
+                outcome: r.outcome,
+            });
+        }
+        let current = r.step == self.cursor;
+        let message = r.reason.clone().unwrap_or_else(|| "no reason given".into());
+        match (self.phase, r.kind, r.outcome, step.state) {
+            (
+                Phase::Executing,
+                CommandKind::Execute,
+                ReplyOutcome::Done,
+                SagaStepState::Executing,
+            ) if current => {
+                self.steps[self.cursor].state = SagaStepState::Done;
+                self.advance(now, out);
+            }
+            (
+                Phase::Executing,
+                CommandKind::Execute,
+                ReplyOutcome::Failed,
+                SagaStepState::Executing,
+            ) if current => {
+                out.push(Command::CancelTimer(Timer::StepTimeout));
+                let s = &mut self.steps[self.cursor];
+                s.failures += 1;
+                let retryable = r.retryable == Some(true);
+                if retryable && s.failures < self.cfg.execute_attempts {
+                    let delay = backoff_ms(
+                        self.cfg.retry_base_ms,
+                        self.cfg.retry_cap_ms,
+                        s.failures,
+                        &self.txn_id,
+                    );
+                    out.push(Command::SetTimer {
+                        timer: Timer::StepRetry,
+                        at_ms: now.saturating_add(delay),
+                    });
+                } else {
+                    // A final failure is recorded by the participant (nothing to undo); after
+                    // retryable failures an earlier attempt may still land, so undo it too.
+                    s.state = if retryable {
+                        SagaStepState::Uncertain
+                    } else {
+                        SagaStepState::Failed
+                    };
+                    let cause = Reason::StepFailed {
+                        service: s.service.clone(),
+                        step: self.cursor,
+                        message,
+                    };
+                    self.begin_compensation(cause, now, out);
+                }
+            }
+            (
+                Phase::Compensating,
+                CommandKind::Compensate,
+                ReplyOutcome::Done,
+                SagaStepState::Compensating,
+            ) if current => {
+                self.steps[self.cursor].state = SagaStepState::Compensated;
+                self.failing = None;
+                self.next_compensation(now, out);
+            }
+            (
+                Phase::Compensating,
+                CommandKind::Compensate,
+                ReplyOutcome::Failed,
+                SagaStepState::Compensating,
+            ) if current => {
+                self.compensation_failed(message, now, out);
+            }
+            (_, kind, _, _) => {
+                return Err(EngineError::Late {
+                    kind,
+                    state: self.state(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn on_timer(&mut self, now: u64, timer: Timer, out: &mut Vec<Command>) {
+        let state = self.steps[self.cursor].state;
+        match (self.phase, timer, state) {
+            (Phase::Executing, Timer::StepTimeout, SagaStepState::Executing) => {
+                // No answer: the step may have executed, so it is compensated too.
+                let s = &mut self.steps[self.cursor];
+                s.state = SagaStepState::TimedOut;
+                let cause = Reason::Timeout {
+                    services: vec![s.service.clone()],
+                    steps: vec![self.cursor],
+                };
+                self.begin_compensation(cause, now, out);
+            }
+            (Phase::Compensating, Timer::StepTimeout, SagaStepState::Compensating) => {
+                let ms = self.step_timeout(self.cursor);
+                self.compensation_failed(format!("no answer within {ms} ms"), now, out);
+            }
+            (Phase::Executing, Timer::StepRetry, SagaStepState::Executing)
+            | (Phase::Compensating, Timer::StepRetry, SagaStepState::Compensating) => {
+                self.resend(now, out)
+            }
+            // A timer armed for a step or phase that is over: stale.
+            _ => {}
+        }
+    }
+
+    fn compensation_failed(&mut self, message: String, now: u64, out: &mut Vec<Command>) {
+        out.push(Command::CancelTimer(Timer::StepTimeout));
+        let s = &mut self.steps[self.cursor];
+        s.failures += 1;
+        let failures = s.failures;
+        if failures >= self.cfg.compensation_attempts {
+            let newly = self.failing.is_none();
+            self.failing = Some(Reason::CompensationFailed {
+                service: s.service.clone(),
+                step: self.cursor,
+                message,
+            });
+            if newly {
+                out.push(Command::Persist {
+                    msg_id: format!(
+                        "{}.failed.{}.{}",
+                        self.txn_id, self.cursor, s.compensate_attempt
+                    ),
+                    event: self.snapshot(now),
+                });
+            }
+        }
+        // Past the limit the delay stays at the cap: still retried, never dropped.
+        let delay = backoff_ms(
+            self.cfg.retry_base_ms,
+            self.cfg.retry_cap_ms,
+            failures,
+            &self.txn_id,
+        );
+        out.push(Command::SetTimer {
+            timer: Timer::StepRetry,
+            at_ms: now.saturating_add(delay),
+        });
+    }
+
+    /// The current step is done: persist that and start the next, or complete.
+    fn advance(&mut self, now: u64, out: &mut Vec<Command>) {
+        let next = self.cursor + 1;
+        if next == self.steps.len() {
+            self.phase = Phase::Completed;
+            self.finish(now, out);
+            return;
+        }
+        self.cursor = next;
+        let s = &mut self.steps[next];
+        s.state = SagaStepState::Executing;
+        s.execute_attempt += 1;
+        s.failures = 0;
+        self.send_current(now, out);
+    }
+
+    fn begin_compensation(&mut self, cause: Reason, now: u64, out: &mut Vec<Command>) {
+        self.phase = Phase::Compensating;
+        self.cause = Some(cause);
+        out.push(Command::CancelTimer(Timer::StepTimeout));
+        out.push(Command::CancelTimer(Timer::StepRetry));
+        self.next_compensation(now, out);
+    }
+
+    /// Starts compensating the newest step that executed or may have, or ends compensated.
+    fn next_compensation(&mut self, now: u64, out: &mut Vec<Command>) {
+        let next = (0..self.steps.len()).rev().find(|&i| {
+            matches!(
+                self.steps[i].state,
+                SagaStepState::Done | SagaStepState::TimedOut | SagaStepState::Uncertain
+            )
+        });
+        match next {
+            Some(j) => {
+                self.cursor = j;
+                let s = &mut self.steps[j];
+                s.state = SagaStepState::Compensating;
+                s.compensate_attempt += 1;
+                s.failures = 0;
+                self.send_current(now, out);
+            }
+            None => {
+                self.phase = Phase::Compensated;
+                self.finish(now, out);
+            }
+        }
+    }
+
+    /// Resends the current command with the next attempt (after persisting it).
+    fn resend(&mut self, now: u64, out: &mut Vec<Command>) {
+        let s = &mut self.steps[self.cursor];
+        match self.phase {
+            Phase::Executing => s.execute_attempt += 1,
+            _ => s.compensate_attempt += 1,
+        }
+        self.send_current(now, out);
+    }
+
+    /// Persists the progress, then sends the current step's command and arms its timeout.
+    fn send_current(&mut self, now: u64, out: &mut Vec<Command>) {
+        let (kind, attempt) = match self.phase {
+            Phase::Executing => (
+                CommandKind::Execute,
+                self.steps[self.cursor].execute_attempt,
+            ),
+            _ => (
+                CommandKind::Compensate,
+                self.steps[self.cursor].compensate_attempt,
+            ),
+        };
+        // The accepted record already covers the very first execute.
+        if !(self.cursor == 0 && kind == CommandKind::Execute && attempt == 1) {
+            out.push(Command::Persist {
+                msg_id: format!(
+                    "{}.{}.{}.{attempt}",
+                    self.txn_id,
+                    kind.as_str(),
+                    self.cursor
+                ),
+                event: self.snapshot(now),
+            });
+        }
+        out.push(Command::Send(self.command(self.cursor, kind, attempt, now)));
+        out.push(Command::SetTimer {
+            timer: Timer::StepTimeout,
+            at_ms: now.saturating_add(self.step_timeout(self.cursor)),
+        });
+    }
+
+    fn finish(&mut self, now: u64, out: &mut Vec<Command>) {
+        self.failing = None;
+        out.push(Command::Persist {
+            msg_id: format!("{}.final", self.txn_id),
+            event: self.snapshot(now),
+        });
+        out.push(Command::CancelTimer(Timer::StepTimeout));
+        out.push(Command::CancelTimer(Timer::StepRetry));
+        out.push(Command::Finished);
+    }
+
+    fn step_timeout(&self, i: usize) -> u64 {
+        self.steps[i].timeout_ms.unwrap_or(self.timeout_ms)
+    }
+
+    fn command(&self, i: usize, kind: CommandKind, attempt: u32, now: u64) -> ParticipantCommand {
+        let s = &self.steps[i];
+        ParticipantCommand {
+            txn_id: self.txn_id.clone(),
+            service: s.service.clone(),
+            step: i,
+            kind,
+            action: s.action.clone(),
+            payload: s.payload.clone(),
+            reply_to: self.reply_to.clone(),
+            attempt,
+            deadline_ms: if kind == CommandKind::Execute {
+                now.saturating_add(self.step_timeout(i))
+            } else {
+                0
+            },
+            compensate_action: if kind == CommandKind::Compensate {
+                s.compensate.clone()
+            } else {
+                None
+            },
+        }
+    }
+
+    fn event(&self, state: TxnState, now: u64, with_payload: bool) -> TransactionEvent {
+        TransactionEvent {
+            txn_id: self.txn_id.clone(),
+            state,
+            mode: Mode::Saga,
+            steps: self
+                .steps
+                .iter()
+                .enumerate()
+                .map(|(i, s)| StepStatus {
+                    step: i,
+                    service: s.service.clone(),
+                    action: s.action.clone(),
+                    vote: None,
+                    done: matches!(s.state, SagaStepState::Done | SagaStepState::Compensated),
+                    prepare_attempt: 0,
+                    decision_attempt: 0,
+                    payload: with_payload.then(|| s.payload.clone()),
+                    saga: Some(SagaStep {
+                        state: s.state,
+                        execute_attempt: s.execute_attempt,
+                        compensate_attempt: s.compensate_attempt,
+                        failures: s.failures,
+                    }),
+                    compensate: s.compensate.clone(),
+                    timeout_ms: s.timeout_ms,
+                })
+                .collect(),
+            timestamp_ms: now,
+            reason: self.failing.clone().or_else(|| self.cause.clone()),
+            stuck: false,
+            timeout_ms: Some(self.timeout_ms),
+            metadata: self.metadata.clone(),
+            submit_seq: self.submit_seq,
+            current_step: (!self.is_finished()).then_some(self.cursor),
+            cause: self.failing.as_ref().and(self.cause.clone()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
