@@ -219,7 +219,7 @@ impl Client {
                 msg = async { match sub.as_mut() { Some(s) => s.next().await, None => std::future::pending().await } } => {
                     let Some(msg) = msg else { sub = None; continue };
                     if let Ok(ev) = serde_json::from_slice::<TransactionEvent>(&msg.payload)
-                        && ev.state.is_terminal()
+                        && ev.state.is_outcome()
                         && waiting.remove(&ev.txn_id)
                     {
                         done(ev, &mut found);
@@ -230,7 +230,7 @@ impl Client {
                     let ids: Vec<String> = waiting.iter().cloned().collect();
                     for id in ids {
                         if let Some(ev) = self.last_event(&id).await
-                            && ev.state.is_terminal()
+                            && ev.state.is_outcome()
                         {
                             waiting.remove(&id);
                             done(ev, &mut found);

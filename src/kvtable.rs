@@ -3,9 +3,8 @@
 //! its state in JetStream. Concurrent updates to one key (two instances, two transactions)
 //! never lose each other's changes: a writer that lost the race re-reads and decides again.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::marker::PhantomData;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
@@ -13,6 +12,8 @@ use bytes::Bytes;
 use futures::TryStreamExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+
+use crate::keyed::KeyedLocks;
 
 /// A table operation that failed for good.
 #[derive(Debug, thiserror::Error)]
@@ -66,7 +67,7 @@ pub struct Table<T> {
     /// One lock per key being updated in this process: concurrent updates of a hot key take
     /// turns here instead of racing (and backing off) on the revision. Compare-and-set still
     /// guards against other processes.
-    locks: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+    locks: KeyedLocks,
     _t: PhantomData<fn() -> T>,
 }
 
@@ -95,7 +96,7 @@ impl<T: Serialize + DeserializeOwned> Table<T> {
         Ok(Table {
             bucket: bucket.to_string(),
             store,
-            locks: Arc::default(),
+            locks: KeyedLocks::default(),
             _t: PhantomData,
         })
     }
@@ -160,19 +161,8 @@ impl<T: Serialize + DeserializeOwned> Table<T> {
         key: &str,
         mut decide: impl FnMut(Option<&T>) -> (Change<T>, R),
     ) -> Result<R, TableError> {
-        let lock = {
-            let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-            locks.entry(key.to_string()).or_default().clone()
-        };
-        let _turn = lock.lock().await;
-        let result = self.update_locked(key, &mut decide).await;
-        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-        // Forget the lock when nobody else holds or waits for it (we hold one reference, the
-        // map another).
-        if Arc::strong_count(&lock) <= 2 {
-            locks.remove(key);
-        }
-        result
+        let _turn = self.locks.lock(key).await;
+        self.update_locked(key, &mut decide).await
     }
 
     async fn update_locked<R>(

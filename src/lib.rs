@@ -16,6 +16,7 @@ pub mod client;
 pub mod config;
 pub mod coordinator;
 pub mod engine;
+pub mod keyed;
 pub mod kvtable;
 pub mod nats;
 pub mod natsserver;

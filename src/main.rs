@@ -46,7 +46,7 @@ enum Cmd {
         prepare_timeout_ms: Option<u64>,
     },
     /// Submit one request (a JSON object) or many (JSON Lines) and print each final event.
-    /// Exit 0 if all committed, 1 if any aborted or was rejected, 2 on error.
+    /// Exit 0 if all committed (or, for sagas, completed), 1 if any did not, 2 on error.
     Submit {
         /// A file, or - for standard input.
         file: String,
@@ -183,9 +183,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 replicas: cfg.stream_replicas,
                 ..Default::default()
             };
-            let p = txcoord::scripted::Scripted {
-                prepare_delay: Duration::from_millis(delay_ms),
-            };
+            let p = txcoord::scripted::Scripted::new(Duration::from_millis(delay_ms));
             println!("participant {service} starting");
             txcoord::participant::run(nc, &service, p, options, shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)
@@ -238,7 +236,7 @@ async fn submit(cfg: &Config, file: &str, timeout: Duration) -> anyhow::Result<E
     for result in client.submit_and_wait(good, timeout).await {
         match result {
             Ok(ev) => {
-                if ev.state != TxnState::Committed {
+                if !matches!(ev.state, TxnState::Committed | TxnState::Completed) {
                     aborted = true;
                 }
                 println!("{}", serde_json::to_string(&ev)?);

@@ -271,6 +271,10 @@ pub async fn read_branch(store: &kv::Store, txn_id: &str, step: usize) -> Option
 }
 
 struct Ctx<P> {
+    /// Commands for one branch take turns in this process: a redelivery or a resend that
+    /// arrives while the first is still running then answers from the record instead of
+    /// calling the service a second time.
+    branches: crate::keyed::KeyedLocks,
     service: String,
     participant: P,
     js: jetstream::Context,
@@ -321,6 +325,7 @@ pub async fn run<P: Participant>(
         })?;
     let permits = Arc::new(Semaphore::new(options.max_concurrent));
     let ctx = Arc::new(Ctx {
+        branches: Default::default(),
         service: service.to_string(),
         participant,
         js,
@@ -379,6 +384,7 @@ async fn handle<P: Participant>(ctx: &Ctx<P>, msg: jetstream::Message) {
         let _ = msg.ack_with(jetstream::AckKind::Term).await;
         return;
     }
+    let _turn = ctx.branches.lock(&branch_key(&cmd.txn_id, cmd.step)).await;
     let span = tracing::info_span!("branch", txn_id = %cmd.txn_id, step = cmd.step, kind = cmd.kind.as_str());
     async {
         match apply(ctx, &cmd).await {

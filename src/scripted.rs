@@ -2,29 +2,69 @@
 //! used by the integration tests, the benchmark's no-op participants, and anyone poking at a
 //! running coordinator by hand.
 //!
-//! Payload fields, all optional: `vote` (`ready`, the default, `read_only` or `abort`),
-//! `reason` (the abort text), `delay_ms` (sleep before voting).
+//! Payload fields, all optional:
+//! - 2PC: `vote` (`ready`, the default, `read_only` or `abort`), `reason` (the abort text),
+//!   `delay_ms` (sleep before voting).
+//! - Sagas: `execute` (`done`, the default; `fail`; `fail_retryable`; `flaky`, which fails
+//!   retryably `fail_times` times and then succeeds), `reason`, `delay_ms` (sleep before
+//!   executing), `compensate_fail_times` (the first N compensations fail),
+//!   `compensate: "never"` (every compensation fails).
+//!
+//! It prints `VOTED`, `EXECUTED` and `COMPENSATED` lines on standard error, which the
+//! integration tests read.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::participant::{Participant, ServiceError, TxnContext, Vote};
+use crate::participant::{Participant, ServiceError, StepResult, TxnContext, Vote};
 
 /// The scripted participant.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct Scripted {
-    /// Extra delay before every vote, on top of the payload's `delay_ms`.
+    /// Extra delay before every vote or execute, on top of the payload's `delay_ms`.
     pub prepare_delay: Duration,
+    /// Failures so far per branch and kind, for `flaky` and `compensate_fail_times`.
+    failures: Mutex<HashMap<String, u64>>,
 }
 
-impl Participant for Scripted {
-    async fn prepare(&self, txn: &TxnContext, _action: &str, payload: &Value) -> Vote {
+impl Scripted {
+    /// A scripted participant that delays every vote or execute by `delay`.
+    pub fn new(delay: Duration) -> Self {
+        Scripted {
+            prepare_delay: delay,
+            failures: Mutex::default(),
+        }
+    }
+
+    async fn delay(&self, payload: &Value) {
         let delay = payload.get("delay_ms").and_then(Value::as_u64).unwrap_or(0);
         let total = self.prepare_delay + Duration::from_millis(delay);
         if !total.is_zero() {
             tokio::time::sleep(total).await;
         }
+    }
+
+    /// Counts one more failure of `what` for this branch; true while under `limit`.
+    fn fail_again(&self, txn: &TxnContext, what: &str, limit: u64) -> bool {
+        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = f
+            .entry(format!("{}.{}.{what}", txn.txn_id, txn.step))
+            .or_insert(0);
+        if *n < limit {
+            *n += 1;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+impl Participant for Scripted {
+    async fn prepare(&self, txn: &TxnContext, _action: &str, payload: &Value) -> Vote {
+        self.delay(payload).await;
         let vote = match payload.get("vote").and_then(Value::as_str) {
             Some("read_only") => Vote::ReadOnly,
             Some("abort") => Vote::Abort(
@@ -47,6 +87,63 @@ impl Participant for Scripted {
 
     async fn abort(&self, txn: &TxnContext) -> Result<(), ServiceError> {
         tracing::debug!(txn_id = %txn.txn_id, "abort");
+        Ok(())
+    }
+
+    async fn execute(&self, txn: &TxnContext, _action: &str, payload: &Value) -> StepResult {
+        self.delay(payload).await;
+        let reason = payload
+            .get("reason")
+            .and_then(Value::as_str)
+            .unwrap_or("scripted failure")
+            .to_string();
+        let result = match payload.get("execute").and_then(Value::as_str) {
+            Some("fail") => StepResult::Failed {
+                reason,
+                retryable: false,
+            },
+            Some("fail_retryable") => StepResult::Failed {
+                reason,
+                retryable: true,
+            },
+            Some("flaky") => {
+                let times = payload
+                    .get("fail_times")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(1);
+                if self.fail_again(txn, "execute", times) {
+                    StepResult::Failed {
+                        reason,
+                        retryable: true,
+                    }
+                } else {
+                    StepResult::Done
+                }
+            }
+            _ => StepResult::Done,
+        };
+        eprintln!(
+            "EXECUTED {result:?} txn_id={} step={}",
+            txn.txn_id, txn.step
+        );
+        result
+    }
+
+    async fn compensate(&self, txn: &TxnContext) -> Result<(), ServiceError> {
+        let p = &txn.payload;
+        let never = p.get("compensate").and_then(Value::as_str) == Some("never");
+        let times = p
+            .get("compensate_fail_times")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        if never || self.fail_again(txn, "compensate", times) {
+            eprintln!(
+                "COMPENSATION FAILED txn_id={} step={}",
+                txn.txn_id, txn.step
+            );
+            return Err(ServiceError("scripted compensation failure".into()));
+        }
+        eprintln!("COMPENSATED txn_id={} step={}", txn.txn_id, txn.step);
         Ok(())
     }
 }

@@ -103,6 +103,42 @@ async fn every_emitted_message_matches_its_schema() {
     sys.wait_state("c-stuck", |e| e.state == TxnState::Committed)
         .await;
 
+    // Sagas: success, a failure with compensation, and a compensation that stays failed.
+    let saga = |id: &str, steps: Vec<Value>| json!({"txn_id": id, "mode": "saga", "steps": steps});
+    let sagas = vec![
+        saga(
+            "c-saga-ok",
+            vec![step("a", json!({})), step("b", json!({}))],
+        ),
+        saga(
+            "c-saga-undo",
+            vec![step("a", json!({})), step("b", json!({"execute": "fail"}))],
+        ),
+        saga(
+            "c-saga-failed",
+            vec![
+                step("a", json!({"compensate": "never"})),
+                step("b", json!({"execute": "fail"})),
+            ],
+        ),
+    ];
+    let outs = sys
+        .client
+        .submit_and_wait(sagas, Duration::from_secs(30))
+        .await;
+    let states: Vec<_> = outs
+        .iter()
+        .map(|o| o.as_ref().map(|e| e.state).ok())
+        .collect();
+    assert_eq!(
+        states,
+        [
+            Some(TxnState::Completed),
+            Some(TxnState::Compensated),
+            Some(TxnState::Failed)
+        ]
+    );
+
     // API replies.
     let api = |subject: &'static str, body: Value| {
         let nc = sys.nc.clone();

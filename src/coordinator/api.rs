@@ -136,7 +136,7 @@ async fn handle_execute(
     }
     // Already finished (a resubmission): the recorded outcome is the answer.
     if let Some(ev) = last_event(&shared, &txn_id).await
-        && ev.state.is_terminal()
+        && ev.state.is_outcome()
     {
         return respond(&req, to_bytes(&ev)).await;
     }
@@ -145,7 +145,7 @@ async fn handle_execute(
     let outcome = tokio::time::timeout(wait, async {
         while let Some(msg) = sub.next().await {
             if let Ok(ev) = serde_json::from_slice::<TransactionEvent>(&msg.payload) {
-                let terminal = ev.state.is_terminal();
+                let terminal = ev.state.is_outcome();
                 latest = Some(ev);
                 if terminal {
                     return;

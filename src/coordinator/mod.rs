@@ -24,7 +24,8 @@ use tracing::Instrument;
 
 use crate::config::Config;
 use crate::engine::EngineConfig;
-use crate::engine::twopc::{Phase, RecoverError, TwoPc};
+use crate::engine::Machine;
+use crate::engine::twopc::RecoverError;
 use crate::nats::{Expect, NatsError, StreamSettings, Streams, ensure_streams, publish_durable};
 use crate::proto::{
     Mode, ParticipantReply, Reason, RequestError, RequestLimits, Subjects, SubmitError,
@@ -65,6 +66,8 @@ pub struct Metrics {
     rejected: AtomicU64,
     duplicates: AtomicU64,
     recovered: AtomicU64,
+    completed: AtomicU64,
+    compensated: AtomicU64,
 }
 
 impl Metrics {
@@ -74,10 +77,12 @@ impl Metrics {
     fn duplicate(&self) {
         self.duplicates.fetch_add(1, Ordering::Relaxed);
     }
-    fn finished(&self, phase: Phase) {
-        match phase {
-            Phase::Committed => self.committed.fetch_add(1, Ordering::Relaxed),
-            Phase::Aborted => self.aborted.fetch_add(1, Ordering::Relaxed),
+    fn finished(&self, state: TxnState) {
+        match state {
+            TxnState::Committed => self.committed.fetch_add(1, Ordering::Relaxed),
+            TxnState::Aborted => self.aborted.fetch_add(1, Ordering::Relaxed),
+            TxnState::Completed => self.completed.fetch_add(1, Ordering::Relaxed),
+            TxnState::Compensated => self.compensated.fetch_add(1, Ordering::Relaxed),
             _ => 0,
         };
     }
@@ -91,6 +96,8 @@ impl Metrics {
             "rejected": self.rejected.load(Ordering::Relaxed),
             "duplicates": self.duplicates.load(Ordering::Relaxed),
             "recovered": self.recovered.load(Ordering::Relaxed),
+            "completed": self.completed.load(Ordering::Relaxed),
+            "compensated": self.compensated.load(Ordering::Relaxed),
             "in_flight": in_flight,
         })
     }
@@ -315,7 +322,7 @@ async fn submission(
     }
     let span = tracing::info_span!("txn", %txn_id);
     let mut out = Vec::new();
-    let engine = TwoPc::start(
+    let engine = Machine::start(
         txn_id.clone(),
         &request,
         seq,
@@ -506,7 +513,7 @@ async fn resume(shared: &Arc<Shared>, last: TransactionEvent) -> bool {
         }
     };
     let mut out = Vec::new();
-    let engine = match TwoPc::recover(
+    let engine = match Machine::recover(
         &accepted,
         &last,
         shared.subjects.reply(&txn_id),

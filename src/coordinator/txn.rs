@@ -12,8 +12,9 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::Shared;
-use crate::engine::twopc::{EngineError, Event, TwoPc};
+use crate::engine::twopc::EngineError;
 use crate::engine::{Command, Timer};
+use crate::engine::{Event, Machine};
 use crate::nats::{Expect, publish_durable};
 use crate::proto::{CommandKind, ParticipantReply, TransactionEvent, TxnState, now_ms};
 
@@ -116,7 +117,7 @@ pub enum Begin {
 /// Drives one transaction to its end. `commands` are the engine's first batch.
 pub async fn drive(
     shared: Arc<Shared>,
-    mut engine: TwoPc,
+    mut engine: Machine,
     commands: Vec<Command>,
     begin: Begin,
     own: mpsc::Sender<TxnMsg>,
@@ -176,7 +177,7 @@ pub async fn drive(
         }
     }
     shared.router.remove(&txn_id);
-    shared.metrics.finished(engine.phase());
+    shared.metrics.finished(engine.state());
 }
 
 struct Driver {

@@ -15,7 +15,97 @@
 pub mod saga;
 pub mod twopc;
 
-use crate::proto::{CommandKind, ParticipantCommand, ParticipantReply, TransactionEvent};
+use crate::proto::{
+    CommandKind, Mode, ParticipantCommand, ParticipantReply, TransactionEvent, TransactionRequest,
+    TxnState,
+};
+
+/// One transaction's machine, whichever its mode: what the runtime drives.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Machine {
+    /// Two-phase commit.
+    TwoPc(twopc::TwoPc),
+    /// A saga.
+    Saga(saga::Saga),
+}
+
+impl Machine {
+    /// Begins a transaction in the request's mode.
+    pub fn start(
+        txn_id: String,
+        request: &TransactionRequest,
+        submit_seq: Option<u64>,
+        reply_to: String,
+        cfg: EngineConfig,
+        now: u64,
+        out: &mut Vec<Command>,
+    ) -> Machine {
+        match request.mode {
+            Mode::TwoPc => Machine::TwoPc(twopc::TwoPc::start(
+                txn_id, request, submit_seq, reply_to, cfg, now, out,
+            )),
+            Mode::Saga => Machine::Saga(saga::Saga::start(
+                txn_id, request, submit_seq, reply_to, cfg, now, out,
+            )),
+        }
+    }
+
+    /// Rebuilds a transaction from its log, in the mode its accepted record names.
+    pub fn recover(
+        accepted: &TransactionEvent,
+        last: &TransactionEvent,
+        reply_to: String,
+        cfg: EngineConfig,
+        now: u64,
+        out: &mut Vec<Command>,
+    ) -> Result<Machine, twopc::RecoverError> {
+        match accepted.mode {
+            Mode::TwoPc => {
+                twopc::TwoPc::recover(accepted, last, reply_to, cfg, now, out).map(Machine::TwoPc)
+            }
+            Mode::Saga => {
+                saga::Saga::recover(accepted, last, reply_to, cfg, now, out).map(Machine::Saga)
+            }
+        }
+    }
+
+    /// Applies one event.
+    pub fn handle(
+        &mut self,
+        now: u64,
+        event: Event,
+        out: &mut Vec<Command>,
+    ) -> Result<(), twopc::EngineError> {
+        match self {
+            Machine::TwoPc(m) => m.handle(now, event, out),
+            Machine::Saga(m) => m.handle(now, event, out),
+        }
+    }
+
+    /// The transaction as an event.
+    pub fn snapshot(&self, now: u64) -> TransactionEvent {
+        match self {
+            Machine::TwoPc(m) => m.snapshot(now),
+            Machine::Saga(m) => m.snapshot(now),
+        }
+    }
+
+    /// The current state.
+    pub fn state(&self) -> TxnState {
+        match self {
+            Machine::TwoPc(m) => m.state(),
+            Machine::Saga(m) => m.state(),
+        }
+    }
+
+    /// The transaction id.
+    pub fn txn_id(&self) -> &str {
+        match self {
+            Machine::TwoPc(m) => m.txn_id(),
+            Machine::Saga(m) => m.txn_id(),
+        }
+    }
+}
 
 /// An input to a transaction's machine.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,6 +139,10 @@ pub enum Timer {
     StepTimeout,
     /// Saga: the next try of the current step's execute or compensate.
     StepRetry,
+    /// Saga: halfway to an execute's deadline with no answer, send it again (a participant
+    /// that restarted has the old copy pending on its consumer until the ack wait expires;
+    /// a new attempt reaches it at once).
+    StepNudge,
 }
 
 /// What the runtime must do, in order.

@@ -10,6 +10,7 @@
 //! | Executing(i) | `done` for i                                | Executing(i+1) / Completed | Persist(progress), Send(execute i+1) / Persist(completed), Finished |
 //! | Executing(i) | retryable `failed`, tries left              | same          | SetTimer(retry); on it: Persist(round), Send(execute i, attempt+1) |
 //! | Executing(i) | `failed` (or out of tries)                  | Compensating  | compensate i-1 .. 0 that are done |
+//! | Executing(i) | halfway to the deadline, no answer          | same          | Persist(round), Send(execute i, attempt+1) |
 //! | Executing(i) | step timeout                                | Compensating  | compensate i (it may have executed), then i-1 .. 0 |
 //! | Compensating(j) | `done` for j                             | Compensating(next) / Compensated | Persist(progress), Send(compensate next) / Persist(compensated), Finished |
 //! | Compensating(j) | `failed` or timeout                      | same (shown `failed` after the limit) | SetTimer(retry, backoff capped); on it: Persist(round), Send(compensate j, attempt+1) |
@@ -388,6 +389,26 @@ impl Saga {
             | (Phase::Compensating, Timer::StepRetry, SagaStepState::Compensating) => {
                 self.resend(now, out)
             }
+            (Phase::Executing, Timer::StepNudge, SagaStepState::Executing) => {
+                // Same deadline; a fresh attempt for a participant that may have restarted.
+                let s = &mut self.steps[self.cursor];
+                s.execute_attempt += 1;
+                let attempt = s.execute_attempt;
+                out.push(Command::Persist {
+                    msg_id: format!("{}.execute.{}.{attempt}", self.txn_id, self.cursor),
+                    event: self.snapshot(now),
+                });
+                out.push(Command::Send(self.command(
+                    self.cursor,
+                    CommandKind::Execute,
+                    attempt,
+                    now,
+                )));
+                out.push(Command::SetTimer {
+                    timer: Timer::StepNudge,
+                    at_ms: now.saturating_add(self.step_timeout(self.cursor) / 2),
+                });
+            }
             // A timer armed for a step or phase that is over: stale.
             _ => {}
         }
@@ -449,6 +470,7 @@ impl Saga {
         self.cause = Some(cause);
         out.push(Command::CancelTimer(Timer::StepTimeout));
         out.push(Command::CancelTimer(Timer::StepRetry));
+        out.push(Command::CancelTimer(Timer::StepNudge));
         self.next_compensation(now, out);
     }
 
@@ -515,6 +537,12 @@ impl Saga {
             timer: Timer::StepTimeout,
             at_ms: now.saturating_add(self.step_timeout(self.cursor)),
         });
+        if kind == CommandKind::Execute {
+            out.push(Command::SetTimer {
+                timer: Timer::StepNudge,
+                at_ms: now.saturating_add(self.step_timeout(self.cursor) / 2),
+            });
+        }
     }
 
     fn finish(&mut self, now: u64, out: &mut Vec<Command>) {
@@ -523,8 +551,9 @@ impl Saga {
             msg_id: format!("{}.final", self.txn_id),
             event: self.snapshot(now),
         });
-        out.push(Command::CancelTimer(Timer::StepTimeout));
-        out.push(Command::CancelTimer(Timer::StepRetry));
+        for timer in [Timer::StepTimeout, Timer::StepRetry, Timer::StepNudge] {
+            out.push(Command::CancelTimer(timer));
+        }
         out.push(Command::Finished);
     }
 

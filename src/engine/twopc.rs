@@ -327,6 +327,11 @@ impl TwoPc {
         self.phase
     }
 
+    /// The state shown in events.
+    pub fn state(&self) -> TxnState {
+        self.phase.state()
+    }
+
     /// Whether the outcome is reached and confirmed by everyone.
     pub fn is_finished(&self) -> bool {
         matches!(self.phase, Phase::Committed | Phase::Aborted)

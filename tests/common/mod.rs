@@ -255,6 +255,16 @@ impl System {
         }
     }
 
+    /// A participant's process, read-only.
+    pub fn participant_log(&self, service: &str) -> &Proc {
+        &self
+            .participants
+            .iter()
+            .find(|(s, _)| s == service)
+            .expect("participant")
+            .1
+    }
+
     pub fn participant(&mut self, service: &str) -> &mut Proc {
         &mut self
             .participants

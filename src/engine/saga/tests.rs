@@ -696,3 +696,31 @@ fn simulation_exercises_crashes_compensation_and_failed() {
     eprintln!("crashes {crashes} completed {completed} compensated {compensated} failed {failed}");
     assert!(crashes > 100 && completed > 20 && compensated > 20 && failed > 5);
 }
+
+#[test]
+fn a_silent_execute_is_sent_again_halfway_to_its_deadline() {
+    let (mut s, out) = start(2);
+    assert!(
+        out.contains(&Command::SetTimer {
+            timer: Timer::StepNudge,
+            at_ms: 500
+        }),
+        "{out:?}"
+    );
+    let out = h(&mut s, 500, Event::Timer(Timer::StepNudge));
+    assert_eq!(sends(&out), vec![(0, CommandKind::Execute, 2)]);
+    assert!(
+        matches!(&out[0], Command::Persist { .. }),
+        "the attempt is persisted first"
+    );
+    // The deadline is not moved by the nudge.
+    assert!(!out.iter().any(|c| matches!(
+        c,
+        Command::SetTimer {
+            timer: Timer::StepTimeout,
+            ..
+        }
+    )));
+    let out = h(&mut s, 501, done(0, CommandKind::Execute));
+    assert_eq!(sends(&out), vec![(1, CommandKind::Execute, 1)]);
+}

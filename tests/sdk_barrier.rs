@@ -1,0 +1,217 @@
+//! The participant SDK's saga barrier against a real nats-server: commands are published by
+//! hand (as a coordinator would, duplicates and misorderings included) and the test counts
+//! how often the service itself was called.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::{Value, json};
+use txcoord::natsserver::NatsServer;
+use txcoord::participant::{self, BranchState, Participant, ServiceError, StepResult, TxnContext};
+use txcoord::proto::{CommandKind, ParticipantCommand, ParticipantReply, ReplyOutcome, Subjects};
+
+#[derive(Default)]
+struct Counting {
+    executes: AtomicU32,
+    compensates: AtomicU32,
+    /// Fail retryably this many times first.
+    flaky: AtomicU32,
+}
+
+/// The service as the SDK sees it; the test keeps the other handle to read the counters.
+struct Svc(Arc<Counting>);
+
+impl Participant for Svc {
+    async fn execute(&self, _txn: &TxnContext, _action: &str, _payload: &Value) -> StepResult {
+        self.0.executes.fetch_add(1, Ordering::SeqCst);
+        if self.0.flaky.load(Ordering::SeqCst) > 0 {
+            self.0.flaky.fetch_sub(1, Ordering::SeqCst);
+            return StepResult::Failed {
+                reason: "busy".into(),
+                retryable: true,
+            };
+        }
+        StepResult::Done
+    }
+
+    async fn compensate(&self, _txn: &TxnContext) -> Result<(), ServiceError> {
+        self.0.compensates.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+struct Harness {
+    _nats: NatsServer,
+    js: async_nats::jetstream::Context,
+    service: Arc<Counting>,
+    replies: async_nats::Subscriber,
+    subjects: Subjects,
+}
+
+impl Harness {
+    async fn start() -> Harness {
+        let nats = NatsServer::start().expect("nats-server (run ./dev setup)");
+        let nc = async_nats::connect(nats.url()).await.unwrap();
+        let js = async_nats::jetstream::new(nc.clone());
+        let subjects = Subjects::default();
+        txcoord::nats::ensure_streams(&js, &subjects, &Default::default())
+            .await
+            .unwrap();
+        let service = Arc::new(Counting::default());
+        let replies = nc.subscribe("txn.reply.>").await.unwrap();
+        let run = participant::run(
+            nc.clone(),
+            "svc",
+            Svc(service.clone()),
+            Default::default(),
+            std::future::pending(),
+        );
+        tokio::spawn(run);
+        Harness {
+            _nats: nats,
+            js,
+            service,
+            replies,
+            subjects,
+        }
+    }
+
+    /// Sends one command and returns the participant's reply to it.
+    async fn send(&mut self, txn: &str, kind: CommandKind, attempt: u32) -> ParticipantReply {
+        let cmd = ParticipantCommand {
+            txn_id: txn.into(),
+            service: "svc".into(),
+            step: 0,
+            kind,
+            action: "ship".into(),
+            payload: json!({"box": 1}),
+            reply_to: self.subjects.reply(txn),
+            attempt,
+            deadline_ms: 0,
+            compensate_action: None,
+        };
+        let subject = self.subjects.command("svc", txn);
+        let id = format!("{txn}.0.{}.{attempt}", kind.as_str());
+        txcoord::nats::publish_durable(
+            &self.js,
+            &subject,
+            &id,
+            serde_json::to_vec(&cmd).unwrap().into(),
+            Default::default(),
+            Some(3),
+        )
+        .await
+        .unwrap();
+        loop {
+            let msg = tokio::time::timeout(Duration::from_secs(10), self.replies.next())
+                .await
+                .expect("a reply")
+                .unwrap();
+            let r: ParticipantReply = serde_json::from_slice(&msg.payload).unwrap();
+            if r.txn_id == txn && r.kind == kind && r.attempt == attempt {
+                return r;
+            }
+        }
+    }
+
+    async fn record(&self, txn: &str) -> Option<BranchState> {
+        let store = participant::branch_store(&self.js, "svc", 1).await.unwrap();
+        participant::read_branch(&store, txn, 0)
+            .await
+            .map(|r| r.state)
+    }
+
+    fn calls(&self) -> (u32, u32) {
+        (
+            self.service.executes.load(Ordering::SeqCst),
+            self.service.compensates.load(Ordering::SeqCst),
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_execute_returns_the_first_result_without_calling_again() {
+    let mut h = Harness::start().await;
+    assert_eq!(
+        h.send("t1", CommandKind::Execute, 1).await.outcome,
+        ReplyOutcome::Done
+    );
+    assert_eq!(
+        h.send("t1", CommandKind::Execute, 2).await.outcome,
+        ReplyOutcome::Done
+    );
+    assert_eq!(h.calls(), (1, 0));
+    assert_eq!(h.record("t1").await, Some(BranchState::Executed));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_compensate_undoes_once() {
+    let mut h = Harness::start().await;
+    h.send("t2", CommandKind::Execute, 1).await;
+    assert_eq!(
+        h.send("t2", CommandKind::Compensate, 1).await.outcome,
+        ReplyOutcome::Done
+    );
+    assert_eq!(
+        h.send("t2", CommandKind::Compensate, 2).await.outcome,
+        ReplyOutcome::Done
+    );
+    assert_eq!(h.calls(), (1, 1));
+    assert_eq!(h.record("t2").await, Some(BranchState::Compensated));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compensate_before_execute_is_a_null_compensation() {
+    let mut h = Harness::start().await;
+    assert_eq!(
+        h.send("t3", CommandKind::Compensate, 1).await.outcome,
+        ReplyOutcome::Done
+    );
+    assert_eq!(
+        h.calls(),
+        (0, 0),
+        "nothing executed, so the service is not asked to undo"
+    );
+    assert_eq!(
+        h.record("t3").await,
+        Some(BranchState::CompensatedBeforeExecute)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn execute_after_compensate_is_refused() {
+    let mut h = Harness::start().await;
+    h.send("t4", CommandKind::Compensate, 1).await;
+    let late = h.send("t4", CommandKind::Execute, 1).await;
+    assert_eq!(late.outcome, ReplyOutcome::Failed);
+    assert_eq!(late.retryable, Some(false));
+    assert!(
+        late.reason
+            .unwrap_or_default()
+            .contains("after its compensation")
+    );
+    assert_eq!(
+        h.calls(),
+        (0, 0),
+        "the service never runs a step whose compensation came first"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retryable_failure_is_not_recorded_so_the_retry_runs_again() {
+    let mut h = Harness::start().await;
+    h.service.flaky.store(1, Ordering::SeqCst);
+    let first = h.send("t5", CommandKind::Execute, 1).await;
+    assert_eq!(
+        (first.outcome, first.retryable),
+        (ReplyOutcome::Failed, Some(true))
+    );
+    assert_eq!(h.record("t5").await, None);
+    assert_eq!(
+        h.send("t5", CommandKind::Execute, 2).await.outcome,
+        ReplyOutcome::Done
+    );
+    assert_eq!(h.calls(), (2, 0));
+}
