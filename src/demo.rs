@@ -36,6 +36,10 @@ pub struct DemoArgs {
     /// does) instead of starting them.
     #[arg(long)]
     pub external: bool,
+    /// Run the orders as two-phase commits (`2pc`) or as sagas (`saga`: reserve stock, charge
+    /// the card, create the order, compensating newest first when a step fails).
+    #[arg(long, default_value = "2pc", value_parser = ["2pc", "saga"])]
+    pub mode: String,
 }
 
 const STOCK: &[(&str, u64, u64)] = &[
@@ -212,7 +216,7 @@ struct Order {
     amount: u64,
 }
 
-fn generate(n: usize, seed: u64, prefix_id: &str) -> Vec<Order> {
+fn generate(n: usize, seed: u64, prefix_id: &str, saga: bool) -> Vec<Order> {
     let mut rng = Rng(seed.wrapping_mul(0x9E3779B97F4A7C15) | 1);
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
@@ -252,18 +256,38 @@ fn generate(n: usize, seed: u64, prefix_id: &str) -> Vec<Order> {
             pay["delay_ms"] = json!(1_500);
             timeout_ms = 700;
         }
-        let request = json!({
-            "txn_id": format!("{prefix_id}-txn-{i}"),
-            "mode": "2pc",
-            "timeout_ms": timeout_ms,
-            "metadata": {"demo": true},
-            "steps": [
-                {"service": "inventory", "action": "reserve", "payload": inv},
-                {"service": "payment", "action": "charge", "payload": pay},
-                {"service": "order", "action": "create", "payload": {
-                    "order_id": order_id, "account": account, "items": [{"sku": sku, "qty": qty}]}},
-            ],
-        });
+        let order =
+            json!({"order_id": order_id, "account": account, "items": [{"sku": sku, "qty": qty}]});
+        let request = if saga {
+            // A saga step has its own timeout: the slow payment times out and is compensated
+            // (it may have charged), then the stock is put back.
+            let mut pay_step = json!({"service": "payment", "action": "charge", "payload": pay});
+            if timeout_ms != 5_000 {
+                pay_step["timeout_ms"] = json!(timeout_ms);
+            }
+            json!({
+                "txn_id": format!("{prefix_id}-txn-{i}"),
+                "mode": "saga",
+                "metadata": {"demo": true},
+                "steps": [
+                    {"service": "inventory", "action": "reserve", "payload": inv, "compensate": "restock"},
+                    pay_step,
+                    {"service": "order", "action": "create", "payload": order, "compensate": "cancel"},
+                ],
+            })
+        } else {
+            json!({
+                "txn_id": format!("{prefix_id}-txn-{i}"),
+                "mode": "2pc",
+                "timeout_ms": timeout_ms,
+                "metadata": {"demo": true},
+                "steps": [
+                    {"service": "inventory", "action": "reserve", "payload": inv},
+                    {"service": "payment", "action": "charge", "payload": pay},
+                    {"service": "order", "action": "create", "payload": order},
+                ],
+            })
+        };
         out.push(Order {
             request,
             sku,
@@ -488,7 +512,7 @@ pub async fn run(args: DemoArgs, nats_url: Option<String>) -> anyhow::Result<boo
     }
 
     let client = txcoord::client::Client::new(nc.clone(), &prefix).await?;
-    let orders = generate(args.orders, args.seed, &run_id);
+    let orders = generate(args.orders, args.seed, &run_id, args.mode == "saga");
     let requests: Vec<Value> = orders.iter().map(|o| o.request.clone()).collect();
     let bar = indicatif::ProgressBar::new(orders.len() as u64);
     bar.set_style(
@@ -508,7 +532,7 @@ pub async fn run(args: DemoArgs, nats_url: Option<String>) -> anyhow::Result<boo
         let watch = client.submit_and_watch(requests, Duration::from_secs(300), |ev, latency| {
             done += 1;
             bar.inc(1);
-            if ev.state == TxnState::Committed {
+            if succeeded(ev.state) {
                 let _ = latencies.record(latency.as_micros() as u64);
             }
             if Some(done) == kill_at {
@@ -566,7 +590,7 @@ pub async fn run(args: DemoArgs, nats_url: Option<String>) -> anyhow::Result<boo
         .filter(|o| {
             events
                 .get(o.request["txn_id"].as_str().unwrap_or_default())
-                .is_some_and(|e| e.state == TxnState::Committed)
+                .is_some_and(|e| succeeded(e.state))
         })
         .collect();
 
@@ -586,7 +610,7 @@ pub async fn run(args: DemoArgs, nats_url: Option<String>) -> anyhow::Result<boo
     println!();
     if broken.is_empty() {
         println!(
-            "invariants: OK (stock = remaining + sold; money = balances + charged; every confirmed order has its reservation and charge; aborted orders left nothing; nothing held)"
+            "invariants: OK (stock = remaining + sold; money = balances + charged; every confirmed order has its reservation and charge; orders that did not go through left nothing; nothing held)"
         );
     } else {
         println!("invariants: BROKEN");
@@ -596,6 +620,11 @@ pub async fn run(args: DemoArgs, nats_url: Option<String>) -> anyhow::Result<boo
     }
     drop(cluster);
     Ok(broken.is_empty())
+}
+
+/// A committed 2PC transaction or a completed saga.
+fn succeeded(state: TxnState) -> bool {
+    matches!(state, TxnState::Committed | TxnState::Completed)
 }
 
 /// Prints the summary a person reads at a glance.
@@ -609,7 +638,7 @@ fn report(
     latencies: &hdrhistogram::Histogram<u64>,
 ) {
     let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
-    for ev in events.values().filter(|e| e.state != TxnState::Committed) {
+    for ev in events.values().filter(|e| !succeeded(e.state)) {
         let key = match &ev.reason {
             Some(Reason::VoteAbort {
                 service, message, ..
@@ -637,13 +666,22 @@ fn report(
         *reasons.entry(key).or_default() += 1;
     }
     println!();
+    let saga = events
+        .values()
+        .any(|e| e.mode == txcoord::proto::Mode::Saga);
     println!(
-        "== txcoord order demo: {} orders in {:.2}s ==",
+        "== txcoord order demo ({}): {} orders in {:.2}s ==",
+        if saga { "saga" } else { "2pc" },
         orders.len(),
         elapsed.as_secs_f64()
     );
-    println!("committed  {:>5}", committed.len());
-    println!("aborted    {:>5}", events.len() - committed.len());
+    let (ok, undone) = if saga {
+        ("completed  ", "compensated")
+    } else {
+        ("committed  ", "aborted    ")
+    };
+    println!("{ok}{:>5}", committed.len());
+    println!("{undone}{:>5}", events.len() - committed.len());
     for (k, v) in &reasons {
         println!("  {v:>5}  {k}");
     }
@@ -652,7 +690,7 @@ fn report(
     }
     if !latencies.is_empty() {
         println!(
-            "latency of committed orders: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            "latency of successful orders: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
             latencies.value_at_quantile(0.5) as f64 / 1000.0,
             latencies.value_at_quantile(0.99) as f64 / 1000.0,
             latencies.max() as f64 / 1000.0

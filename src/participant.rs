@@ -10,13 +10,30 @@
 //! - after a crash, the service's durable consumer replays what it missed and every
 //!   in-doubt branch gets its decision (the coordinator resends it until confirmed).
 //!
+//! For sagas the same record is the barrier:
+//!
+//! - a repeated execute or compensate answers the first result without calling the service;
+//! - a compensate with no execute recorded is a null compensation: recorded, answered `done`,
+//!   the service not called;
+//! - an execute after its compensate is refused (`failed`, not retryable) without calling the
+//!   service (hanging prevention); if the compensate overtook an execute already running,
+//!   the SDK undoes that execute's effect when it returns.
+//!
 //! Every state change is a compare-and-set on the record's KV revision, so several instances
-//! of one service (sharing the durable consumer) never overwrite each other.
+//! of one service (sharing the durable consumer) never overwrite each other, and commands for
+//! one branch take turns inside a process.
 //!
 //! What the service must do itself: keep whatever `prepare` holds durable (a service that
-//! loses its holds in a crash cannot honour a later commit), and make `prepare`, `commit`
-//! and `abort` safe to run twice for the same branch, since a crash between the call and the
-//! SDK's record write repeats the call.
+//! loses its holds in a crash cannot honour a later commit), and make every call safe to run
+//! twice for the same branch, since a crash between the call and the SDK's record write
+//! repeats it. The way to do that is to make the effect and a per-branch marker one atomic
+//! write:
+//!
+//! - in a JetStream KV bucket, keep the marker (`<txn_id>.<step>`) inside the record the
+//!   effect changes and write both with one compare-and-set on the key's revision
+//!   ([`crate::kvtable::Table::update`]); the example services do exactly this;
+//! - in a database, write the effect and a barrier row keyed by (txn_id, step), unique, in
+//!   one transaction, and treat a duplicate key as "already done".
 
 use std::future::Future;
 use std::sync::Arc;

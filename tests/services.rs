@@ -283,8 +283,8 @@ async fn a_stale_expected_version_aborts_with_version_conflict() {
     assert_eq!((n(&apple, "sold"), n(&apple, "version")), (2, 2));
 }
 
-#[test]
-fn the_demo_with_a_killed_coordinator_keeps_every_invariant() {
+/// Runs `txcoord demo` with a killed coordinator in the given mode and checks its verdict.
+fn demo_with_kill(mode: &str, success: &str) {
     let dir = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_txcoord"))
         .args([
@@ -292,6 +292,8 @@ fn the_demo_with_a_killed_coordinator_keeps_every_invariant() {
             "--kill-coordinator",
             "--orders",
             "150",
+            "--mode",
+            mode,
             "--data-dir",
         ])
         .arg(dir.path())
@@ -309,10 +311,20 @@ fn the_demo_with_a_killed_coordinator_keeps_every_invariant() {
         stdout.contains("SIGKILLed after"),
         "the kill happened: {stdout}"
     );
-    let committed: u64 = stdout
+    let ok: u64 = stdout
         .lines()
-        .find_map(|l| l.strip_prefix("committed"))
+        .find_map(|l| l.strip_prefix(success))
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or(0);
-    assert!(committed > 30, "most orders should commit: {stdout}");
+    assert!(ok > 30, "most orders should go through: {stdout}");
+}
+
+#[test]
+fn the_demo_with_a_killed_coordinator_keeps_every_invariant() {
+    demo_with_kill("2pc", "committed");
+}
+
+#[test]
+fn the_saga_demo_with_a_killed_coordinator_keeps_every_invariant() {
+    demo_with_kill("saga", "completed");
 }

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use txcoord::kvtable::{Change, Table};
-use txcoord::participant::{Participant, ServiceError, TxnContext, Vote};
+use txcoord::participant::{Participant, ServiceError, StepResult, TxnContext, Vote};
 
 /// One SKU. `version` counts committed changes (optimistic concurrency for clients);
 /// the KV revision guards every write against lost updates.
@@ -23,6 +23,10 @@ struct Stock {
     /// Units held by prepared transactions, by `<txn_id>.<step>`.
     #[serde(default)]
     holds: BTreeMap<String, u64>,
+    /// Units sold by saga steps, by `<txn_id>.<step>`: the marker that makes a saga's execute
+    /// and compensate exactly-once, written in the same record as the effect.
+    #[serde(default)]
+    sagas: BTreeMap<String, u64>,
     /// Bumped by every commit.
     version: u64,
 }
@@ -115,6 +119,35 @@ impl Participant for Inventory {
             .map_err(|e| ServiceError(e.to_string()))
     }
 
+    async fn execute(&self, txn: &TxnContext, action: &str, payload: &Value) -> StepResult {
+        if action != "reserve" {
+            return StepResult::Failed {
+                reason: format!("unknown action {action:?}"),
+                retryable: false,
+            };
+        }
+        self.sell(txn, payload).await
+    }
+
+    async fn compensate(&self, txn: &TxnContext) -> Result<(), ServiceError> {
+        let sku = sku_of(txn)?;
+        let branch = common::hold_key(txn);
+        self.stock
+            .update(&sku, |cur| match cur {
+                Some(s) if s.sagas.contains_key(&branch) => {
+                    let mut next = s.clone();
+                    let qty = next.sagas.remove(&branch).unwrap_or(0);
+                    next.available += qty;
+                    next.sold -= qty;
+                    next.version += 1;
+                    (Change::Put(next), ())
+                }
+                _ => (Change::Keep, ()),
+            })
+            .await
+            .map_err(|e| ServiceError(e.to_string()))
+    }
+
     async fn abort(&self, txn: &TxnContext) -> Result<(), ServiceError> {
         let sku = sku_of(txn)?;
         let hold = common::hold_key(txn);
@@ -130,6 +163,65 @@ impl Participant for Inventory {
             })
             .await
             .map_err(|e| ServiceError(e.to_string()))
+    }
+}
+
+impl Inventory {
+    /// Saga: sells the quantity at once (no hold), or says why not.
+    async fn sell(&self, txn: &TxnContext, payload: &Value) -> StepResult {
+        let req: Reserve = match common::parse_payload(payload) {
+            Ok(r) => r,
+            Err(e) => {
+                return StepResult::Failed {
+                    reason: e,
+                    retryable: false,
+                };
+            }
+        };
+        common::demo_delay(payload).await;
+        let branch = common::hold_key(txn);
+        let fail = |reason: String| StepResult::Failed {
+            reason,
+            retryable: false,
+        };
+        let done = self.stock.update(&req.sku, |cur| {
+            let Some(s) = cur else {
+                return (Change::Keep, fail(format!("unknown sku: {:?}", req.sku)));
+            };
+            if s.sagas.contains_key(&branch) {
+                return (Change::Keep, StepResult::Done);
+            }
+            if let Some(v) = req.expected_version
+                && v != s.version
+            {
+                return (
+                    Change::Keep,
+                    fail(format!(
+                        "version_conflict: {} is at version {}, expected {v}",
+                        req.sku, s.version
+                    )),
+                );
+            }
+            if s.available < req.qty {
+                return (
+                    Change::Keep,
+                    fail(format!(
+                        "out of stock: {} has {} available, asked for {}",
+                        req.sku, s.available, req.qty
+                    )),
+                );
+            }
+            let mut next = s.clone();
+            next.available -= req.qty;
+            next.sold += req.qty;
+            next.version += 1;
+            next.sagas.insert(branch.clone(), req.qty);
+            (Change::Put(next), StepResult::Done)
+        });
+        done.await.unwrap_or_else(|e| StepResult::Failed {
+            reason: e.to_string(),
+            retryable: true,
+        })
     }
 }
 
@@ -154,6 +246,7 @@ async fn main() -> ExitCode {
             available: n,
             sold: 0,
             holds: BTreeMap::new(),
+            sagas: BTreeMap::new(),
             version: 0,
         }),
         |stock| Inventory { stock },

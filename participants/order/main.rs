@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use txcoord::kvtable::{Change, Table};
-use txcoord::participant::{Participant, ServiceError, TxnContext, Vote};
+use txcoord::participant::{Participant, ServiceError, StepResult, TxnContext, Vote};
 
 /// Where an order stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,6 +113,63 @@ impl Participant for Orders {
                     next.version += 1;
                     (Change::Put(next), ())
                 }
+                _ => (Change::Keep, ()),
+            })
+            .await
+            .map_err(|e| ServiceError(e.to_string()))
+    }
+
+    async fn execute(&self, txn: &TxnContext, action: &str, payload: &Value) -> StepResult {
+        if action != "create" {
+            return StepResult::Failed {
+                reason: format!("unknown action {action:?}"),
+                retryable: false,
+            };
+        }
+        let req: Create = match common::parse_payload(payload) {
+            Ok(r) => r,
+            Err(e) => {
+                return StepResult::Failed {
+                    reason: e,
+                    retryable: false,
+                };
+            }
+        };
+        common::demo_delay(payload).await;
+        let branch = common::hold_key(txn);
+        let done = self.orders.update(&req.order_id, |cur| match cur {
+            Some(o) if o.branch == branch => (Change::Keep, StepResult::Done),
+            Some(_) => (
+                Change::Keep,
+                StepResult::Failed {
+                    reason: format!("duplicate order_id: {}", req.order_id),
+                    retryable: false,
+                },
+            ),
+            None => (
+                Change::Put(Order {
+                    state: OrderState::Confirmed,
+                    branch: branch.clone(),
+                    txn_id: txn.txn_id.clone(),
+                    items: req.items.clone(),
+                    account: req.account.clone(),
+                    version: 1,
+                }),
+                StepResult::Done,
+            ),
+        });
+        done.await.unwrap_or_else(|e| StepResult::Failed {
+            reason: e.to_string(),
+            retryable: true,
+        })
+    }
+
+    async fn compensate(&self, txn: &TxnContext) -> Result<(), ServiceError> {
+        let id = order_id(txn)?;
+        let branch = common::hold_key(txn);
+        self.orders
+            .update(&id, |cur| match cur {
+                Some(o) if o.branch == branch => (Change::Delete, ()),
                 _ => (Change::Keep, ()),
             })
             .await

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use txcoord::kvtable::{Change, Table};
-use txcoord::participant::{Participant, ServiceError, TxnContext, Vote};
+use txcoord::participant::{Participant, ServiceError, StepResult, TxnContext, Vote};
 
 /// One account. `version` counts committed changes; the KV revision guards every write.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -22,6 +22,10 @@ struct Account {
     /// Money held by prepared transactions, by `<txn_id>.<step>`.
     #[serde(default)]
     holds: BTreeMap<String, u64>,
+    /// Money charged by saga steps, by `<txn_id>.<step>` (exactly-once marker, written with
+    /// the effect).
+    #[serde(default)]
+    sagas: BTreeMap<String, u64>,
     /// Bumped by every commit.
     version: u64,
 }
@@ -99,6 +103,84 @@ impl Participant for Payment {
     async fn abort(&self, txn: &TxnContext) -> Result<(), ServiceError> {
         self.settle(txn, false).await
     }
+
+    async fn execute(&self, txn: &TxnContext, action: &str, payload: &Value) -> StepResult {
+        if action != "charge" {
+            return StepResult::Failed {
+                reason: format!("unknown action {action:?}"),
+                retryable: false,
+            };
+        }
+        let req: Charge = match common::parse_payload(payload) {
+            Ok(r) => r,
+            Err(e) => {
+                return StepResult::Failed {
+                    reason: e,
+                    retryable: false,
+                };
+            }
+        };
+        common::demo_delay(payload).await;
+        let branch = common::hold_key(txn);
+        let fail = |reason: String| StepResult::Failed {
+            reason,
+            retryable: false,
+        };
+        let done = self.accounts.update(&req.account, |cur| {
+            let Some(a) = cur else {
+                return (
+                    Change::Keep,
+                    fail(format!("unknown account: {:?}", req.account)),
+                );
+            };
+            if a.sagas.contains_key(&branch) {
+                return (Change::Keep, StepResult::Done);
+            }
+            if a.balance < req.amount {
+                return (
+                    Change::Keep,
+                    fail(format!(
+                        "insufficient funds: {} has {}, charge is {}",
+                        req.account, a.balance, req.amount
+                    )),
+                );
+            }
+            let mut next = a.clone();
+            next.balance -= req.amount;
+            next.charged += req.amount;
+            next.version += 1;
+            next.sagas.insert(branch.clone(), req.amount);
+            (Change::Put(next), StepResult::Done)
+        });
+        done.await.unwrap_or_else(|e| StepResult::Failed {
+            reason: e.to_string(),
+            retryable: true,
+        })
+    }
+
+    async fn compensate(&self, txn: &TxnContext) -> Result<(), ServiceError> {
+        let account = txn
+            .payload
+            .get("account")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let branch = common::hold_key(txn);
+        self.accounts
+            .update(&account, |cur| match cur {
+                Some(a) if a.sagas.contains_key(&branch) => {
+                    let mut next = a.clone();
+                    let amount = next.sagas.remove(&branch).unwrap_or(0);
+                    next.balance += amount;
+                    next.charged -= amount;
+                    next.version += 1;
+                    (Change::Put(next), ())
+                }
+                _ => (Change::Keep, ()),
+            })
+            .await
+            .map_err(|e| ServiceError(e.to_string()))
+    }
 }
 
 impl Payment {
@@ -144,6 +226,7 @@ async fn main() -> ExitCode {
             balance: n,
             charged: 0,
             holds: BTreeMap::new(),
+            sagas: BTreeMap::new(),
             version: 0,
         }),
         |accounts| Payment { accounts },
