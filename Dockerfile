@@ -4,6 +4,8 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src src
 COPY participants participants
+COPY benches benches
+COPY examples examples
 
 
 RUN cargo build --release --bins \

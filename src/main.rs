@@ -12,7 +12,9 @@ use serde_json::Value;
 use txcoord::config::Config;
 use txcoord::proto::TxnState;
 
+mod bench;
 mod demo;
+mod procs;
 
 #[derive(Parser)]
 #[command(
@@ -62,6 +64,9 @@ enum Cmd {
     /// Run the order demo end to end: nats-server (unless --nats-url), the coordinator, the
     /// inventory, payment and order services; place orders; print a summary; check invariants.
     Demo(demo::DemoArgs),
+    /// Benchmark: a closed loop of clients against a coordinator (started here with no-op
+    /// participants unless --nats-url is given), with the raw JetStream ceiling.
+    Bench(bench::BenchArgs),
     /// Run the built-in scripted participant (each step's payload says how it votes).
     Participant {
         /// The service name to serve.
@@ -144,6 +149,10 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let cfg = load_config(&cli)?;
     match cli.command {
+        Cmd::Bench(args) => {
+            bench::run(args, cli.nats_url).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Demo(args) => {
             let ok = demo::run(args, cli.nats_url).await?;
             Ok(if ok {

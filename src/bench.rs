@@ -1,0 +1,585 @@
+//! `txcoord bench`: a closed loop of C clients driving the coordinator, with the raw
+//! JetStream ceiling of the same server measured in the same run.
+//!
+//! - Throughput and latency come from the timed run: each client submits a transaction and
+//!   waits for its outcome before submitting the next.
+//! - JetStream messages per transaction come from the server's own stream sequence numbers
+//!   before and after the timed run, summed over every stream (submissions, events,
+//!   commands, replies, and the participants' KV buckets).
+//! - Bytes per transaction come from a short accounting pass after it, with a tap on every
+//!   subject that JetStream stores, so the timed run carries no tap.
+//! - `--ceiling` publishes messages of the average stored size to a scratch stream, pipelined
+//!   with acks, then reads them back with a durable pull consumer. Efficiency =
+//!   (transactions/s × messages per transaction) / raw publishes/s.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures::StreamExt;
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+use txcoord::natsserver::NatsServer;
+use txcoord::proto::{Subjects, TransactionEvent, TxnState};
+
+use crate::procs::{Proc, coordinator_stats, wait_consumer};
+
+/// The benchmark's options.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// `2pc` or `saga`.
+    #[arg(long, default_value = "2pc", value_parser = ["2pc", "saga"])]
+    pub mode: String,
+    /// Participants (steps) per transaction, 1 to 10.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=10))]
+    pub participants: u16,
+    /// Concurrent clients in the closed loop.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// How long to run, in seconds (ignored with --count).
+    #[arg(long, default_value_t = 10)]
+    pub duration_secs: u64,
+    /// Run this many transactions instead of a duration.
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Payload bytes per step.
+    #[arg(long, default_value_t = 64)]
+    pub payload_bytes: usize,
+    /// Fraction of transactions whose last step refuses (0.0 to 1.0).
+    #[arg(long, default_value_t = 0.0)]
+    pub abort_fraction: f64,
+    /// Also measure the raw JetStream ceiling on the same server.
+    #[arg(long)]
+    pub ceiling: bool,
+    /// Messages the ceiling measurement publishes and reads back.
+    #[arg(long, default_value_t = 50_000)]
+    pub ceiling_messages: usize,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// When starting its own nats-server: fsync every write (`sync_interval: always`).
+    #[arg(long)]
+    pub sync_always: bool,
+    /// The nats-server binary to start (else NATS_SERVER_BIN, the project's install, PATH).
+    #[arg(long)]
+    pub nats_server: Option<PathBuf>,
+    /// Keep the store and logs here (a temp dir otherwise).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// Outcomes waited for, by txn_id.
+type Waiters = Arc<Mutex<HashMap<String, oneshot::Sender<TransactionEvent>>>>;
+
+struct Setup {
+    _server: Option<NatsServer>,
+    procs: Vec<Proc>,
+    url: String,
+    services: Vec<String>,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        for p in &mut self.procs {
+            p.stop();
+        }
+    }
+}
+
+async fn setup(
+    args: &BenchArgs,
+    nats_url: Option<String>,
+    dir: &std::path::Path,
+) -> anyhow::Result<Setup> {
+    let services: Vec<String> = (0..args.participants)
+        .map(|i| format!("bench{i}"))
+        .collect();
+    let Some(_) = nats_url.as_ref().or(None::<&String>) else {
+        let server = NatsServer::start_with(
+            args.nats_server.as_deref(),
+            Some(&dir.join("nats")),
+            if args.sync_always {
+                "sync_interval: always"
+            } else {
+                ""
+            },
+        )
+        .context("starting nats-server")?;
+        let url = server.url();
+        let me = std::env::current_exe()?.display().to_string();
+        let mut procs = vec![Proc::spawn(
+            "coordinator",
+            vec![me.clone(), "serve".into(), "--nats-url".into(), url.clone()],
+            dir.join("coordinator.log"),
+        )?];
+        for s in &services {
+            procs.push(Proc::spawn(
+                s,
+                vec![
+                    me.clone(),
+                    "participant".into(),
+                    "--service".into(),
+                    s.clone(),
+                    "--nats-url".into(),
+                    url.clone(),
+                    "--concurrency".into(),
+                    "1024".into(),
+                ],
+                dir.join(format!("{s}.log")),
+            )?);
+        }
+        return Ok(Setup {
+            _server: Some(server),
+            procs,
+            url,
+            services,
+        });
+    };
+    // Someone else's coordinator and participants (`txcoord participant --service benchN`).
+    Ok(Setup {
+        _server: None,
+        procs: Vec::new(),
+        url: nats_url.unwrap_or_default(),
+        services,
+    })
+}
+
+fn request(args: &BenchArgs, services: &[String], i: u64, pad: &str) -> Value {
+    let abort =
+        args.abort_fraction > 0.0 && ((i * 7919) % 10_000) as f64 / 10_000.0 < args.abort_fraction;
+    let last = services.len() - 1;
+    let steps: Vec<Value> = services
+        .iter()
+        .enumerate()
+        .map(|(n, s)| {
+            let mut payload = json!({"pad": pad});
+            if abort && n == last {
+                if args.mode == "saga" {
+                    payload["execute"] = json!("fail");
+                } else {
+                    payload["vote"] = json!("abort");
+                }
+            }
+            json!({"service": s, "action": "noop", "payload": payload})
+        })
+        .collect();
+    json!({"mode": args.mode, "steps": steps, "timeout_ms": 30_000})
+}
+
+/// Sum of the last sequence of every stream: how many messages JetStream has stored.
+async fn stored_messages(js: &async_nats::jetstream::Context) -> anyhow::Result<u64> {
+    let mut names = js.stream_names();
+    let mut total = 0;
+    while let Some(name) = names.next().await {
+        let name = name?;
+        if name == "BENCH_CEILING" {
+            continue;
+        }
+        let info = js.get_stream(&name).await?.get_info().await?;
+        total += info.state.last_sequence;
+    }
+    Ok(total)
+}
+
+/// What a closed loop talks to.
+struct Target<'a> {
+    args: &'a BenchArgs,
+    js: &'a async_nats::jetstream::Context,
+    services: &'a [String],
+    waiters: &'a Waiters,
+}
+
+/// How much load a closed loop applies: `count` transactions, or for `duration`.
+struct Load {
+    count: Option<u64>,
+    duration: Duration,
+    concurrency: usize,
+}
+
+/// Runs transactions in a closed loop; returns (committed, aborted, histogram in µs, elapsed).
+async fn closed_loop(
+    target: &Target<'_>,
+    load: Load,
+    progress: Option<&indicatif::ProgressBar>,
+) -> anyhow::Result<(u64, u64, hdrhistogram::Histogram<u64>, Duration)> {
+    let Target {
+        args,
+        js,
+        services,
+        waiters,
+    } = *target;
+    let Load {
+        count,
+        duration,
+        concurrency,
+    } = load;
+    let subjects = Subjects::default();
+    let pad = "x".repeat(args.payload_bytes);
+    let next = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (js, next, stop, waiters) = (js.clone(), next.clone(), stop.clone(), waiters.clone());
+        let (args, services, pad, subjects) = (
+            args.clone(),
+            services.to_vec(),
+            pad.clone(),
+            subjects.clone(),
+        );
+        let bar = progress.cloned();
+        tasks.push(tokio::spawn(async move {
+            let mut hist =
+                hdrhistogram::Histogram::<u64>::new(3).expect("3 significant figures is valid");
+            let (mut ok, mut bad) = (0u64, 0u64);
+            loop {
+                if stop.load(Ordering::Relaxed) || started.elapsed() >= duration && count.is_none()
+                {
+                    break;
+                }
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if count.is_some_and(|c| i >= c) {
+                    break;
+                }
+                let id = uuid::Uuid::now_v7().to_string();
+                let mut req = request(&args, &services, i, &pad);
+                req["txn_id"] = json!(id);
+                let (tx, rx) = oneshot::channel();
+                waiters
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(id.clone(), tx);
+                let t0 = Instant::now();
+                let body = serde_json::to_vec(&req).unwrap_or_default();
+                if let Err(e) = txcoord::nats::publish_durable(
+                    &js,
+                    &subjects.submit(),
+                    &id,
+                    body.into(),
+                    Default::default(),
+                    Some(10),
+                )
+                .await
+                {
+                    eprintln!("submit failed: {e}");
+                    continue;
+                }
+                match tokio::time::timeout(Duration::from_secs(60), rx).await {
+                    Ok(Ok(ev)) => {
+                        let _ = hist.record(t0.elapsed().as_micros() as u64);
+                        if matches!(ev.state, TxnState::Committed | TxnState::Completed) {
+                            ok += 1;
+                        } else {
+                            bad += 1;
+                        }
+                        if let Some(b) = &bar {
+                            b.inc(1);
+                        }
+                    }
+                    _ => {
+                        eprintln!("no outcome for {id} within 60 s");
+                        stop.store(true, Ordering::Relaxed);
+                    }
+                }
+            }
+            (ok, bad, hist)
+        }));
+    }
+    let mut hist = hdrhistogram::Histogram::<u64>::new(3)?;
+    let (mut ok, mut bad) = (0, 0);
+    for t in tasks {
+        let (o, b, h) = t.await?;
+        ok += o;
+        bad += b;
+        hist.add(h)?;
+    }
+    Ok((ok, bad, hist, started.elapsed()))
+}
+
+/// Raw JetStream on the same server: (publishes/s, consumed/s).
+async fn ceiling(
+    js: &async_nats::jetstream::Context,
+    size: usize,
+    n: usize,
+) -> anyhow::Result<(f64, f64)> {
+    use async_nats::jetstream::{consumer, stream};
+    let _ = js.delete_stream("BENCH_CEILING").await;
+    let s = js
+        .create_stream(stream::Config {
+            name: "BENCH_CEILING".into(),
+            subjects: vec!["bench.ceiling".into()],
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await?;
+    let body = bytes::Bytes::from(vec![b'x'; size.max(1)]);
+    let window = 512;
+    let t0 = Instant::now();
+    let mut pending = std::collections::VecDeque::new();
+    for _ in 0..n {
+        pending.push_back(js.publish("bench.ceiling", body.clone()).await?);
+        if pending.len() >= window
+            && let Some(ack) = pending.pop_front()
+        {
+            ack.await?;
+        }
+    }
+    for ack in pending {
+        ack.await?;
+    }
+    let published = n as f64 / t0.elapsed().as_secs_f64();
+    let c = s
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("ceiling".into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await?;
+    let t1 = Instant::now();
+    let mut messages = c.messages().await?;
+    let mut read = 0;
+    while read < n {
+        let Some(m) = messages.next().await else {
+            bail!("consumer ended after {read}")
+        };
+        m.map_err(|e| anyhow::anyhow!("{e}"))?
+            .ack()
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        read += 1;
+    }
+    let consumed = n as f64 / t1.elapsed().as_secs_f64();
+    let _ = js.delete_stream("BENCH_CEILING").await;
+    Ok((published, consumed))
+}
+
+/// Runs the benchmark and prints the report.
+pub async fn run(args: BenchArgs, nats_url: Option<String>) -> anyhow::Result<()> {
+    let tmp;
+    let dir = match &args.data_dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            d.clone()
+        }
+        None => {
+            tmp = tempfile::Builder::new()
+                .prefix("txcoord-bench-")
+                .tempdir()?;
+            tmp.path().to_path_buf()
+        }
+    };
+    let setup = setup(&args, nats_url, &dir).await?;
+    let nc = txcoord::nats::connect(&setup.url, &Default::default(), "txcoord-bench", true).await?;
+    let js = txcoord::nats::jetstream(nc.clone(), Duration::from_secs(5));
+    coordinator_stats(&nc, Duration::from_secs(60))
+        .await
+        .context("coordinator not ready")?;
+    let subjects = Subjects::default();
+    for s in &setup.services {
+        wait_consumer(&js, &subjects.command_stream(), s, Duration::from_secs(60)).await?;
+    }
+
+    // One subscription delivers every outcome to its waiting client.
+    let waiters: Waiters = Arc::default();
+    let mut events = nc.subscribe("txn.events.*").await?;
+    let w = waiters.clone();
+    let dispatcher = tokio::spawn(async move {
+        while let Some(msg) = events.next().await {
+            let Ok(ev) = serde_json::from_slice::<TransactionEvent>(&msg.payload) else {
+                continue;
+            };
+            if ev.state.is_outcome()
+                && let Some(tx) = w
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&ev.txn_id)
+            {
+                let _ = tx.send(ev);
+            }
+        }
+    });
+
+    let target = Target {
+        args: &args,
+        js: &js,
+        services: &setup.services,
+        waiters: &waiters,
+    };
+    // Warm up (connections, consumers, page cache).
+    closed_loop(
+        &target,
+        Load {
+            count: Some(50),
+            duration: Duration::MAX,
+            concurrency: 8,
+        },
+        None,
+    )
+    .await?;
+
+    let before = stored_messages(&js).await?;
+    let bar = if args.json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new_spinner()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {pos} transactions ({per_sec}) {elapsed}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    let duration = Duration::from_secs(args.duration_secs);
+    let (ok, bad, hist, elapsed) = closed_loop(
+        &target,
+        Load {
+            count: args.count,
+            duration,
+            concurrency: args.concurrency,
+        },
+        Some(&bar),
+    )
+    .await?;
+    bar.finish_and_clear();
+    // Let phase-2 confirmations and final records of the last transactions land.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = stored_messages(&js).await?;
+    let total = ok + bad;
+    let msgs_per_txn = if total > 0 {
+        (after - before) as f64 / total as f64
+    } else {
+        0.0
+    };
+
+    // Accounting pass: exact bytes of everything JetStream stores, with a tap.
+    let tapped = Arc::new(AtomicU64::new(0));
+    let tapped_msgs = Arc::new(AtomicU64::new(0));
+    let mut taps = Vec::new();
+    for subject in ["txn.>", "$KV.>"] {
+        let mut sub = nc.subscribe(subject).await?;
+        let (b, m) = (tapped.clone(), tapped_msgs.clone());
+        taps.push(tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                let headers: usize = msg
+                    .headers
+                    .as_ref()
+                    .map(|h| {
+                        h.iter()
+                            .map(|(k, v)| {
+                                k.to_string().len()
+                                    + v.iter().map(|x| x.to_string().len()).sum::<usize>()
+                            })
+                            .sum()
+                    })
+                    .unwrap_or(0);
+                b.fetch_add(
+                    (msg.payload.len() + headers + msg.subject.len()) as u64,
+                    Ordering::Relaxed,
+                );
+                m.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    nc.flush().await?;
+    let acct_n = 100;
+    closed_loop(
+        &target,
+        Load {
+            count: Some(acct_n),
+            duration: Duration::MAX,
+            concurrency: 4,
+        },
+        None,
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for t in taps {
+        t.abort();
+    }
+    let bytes_per_txn = tapped.load(Ordering::Relaxed) as f64 / acct_n as f64;
+    // Core messages on txn.> that JetStream does not store (none today) would inflate this.
+    let avg_size = if tapped_msgs.load(Ordering::Relaxed) > 0 {
+        tapped.load(Ordering::Relaxed) as f64 / tapped_msgs.load(Ordering::Relaxed) as f64
+    } else {
+        0.0
+    };
+
+    let tps = total as f64 / elapsed.as_secs_f64();
+    let ceiling = if args.ceiling {
+        Some(ceiling(&js, avg_size as usize, args.ceiling_messages).await?)
+    } else {
+        None
+    };
+    dispatcher.abort();
+    let q = |p: f64| hist.value_at_quantile(p) as f64 / 1000.0;
+    let report = json!({
+        "mode": args.mode,
+        "participants": args.participants,
+        "concurrency": args.concurrency,
+        "payload_bytes": args.payload_bytes,
+        "abort_fraction": args.abort_fraction,
+        "sync_always": args.sync_always,
+        "seconds": elapsed.as_secs_f64(),
+        "transactions": total,
+        "committed": ok,
+        "aborted": bad,
+        "tx_per_sec": tps,
+        "committed_per_sec": ok as f64 / elapsed.as_secs_f64(),
+        "latency_ms": {"p50": q(0.5), "p95": q(0.95), "p99": q(0.99), "max": hist.max() as f64 / 1000.0},
+        "js_messages_per_tx": msgs_per_txn,
+        "js_bytes_per_tx": bytes_per_txn,
+        "avg_message_bytes": avg_size,
+        "ceiling": ceiling.map(|(p, c)| json!({
+            "publish_per_sec": p,
+            "consume_per_sec": c,
+            "efficiency": if p > 0.0 { tps * msgs_per_txn / p } else { 0.0 },
+        })),
+    });
+    if args.json {
+        println!("{report}");
+    } else {
+        println!(
+            "txcoord bench: {} x{} participants, {} clients, {}-byte payloads, abort {:.0}%{}",
+            args.mode,
+            args.participants,
+            args.concurrency,
+            args.payload_bytes,
+            args.abort_fraction * 100.0,
+            if args.sync_always {
+                ", sync_interval: always"
+            } else {
+                ""
+            }
+        );
+        println!(
+            "  {total} transactions in {:.1}s: {tps:.0} tx/s ({ok} ok, {bad} not)",
+            elapsed.as_secs_f64()
+        );
+        println!(
+            "  latency ms: p50 {:.2}  p95 {:.2}  p99 {:.2}  max {:.2}",
+            q(0.5),
+            q(0.95),
+            q(0.99),
+            hist.max() as f64 / 1000.0
+        );
+        println!(
+            "  JetStream per transaction: {msgs_per_txn:.1} messages, {bytes_per_txn:.0} bytes (avg message {avg_size:.0} bytes)"
+        );
+        if let Some((p, c)) = ceiling {
+            println!(
+                "  raw JetStream ceiling ({:.0}-byte messages): {p:.0} publishes/s, {c:.0} consumed/s",
+                avg_size
+            );
+            println!(
+                "  efficiency: {:.1}% ({tps:.0} tx/s x {msgs_per_txn:.1} messages / {p:.0} publishes/s)",
+                100.0 * tps * msgs_per_txn / p.max(1.0)
+            );
+        }
+    }
+    drop(setup);
+    Ok(())
+}
