@@ -75,6 +75,7 @@ pub struct NatsServer {
     port: u16,
     store: PathBuf,
     extra_config: String,
+    top_config: String,
     _tmp: Option<tempfile::TempDir>,
     child: Option<Child>,
 }
@@ -92,6 +93,17 @@ impl NatsServer {
         store: Option<&Path>,
         jetstream_extra: &str,
     ) -> Result<NatsServer, ServerError> {
+        Self::start_configured(bin, store, jetstream_extra, "")
+    }
+
+    /// As [`NatsServer::start_with`], with `top` added at the top level of the server's
+    /// configuration (e.g. `authorization { token: "s3cret" }`).
+    pub fn start_configured(
+        bin: Option<&Path>,
+        store: Option<&Path>,
+        jetstream_extra: &str,
+        top: &str,
+    ) -> Result<NatsServer, ServerError> {
         let bin = find_binary(bin)?;
         let (store, tmp) = match store {
             Some(s) => {
@@ -108,6 +120,7 @@ impl NatsServer {
             port: free_port()?,
             store,
             extra_config: jetstream_extra.to_string(),
+            top_config: top.to_string(),
             _tmp: tmp,
             child: None,
         };
@@ -120,8 +133,9 @@ impl NatsServer {
         std::fs::write(
             &conf,
             format!(
-                "listen: 127.0.0.1:{}\nmax_payload: 8MB\njetstream {{\n  store_dir: {:?}\n  {}\n}}\n",
+                "listen: 127.0.0.1:{}\nmax_payload: 8MB\n{}\njetstream {{\n  store_dir: {:?}\n  {}\n}}\n",
                 self.port,
+                self.top_config,
                 self.store.join("js").display().to_string(),
                 self.extra_config
             ),
