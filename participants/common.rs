@@ -83,11 +83,6 @@ pub async fn demo_delay(payload: &Value) {
     }
 }
 
-/// Parses a step's payload, or says what is wrong with it.
-pub fn parse_payload<T: DeserializeOwned>(payload: &Value) -> Result<T, String> {
-    serde_json::from_value(payload.clone()).map_err(|e| format!("invalid payload: {e}"))
-}
-
 async fn shutdown() {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(s) => s,
@@ -110,13 +105,7 @@ where
     T: Serialize + DeserializeOwned + Clone,
     P: Participant,
 {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TXCOORD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    txcoord::init_logging();
     let args = Args::parse();
     match run(service, args, seed, make).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use txcoord::kvtable::Table;
 use txcoord::natsserver::NatsServer;
+use txcoord::rng::XorShift;
 
 use crate::procs::{Proc, coordinator_stats, sibling, wait_consumer};
 use txcoord::proto::{Reason, TransactionEvent, TxnState};
@@ -56,30 +57,17 @@ const ACCOUNTS: &[(&str, u64)] = &[
     ("carol", 900),
 ];
 
-/// A small deterministic generator (the demo must not depend on the clock for its orders).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn pick<'a>(&mut self, weighted: &[(&'a str, u64)]) -> &'a str {
-        let total: u64 = weighted.iter().map(|(_, w)| w).sum();
-        let mut x = self.below(total);
-        for (v, w) in weighted {
-            if x < *w {
-                return v;
-            }
-            x -= w;
+/// Picks from weighted choices.
+fn pick<'a>(rng: &mut XorShift, weighted: &[(&'a str, u64)]) -> &'a str {
+    let total: u64 = weighted.iter().map(|(_, w)| w).sum();
+    let mut x = rng.below(total);
+    for (v, w) in weighted {
+        if x < *w {
+            return v;
         }
-        weighted[0].0
+        x -= w;
     }
+    weighted[0].0
 }
 
 /// One generated order, with what it is meant to exercise.
@@ -92,21 +80,25 @@ struct Order {
 }
 
 fn generate(n: usize, seed: u64, prefix_id: &str, saga: bool) -> Vec<Order> {
-    let mut rng = Rng(seed.wrapping_mul(0x9E3779B97F4A7C15) | 1);
+    let mut rng = XorShift::new(seed.wrapping_mul(0x9E3779B97F4A7C15));
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
-        let sku = rng
-            .pick(&[("apple", 40), ("pear", 25), ("plum", 15), ("rare", 20)])
-            .to_string();
-        let account = rng
-            .pick(&[
+        let sku = pick(
+            &mut rng,
+            &[("apple", 40), ("pear", 25), ("plum", 15), ("rare", 20)],
+        )
+        .to_string();
+        let account = pick(
+            &mut rng,
+            &[
                 ("alice", 35),
                 ("bob", 25),
                 ("dave", 28),
                 ("carol", 9),
                 ("mallory", 3),
-            ])
-            .to_string();
+            ],
+        )
+        .to_string();
         let qty = 1 + rng.below(4);
         let price = STOCK
             .iter()

@@ -44,6 +44,11 @@ struct Create {
     account: String,
 }
 
+/// Parses a step's payload, or says what is wrong with it.
+fn parse_payload<T: serde::de::DeserializeOwned>(payload: &Value) -> Result<T, String> {
+    serde_json::from_value(payload.clone()).map_err(|e| format!("invalid payload: {e}"))
+}
+
 struct Orders {
     orders: Table<Order>,
 }
@@ -66,7 +71,7 @@ impl Participant for Orders {
         if action != "create" {
             return Vote::Abort(format!("unknown action {action:?}; order knows \"create\""));
         }
-        let req: Create = match common::parse_payload(payload) {
+        let req: Create = match parse_payload(payload) {
             Ok(r) => r,
             Err(e) => return Vote::Abort(e),
         };
@@ -126,7 +131,7 @@ impl Participant for Orders {
                 retryable: false,
             };
         }
-        let req: Create = match common::parse_payload(payload) {
+        let req: Create = match parse_payload(payload) {
             Ok(r) => r,
             Err(e) => {
                 return StepResult::Failed {

@@ -289,23 +289,6 @@ fn recovery_continues_forward_or_backward_from_the_log() {
 // ---------------------------------------------------------------------------------------------
 // Simulation.
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn chance(&mut self, p: u64) -> bool {
-        self.next() % 100 < p
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Exec {
     Done,
@@ -390,7 +373,7 @@ impl Part {
 }
 
 struct Sim {
-    rng: Rng,
+    rng: crate::rng::XorShift,
     now: u64,
     request: TransactionRequest,
     log: Vec<TransactionEvent>,
@@ -532,9 +515,9 @@ impl Sim {
         if choices.is_empty() {
             return false;
         }
-        match choices[self.rng.below(choices.len())] {
+        match choices[self.rng.index(choices.len())] {
             0 => {
-                let i = deliverable[self.rng.below(deliverable.len())];
+                let i = deliverable[self.rng.index(deliverable.len())];
                 let cmd = if self.chaos && self.rng.chance(20) {
                     self.commands[i].clone()
                 } else {
@@ -546,13 +529,13 @@ impl Sim {
                 }
             }
             1 => {
-                let i = self.rng.below(self.replies.len());
+                let i = self.rng.index(self.replies.len());
                 let r = if self.chaos && self.rng.chance(20) {
                     self.replies[i].clone()
                 } else {
                     self.replies.swap_remove(i)
                 };
-                self.now += self.rng.below(20) as u64;
+                self.now += self.rng.below(20);
                 self.feed(Event::Reply(r));
             }
             2 => {
@@ -565,7 +548,7 @@ impl Sim {
                 if self.rng.chance(30) {
                     self.crash();
                 } else {
-                    self.now += self.rng.below(300) as u64;
+                    self.now += self.rng.below(300);
                 }
             }
         }
@@ -576,7 +559,7 @@ impl Sim {
 fn simulate(seed: u64, parts: Vec<(Exec, u32, bool)>, chaos_steps: usize) -> Sim {
     let n = parts.len();
     let mut sim = Sim {
-        rng: Rng(seed | 1),
+        rng: crate::rng::XorShift::new(seed),
         now: 0,
         request: request(n),
         log: Vec::new(),

@@ -481,24 +481,6 @@ fn recovery_refuses_finished_and_inconsistent_logs() {
 // duplicates and reorders, lost sends, a log that survives crashes, and a coordinator that
 // crashes between any two commands of a batch.
 
-/// A small deterministic generator, so a failing seed replays.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Rec {
     None,
@@ -579,7 +561,7 @@ impl Part {
 }
 
 struct Sim {
-    rng: Rng,
+    rng: crate::rng::XorShift,
     now: u64,
     request: TransactionRequest,
     /// The durable log: persisted records (and announcements that happened to land).
@@ -604,7 +586,7 @@ impl Sim {
         let names: Vec<String> = (0..votes.len()).map(|i| format!("s{i}")).collect();
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         Sim {
-            rng: Rng(seed | 1),
+            rng: crate::rng::XorShift::new(seed),
             now: 0,
             request: request(&refs),
             log: Vec::new(),
@@ -753,9 +735,9 @@ impl Sim {
         if choices.is_empty() {
             return false;
         }
-        match choices[self.rng.below(choices.len())] {
+        match choices[self.rng.index(choices.len())] {
             0 => {
-                let i = deliverable[self.rng.below(deliverable.len())];
+                let i = deliverable[self.rng.index(deliverable.len())];
                 // Redelivery: sometimes the participant sees it again later.
                 let cmd = if self.chaos && self.rng.chance(20) {
                     self.commands[i].clone()
@@ -768,13 +750,13 @@ impl Sim {
                 }
             }
             1 => {
-                let i = self.rng.below(self.replies.len());
+                let i = self.rng.index(self.replies.len());
                 let r = if self.chaos && self.rng.chance(20) {
                     self.replies[i].clone()
                 } else {
                     self.replies.swap_remove(i)
                 };
-                self.now += self.rng.below(20) as u64;
+                self.now += self.rng.below(20);
                 self.feed(Event::Reply(r));
             }
             2 => {
@@ -785,7 +767,7 @@ impl Sim {
             }
             4 => {
                 let (step, kind, attempt) =
-                    self.stored.swap_remove(self.rng.below(self.stored.len()));
+                    self.stored.swap_remove(self.rng.index(self.stored.len()));
                 self.feed(Event::Stored {
                     step,
                     kind,
@@ -796,7 +778,7 @@ impl Sim {
                 if self.rng.chance(30) {
                     self.crash();
                 } else {
-                    self.now += self.rng.below(300) as u64;
+                    self.now += self.rng.below(300);
                 }
             }
         }
