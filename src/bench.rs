@@ -22,7 +22,7 @@ use anyhow::{Context, bail};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
-use txcoord::natsserver::NatsServer;
+use txcoord::natsserver::{NatsCluster, NatsServer};
 use txcoord::proto::{Subjects, TransactionEvent, TxnState};
 
 use crate::procs::{Proc, coordinator_stats, wait_consumer};
@@ -63,6 +63,10 @@ pub struct BenchArgs {
     /// When starting its own nats-server: fsync every write (`sync_interval: always`).
     #[arg(long)]
     pub sync_always: bool,
+    /// Start a 3-node cluster on loopback instead of one server, with every stream and KV
+    /// bucket at 3 replicas.
+    #[arg(long)]
+    pub cluster: bool,
     /// The nats-server binary to start (else NATS_SERVER_BIN, the project's install, PATH).
     #[arg(long)]
     pub nats_server: Option<PathBuf>,
@@ -76,6 +80,7 @@ type Waiters = Arc<Mutex<HashMap<String, oneshot::Sender<TransactionEvent>>>>;
 
 struct Setup {
     _server: Option<NatsServer>,
+    _cluster: Option<NatsCluster>,
     procs: Vec<Proc>,
     url: String,
     services: Vec<String>,
@@ -97,50 +102,69 @@ async fn setup(
     let services: Vec<String> = (0..args.participants)
         .map(|i| format!("bench{i}"))
         .collect();
-    let Some(_) = nats_url.as_ref().or(None::<&String>) else {
-        let server = NatsServer::start_with(
-            args.nats_server.as_deref(),
-            Some(&dir.join("nats")),
-            if args.sync_always {
-                "sync_interval: always"
-            } else {
-                ""
-            },
-        )
-        .context("starting nats-server")?;
-        let url = server.url();
+    if nats_url.is_none() {
+        let sync = if args.sync_always {
+            "sync_interval: always"
+        } else {
+            ""
+        };
+        let (server, cluster, url) = if args.cluster {
+            let c = NatsCluster::start(args.nats_server.as_deref(), 3, sync)
+                .context("starting a 3-node cluster")?;
+            let url = c.urls();
+            (None, Some(c), url)
+        } else {
+            let s =
+                NatsServer::start_with(args.nats_server.as_deref(), Some(&dir.join("nats")), sync)
+                    .context("starting nats-server")?;
+            let url = s.url();
+            (Some(s), None, url)
+        };
+        // Replicas reach the coordinator and the participants through a config file.
+        let config = dir.join("txcoord.toml");
+        std::fs::write(
+            &config,
+            format!("stream_replicas = {}\n", if args.cluster { 3 } else { 1 }),
+        )?;
+        let config = config.display().to_string();
         let me = std::env::current_exe()?.display().to_string();
+        let common = |cmd: &str| {
+            vec![
+                me.clone(),
+                cmd.to_string(),
+                "--nats-url".into(),
+                url.clone(),
+                "--config".into(),
+                config.clone(),
+            ]
+        };
         let mut procs = vec![Proc::spawn(
             "coordinator",
-            vec![me.clone(), "serve".into(), "--nats-url".into(), url.clone()],
+            common("serve"),
             dir.join("coordinator.log"),
         )?];
         for s in &services {
-            procs.push(Proc::spawn(
-                s,
-                vec![
-                    me.clone(),
-                    "participant".into(),
-                    "--service".into(),
-                    s.clone(),
-                    "--nats-url".into(),
-                    url.clone(),
-                    "--concurrency".into(),
-                    "1024".into(),
-                ],
-                dir.join(format!("{s}.log")),
-            )?);
+            let mut cmd = common("participant");
+            cmd.extend([
+                "--service".into(),
+                s.clone(),
+                "--concurrency".into(),
+                "1024".into(),
+            ]);
+            procs.push(Proc::spawn(s, cmd, dir.join(format!("{s}.log")))?);
         }
         return Ok(Setup {
-            _server: Some(server),
+            _server: server,
+            _cluster: cluster,
             procs,
             url,
             services,
         });
-    };
+    }
     // Someone else's coordinator and participants (`txcoord participant --service benchN`).
     Ok(Setup {
         _server: None,
+        _cluster: None,
         procs: Vec::new(),
         url: nats_url.unwrap_or_default(),
         services,
@@ -169,8 +193,23 @@ fn request(args: &BenchArgs, services: &[String], i: u64, pad: &str) -> Value {
     json!({"mode": args.mode, "steps": steps, "timeout_ms": 30_000})
 }
 
-/// Sum of the last sequence of every stream: how many messages JetStream has stored.
+/// Sum of the last sequence of every stream: how many messages JetStream has stored. Retried:
+/// on a cluster, the JetStream API answers "no responders" for a moment during an election.
 async fn stored_messages(js: &async_nats::jetstream::Context) -> anyhow::Result<u64> {
+    let mut last = None;
+    for _ in 0..20 {
+        match stored_messages_once(js).await {
+            Ok(n) => return Ok(n),
+            Err(e) => {
+                last = Some(e);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("stream stats unavailable")))
+}
+
+async fn stored_messages_once(js: &async_nats::jetstream::Context) -> anyhow::Result<u64> {
     let mut names = js.stream_names();
     let mut total = 0;
     while let Some(name) = names.next().await {
@@ -304,6 +343,7 @@ async fn ceiling(
     js: &async_nats::jetstream::Context,
     size: usize,
     n: usize,
+    replicas: usize,
 ) -> anyhow::Result<(f64, f64)> {
     use async_nats::jetstream::{consumer, stream};
     let _ = js.delete_stream("BENCH_CEILING").await;
@@ -312,6 +352,7 @@ async fn ceiling(
             name: "BENCH_CEILING".into(),
             subjects: vec!["bench.ceiling".into()],
             storage: stream::StorageType::File,
+            num_replicas: replicas,
             ..Default::default()
         })
         .await?;
@@ -509,8 +550,24 @@ pub async fn run(args: BenchArgs, nats_url: Option<String>) -> anyhow::Result<()
     };
 
     let tps = total as f64 / elapsed.as_secs_f64();
+    // What the server says, not what we asked for.
+    let replicas = js
+        .get_stream(subjects.events_stream())
+        .await?
+        .get_info()
+        .await?
+        .config
+        .num_replicas;
     let ceiling = if args.ceiling {
-        Some(ceiling(&js, avg_size as usize, args.ceiling_messages).await?)
+        Some(
+            ceiling(
+                &js,
+                avg_size as usize,
+                args.ceiling_messages,
+                if args.cluster { 3 } else { 1 },
+            )
+            .await?,
+        )
     } else {
         None
     };
@@ -523,6 +580,8 @@ pub async fn run(args: BenchArgs, nats_url: Option<String>) -> anyhow::Result<()
         "payload_bytes": args.payload_bytes,
         "abort_fraction": args.abort_fraction,
         "sync_always": args.sync_always,
+        "cluster": args.cluster,
+        "stream_replicas": replicas,
         "seconds": elapsed.as_secs_f64(),
         "transactions": total,
         "committed": ok,

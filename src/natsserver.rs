@@ -230,3 +230,52 @@ impl Drop for NatsServer {
         self.kill();
     }
 }
+
+/// A cluster of nats-servers on loopback, with JetStream on every node (for R3 streams).
+pub struct NatsCluster {
+    /// The nodes.
+    pub nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts `n` nodes routed to each other; `jetstream_extra` goes into each node's
+    /// `jetstream {}` block. JetStream elects its meta leader a moment after the nodes are up;
+    /// stream creation retries until then.
+    pub fn start(
+        bin: Option<&Path>,
+        n: usize,
+        jetstream_extra: &str,
+    ) -> Result<NatsCluster, ServerError> {
+        let cluster_ports: Vec<u16> = (0..n)
+            .map(|_| free_port())
+            .collect::<std::io::Result<_>>()?;
+        let mut nodes = Vec::with_capacity(n);
+        for (i, port) in cluster_ports.iter().enumerate() {
+            let routes: Vec<String> = cluster_ports
+                .iter()
+                .filter(|p| *p != port)
+                .map(|p| format!("nats-route://127.0.0.1:{p}"))
+                .collect();
+            let top = format!(
+                "server_name: n{i}\ncluster {{\n  name: txcoord\n  listen: 127.0.0.1:{port}\n  routes: [{}]\n}}\n",
+                routes.join(", ")
+            );
+            nodes.push(NatsServer::start_configured(
+                bin,
+                None,
+                jetstream_extra,
+                &top,
+            )?);
+        }
+        Ok(NatsCluster { nodes })
+    }
+
+    /// Every node's client URL, comma separated (what `nats_url` takes).
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}

@@ -68,3 +68,19 @@ fn a_short_saga_bench_runs() {
     assert_eq!(r["committed"].as_u64().unwrap(), 200, "{r}");
     assert!(r["ceiling"].is_null());
 }
+
+#[test]
+fn a_short_bench_on_a_three_node_cluster_runs_with_r3_streams() {
+    let r = bench(&[
+        "--cluster",
+        "--count",
+        "100",
+        "--concurrency",
+        "8",
+        "--participants",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(r["committed"].as_u64(), Some(100), "{r}");
+    assert_eq!(r["stream_replicas"].as_u64(), Some(3), "{r}");
+}
