@@ -159,6 +159,41 @@ async fn participant_killed_after_voting_ready_applies_the_decision_after_restar
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn participant_killed_before_voting_still_commits_after_restart() {
+    let mut sys = System::start(&["a", "b"], &[]).await;
+    // b dies while preparing; its prepare then sits on its durable consumer until the ack
+    // wait (30 s) runs out. The resend halfway to the 4 s deadline reaches the new process.
+    let mut req = request(
+        "kill-before",
+        vec![step("a", json!({})), step("b", json!({"delay_ms": 600}))],
+    );
+    req["timeout_ms"] = json!(4000);
+    sys.client
+        .submit_raw(serde_json::to_vec(&req).unwrap().into(), "kill-before")
+        .await
+        .unwrap();
+    sys.participant("a")
+        .wait_for("VOTED Ready txn_id=kill-before", Duration::from_secs(10))
+        .await;
+    sys.participant("b").kill9();
+    assert!(
+        sys.branch("b", "kill-before", 1).await.is_none(),
+        "b had not voted"
+    );
+    sys.participant("b").restart();
+    let ev = sys
+        .wait_state("kill-before", |e| e.state.is_outcome())
+        .await;
+    assert_eq!(ev.state, TxnState::Committed, "{ev:?}");
+    assert_eq!(
+        ev.steps[1].prepare_attempt, 2,
+        "committed through the resent prepare"
+    );
+    sys.wait_branch("b", "kill-before", 1, BranchState::Committed)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_server_restart_mid_run_loses_no_transaction() {
     let sys = System::start(&["a", "b"], &[]).await;
     server_trouble_mid_run(sys, 200, |s| s.restart()).await;

@@ -139,9 +139,9 @@ pub enum Timer {
     StepTimeout,
     /// Saga: the next try of the current step's execute or compensate.
     StepRetry,
-    /// Saga: halfway to an execute's deadline with no answer, send it again (a participant
-    /// that restarted has the old copy pending on its consumer until the ack wait expires;
-    /// a new attempt reaches it at once).
+    /// Halfway to a deadline with no answer (a saga step's execute, or 2PC votes), send the
+    /// command again: a participant that restarted has the old copy pending on its consumer
+    /// until the ack wait expires, and a new attempt reaches it at once.
     StepNudge,
 }
 

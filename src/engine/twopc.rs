@@ -7,6 +7,7 @@
 //! | (start)    | `start`                                 | Preparing   | Persist(accepted), Announce(preparing), Send(prepare)×N, SetTimer(prepare) |
 //! | Preparing  | vote abort                              | Aborting    | Persist(aborting), Send(abort) to non-refusers, timers |
 //! | Preparing  | last vote, all ready/read_only          | Committing  | Persist(committing), Send(commit) to ready steps, timers |
+//! | Preparing  | halfway to the deadline                 | Preparing   | Persist(round), Send(prepare) to silent steps, attempt+1 |
 //! | Preparing  | prepare timeout                         | Aborting    | as a vote abort, reason `timeout`            |
 //! | Committing | `done` from the last pending step          | Committed   | Persist(final), Finished                     |
 //! | Aborting   | last pending step `done`, or its abort command stored in JetStream | Aborted | Persist(final), Finished |
@@ -201,10 +202,7 @@ impl TwoPc {
             event: txn.event(TxnState::Preparing, now, false),
         });
         txn.send_prepares(out);
-        out.push(Command::SetTimer {
-            timer: Timer::PrepareTimeout,
-            at_ms: txn.deadline_ms,
-        });
+        txn.arm_prepare_timers(now, out);
         txn
     }
 
@@ -277,10 +275,7 @@ impl TwoPc {
                     event: txn.event(TxnState::Preparing, now, false),
                 });
                 txn.send_prepares(out);
-                out.push(Command::SetTimer {
-                    timer: Timer::PrepareTimeout,
-                    at_ms: txn.deadline_ms,
-                });
+                txn.arm_prepare_timers(now, out);
             }
             TxnState::Committing | TxnState::Aborting => {
                 txn.phase = if last.state == TxnState::Committing {
@@ -471,6 +466,7 @@ impl TwoPc {
                 };
                 self.decide(Phase::Aborting, Some(reason), now, out);
             }
+            (Phase::Preparing, Timer::StepNudge) => self.nudge_prepares(now, out),
             (Phase::Committing | Phase::Aborting, Timer::Phase2Retry) => {
                 self.resend_round(now, out);
             }
@@ -491,6 +487,7 @@ impl TwoPc {
         self.phase = phase;
         self.reason = reason;
         out.push(Command::CancelTimer(Timer::PrepareTimeout));
+        out.push(Command::CancelTimer(Timer::StepNudge));
         let targets: Vec<usize> = self.pending().collect();
         if targets.is_empty() {
             // Nobody to tell (all read-only, or the only voter refused): decision and end are one.
@@ -549,10 +546,50 @@ impl TwoPc {
             msg_id: format!("{}.final", self.txn_id),
             event: self.snapshot(now),
         });
-        for timer in [Timer::PrepareTimeout, Timer::Phase2Retry, Timer::Stuck] {
+        for timer in [
+            Timer::PrepareTimeout,
+            Timer::StepNudge,
+            Timer::Phase2Retry,
+            Timer::Stuck,
+        ] {
             out.push(Command::CancelTimer(timer));
         }
         out.push(Command::Finished);
+    }
+
+    /// The prepare deadline, and halfway to it a resend to the silent steps.
+    fn arm_prepare_timers(&self, now: u64, out: &mut Vec<Command>) {
+        out.push(Command::SetTimer {
+            timer: Timer::PrepareTimeout,
+            at_ms: self.deadline_ms,
+        });
+        out.push(Command::SetTimer {
+            timer: Timer::StepNudge,
+            at_ms: now.saturating_add(self.deadline_ms.saturating_sub(now) / 2),
+        });
+    }
+
+    /// Halfway to the deadline: sends prepare again, with a new attempt, to every step that has
+    /// not voted. A participant that restarted has the first copy pending on its durable
+    /// consumer until its ack wait runs out; the new message reaches it at once.
+    fn nudge_prepares(&mut self, now: u64, out: &mut Vec<Command>) {
+        let silent: Vec<usize> = (0..self.branches.len())
+            .filter(|&i| self.branches[i].vote.is_none())
+            .collect();
+        if silent.is_empty() {
+            return;
+        }
+        for &i in &silent {
+            self.branches[i].prepare_attempt += 1;
+        }
+        let round = self.max_attempt(|b| b.prepare_attempt);
+        out.push(Command::Persist {
+            msg_id: format!("{}.prepare.r{round}", self.txn_id),
+            event: self.event(TxnState::Preparing, now, false),
+        });
+        for i in silent {
+            out.push(Command::Send(self.command(i, CommandKind::Prepare)));
+        }
     }
 
     fn send_prepares(&self, out: &mut Vec<Command>) {

@@ -158,7 +158,9 @@ fn one_abort_vote_aborts_the_others_but_not_the_refuser() {
     txn.handle(6, vote(1, "b", ReplyOutcome::Abort), &mut out)
         .unwrap();
     assert_eq!(txn.phase(), Phase::Aborting);
-    let Command::Persist { event, .. } = &out[1] else {
+    let Some(Command::Persist { event, .. }) =
+        out.iter().find(|c| matches!(c, Command::Persist { .. }))
+    else {
         panic!("{out:?}")
     };
     assert_eq!(event.state, TxnState::Aborting);
@@ -193,6 +195,36 @@ fn single_refusal_finishes_at_once() {
     assert_eq!(txn.phase(), Phase::Aborted);
     assert_eq!(persisted(&out), vec![TxnState::Aborted]);
     assert!(sends(&out).is_empty());
+}
+
+#[test]
+fn halfway_to_the_deadline_prepare_is_sent_again_to_the_silent_steps_only() {
+    let (mut txn, out) = start(&["a", "b"]);
+    assert!(out.contains(&Command::SetTimer {
+        timer: Timer::StepNudge,
+        at_ms: 500
+    }));
+    let mut out = Vec::new();
+    txn.handle(10, vote(0, "a", ReplyOutcome::Ready), &mut out)
+        .unwrap();
+    txn.handle(500, Event::Timer(Timer::StepNudge), &mut out)
+        .unwrap();
+    assert!(
+        matches!(&out[0], Command::Persist { event, .. } if event.steps[1].prepare_attempt == 2)
+    );
+    assert_eq!(sends(&out), vec![(1, CommandKind::Prepare, 2)]);
+    // The deadline stays where it was.
+    assert!(!out.iter().any(|c| matches!(
+        c,
+        Command::SetTimer {
+            timer: Timer::PrepareTimeout,
+            ..
+        }
+    )));
+    let mut out = Vec::new();
+    txn.handle(501, vote(1, "b", ReplyOutcome::Ready), &mut out)
+        .unwrap();
+    assert_eq!(txn.phase(), Phase::Committing);
 }
 
 #[test]
