@@ -206,3 +206,29 @@ async fn the_cli_reports_outcomes_with_its_exit_code() {
         "{err}"
     );
 }
+
+/// A request the coordinator accepts but the server cannot store as a log record (the
+/// `accepted` record adds to the request's size) is rejected visibly, never dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_too_big_for_the_log_is_rejected_not_lost() {
+    let sys = System::start(&["a"], &[("TXCOORD_MAX_REQUEST_BYTES", "8388608")]).await;
+    // Under the server's max_payload (8 MB) as a submission, over it as an accepted record.
+    let big = "x".repeat(8_388_608 - 300);
+    let req = request("huge", vec![step("a", json!(big))]);
+    let body = serde_json::to_vec(&req).unwrap();
+    assert!(body.len() < 8 * 1024 * 1024, "{}", body.len());
+    sys.client.submit_raw(body.into(), "huge").await.unwrap();
+    let ev = sys
+        .wait_state("huge", |e| e.state == TxnState::Rejected)
+        .await;
+    let Some(Reason::InvalidRequest { message, .. }) = ev.reason else {
+        panic!("{ev:?}")
+    };
+    assert!(message.contains("refused"), "{message}");
+    assert_eq!(
+        sys.run(request("after-huge", vec![step("a", json!({}))]))
+            .await
+            .state,
+        TxnState::Committed
+    );
+}

@@ -362,7 +362,12 @@ fn derived_txn_id(subjects: &Subjects, seq: Option<u64>) -> String {
 
 /// Records a bad submission: a `rejected` event if it has a usable txn_id that is not taken,
 /// otherwise an error on `<prefix>.errors` naming its stream sequence.
-async fn reject(shared: &Shared, txn_id: Option<String>, seq: Option<u64>, err: RequestError) {
+pub(crate) async fn reject(
+    shared: &Shared,
+    txn_id: Option<String>,
+    seq: Option<u64>,
+    err: RequestError,
+) {
     tracing::warn!(txn_id = txn_id.as_deref().unwrap_or("-"), submit_seq = seq, error = %err, "submission rejected");
     shared.metrics.rejected.fetch_add(1, Ordering::Relaxed);
     let now = now_ms();

@@ -15,8 +15,10 @@ use super::Shared;
 use crate::engine::twopc::EngineError;
 use crate::engine::{Command, Timer};
 use crate::engine::{Event, Machine};
-use crate::nats::{Expect, publish_durable};
+use crate::nats::{Expect, NatsError, publish_durable};
+use crate::proto::RequestError;
 use crate::proto::{CommandKind, ParticipantReply, TransactionEvent, TxnState, now_ms};
+use async_nats::jetstream::context::PublishErrorKind;
 
 /// A message for a transaction's task.
 #[derive(Debug)]
@@ -293,6 +295,26 @@ impl Driver {
         if first {
             let ours = match &result {
                 Ok(ack) if !ack.duplicate => true,
+                // The log refused the record for good (too big for the server, say): reject
+                // the submission visibly instead of dropping it.
+                Err(NatsError::Publish { source, .. })
+                    if !matches!(source.kind(), PublishErrorKind::WrongLastSequence) =>
+                {
+                    let err = RequestError::Invalid {
+                        path: "$".into(),
+                        message: format!(
+                            "the coordinator's log refused this transaction's record: {source}"
+                        ),
+                    };
+                    super::reject(
+                        &self.shared,
+                        Some(self.txn_id.clone()),
+                        event.submit_seq,
+                        err,
+                    )
+                    .await;
+                    false
+                }
                 // The subject already had a record, or the id was seen: ours only if the first
                 // record came from this very submission (a retried write of ours).
                 _ => self.first_record_is_ours(event.submit_seq).await,
