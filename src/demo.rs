@@ -585,6 +585,37 @@ fn report(
     );
 }
 
+/// One record's conservation: what was free plus used at the start is free plus used plus
+/// held now; nothing is still held; and what this run used is what the successful orders
+/// asked for. `before` is (free, used), `after` is (free, used, held).
+fn conserved(
+    broken: &mut Vec<String>,
+    what: &str,
+    before: (u64, u64),
+    after: Option<(u64, u64, u64)>,
+    want: u64,
+) {
+    let Some((free, used, held)) = after else {
+        broken.push(format!("{what} disappeared"));
+        return;
+    };
+    let start = before.0 + before.1;
+    if free + used + held != start {
+        broken.push(format!(
+            "{what}: {free} free + {used} used + {held} held != {start} at the start"
+        ));
+    }
+    if held > 0 {
+        broken.push(format!("{what}: {held} still held"));
+    }
+    let used_now = used.saturating_sub(before.1);
+    if used_now != want {
+        broken.push(format!(
+            "{what}: {used_now} used in this run, but the successful orders took {want}"
+        ));
+    }
+}
+
 /// Checks the invariants between the snapshot before the run and the one after; returns
 /// what is broken.
 fn check(before: &Snapshot, after: &Snapshot, committed: &[&Order], run_id: &str) -> Vec<String> {
@@ -596,54 +627,32 @@ fn check(before: &Snapshot, after: &Snapshot, committed: &[&Order], run_id: &str
         *charged_by.entry(&o.account).or_default() += o.amount;
     }
     for (sku, b) in &before.stock {
-        let Some(a) = after.stock.get(sku) else {
-            broken.push(format!("stock of {sku} disappeared"));
-            continue;
-        };
-        let held: u64 = a.holds.values().sum();
-        if a.available + a.sold + held != b.available + b.sold {
-            broken.push(format!(
-                "stock of {sku}: {} left + {} sold + {held} held != {} at the start",
-                a.available,
-                a.sold,
-                b.available + b.sold
-            ));
-        }
-        if held > 0 {
-            broken.push(format!("stock of {sku}: {held} still reserved"));
-        }
+        let after = after
+            .stock
+            .get(sku)
+            .map(|a| (a.available, a.sold, a.holds.values().sum()));
         let want = sold_by.get(sku.as_str()).copied().unwrap_or(0);
-        if a.sold - b.sold.min(a.sold) != want {
-            broken.push(format!(
-                "stock of {sku}: {} sold in this run, but committed orders took {want}",
-                a.sold.saturating_sub(b.sold)
-            ));
-        }
+        conserved(
+            &mut broken,
+            &format!("stock of {sku}"),
+            (b.available, b.sold),
+            after,
+            want,
+        );
     }
     for (acct, b) in &before.accounts {
-        let Some(a) = after.accounts.get(acct) else {
-            broken.push(format!("account {acct} disappeared"));
-            continue;
-        };
-        let held: u64 = a.holds.values().sum();
-        if a.balance + a.charged + held != b.balance + b.charged {
-            broken.push(format!(
-                "money of {acct}: {} + {} charged + {held} held != {} at the start",
-                a.balance,
-                a.charged,
-                b.balance + b.charged
-            ));
-        }
-        if held > 0 {
-            broken.push(format!("money of {acct}: {held} still held"));
-        }
+        let after = after
+            .accounts
+            .get(acct)
+            .map(|a| (a.balance, a.charged, a.holds.values().sum()));
         let want = charged_by.get(acct.as_str()).copied().unwrap_or(0);
-        if a.charged.saturating_sub(b.charged) != want {
-            broken.push(format!(
-                "money of {acct}: {} charged in this run, but committed orders cost {want}",
-                a.charged.saturating_sub(b.charged)
-            ));
-        }
+        conserved(
+            &mut broken,
+            &format!("money of {acct}"),
+            (b.balance, b.charged),
+            after,
+            want,
+        );
     }
     // Orders of this run only (an external setup keeps earlier runs' orders).
     let ours: BTreeMap<&String, &OrderRec> = after

@@ -616,6 +616,23 @@ async fn store(
     .await
 }
 
+/// Moves a stored branch to `state`, compare-and-set on its revision; `Ok(false)` when
+/// another writer got there first.
+async fn advance(
+    kv: &kv::Store,
+    key: &str,
+    rec: BranchRecord,
+    rev: u64,
+    state: BranchState,
+) -> Result<bool, ApplyError> {
+    let new = BranchRecord {
+        state,
+        updated_ms: now_ms(),
+        ..rec
+    };
+    store(kv, key, &new, Some(rev)).await
+}
+
 fn record(
     state: BranchState,
     action: &str,
@@ -691,12 +708,7 @@ async fn apply<P: Participant>(
                     }
                     BranchState::Prepared => {
                         ctx.participant.commit(&txn).await?;
-                        let new = BranchRecord {
-                            state: BranchState::Committed,
-                            updated_ms: now_ms(),
-                            ..rec
-                        };
-                        if store(&ctx.store, &key, &new, Some(rev)).await? {
+                        if advance(&ctx.store, &key, rec, rev, BranchState::Committed).await? {
                             return Ok(Answer::of(ReplyOutcome::Done));
                         }
                         continue;
@@ -722,12 +734,7 @@ async fn apply<P: Participant>(
                 match rec.state {
                     BranchState::Prepared => {
                         ctx.participant.abort(&txn).await?;
-                        let new = BranchRecord {
-                            state: BranchState::Aborted,
-                            updated_ms: now_ms(),
-                            ..rec
-                        };
-                        if store(&ctx.store, &key, &new, Some(rev)).await? {
+                        if advance(&ctx.store, &key, rec, rev, BranchState::Aborted).await? {
                             return Ok(Answer::of(ReplyOutcome::Done));
                         }
                         continue;
@@ -788,24 +795,14 @@ async fn apply<P: Participant>(
                     if let Err(e) = ctx.participant.compensate(&txn).await {
                         return Ok(Answer::failed(e.0, true));
                     }
-                    let new = BranchRecord {
-                        state: BranchState::Compensated,
-                        updated_ms: now_ms(),
-                        ..rec
-                    };
-                    if store(&ctx.store, &key, &new, Some(rev)).await? {
+                    if advance(&ctx.store, &key, rec, rev, BranchState::Compensated).await? {
                         return Ok(Answer::of(ReplyOutcome::Done));
                     }
                     continue;
                 }
                 // Nothing was applied; record that the compensation came, for hanging prevention.
                 BranchState::ExecuteFailed => {
-                    let new = BranchRecord {
-                        state: BranchState::Compensated,
-                        updated_ms: now_ms(),
-                        ..rec
-                    };
-                    if store(&ctx.store, &key, &new, Some(rev)).await? {
+                    if advance(&ctx.store, &key, rec, rev, BranchState::Compensated).await? {
                         return Ok(Answer::of(ReplyOutcome::Done));
                     }
                     continue;

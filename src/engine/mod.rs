@@ -20,6 +20,27 @@ use crate::proto::{
     TxnState,
 };
 
+/// Checks that a reply names a step this transaction has, and comes from that step's
+/// service. `service_of` is the step's service, if the step exists.
+pub(crate) fn check_sender(
+    reply: &ParticipantReply,
+    service_of: Option<&str>,
+    steps: usize,
+) -> Result<(), twopc::EngineError> {
+    let service = service_of.ok_or(twopc::EngineError::UnknownStep {
+        step: reply.step,
+        steps,
+    })?;
+    if service != reply.service {
+        return Err(twopc::EngineError::ServiceMismatch {
+            step: reply.step,
+            expected: service.to_string(),
+            got: reply.service.clone(),
+        });
+    }
+    Ok(())
+}
+
 /// One transaction's machine, whichever its mode: what the runtime drives.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Machine {

@@ -271,18 +271,9 @@ impl Saga {
         r: ParticipantReply,
         out: &mut Vec<Command>,
     ) -> Result<(), EngineError> {
-        let steps = self.steps.len();
-        let step = self.steps.get(r.step).ok_or(EngineError::UnknownStep {
-            step: r.step,
-            steps,
-        })?;
-        if step.service != r.service {
-            return Err(EngineError::ServiceMismatch {
-                step: r.step,
-                expected: step.service.clone(),
-                got: r.service,
-            });
-        }
+        let service = self.steps.get(r.step).map(|s| s.service.as_str());
+        super::check_sender(&r, service, self.steps.len())?;
+        let step = &self.steps[r.step];
         if !matches!(r.outcome, ReplyOutcome::Done | ReplyOutcome::Failed)
             || !matches!(r.kind, CommandKind::Execute | CommandKind::Compensate)
         {

@@ -377,21 +377,8 @@ impl TwoPc {
         reply: ParticipantReply,
         out: &mut Vec<Command>,
     ) -> Result<(), EngineError> {
-        let steps = self.branches.len();
-        let branch = self
-            .branches
-            .get(reply.step)
-            .ok_or(EngineError::UnknownStep {
-                step: reply.step,
-                steps,
-            })?;
-        if branch.service != reply.service {
-            return Err(EngineError::ServiceMismatch {
-                step: reply.step,
-                expected: branch.service.clone(),
-                got: reply.service,
-            });
-        }
+        let service = self.branches.get(reply.step).map(|b| b.service.as_str());
+        super::check_sender(&reply, service, self.branches.len())?;
         let vote = match (reply.kind, reply.outcome) {
             (CommandKind::Prepare, ReplyOutcome::Ready) => Some(Vote::Ready),
             (CommandKind::Prepare, ReplyOutcome::ReadOnly) => Some(Vote::ReadOnly),
