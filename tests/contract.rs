@@ -94,9 +94,7 @@ async fn every_emitted_message_matches_its_schema() {
         .submit_raw(serde_json::to_vec(&req).unwrap().into(), "c-stuck")
         .await
         .unwrap();
-    sys.participant("b")
-        .wait_for("VOTED Ready txn_id=c-stuck", Duration::from_secs(10))
-        .await;
+    sys.wait_vote("c-stuck", 1).await;
     sys.participant("b").kill9();
     sys.wait_state("c-stuck", |e| e.stuck).await;
     sys.participant("b").restart();
@@ -255,9 +253,7 @@ async fn a_commit_unconfirmed_too_long_is_flagged_stuck_and_still_retried() {
         .submit_raw(serde_json::to_vec(&req).unwrap().into(), "stuck-1")
         .await
         .unwrap();
-    sys.participant("b")
-        .wait_for("VOTED Ready txn_id=stuck-1", Duration::from_secs(10))
-        .await;
+    sys.wait_vote("stuck-1", 1).await;
     sys.participant("b").kill9();
     sys.wait_state("stuck-1", |e| e.stuck && e.state == TxnState::Committing)
         .await;

@@ -125,9 +125,7 @@ async fn participant_killed_after_voting_ready_applies_the_decision_after_restar
         .submit_raw(serde_json::to_vec(&req).unwrap().into(), "kill-part")
         .await
         .unwrap();
-    sys.participant("b")
-        .wait_for("VOTED Ready txn_id=kill-part", Duration::from_secs(10))
-        .await;
+    sys.wait_vote("kill-part", 1).await;
     sys.participant("b").kill9();
     assert_eq!(
         sys.branch("b", "kill-part", 1).await.map(|r| r.state),

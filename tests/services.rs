@@ -164,10 +164,7 @@ async fn a_service_killed_after_voting_completes_the_transaction_after_restart()
         .submit_raw(serde_json::to_vec(&req).unwrap().into(), "t-kill")
         .await
         .unwrap();
-    sys.wait_record("inventory_data", "apple", |r| {
-        r.is_some_and(|r| r["holds"].as_object().is_some_and(|h| !h.is_empty()))
-    })
-    .await;
+    sys.wait_vote("t-kill", 0).await;
     sys.participant("inventory").kill9();
     sys.wait_state("t-kill", |e| e.state == TxnState::Committing)
         .await;

@@ -308,6 +308,25 @@ impl System {
         panic!("{service} branch {txn_id}/{step} is {last:?}, expected {state:?}");
     }
 
+    /// Waits until the coordinator holds a vote from `step` (asked through txn.api.status):
+    /// the vote is then durable at the participant and delivered, so killing the participant
+    /// is a kill "after voting". (A participant's own log line comes before the vote is stored.)
+    pub async fn wait_vote(&self, txn_id: &str, step: usize) {
+        let start = Instant::now();
+        loop {
+            if let Ok(ev) = self.client.status(txn_id).await
+                && ev.steps.get(step).is_some_and(|s| s.vote.is_some())
+            {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{txn_id}: no vote from step {step}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Waits until the transaction's log has a record in one of `states`.
     pub async fn wait_state(
         &self,
