@@ -120,8 +120,14 @@ pub struct Config {
     /// How long events (the log) are kept, in seconds; 0 keeps them forever, which is what
     /// "one outcome per txn_id, forever" needs.
     pub events_max_age_secs: u64,
-    /// How long commands and replies are kept, in seconds.
+    /// How long unacknowledged commands are kept, in seconds (acknowledged ones are removed).
     pub command_max_age_secs: u64,
+    /// How long participants' replies are kept, in seconds. The coordinator reads them
+    /// without acknowledging each one; a reply it never read is made again by a resend, so
+    /// this only bounds how long an outage the stream bridges.
+    pub reply_max_age_secs: u64,
+    /// The most bytes the reply stream keeps (the oldest replies go first).
+    pub reply_max_bytes: u64,
     /// JetStream's duplicate window for message ids, in seconds.
     pub duplicate_window_secs: u64,
 }
@@ -148,6 +154,8 @@ impl Default for Config {
             submit_max_age_secs: 7 * 24 * 3600,
             events_max_age_secs: 0,
             command_max_age_secs: 7 * 24 * 3600,
+            reply_max_age_secs: 3600,
+            reply_max_bytes: 1 << 30,
             duplicate_window_secs: 120,
         }
     }
@@ -233,6 +241,8 @@ impl Config {
             ("stuck_after_ms", self.stuck_after_ms),
             ("publish_timeout_ms", self.publish_timeout_ms),
             ("duplicate_window_secs", self.duplicate_window_secs),
+            ("reply_max_age_secs", self.reply_max_age_secs),
+            ("reply_max_bytes", self.reply_max_bytes),
         ];
         for (field, value) in positive {
             if value == 0 {

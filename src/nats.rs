@@ -131,8 +131,12 @@ pub struct StreamSettings {
     pub submit_max_age: Duration,
     /// Event (log) retention; zero is forever.
     pub events_max_age: Duration,
-    /// Command and reply retention (a safety net: acked messages are removed).
+    /// Command retention (a safety net: acked commands are removed).
     pub command_max_age: Duration,
+    /// Reply retention by age.
+    pub reply_max_age: Duration,
+    /// Reply retention by size, in bytes.
+    pub reply_max_bytes: i64,
     /// JetStream's message-id duplicate window.
     pub duplicate_window: Duration,
 }
@@ -146,6 +150,8 @@ impl StreamSettings {
             submit_max_age: Duration::from_secs(cfg.submit_max_age_secs),
             events_max_age: Duration::from_secs(cfg.events_max_age_secs),
             command_max_age: Duration::from_secs(cfg.command_max_age_secs),
+            reply_max_age: Duration::from_secs(cfg.reply_max_age_secs),
+            reply_max_bytes: i64::try_from(cfg.reply_max_bytes).unwrap_or(i64::MAX),
             duplicate_window: Duration::from_secs(cfg.duplicate_window_secs),
         }
     }
@@ -166,7 +172,7 @@ pub struct Streams {
     pub events: stream::Stream,
     /// `<prefix>.cmd.>`, a work queue read by each service's durable consumer.
     pub commands: stream::Stream,
-    /// `<prefix>.reply.>`, a work queue read by the coordinator.
+    /// `<prefix>.reply.>`, bounded by age and size, read by the coordinator without acks.
     pub replies: stream::Stream,
 }
 
@@ -204,17 +210,49 @@ pub async fn ensure_streams(
         retention: stream::RetentionPolicy::WorkQueue,
         ..base(subjects.command_stream(), vec![subjects.commands_all()])
     };
+    // Replies are not a work queue: removing every acknowledged reply costs the server an
+    // ack and a delete per reply, and buys nothing, because a reply the coordinator has not
+    // acted on when it crashes is made again by its resend. They expire by age and size.
     let replies = stream::Config {
-        max_age: settings.command_max_age,
-        retention: stream::RetentionPolicy::WorkQueue,
+        max_age: settings.reply_max_age,
+        max_bytes: settings.reply_max_bytes,
+        retention: stream::RetentionPolicy::Limits,
+        discard: stream::DiscardPolicy::Old,
         ..base(subjects.reply_stream(), vec![subjects.replies_all()])
     };
     Ok(Streams {
         submit: open_stream(js, submit).await?,
         events: open_stream(js, events).await?,
         commands: open_stream(js, commands).await?,
-        replies: open_stream(js, replies).await?,
+        replies: open_reply_stream(js, replies).await?,
     })
+}
+
+/// Opens the reply stream. One created by an older txcoord as a work queue cannot be turned
+/// into a limits stream in place; it holds only replies, which resends make again, so it is
+/// replaced.
+async fn open_reply_stream(
+    js: &jetstream::Context,
+    config: stream::Config,
+) -> Result<stream::Stream, NatsError> {
+    let name = config.name.clone();
+    let mut stream = open_stream(js, config.clone()).await?;
+    let info = stream.info().await.map_err(|e| NatsError::Stream {
+        stream: name.clone(),
+        message: e.to_string(),
+    })?;
+    if info.config.retention != stream::RetentionPolicy::WorkQueue {
+        return Ok(stream);
+    }
+    tracing::warn!(stream = %name, messages = info.state.messages,
+        "replacing a work-queue reply stream from an older txcoord with a limits stream; unread replies are made again by resends");
+    js.delete_stream(&name)
+        .await
+        .map_err(|e| NatsError::Stream {
+            stream: name.clone(),
+            message: format!("cannot replace the work-queue reply stream: {e}"),
+        })?;
+    open_stream(js, config).await
 }
 
 async fn open_stream(

@@ -278,3 +278,60 @@ async fn server_trouble_mid_run(
         wrong.len()
     );
 }
+
+/// A reply stream left by an older txcoord as a work queue (which cannot become a limits
+/// stream in place) is replaced, and the coordinator then runs transactions normally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_work_queue_reply_stream_is_replaced() {
+    use async_nats::jetstream::stream;
+    let nats = NatsServer::start().expect("nats-server");
+    let nc = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(nc);
+    js.create_stream(stream::Config {
+        name: "TXN_REPLY".into(),
+        subjects: vec!["txn.reply.>".into()],
+        retention: stream::RetentionPolicy::WorkQueue,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    js.publish("txn.reply.old", "{}".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let subjects = txcoord::proto::Subjects::new("txn");
+    let streams =
+        txcoord::nats::ensure_streams(&js, &subjects, &txcoord::nats::StreamSettings::default())
+            .await
+            .unwrap();
+    let mut replies = streams.replies;
+    let info = replies.info().await.unwrap();
+    assert_eq!(info.config.retention, stream::RetentionPolicy::Limits);
+    assert_eq!(info.config.max_age, Duration::from_secs(3600));
+    assert_eq!(
+        info.state.messages, 0,
+        "the old stream's replies went with it"
+    );
+    // Opening again keeps the new stream as it is.
+    let again =
+        txcoord::nats::ensure_streams(&js, &subjects, &txcoord::nats::StreamSettings::default())
+            .await
+            .unwrap();
+    let mut replies = again.replies;
+    assert_eq!(
+        replies.info().await.unwrap().config.retention,
+        stream::RetentionPolicy::Limits
+    );
+    // And a coordinator on top of it commits.
+    let sys = System::start_on(nats, &["a"], &[]).await;
+    let req = request("after-replace", vec![step("a", json!({}))]);
+    sys.client
+        .submit_raw(serde_json::to_vec(&req).unwrap().into(), "after-replace")
+        .await
+        .unwrap();
+    let ev = sys
+        .wait_state("after-replace", |e| e.state.is_terminal())
+        .await;
+    assert_eq!(ev.state, TxnState::Committed, "{ev:?}");
+}

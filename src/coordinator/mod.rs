@@ -35,8 +35,8 @@ use txn::{Begin, Router, TxnMsg, to_bytes};
 
 /// The durable consumer that reads submissions.
 pub const SUBMIT_CONSUMER: &str = "txcoord-submit";
-/// The durable consumer that reads replies.
-pub const REPLY_CONSUMER: &str = "txcoord-replies";
+/// The durable consumer that reads replies (without acks; see [`reply_consumer`]).
+pub const REPLY_CONSUMER: &str = "txcoord-reply-reader";
 
 /// Why the coordinator stopped.
 #[derive(Debug, thiserror::Error)]
@@ -170,18 +170,14 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
 async fn pull_consumer(
     stream: &jetstream::stream::Stream,
     name: &str,
-    ack_wait: Duration,
-    max_ack_pending: i64,
+    config: consumer::pull::Config,
 ) -> Result<consumer::Consumer<consumer::pull::Config>, CoordinatorError> {
     stream
         .get_or_create_consumer(
             name,
             consumer::pull::Config {
                 durable_name: Some(name.to_string()),
-                ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait,
-                max_ack_pending,
-                ..Default::default()
+                ..config
             },
         )
         .await
@@ -191,14 +187,20 @@ async fn pull_consumer(
         })
 }
 
+/// Replies are read without acknowledgements. A reply only ever moves a transaction the
+/// coordinator holds in memory; if the coordinator dies before acting on one, recovery
+/// resends the command and the participant answers again from its durable record. An ack
+/// per reply would cost the server a message and a delete and protect nothing.
 async fn reply_consumer(
     shared: &Shared,
 ) -> Result<consumer::Consumer<consumer::pull::Config>, CoordinatorError> {
     pull_consumer(
         &shared.streams.replies,
         REPLY_CONSUMER,
-        Duration::from_secs(30),
-        100_000,
+        consumer::pull::Config {
+            ack_policy: consumer::AckPolicy::None,
+            ..Default::default()
+        },
     )
     .await
 }
@@ -209,8 +211,12 @@ async fn submit_consumer(
     pull_consumer(
         &shared.streams.submit,
         SUBMIT_CONSUMER,
-        Duration::from_secs(60),
-        20_000,
+        consumer::pull::Config {
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(60),
+            max_ack_pending: 20_000,
+            ..Default::default()
+        },
     )
     .await
 }
@@ -263,9 +269,6 @@ async fn run_replies(shared: Arc<Shared>, consumer: consumer::Consumer<consumer:
                         "reply for a transaction that is not running (finished or unknown); ignored"),
                 },
                 Err(e) => tracing::warn!(subject = %msg.subject, error = %e, "malformed participant reply ignored"),
-            }
-            if let Err(e) = msg.ack().await {
-                tracing::debug!(error = %e, "reply ack failed; it will be redelivered and deduplicated");
             }
         }
     })
