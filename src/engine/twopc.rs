@@ -151,6 +151,12 @@ pub struct TwoPc {
     deadline_ms: u64,
     retry_round: u32,
     stuck: bool,
+    /// When this engine sent its prepares (`None` when rebuilt from the log).
+    started_ms: Option<u64>,
+    /// How long the prepare round took when every vote came in: the first phase-2 resend
+    /// waits at least twice that, so a slow store (fsync on every write) is not answered
+    /// with resends that only add writes. Zero when unknown.
+    observed_round_ms: u64,
 }
 
 impl TwoPc {
@@ -192,6 +198,8 @@ impl TwoPc {
             deadline_ms: now.saturating_add(timeout_ms),
             retry_round: 0,
             stuck: false,
+            started_ms: Some(now),
+            observed_round_ms: 0,
         };
         out.push(Command::Persist {
             msg_id: format!("{}.accepted", txn.txn_id),
@@ -260,6 +268,8 @@ impl TwoPc {
             deadline_ms: now.saturating_add(timeout_ms),
             retry_round: 0,
             stuck: last.stuck,
+            started_ms: None,
+            observed_round_ms: 0,
         };
         match last.state {
             TxnState::Accepted | TxnState::Preparing => {
@@ -473,6 +483,11 @@ impl TwoPc {
     fn decide(&mut self, phase: Phase, reason: Option<Reason>, now: u64, out: &mut Vec<Command>) {
         self.phase = phase;
         self.reason = reason;
+        if phase == Phase::Committing
+            && let Some(started) = self.started_ms
+        {
+            self.observed_round_ms = now.saturating_sub(started);
+        }
         out.push(Command::CancelTimer(Timer::PrepareTimeout));
         out.push(Command::CancelTimer(Timer::StepNudge));
         let targets: Vec<usize> = self.pending().collect();
@@ -614,7 +629,9 @@ impl TwoPc {
 
     fn retry_delay(&self) -> u64 {
         backoff_ms(
-            self.cfg.retry_base_ms,
+            self.cfg
+                .retry_base_ms
+                .max(self.observed_round_ms.saturating_mul(2)),
             self.cfg.retry_cap_ms,
             self.retry_round,
             &self.txn_id,

@@ -416,6 +416,44 @@ fn phase_two_is_resent_with_backoff_and_higher_attempts_then_flagged_stuck() {
     assert_eq!(txn.phase(), Phase::Committed);
 }
 
+fn phase2_retry_at(out: &[Command]) -> u64 {
+    out.iter()
+        .find_map(|c| match c {
+            Command::SetTimer {
+                timer: Timer::Phase2Retry,
+                at_ms,
+            } => Some(*at_ms),
+            _ => None,
+        })
+        .unwrap()
+}
+
+#[test]
+fn a_slow_prepare_round_delays_the_first_phase_two_resend() {
+    // Fast votes: the configured base (100 ms, jittered by a quarter) holds.
+    let (mut fast, _) = start(&["a"]);
+    let mut out = Vec::new();
+    fast.handle(10, vote(0, "a", ReplyOutcome::Ready), &mut out)
+        .unwrap();
+    let delay = phase2_retry_at(&out) - 10;
+    assert!((75..=125).contains(&delay), "{delay}");
+    // Votes that took 400 ms: phase 2 is given at least twice that before a resend.
+    let (mut slow, _) = start(&["a"]);
+    let mut out = Vec::new();
+    slow.handle(400, vote(0, "a", ReplyOutcome::Ready), &mut out)
+        .unwrap();
+    let delay = phase2_retry_at(&out) - 400;
+    assert!((600..=1_000).contains(&delay), "{delay}");
+    // Still capped by retry_cap_ms (1 s here, plus jitter).
+    let (mut slower, _) = start(&["a"]);
+    let mut out = Vec::new();
+    slower
+        .handle(900, vote(0, "a", ReplyOutcome::Ready), &mut out)
+        .unwrap();
+    let delay = phase2_retry_at(&out) - 900;
+    assert!((750..=1_250).contains(&delay), "{delay}");
+}
+
 #[test]
 fn recovery_before_the_decision_reprepares_with_a_higher_attempt() {
     let (_, out) = start(&["a", "b"]);
