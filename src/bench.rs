@@ -150,6 +150,7 @@ async fn setup(
                 s.clone(),
                 "--concurrency".into(),
                 "1024".into(),
+                "--quiet".into(),
             ]);
             procs.push(Proc::spawn(s, cmd, dir.join(format!("{s}.log")))?);
         }

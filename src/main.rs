@@ -78,6 +78,9 @@ enum Cmd {
         /// Commands handled at once.
         #[arg(long, default_value_t = 256)]
         concurrency: usize,
+        /// Print no VOTED/EXECUTED/COMPENSATED line per command.
+        #[arg(long)]
+        quiet: bool,
     },
 }
 
@@ -169,6 +172,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             service,
             delay_ms,
             concurrency,
+            quiet,
         } => {
             let nc = txcoord::nats::connect_config(
                 &cfg,
@@ -182,7 +186,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 replicas: cfg.stream_replicas,
                 ..Default::default()
             };
-            let p = txcoord::scripted::Scripted::new(Duration::from_millis(delay_ms));
+            let mut p = txcoord::scripted::Scripted::new(Duration::from_millis(delay_ms));
+            if quiet {
+                p = p.quiet();
+            }
             println!("participant {service} starting");
             txcoord::participant::run(nc, &service, p, options, shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)

@@ -11,7 +11,8 @@
 //!   `compensate: "never"` (every compensation fails).
 //!
 //! It prints `VOTED`, `EXECUTED` and `COMPENSATED` lines on standard error, which the
-//! integration tests read.
+//! integration tests read, unless it is told to be quiet (the benchmark's no-op participants:
+//! a line per command is a write system call per command).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -26,6 +27,8 @@ use crate::participant::{Participant, ServiceError, StepResult, TxnContext, Vote
 pub struct Scripted {
     /// Extra delay before every vote or execute, on top of the payload's `delay_ms`.
     pub prepare_delay: Duration,
+    /// Print no `VOTED`/`EXECUTED`/`COMPENSATED` lines.
+    pub quiet: bool,
     /// Failures so far per branch and kind, for `flaky` and `compensate_fail_times`.
     failures: Mutex<HashMap<String, u64>>,
 }
@@ -35,7 +38,16 @@ impl Scripted {
     pub fn new(delay: Duration) -> Self {
         Scripted {
             prepare_delay: delay,
+            quiet: false,
             failures: Mutex::default(),
+        }
+    }
+
+    /// The same participant, printing no lines.
+    pub fn quiet(self) -> Self {
+        Scripted {
+            quiet: true,
+            ..self
         }
     }
 
@@ -76,7 +88,9 @@ impl Participant for Scripted {
             ),
             _ => Vote::Ready,
         };
-        eprintln!("VOTED {vote:?} txn_id={} step={}", txn.txn_id, txn.step);
+        if !self.quiet {
+            eprintln!("VOTED {vote:?} txn_id={} step={}", txn.txn_id, txn.step);
+        }
         vote
     }
 
@@ -122,10 +136,12 @@ impl Participant for Scripted {
             }
             _ => StepResult::Done,
         };
-        eprintln!(
-            "EXECUTED {result:?} txn_id={} step={}",
-            txn.txn_id, txn.step
-        );
+        if !self.quiet {
+            eprintln!(
+                "EXECUTED {result:?} txn_id={} step={}",
+                txn.txn_id, txn.step
+            );
+        }
         result
     }
 
@@ -143,7 +159,9 @@ impl Participant for Scripted {
             );
             return Err(ServiceError("scripted compensation failure".into()));
         }
-        eprintln!("COMPENSATED txn_id={} step={}", txn.txn_id, txn.step);
+        if !self.quiet {
+            eprintln!("COMPENSATED txn_id={} step={}", txn.txn_id, txn.step);
+        }
         Ok(())
     }
 }
