@@ -14,6 +14,14 @@ RUNS=${RUNS:-3}
 # Server setups: one node with default sync, one node fsyncing every write, and a 3-node
 # cluster on loopback with every stream at 3 replicas. SETUPS="cluster" runs only that one.
 SETUPS=${SETUPS:-"default always cluster"}
+# One run, tried a second time if it fails to start (say, a cluster slow to elect leaders on
+# a busy machine); the failure is reported on standard error.
+run() {
+  TXCOORD_LOG=error "$B" bench "$@" --json || {
+    echo "run failed, retrying once: $*" >&2
+    TXCOORD_LOG=error "$B" bench "$@" --json
+  }
+}
 for setup in $SETUPS; do
   case "$setup" in
     default) flags="" ;;
@@ -24,14 +32,16 @@ for setup in $SETUPS; do
   for row in "2pc 1" "2pc 3" "2pc 10" "saga 2" "saga 5"; do
     set -- $row
     for _ in $(seq "$RUNS"); do
-      TXCOORD_LOG=error "$B" bench --mode "$1" --participants "$2" --concurrency 64 \
-        --duration-secs "$SECS" --ceiling --json $flags
+      run --mode "$1" --participants "$2" --concurrency 64 --duration-secs "$SECS" --ceiling $flags
     done
   done
   if [ "$setup" = default ]; then
-    # No load: one client, one transaction at a time.
-    for _ in $(seq "$RUNS"); do
-      TXCOORD_LOG=error "$B" bench --mode 2pc --participants 3 --concurrency 1 --duration-secs "$SECS" --json
+    # Lighter load (8 clients: about half the throughput of 64), then no load: one client,
+    # one transaction at a time.
+    for c in 8 1; do
+      for _ in $(seq "$RUNS"); do
+        run --mode 2pc --participants 3 --concurrency "$c" --duration-secs "$SECS"
+      done
     done
   fi
 done

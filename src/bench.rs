@@ -421,7 +421,11 @@ pub async fn run(args: BenchArgs, nats_url: Option<String>) -> anyhow::Result<()
         .context("coordinator not ready")?;
     let subjects = Subjects::default();
     for s in &setup.services {
-        wait_consumer(&js, &subjects.command_stream(), s, Duration::from_secs(60)).await?;
+        wait_consumer(&js, &subjects.command_stream(), s, Duration::from_secs(60))
+            .await
+            .with_context(|| {
+                format!("participant {s} did not start (with --data-dir, its log is kept there)")
+            })?;
     }
 
     // One subscription delivers every outcome to its waiting client.

@@ -236,11 +236,10 @@ async fn open_reply_stream(
     config: stream::Config,
 ) -> Result<stream::Stream, NatsError> {
     let name = config.name.clone();
-    let mut stream = open_stream(js, config.clone()).await?;
-    let info = stream.info().await.map_err(|e| NatsError::Stream {
-        stream: name.clone(),
-        message: e.to_string(),
-    })?;
+    let stream = open_stream(js, config.clone()).await?;
+    // The info the create-or-open answer carried: no second request (which a cluster still
+    // electing leaders may refuse).
+    let info = stream.cached_info();
     if info.config.retention != stream::RetentionPolicy::WorkQueue {
         return Ok(stream);
     }
