@@ -22,7 +22,7 @@ def med(runs, f):
 print("| setup | mode | participants | clients | runs | tx/s | p50 ms | p95 ms | p99 ms | max ms | JS msgs/tx | JS bytes/tx | raw publishes/s | raw consumed/s | efficiency |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 order = {"default": 0, "always": 1, "cluster R3": 2}
-for (setup, mode, n, c), runs in sorted(rows.items(), key=lambda kv: (order[kv[0][0]], kv[0][3] == 1, kv[0][1], kv[0][2])):
+for (setup, mode, n, c), runs in sorted(rows.items(), key=lambda kv: (order[kv[0][0]], -kv[0][3], kv[0][1], kv[0][2])):
     ceil = lambda k: (lambda r: r["ceiling"][k] if r.get("ceiling") else None)
     pub, con, eff = med(runs, ceil("publish_per_sec")), med(runs, ceil("consume_per_sec")), med(runs, ceil("efficiency"))
     fmt = lambda v, spec: "–" if v is None else format(v, spec)
