@@ -130,6 +130,9 @@ pub struct Config {
     pub reply_max_bytes: u64,
     /// JetStream's duplicate window for message ids, in seconds.
     pub duplicate_window_secs: u64,
+    /// The coordinator's lease time-to-live, in milliseconds: a standby takes over this long
+    /// after the active coordinator dies (at once after a clean shutdown).
+    pub lease_ttl_ms: u64,
 }
 
 impl Default for Config {
@@ -157,6 +160,7 @@ impl Default for Config {
             reply_max_age_secs: 3600,
             reply_max_bytes: 1 << 30,
             duplicate_window_secs: 120,
+            lease_ttl_ms: 10_000,
         }
     }
 }
@@ -248,6 +252,15 @@ impl Config {
             if value == 0 {
                 return Err(invalid(field, "must be greater than 0"));
             }
+        }
+        if self.lease_ttl_ms < 1_000 {
+            return Err(invalid(
+                "lease_ttl_ms",
+                format!(
+                    "{} is too short: at least 1000 (it is renewed every quarter of it)",
+                    self.lease_ttl_ms
+                ),
+            ));
         }
         if self.prepare_timeout_ms > self.max_timeout_ms {
             return Err(invalid(

@@ -290,6 +290,10 @@ async fn start_cluster(
         url.clone(),
         "--prefix".into(),
         prefix.clone(),
+        // A restarted coordinator (--kill-coordinator) waits for the dead one's lease to
+        // expire: keep that short for the demo.
+        "--lease-ttl-ms".into(),
+        "2000".into(),
     ];
     cluster.coordinator = Some(Proc::spawn(
         "coordinator",

@@ -46,6 +46,10 @@ enum Cmd {
         /// Default prepare timeout in milliseconds.
         #[arg(long)]
         prepare_timeout_ms: Option<u64>,
+        /// Lease time-to-live in milliseconds: how soon a standby takes over from a dead
+        /// coordinator.
+        #[arg(long)]
+        lease_ttl_ms: Option<u64>,
     },
     /// Submit one request (a JSON object) or many (JSON Lines) and print each final event.
     /// Exit 0 if all committed (or, for sagas, completed), 1 if any did not, 2 on error.
@@ -95,8 +99,12 @@ fn load_config(cli: &Cli) -> anyhow::Result<Config> {
     if let Cmd::Serve {
         max_in_flight,
         prepare_timeout_ms,
+        lease_ttl_ms,
     } = &cli.command
     {
+        if let Some(t) = lease_ttl_ms {
+            cfg.lease_ttl_ms = *t;
+        }
         if let Some(m) = max_in_flight {
             cfg.max_in_flight = *m;
         }

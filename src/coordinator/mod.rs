@@ -10,6 +10,7 @@
 //! ```
 
 pub mod api;
+pub mod lease;
 pub mod txn;
 
 use std::future::Future;
@@ -55,6 +56,12 @@ pub enum CoordinatorError {
     /// The request/reply API could not be registered.
     #[error("cannot start the txcoord micro service: {0}")]
     Api(String),
+    /// The lease could not be taken.
+    #[error(transparent)]
+    Lease(#[from] lease::LeaseError),
+    /// Another coordinator took the lease, or it expired while this one was cut off.
+    #[error("this coordinator lost its lease and stopped; restart it to recover from the log")]
+    LeaseLost,
 }
 
 /// Counters exposed in the micro service's stats.
@@ -119,6 +126,8 @@ pub struct Shared {
     pub limits: RequestLimits,
     /// Counters.
     pub metrics: Metrics,
+    /// The lease: every write waits until it is held.
+    pub lease: lease::LeaseHandle,
     /// A test hook (`TXCOORD_FAILPOINT`): `after-decision` stops a transaction right after its
     /// decision is durable, before any participant hears it, so a test can kill the process there.
     pub failpoint: Option<String>,
@@ -133,7 +142,23 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     );
     let subjects = cfg.subjects();
     let streams = ensure_streams(&js, &subjects, &StreamSettings::from_config(&cfg)).await?;
+    let mut shutdown = std::pin::pin!(shutdown);
+    let lease = match lease::acquire(
+        &js,
+        &cfg.subject_prefix,
+        Duration::from_millis(cfg.lease_ttl_ms),
+        cfg.stream_replicas,
+        &mut shutdown,
+    )
+    .await
+    {
+        Ok(l) => l,
+        Err(lease::LeaseError::Shutdown) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    tracing::info!(holder = %lease.holder, "lease held");
     let shared = Arc::new(Shared {
+        lease: lease.handle(),
         subjects,
         js,
         streams,
@@ -155,13 +180,18 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     tracing::info!(url = %cfg.nats_url, prefix = %cfg.subject_prefix, "coordinator ready");
     println!("txcoord ready");
 
-    tokio::select! {
+    let lost = tokio::select! {
         biased;
-        _ = shutdown => tracing::info!("shutting down"),
-        _ = run_replies(shared.clone(), replies) => tracing::error!("reply loop ended"),
-        _ = run_submissions(shared.clone(), submissions, permits) => tracing::error!("submit loop ended"),
-    }
+        _ = shutdown => { tracing::info!("shutting down"); false }
+        _ = shared.lease.lost() => true,
+        _ = run_replies(shared.clone(), replies) => { tracing::error!("reply loop ended"); false }
+        _ = run_submissions(shared.clone(), submissions, permits) => { tracing::error!("submit loop ended"); false }
+    };
     drop(api);
+    if lost {
+        return Err(CoordinatorError::LeaseLost);
+    }
+    lease.release().await;
     // Every write is either acknowledged or will be redone from the log: nothing to flush.
     let _ = client.flush().await;
     Ok(())
@@ -300,6 +330,10 @@ async fn submission(
     msg: jetstream::Message,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
+    // Without the lease, leave the submission unacked: the next coordinator gets it.
+    if shared.lease.ready().await.is_err() {
+        return;
+    }
     let seq = msg.info().map(|i| i.stream_sequence).ok();
     let parsed = parse_request(&msg.payload, &shared.limits);
     let request = match parsed.result {

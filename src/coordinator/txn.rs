@@ -199,6 +199,14 @@ struct Stop;
 impl Driver {
     async fn perform(&mut self, commands: Vec<Command>) -> Result<(), Stop> {
         for cmd in commands {
+            // Fencing: nothing is written or sent unless this coordinator holds the lease.
+            if matches!(
+                cmd,
+                Command::Persist { .. } | Command::Announce { .. } | Command::Send(_)
+            ) && self.shared.lease.ready().await.is_err()
+            {
+                return Err(Stop);
+            }
             match cmd {
                 Command::Persist { msg_id, event } => self.persist(&msg_id, &event).await?,
                 Command::Announce { msg_id, event } => {

@@ -91,6 +91,36 @@ impl Proc {
         self.start();
     }
 
+    /// SIGTERM (a clean shutdown), and wait for the process to be gone.
+    pub fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits until the process exits by itself; its exit status.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                return status;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "{} still running after {timeout:?}; log:\n{}",
+                self.log.display(),
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -147,7 +177,11 @@ impl System {
     ) -> System {
         let dir = tempfile::tempdir().expect("tempdir");
         let url = nats.url();
-        let mut env: Vec<(&str, &str)> = vec![("TXCOORD_NATS_URL", url.as_str())];
+        // A short lease, so that a coordinator restarted after SIGKILL takes over quickly.
+        let mut env: Vec<(&str, &str)> = vec![
+            ("TXCOORD_NATS_URL", url.as_str()),
+            ("TXCOORD_LEASE_TTL_MS", "2000"),
+        ];
         env.extend_from_slice(coord_env);
         let coordinator = Proc::spawn(dir.path(), "coordinator", &["serve"], &env);
         let participants = services

@@ -1,0 +1,96 @@
+//! The coordinator's lease: a second coordinator on the same prefix waits as a standby and
+//! takes over when the first dies; a coordinator whose lease is taken stops.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Proc, System, request, step};
+use serde_json::json;
+use txcoord::proto::TxnState;
+
+const TTL: (&str, &str) = ("TXCOORD_LEASE_TTL_MS", "2000");
+
+async fn commit(sys: &System, txn_id: &str) {
+    let req = request(txn_id, vec![step("a", json!({}))]);
+    sys.client
+        .submit_raw(serde_json::to_vec(&req).unwrap().into(), txn_id)
+        .await
+        .unwrap();
+    let ev = sys.wait_state(txn_id, |e| e.state.is_terminal()).await;
+    assert_eq!(ev.state, TxnState::Committed, "{ev:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_over_when_the_active_coordinator_is_killed() {
+    let mut sys = System::start(&["a"], &[TTL]).await;
+    let url = sys.nats.url();
+    let standby = Proc::spawn(
+        sys.dir.path(),
+        "standby",
+        &["serve"],
+        &[("TXCOORD_NATS_URL", &url), TTL],
+    );
+    standby
+        .wait_for(
+            "standby: another coordinator holds the lease",
+            Duration::from_secs(20),
+        )
+        .await;
+    commit(&sys, "lease-1").await;
+    assert!(
+        !standby.log_text().contains("coordinator ready"),
+        "the standby must not act while the lease is held"
+    );
+    sys.coordinator.kill9();
+    // Submitted while nobody holds the lease: it waits in the stream for the standby.
+    commit(&sys, "lease-2").await;
+    standby
+        .wait_for("lease taken over", Duration::from_secs(1))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_whose_lease_is_taken_stops() {
+    let mut sys = System::start(&["a"], &[TTL]).await;
+    commit(&sys, "steal-1").await;
+    let js = async_nats::jetstream::new(sys.nc.clone());
+    let kv = js
+        .get_key_value(txcoord::coordinator::lease::bucket_name("txn"))
+        .await
+        .unwrap();
+    kv.put("holder", "an intruder".into()).await.unwrap();
+    let status = sys.coordinator.wait_exit(Duration::from_secs(10)).await;
+    assert!(!status.success(), "{status:?}");
+    assert!(
+        sys.coordinator
+            .log_text()
+            .contains("the lease was taken by another coordinator"),
+        "{}",
+        sys.coordinator.log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_shutdown_hands_the_lease_over_at_once() {
+    let mut sys = System::start(&["a"], &[("TXCOORD_LEASE_TTL_MS", "60000")]).await;
+    let url = sys.nats.url();
+    let standby = Proc::spawn(
+        sys.dir.path(),
+        "standby",
+        &["serve"],
+        &[("TXCOORD_NATS_URL", &url)],
+    );
+    standby
+        .wait_for(
+            "standby: another coordinator holds the lease",
+            Duration::from_secs(20),
+        )
+        .await;
+    sys.coordinator.terminate();
+    // Well inside the 60 s TTL: the released lease is taken on the standby's next poll.
+    standby
+        .wait_for("coordinator ready", Duration::from_secs(30))
+        .await;
+    commit(&sys, "handover-1").await;
+}
