@@ -22,6 +22,11 @@ pub struct Args {
         default_value = "nats://127.0.0.1:4222"
     )]
     pub nats_url: String,
+    /// Configuration file (TOML), read like `txcoord serve` reads it (./txcoord.toml if
+    /// present, then TXCOORD_* variables): NATS credentials and TLS (`[nats]`) and
+    /// `stream_replicas` come from it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     /// Subject prefix of the coordinator.
     #[arg(long, env = "TXCOORD_SUBJECT_PREFIX", default_value = "txn")]
     pub prefix: String,
@@ -126,9 +131,10 @@ where
     T: Serialize + DeserializeOwned + Clone,
     P: Participant,
 {
-    let nc = txcoord::nats::connect(&args.nats_url, &Default::default(), service, true).await?;
+    let cfg = txcoord::config::Config::load(args.config.as_deref())?;
+    let nc = txcoord::nats::connect(&args.nats_url, &cfg.nats, service, true).await?;
     let js = txcoord::nats::jetstream(nc.clone(), Duration::from_secs(1));
-    let table = Table::open(&js, &args.bucket(service), 1).await?;
+    let table = Table::open(&js, &args.bucket(service), cfg.stream_replicas).await?;
     let seeds = args.seeds()?;
     let seed = match (seed, seeds.is_empty()) {
         (Some(f), _) => f,
@@ -145,6 +151,7 @@ where
     let options = txcoord::participant::Options {
         prefix: args.prefix.clone(),
         max_concurrent: args.concurrency,
+        replicas: cfg.stream_replicas,
         ..Default::default()
     };
     txcoord::participant::run(nc, service, make(table), options, shutdown()).await?;

@@ -1,5 +1,6 @@
 //! Credentials from configuration reach NATS: against a server that requires a token, the
-//! coordinator and a participant configured with TXCOORD_NATS__TOKEN run a transaction, and
+//! coordinator and a participant configured with TXCOORD_NATS__TOKEN run a transaction, an
+//! example service starts with the same variable, and
 //! the CLI with a wrong token fails with a clear error instead of hanging.
 
 mod common;
@@ -24,10 +25,21 @@ async fn a_token_protected_server_works_with_the_configured_token() {
     ];
     let coordinator = Proc::spawn(dir.path(), "coordinator", &["serve"], &env);
     let participant = Proc::spawn(dir.path(), "a", &["participant", "--service", "a"], &env);
+    // An example service takes its credentials from the same configuration.
+    let order = Proc::spawn_bin(
+        env!("CARGO_BIN_EXE_txcoord-order"),
+        dir.path(),
+        "order",
+        &[],
+        &env,
+    );
     coordinator
         .wait_for("coordinator ready", Duration::from_secs(30))
         .await;
     participant
+        .wait_for("participant ready", Duration::from_secs(30))
+        .await;
+    order
         .wait_for("participant ready", Duration::from_secs(30))
         .await;
 
