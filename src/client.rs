@@ -203,7 +203,24 @@ impl Client {
             found.insert(ev.txn_id.clone(), ev);
         };
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut poll = tokio::time::interval(Duration::from_secs(2));
+        // The subscription normally brings each outcome. As a safety net (an outcome recorded
+        // before we subscribed, as for a resubmission, or an event missed across a
+        // reconnect), each id is also looked up in the log: first after a second, then
+        // with its interval doubling up to 30 s, at most 512 ids per tick, 32 at a time.
+        // So thousands of waiting ids cost a trickle of reads, not a burst every tick.
+        let mut next_check: HashMap<String, (tokio::time::Instant, Duration)> = waiting
+            .iter()
+            .map(|id| {
+                (
+                    id.clone(),
+                    (
+                        tokio::time::Instant::now() + Duration::from_secs(1),
+                        Duration::from_secs(1),
+                    ),
+                )
+            })
+            .collect();
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
         let mut acks = futures::future::join_all(acks);
         let mut acked = false;
         while !waiting.is_empty() && tokio::time::Instant::now() < deadline {
@@ -222,18 +239,40 @@ impl Client {
                         && ev.state.is_outcome()
                         && waiting.remove(&ev.txn_id)
                     {
+                        next_check.remove(&ev.txn_id);
                         done(ev, &mut found);
                     }
                 }
-                _ = poll.tick() => {
-                    // Catch outcomes recorded before we subscribed (a resubmission) or missed.
-                    let ids: Vec<String> = waiting.iter().cloned().collect();
-                    for id in ids {
-                        if let Some(ev) = self.last_event(&id).await
-                            && ev.state.is_outcome()
-                        {
-                            waiting.remove(&id);
-                            done(ev, &mut found);
+                _ = tick.tick() => {
+                    let now = tokio::time::Instant::now();
+                    let due: Vec<String> = next_check
+                        .iter()
+                        .filter(|(_, (at, _))| *at <= now)
+                        .map(|(id, _)| id.clone())
+                        .take(512)
+                        .collect();
+                    let looked: Vec<(String, Option<TransactionEvent>)> = futures::stream::iter(due)
+                        .map(|id| async move {
+                            let ev = self.last_event(&id).await;
+                            (id, ev)
+                        })
+                        .buffer_unordered(32)
+                        .collect()
+                        .await;
+                    for (id, ev) in looked {
+                        match ev {
+                            Some(ev) if ev.state.is_outcome() => {
+                                next_check.remove(&id);
+                                if waiting.remove(&id) {
+                                    done(ev, &mut found);
+                                }
+                            }
+                            _ => {
+                                if let Some((at, every)) = next_check.get_mut(&id) {
+                                    *every = (*every * 2).min(Duration::from_secs(30));
+                                    *at = tokio::time::Instant::now() + *every;
+                                }
+                            }
                         }
                     }
                 }
