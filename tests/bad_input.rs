@@ -210,21 +210,33 @@ async fn the_cli_reports_outcomes_with_its_exit_code() {
 /// A request the coordinator accepts but the server cannot store as a log record (the
 /// `accepted` record adds to the request's size) is rejected visibly, never dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_too_big_for_the_log_is_rejected_not_lost() {
+async fn a_request_too_big_for_the_log_is_refused_up_front_with_the_limit_named() {
     let sys = System::start(&["a"], &[("TXCOORD_MAX_REQUEST_BYTES", "8388608")]).await;
-    // Under the server's max_payload (8 MB) as a submission, over it as an accepted record.
+    // Under the configured limit and the server's max_payload (8 MB) as a submission, but
+    // too big for an accepted record: the coordinator caps the limit to what it can log.
     let big = "x".repeat(8_388_608 - 300);
     let req = request("huge", vec![step("a", json!(big))]);
     let body = serde_json::to_vec(&req).unwrap();
     assert!(body.len() < 8 * 1024 * 1024, "{}", body.len());
-    sys.client.submit_raw(body.into(), "huge").await.unwrap();
-    let ev = sys
-        .wait_state("huge", |e| e.state == TxnState::Rejected)
-        .await;
-    let Some(Reason::InvalidRequest { message, .. }) = ev.reason else {
-        panic!("{ev:?}")
+    let seq = sys.client.submit_raw(body.into(), "huge").await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let err = loop {
+        let errors = sys.client.errors().await;
+        if let Some(e) = errors.into_iter().find(|e| e.submit_seq == Some(seq)) {
+            break e;
+        }
+        assert!(std::time::Instant::now() < deadline, "no error for {seq}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert!(message.contains("refused"), "{message}");
+    assert_eq!(err.kind, "too_large", "{err:?}");
+    // 8 MiB less the 64 KiB kept for the record's envelope.
+    assert!(err.message.contains("limit of 8323072 bytes"), "{err:?}");
+    assert!(
+        sys.coordinator
+            .log_text()
+            .contains("max_request_bytes is more than the NATS server can log"),
+        "the cap is logged at start-up"
+    );
     assert_eq!(
         sys.run(request("after-huge", vec![step("a", json!({}))]))
             .await

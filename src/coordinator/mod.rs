@@ -133,6 +133,30 @@ pub struct Shared {
     pub failpoint: Option<String>,
 }
 
+/// Room kept for the `accepted` record's envelope around the request (every step's state,
+/// the echoed metadata, headers).
+const LOG_RECORD_ROOM: usize = 64 * 1024;
+
+/// The request limits, with `max_request_bytes` capped so that the `accepted` record that
+/// carries a request fits the server's `max_payload`. Otherwise a request could be taken
+/// and then refused by the log; it would be rejected then, but with a vaguer reason.
+fn capped_limits(cfg: &Config, server_max_payload: usize) -> RequestLimits {
+    let mut limits = cfg.limits();
+    let cap = server_max_payload
+        .saturating_sub(LOG_RECORD_ROOM)
+        .max(server_max_payload / 2);
+    if limits.max_bytes > cap {
+        tracing::warn!(
+            max_request_bytes = limits.max_bytes,
+            server_max_payload,
+            effective = cap,
+            "max_request_bytes is more than the NATS server can log; requests are limited to the server's max_payload less room for the log record"
+        );
+        limits.max_bytes = cap;
+    }
+    limits
+}
+
 /// Runs the coordinator until `shutdown` completes.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), CoordinatorError> {
     let client = crate::nats::connect_config(&cfg, "txcoord", true).await?;
@@ -164,7 +188,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         streams,
         router: Router::new(),
         engine: cfg.engine(),
-        limits: cfg.limits(),
+        limits: capped_limits(&cfg, client.server_info().max_payload),
         metrics: Metrics::default(),
         failpoint: std::env::var("TXCOORD_FAILPOINT")
             .ok()
