@@ -133,6 +133,8 @@ pub struct Config {
     /// The coordinator's lease time-to-live, in milliseconds: a standby takes over this long
     /// after the active coordinator dies (at once after a clean shutdown).
     pub lease_ttl_ms: u64,
+    /// How often the recovery checkpoint (where a restart starts reading the log) may move.
+    pub checkpoint_interval_ms: u64,
 }
 
 impl Default for Config {
@@ -161,6 +163,7 @@ impl Default for Config {
             reply_max_bytes: 1 << 30,
             duplicate_window_secs: 120,
             lease_ttl_ms: 10_000,
+            checkpoint_interval_ms: 10_000,
         }
     }
 }
@@ -247,6 +250,7 @@ impl Config {
             ("duplicate_window_secs", self.duplicate_window_secs),
             ("reply_max_age_secs", self.reply_max_age_secs),
             ("reply_max_bytes", self.reply_max_bytes),
+            ("checkpoint_interval_ms", self.checkpoint_interval_ms),
         ];
         for (field, value) in positive {
             if value == 0 {

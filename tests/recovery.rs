@@ -335,3 +335,77 @@ async fn an_old_work_queue_reply_stream_is_replaced() {
         .await;
     assert_eq!(ev.state, TxnState::Committed, "{ev:?}");
 }
+
+/// A restart reads the log from the recovery checkpoint, not from the beginning: with 20
+/// finished transactions behind it, it reads only the unfinished one's records, and
+/// resumes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_reads_the_log_from_the_checkpoint() {
+    let mut sys = System::start(&["a", "b"], &[("TXCOORD_CHECKPOINT_INTERVAL_MS", "100")]).await;
+    let url = sys.nats.url();
+    for i in 0..20 {
+        let ev = sys
+            .run(request(&format!("old-{i}"), vec![step("a", json!({}))]))
+            .await;
+        assert_eq!(ev.state, TxnState::Committed);
+    }
+    let js = async_nats::jetstream::new(sys.nc.clone());
+    let end = js
+        .get_stream("TXN_EVENTS")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .last_sequence;
+    let kv = js
+        .get_key_value(txcoord::coordinator::checkpoint::bucket_name("txn"))
+        .await
+        .unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        let at: u64 = match kv.get("recovery_from").await.unwrap() {
+            Some(v) => std::str::from_utf8(&v).unwrap().parse().unwrap(),
+            None => 0,
+        };
+        if at > end {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "checkpoint stuck at {at}, log ends at {end}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let req = request(
+        "ckpt-live",
+        vec![step("a", json!({})), step("b", json!({"delay_ms": 1500}))],
+    );
+    sys.client
+        .submit_raw(serde_json::to_vec(&req).unwrap().into(), "ckpt-live")
+        .await
+        .unwrap();
+    sys.wait_vote("ckpt-live", 0).await;
+    sys.coordinator.kill9();
+    sys.coordinator.restart_with(&[("TXCOORD_NATS_URL", &url)]);
+    let ev = sys.wait_state("ckpt-live", |e| e.state.is_terminal()).await;
+    assert_eq!(ev.state, TxnState::Committed, "{ev:?}");
+    let log = sys.coordinator.log_text();
+    let line = log
+        .lines()
+        .rfind(|l| l.contains("recovery done"))
+        .expect("a recovery line")
+        .to_string();
+    let field = |name: &str| -> u64 {
+        let rest = &line[line.find(&format!("{name}=")).expect(name) + name.len() + 1..];
+        rest.split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(field("recovered"), 1, "{line}");
+    // Only ckpt-live's records (accepted, preparing): the 20 finished ones are behind.
+    assert!(field("scanned") <= 3, "{line}");
+}

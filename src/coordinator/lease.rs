@@ -88,6 +88,11 @@ impl LeaseHandle {
         }
     }
 
+    /// Whether the lease is held at this instant (no waiting).
+    pub fn is_held(&self) -> bool {
+        matches!(*self.state.borrow(), LeaseState::Held { until } if Instant::now() < until)
+    }
+
     /// Completes when the lease is lost.
     pub async fn lost(&self) {
         let mut rx = self.state.clone();

@@ -10,6 +10,7 @@
 //! ```
 
 pub mod api;
+pub mod checkpoint;
 pub mod lease;
 pub mod txn;
 
@@ -128,6 +129,8 @@ pub struct Shared {
     pub metrics: Metrics,
     /// The lease: every write waits until it is held.
     pub lease: lease::LeaseHandle,
+    /// Accepted records of running transactions, for the recovery checkpoint.
+    pub inflight: Arc<checkpoint::InFlight>,
     /// A test hook (`TXCOORD_FAILPOINT`): `after-decision` stops a transaction right after its
     /// decision is durable, before any participant hears it, so a test can kill the process there.
     pub failpoint: Option<String>,
@@ -183,6 +186,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     tracing::info!(holder = %lease.holder, "lease held");
     let shared = Arc::new(Shared {
         lease: lease.handle(),
+        inflight: Arc::default(),
         subjects,
         js,
         streams,
@@ -195,8 +199,23 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             .filter(|s| !s.is_empty()),
     });
 
-    let recovered = recover(&shared).await?;
-    tracing::info!(recovered, "recovery done");
+    let state = checkpoint::open(&shared.js, &cfg.subject_prefix, cfg.stream_replicas).await;
+    let from = match &state {
+        Some(store) => checkpoint::read(store).await,
+        None => None,
+    };
+    let (recovered, scanned) = recover(&shared, from).await?;
+    tracing::info!(recovered, scanned, from = ?from, "recovery done");
+    if let Some(store) = state {
+        tokio::spawn(checkpoint::run(
+            store,
+            shared.streams.events.clone(),
+            shared.inflight.clone(),
+            shared.lease.clone(),
+            Duration::from_millis(cfg.checkpoint_interval_ms),
+            from.unwrap_or(0),
+        ));
+    }
     let replies = reply_consumer(&shared).await?;
     let submissions = submit_consumer(&shared).await?;
     let api = api::start(client.clone(), shared.clone()).await?;
@@ -494,39 +513,45 @@ pub(crate) async fn reject(
 }
 
 /// Rebuilds and resumes every unfinished transaction from the events stream.
-async fn recover(shared: &Arc<Shared>) -> Result<usize, CoordinatorError> {
-    let events = &shared.streams.events;
-    let consumer = events
+/// Resumes every unfinished transaction; returns how many, and how many records it read.
+/// With a checkpoint it reads every record from there (all of every unfinished
+/// transaction's records are); without one, the last record of every transaction ever.
+async fn recover(
+    shared: &Arc<Shared>,
+    from: Option<u64>,
+) -> Result<(usize, u64), CoordinatorError> {
+    let consumer_error = |e: &dyn std::fmt::Display| CoordinatorError::Consumer {
+        consumer: "recovery".into(),
+        message: e.to_string(),
+    };
+    let deliver_policy = match from {
+        Some(seq) => consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: seq,
+        },
+        None => consumer::DeliverPolicy::LastPerSubject,
+    };
+    let mut consumer = shared
+        .streams
+        .events
         .create_consumer(consumer::pull::OrderedConfig {
             filter_subject: shared.subjects.events_all(),
-            deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+            deliver_policy,
             ..Default::default()
         })
         .await
-        .map_err(|e| CoordinatorError::Consumer {
-            consumer: "recovery".into(),
-            message: e.to_string(),
-        })?;
-    let mut consumer = consumer;
+        .map_err(|e| consumer_error(&e))?;
     let pending = consumer
         .info()
         .await
-        .map_err(|e| CoordinatorError::Consumer {
-            consumer: "recovery".into(),
-            message: e.to_string(),
-        })?
+        .map_err(|e| consumer_error(&e))?
         .num_pending;
     if pending == 0 {
-        return Ok(0);
+        return Ok((0, 0));
     }
-    let mut messages = consumer
-        .messages()
-        .await
-        .map_err(|e| CoordinatorError::Consumer {
-            consumer: "recovery".into(),
-            message: e.to_string(),
-        })?;
-    let mut count = 0;
+    let mut messages = consumer.messages().await.map_err(|e| consumer_error(&e))?;
+    // The latest record of each transaction seen, with its sequence.
+    let mut last: std::collections::HashMap<String, (TransactionEvent, u64)> = Default::default();
+    let mut scanned = 0u64;
     loop {
         let next = tokio::time::timeout(Duration::from_secs(10), messages.next()).await;
         let msg = match next {
@@ -537,14 +562,15 @@ async fn recover(shared: &Arc<Shared>) -> Result<usize, CoordinatorError> {
             }
             Ok(None) | Err(_) => break,
         };
-        let done = msg.info().map(|i| i.pending == 0).unwrap_or(false);
+        scanned += 1;
+        let (seq, done) = msg
+            .info()
+            .map(|i| (i.stream_sequence, i.pending == 0))
+            .unwrap_or((0, false));
         match serde_json::from_slice::<TransactionEvent>(&msg.payload) {
-            Ok(last) if !last.state.is_terminal() => {
-                if resume(shared, last).await {
-                    count += 1;
-                }
+            Ok(ev) => {
+                last.insert(ev.txn_id.clone(), (ev, seq));
             }
-            Ok(_) => {}
             Err(e) => {
                 tracing::warn!(subject = %msg.subject, error = %e, "unreadable log record skipped")
             }
@@ -553,28 +579,60 @@ async fn recover(shared: &Arc<Shared>) -> Result<usize, CoordinatorError> {
             break;
         }
     }
+    let mut count = 0;
+    let mut pinned = false;
+    for (ev, seq) in last.into_values() {
+        if ev.state.is_terminal() {
+            continue;
+        }
+        match resume(shared, ev, seq).await {
+            Resumed::Running => count += 1,
+            Resumed::Finished => {}
+            Resumed::Failed if !pinned => {
+                // A later restart must still see it: the checkpoint stays where it was.
+                shared.inflight.track(from.unwrap_or(1));
+                pinned = true;
+            }
+            Resumed::Failed => {}
+        }
+    }
     shared
         .metrics
         .recovered
         .store(count as u64, Ordering::Relaxed);
-    Ok(count)
+    Ok((count, scanned))
 }
 
-async fn resume(shared: &Arc<Shared>, last: TransactionEvent) -> bool {
+/// What became of a transaction found unfinished in the log.
+enum Resumed {
+    /// Its task runs.
+    Running,
+    /// It needs nothing more (or already runs).
+    Finished,
+    /// It could not be rebuilt; a restart tries again.
+    Failed,
+}
+
+async fn resume(shared: &Arc<Shared>, last: TransactionEvent, last_seq: u64) -> Resumed {
     let txn_id = last.txn_id.clone();
-    let accepted = if last.state == TxnState::Accepted {
-        last.clone()
+    let (accepted, accepted_seq) = if last.state == TxnState::Accepted {
+        (last.clone(), last_seq)
     } else {
         let first = shared
             .streams
             .events
             .direct_get_first_for_subject(shared.subjects.events(&txn_id))
             .await;
-        match first.map(|m| serde_json::from_slice::<TransactionEvent>(&m.payload)) {
-            Ok(Ok(ev)) => ev,
+        match first.map(|m| {
+            (
+                serde_json::from_slice::<TransactionEvent>(&m.payload),
+                m.sequence,
+            )
+        }) {
+            Ok((Ok(ev), seq)) => (ev, seq),
             other => {
                 tracing::error!(%txn_id, "cannot read the accepted record: {other:?}");
-                return false;
+                return Resumed::Failed;
             }
         }
     };
@@ -588,20 +646,30 @@ async fn resume(shared: &Arc<Shared>, last: TransactionEvent) -> bool {
         &mut out,
     ) {
         Ok(e) => e,
-        Err(RecoverError::Finished(_)) => return false,
+        Err(RecoverError::Finished(_)) => return Resumed::Finished,
         Err(e) => {
             tracing::error!(%txn_id, error = %e, "cannot resume transaction");
-            return false;
+            return Resumed::Failed;
         }
     };
     let (tx, rx) = mpsc::channel(64);
     if !shared.router.insert(&txn_id, tx.clone()) {
-        return false;
+        return Resumed::Finished;
     }
+    shared.inflight.track(accepted_seq);
     tracing::info!(%txn_id, state = ?last.state, "resuming transaction");
     let span = tracing::info_span!("txn", %txn_id);
     tokio::spawn(
-        txn::drive(shared.clone(), engine, out, Begin::Recovered, tx, rx, None).instrument(span),
+        txn::drive(
+            shared.clone(),
+            engine,
+            out,
+            Begin::Recovered { accepted_seq },
+            tx,
+            rx,
+            None,
+        )
+        .instrument(span),
     );
-    true
+    Resumed::Running
 }

@@ -112,8 +112,11 @@ pub enum Begin {
         /// The submission to ack once the accepted record is durable.
         submission: Option<Box<jetstream::Message>>,
     },
-    /// Rebuilt from the log.
-    Recovered,
+    /// Rebuilt from the log; its `accepted` record is at this sequence (already tracked).
+    Recovered {
+        /// The sequence of its `accepted` record.
+        accepted_seq: u64,
+    },
 }
 
 /// Drives one transaction to its end. `commands` are the engine's first batch.
@@ -127,7 +130,12 @@ pub async fn drive(
     _permit: Option<OwnedSemaphorePermit>,
 ) {
     let txn_id = engine.txn_id().to_string();
+    let accepted_seq = match &begin {
+        Begin::Recovered { accepted_seq } => Some(*accepted_seq),
+        Begin::New { .. } => None,
+    };
     let mut driver = Driver {
+        accepted_seq,
         own: own.downgrade(),
         shared: shared.clone(),
         txn_id: txn_id.clone(),
@@ -179,10 +187,18 @@ pub async fn drive(
         }
     }
     shared.router.remove(&txn_id);
+    // Only a finished transaction lets the recovery checkpoint pass it.
+    if driver.finished
+        && let Some(seq) = driver.accepted_seq
+    {
+        shared.inflight.finished(seq);
+    }
     shared.metrics.finished(engine.state());
 }
 
 struct Driver {
+    /// The sequence of this transaction's `accepted` record, once known.
+    accepted_seq: Option<u64>,
     /// Our own inbox, for send acknowledgements (weak, so the task ends when the router
     /// forgets it).
     own: mpsc::WeakSender<TxnMsg>,
@@ -291,6 +307,9 @@ impl Driver {
         let expect = Expect {
             last_subject_sequence: first.then_some(0),
         };
+        if first {
+            self.shared.inflight.accepting();
+        }
         let result = publish_durable(
             &self.shared.js,
             &subject,
@@ -301,8 +320,9 @@ impl Driver {
         )
         .await;
         if first {
-            let ours = match &result {
-                Ok(ack) if !ack.duplicate => true,
+            // Ours (with the sequence of our accepted record), or not.
+            let ours: Option<u64> = match &result {
+                Ok(ack) if !ack.duplicate => Some(ack.sequence),
                 // The log refused the record for good (too big for the server, say): reject
                 // the submission visibly instead of dropping it.
                 Err(NatsError::Publish { source, .. })
@@ -321,12 +341,14 @@ impl Driver {
                         err,
                     )
                     .await;
-                    false
+                    None
                 }
                 // The subject already had a record, or the id was seen: ours only if the first
                 // record came from this very submission (a retried write of ours).
                 _ => self.first_record_is_ours(event.submit_seq).await,
             };
+            self.shared.inflight.accepted(ours);
+            self.accepted_seq = ours;
             let Some(Begin::New { submission }) = self.begin.take() else {
                 return Err(Stop);
             };
@@ -335,7 +357,7 @@ impl Driver {
             {
                 tracing::warn!(error = %e, "submission not acked; its redelivery will be recognised as a duplicate");
             }
-            if !ours {
+            if ours.is_none() {
                 tracing::info!(
                     "txn_id already has a recorded transaction; the recorded outcome stands, nothing runs again"
                 );
@@ -362,7 +384,9 @@ impl Driver {
         Ok(())
     }
 
-    async fn first_record_is_ours(&self, submit_seq: Option<u64>) -> bool {
+    /// The sequence of this transaction's first record, if that record came from this very
+    /// submission.
+    async fn first_record_is_ours(&self, submit_seq: Option<u64>) -> Option<u64> {
         let subject = self.shared.subjects.events(&self.txn_id);
         match self
             .shared
@@ -372,16 +396,18 @@ impl Driver {
             .await
         {
             Ok(msg) => match serde_json::from_slice::<TransactionEvent>(&msg.payload) {
-                Ok(first) => {
-                    first.state == TxnState::Accepted
+                Ok(first)
+                    if first.state == TxnState::Accepted
                         && submit_seq.is_some()
-                        && first.submit_seq == submit_seq
+                        && first.submit_seq == submit_seq =>
+                {
+                    Some(msg.sequence)
                 }
-                Err(_) => false,
+                _ => None,
             },
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the first record; treating the submission as a duplicate");
-                false
+                None
             }
         }
     }
