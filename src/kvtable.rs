@@ -78,21 +78,12 @@ impl<T: Serialize + DeserializeOwned> Table<T> {
         bucket: &str,
         replicas: usize,
     ) -> Result<Self, TableError> {
-        let store = match js.get_key_value(bucket).await {
-            Ok(s) => s,
-            Err(_) => js
-                .create_key_value(kv::Config {
-                    bucket: bucket.to_string(),
-                    history: 1,
-                    num_replicas: replicas,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| TableError::Bucket {
-                    bucket: bucket.to_string(),
-                    message: e.to_string(),
-                })?,
-        };
+        let store = crate::nats::key_value(js, bucket, replicas, std::time::Duration::ZERO)
+            .await
+            .map_err(|message| TableError::Bucket {
+                bucket: bucket.to_string(),
+                message,
+            })?;
         Ok(Table {
             bucket: bucket.to_string(),
             store,

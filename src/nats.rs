@@ -283,6 +283,44 @@ async fn open_stream(
     })
 }
 
+/// Opens the KV bucket `bucket`, creating it (history 1, `replicas`, and `max_age` if not
+/// zero) when missing. Retries a while: JetStream may still be starting, or a cluster
+/// electing a leader. The error is the last failure, as text.
+pub async fn key_value(
+    js: &jetstream::Context,
+    bucket: &str,
+    replicas: usize,
+    max_age: Duration,
+) -> Result<jetstream::kv::Store, String> {
+    let mut delay = Duration::from_millis(100);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let result = match js.get_key_value(bucket).await {
+            Ok(store) => Ok(store),
+            Err(_) => js
+                .create_key_value(jetstream::kv::Config {
+                    bucket: bucket.to_string(),
+                    history: 1,
+                    num_replicas: replicas,
+                    max_age,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| e.to_string()),
+        };
+        match result {
+            Ok(store) => return Ok(store),
+            Err(message) if attempt >= 20 => return Err(message),
+            Err(message) => {
+                tracing::debug!(%bucket, %message, "KV bucket not ready, retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
 /// What a durable publish is asked to guarantee besides the message id.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Expect {

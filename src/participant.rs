@@ -264,21 +264,12 @@ pub async fn branch_store(
     replicas: usize,
 ) -> Result<kv::Store, SdkError> {
     let name = bucket_name(service);
-    match js.get_key_value(&name).await {
-        Ok(store) => Ok(store),
-        Err(_) => js
-            .create_key_value(kv::Config {
-                bucket: name.clone(),
-                history: 1,
-                num_replicas: replicas,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| SdkError::Setup {
-                what: format!("KV bucket {name}"),
-                message: e.to_string(),
-            }),
-    }
+    crate::nats::key_value(js, &name, replicas, Duration::ZERO)
+        .await
+        .map_err(|message| SdkError::Setup {
+            what: format!("KV bucket {name}"),
+            message,
+        })
 }
 
 /// Reads a branch record (for tests and tools).

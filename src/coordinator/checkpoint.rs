@@ -98,23 +98,12 @@ impl InFlight {
 /// The state bucket (created if missing).
 pub async fn open(js: &jetstream::Context, prefix: &str, replicas: usize) -> Option<kv::Store> {
     let bucket = bucket_name(prefix);
-    match js.get_key_value(&bucket).await {
+    match crate::nats::key_value(js, &bucket, replicas, Duration::ZERO).await {
         Ok(store) => Some(store),
-        Err(_) => match js
-            .create_key_value(kv::Config {
-                bucket: bucket.clone(),
-                history: 1,
-                num_replicas: replicas,
-                ..Default::default()
-            })
-            .await
-        {
-            Ok(store) => Some(store),
-            Err(e) => {
-                tracing::warn!(%bucket, error = %e, "no recovery checkpoint bucket; restarts read the whole log");
-                None
-            }
-        },
+        Err(e) => {
+            tracing::warn!(%bucket, error = %e, "no recovery checkpoint bucket; restarts read the whole log");
+            None
+        }
     }
 }
 

@@ -124,7 +124,12 @@ pub async fn acquire(
     shutdown: &mut (impl std::future::Future<Output = ()> + Unpin),
 ) -> Result<Lease, LeaseError> {
     let bucket = bucket_name(prefix);
-    let store = open_bucket(js, &bucket, ttl, replicas).await?;
+    let store = crate::nats::key_value(js, &bucket, replicas, ttl)
+        .await
+        .map_err(|message| LeaseError::Bucket {
+            bucket: bucket.clone(),
+            message,
+        })?;
     // The bucket's own max_age is the TTL that counts (it may predate our configuration).
     let ttl = match store.status().await {
         Ok(status) if status.max_age() != ttl && !status.max_age().is_zero() => {
@@ -202,48 +207,6 @@ impl Lease {
 
 fn valid_until(sent: Instant, ttl: Duration) -> Instant {
     sent + ttl - ttl / 5
-}
-
-async fn open_bucket(
-    js: &jetstream::Context,
-    bucket: &str,
-    ttl: Duration,
-    replicas: usize,
-) -> Result<kv::Store, LeaseError> {
-    let mut delay = Duration::from_millis(100);
-    for attempt in 0..30 {
-        let result = match js.get_key_value(bucket).await {
-            Ok(store) => Ok(store),
-            Err(_) => js
-                .create_key_value(kv::Config {
-                    bucket: bucket.to_string(),
-                    history: 1,
-                    max_age: ttl,
-                    num_replicas: replicas,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| e.to_string()),
-        };
-        match result {
-            Ok(store) => return Ok(store),
-            Err(message) if attempt == 29 => {
-                return Err(LeaseError::Bucket {
-                    bucket: bucket.to_string(),
-                    message,
-                });
-            }
-            Err(message) => {
-                tracing::debug!(%bucket, %message, "lease bucket not ready, retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
-            }
-        }
-    }
-    Err(LeaseError::Bucket {
-        bucket: bucket.to_string(),
-        message: "unreachable".into(),
-    })
 }
 
 async fn current_holder(store: &kv::Store) -> String {

@@ -385,16 +385,7 @@ fn phase_two_is_resent_with_backoff_and_higher_attempts_then_flagged_stuck() {
         assert!(matches!(&out[0], Command::Persist { event, msg_id }
             if event.steps[1].decision_attempt == round && msg_id == &format!("t1.commit.r{round}")));
         assert_eq!(sends(&out), vec![(1, CommandKind::Commit, round)]);
-        let at = out
-            .iter()
-            .find_map(|c| match c {
-                Command::SetTimer {
-                    timer: Timer::Phase2Retry,
-                    at_ms,
-                } => Some(*at_ms),
-                _ => None,
-            })
-            .unwrap();
+        let at = phase2_retry_at(&out);
         delays.push(at - now);
         now = at;
     }
@@ -428,30 +419,27 @@ fn phase2_retry_at(out: &[Command]) -> u64 {
         .unwrap()
 }
 
+/// How long after a single step's vote (arriving `vote_at` ms after the start) the first
+/// phase-2 resend is armed.
+fn first_resend_delay(vote_at: u64) -> u64 {
+    let (mut txn, _) = start(&["a"]);
+    let mut out = Vec::new();
+    txn.handle(vote_at, vote(0, "a", ReplyOutcome::Ready), &mut out)
+        .unwrap();
+    phase2_retry_at(&out) - vote_at
+}
+
 #[test]
 fn a_slow_prepare_round_delays_the_first_phase_two_resend() {
     // Fast votes: the configured base (100 ms, jittered by a quarter) holds.
-    let (mut fast, _) = start(&["a"]);
-    let mut out = Vec::new();
-    fast.handle(10, vote(0, "a", ReplyOutcome::Ready), &mut out)
-        .unwrap();
-    let delay = phase2_retry_at(&out) - 10;
-    assert!((75..=125).contains(&delay), "{delay}");
+    let fast = first_resend_delay(10);
+    assert!((75..=125).contains(&fast), "{fast}");
     // Votes that took 400 ms: phase 2 is given at least twice that before a resend.
-    let (mut slow, _) = start(&["a"]);
-    let mut out = Vec::new();
-    slow.handle(400, vote(0, "a", ReplyOutcome::Ready), &mut out)
-        .unwrap();
-    let delay = phase2_retry_at(&out) - 400;
-    assert!((600..=1_000).contains(&delay), "{delay}");
+    let slow = first_resend_delay(400);
+    assert!((600..=1_000).contains(&slow), "{slow}");
     // Still capped by retry_cap_ms (1 s here, plus jitter).
-    let (mut slower, _) = start(&["a"]);
-    let mut out = Vec::new();
-    slower
-        .handle(900, vote(0, "a", ReplyOutcome::Ready), &mut out)
-        .unwrap();
-    let delay = phase2_retry_at(&out) - 900;
-    assert!((750..=1_250).contains(&delay), "{delay}");
+    let slower = first_resend_delay(900);
+    assert!((750..=1_250).contains(&slower), "{slower}");
 }
 
 #[test]
