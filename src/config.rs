@@ -135,6 +135,8 @@ pub struct Config {
     pub lease_ttl_ms: u64,
     /// How often the recovery checkpoint (where a restart starts reading the log) may move.
     pub checkpoint_interval_ms: u64,
+    /// Where to serve Prometheus metrics (`GET /metrics`), as `host:port`; empty: nowhere.
+    pub metrics_listen: String,
 }
 
 impl Default for Config {
@@ -164,6 +166,7 @@ impl Default for Config {
             duplicate_window_secs: 120,
             lease_ttl_ms: 10_000,
             checkpoint_interval_ms: 10_000,
+            metrics_listen: String::new(),
         }
     }
 }
@@ -256,6 +259,17 @@ impl Config {
             if value == 0 {
                 return Err(invalid(field, "must be greater than 0"));
             }
+        }
+        if !self.metrics_listen.is_empty()
+            && self.metrics_listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(invalid(
+                "metrics_listen",
+                format!(
+                    "{:?} is not host:port with an IP address (say 127.0.0.1:9464 or 0.0.0.0:9464)",
+                    self.metrics_listen
+                ),
+            ));
         }
         if self.lease_ttl_ms < 1_000 {
             return Err(invalid(

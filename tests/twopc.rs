@@ -289,3 +289,60 @@ async fn the_in_flight_limit_holds_submissions_back_and_all_finish() {
         "the limit was never approached (peak {peak}); the test proves nothing"
     );
 }
+
+/// With `metrics_listen`, the coordinator serves its counters in the Prometheus text format.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_metrics_count_outcomes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let sys = System::start(&["a"], &[("TXCOORD_METRICS_LISTEN", &addr)]).await;
+    let ok = sys.run(request("m-ok", vec![step("a", json!({}))])).await;
+    assert_eq!(ok.state, TxnState::Committed);
+    let no = sys
+        .run(request("m-no", vec![step("a", json!({"vote": "abort"}))]))
+        .await;
+    assert_eq!(no.state, TxnState::Aborted);
+    let get = |path: &'static str| {
+        let addr = addr.clone();
+        async move {
+            let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        }
+    };
+    let want = [
+        "txcoord_transactions_total{outcome=\"committed\"} 1",
+        "txcoord_transactions_total{outcome=\"aborted\"} 1",
+        "txcoord_accepted_total 2",
+        "txcoord_in_flight 0",
+        "txcoord_lease_held 1",
+    ];
+    // The counters move when a transaction's task ends, just after its final event.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let page = get("/metrics").await;
+        assert!(page.starts_with("HTTP/1.1 200 OK"), "{page}");
+        let missing: Vec<_> = want
+            .iter()
+            .filter(|w| !page.lines().any(|l| l == **w))
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{missing:?} missing in\n{page}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(get("/other").await.starts_with("HTTP/1.1 404"));
+}

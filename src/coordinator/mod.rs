@@ -12,6 +12,7 @@
 pub mod api;
 pub mod checkpoint;
 pub mod lease;
+pub mod prometheus;
 pub mod txn;
 
 use std::future::Future;
@@ -60,6 +61,14 @@ pub enum CoordinatorError {
     /// The lease could not be taken.
     #[error(transparent)]
     Lease(#[from] lease::LeaseError),
+    /// The metrics endpoint could not listen.
+    #[error("metrics_listen {addr}: {source}")]
+    Metrics {
+        /// The address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
     /// Another coordinator took the lease, or it expired while this one was cut off.
     #[error("this coordinator lost its lease and stopped; restart it to recover from the log")]
     LeaseLost,
@@ -219,6 +228,16 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let replies = reply_consumer(&shared).await?;
     let submissions = submit_consumer(&shared).await?;
     let api = api::start(client.clone(), shared.clone()).await?;
+    if !cfg.metrics_listen.is_empty() {
+        let listener = tokio::net::TcpListener::bind(&cfg.metrics_listen)
+            .await
+            .map_err(|source| CoordinatorError::Metrics {
+                addr: cfg.metrics_listen.clone(),
+                source,
+            })?;
+        tracing::info!(addr = %cfg.metrics_listen, "Prometheus metrics at /metrics");
+        tokio::spawn(prometheus::serve(listener, shared.clone()));
+    }
     let permits = Arc::new(Semaphore::new(cfg.max_in_flight));
     tracing::info!(url = %cfg.nats_url, prefix = %cfg.subject_prefix, "coordinator ready");
     println!("txcoord ready");

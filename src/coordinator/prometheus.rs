@@ -1,0 +1,130 @@
+//! An optional Prometheus endpoint (`metrics_listen`): `GET /metrics` answers the
+//! coordinator's counters in the text exposition format. The same counters are in the
+//! micro service's `$SRV.STATS.txcoord`; this is for scrapers that speak HTTP.
+//!
+//! The server is deliberately tiny: one request per connection, the request line read with
+//! a size and time limit, anything but `GET /metrics` answered 404.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use super::Shared;
+
+/// Renders the counters in the Prometheus text format.
+pub fn render(shared: &Shared) -> String {
+    let m = shared.metrics.to_json(shared.router.len());
+    let get = |k: &str| m.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP txcoord_transactions_total Transactions that reached an outcome, by outcome."
+    );
+    let _ = writeln!(out, "# TYPE txcoord_transactions_total counter");
+    for outcome in [
+        "committed",
+        "aborted",
+        "completed",
+        "compensated",
+        "rejected",
+    ] {
+        let _ = writeln!(
+            out,
+            "txcoord_transactions_total{{outcome=\"{outcome}\"}} {}",
+            get(outcome)
+        );
+    }
+    for (name, key, help) in [
+        (
+            "txcoord_accepted_total",
+            "accepted",
+            "Transactions accepted (their accepted record written).",
+        ),
+        (
+            "txcoord_duplicates_total",
+            "duplicates",
+            "Submissions of a txn_id that already had a transaction.",
+        ),
+        (
+            "txcoord_recovered",
+            "recovered",
+            "Transactions resumed from the log at the last start.",
+        ),
+    ] {
+        let kind = if name.ends_with("_total") {
+            "counter"
+        } else {
+            "gauge"
+        };
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        let _ = writeln!(out, "{name} {}", get(key));
+    }
+    let _ = writeln!(out, "# HELP txcoord_in_flight Transactions running now.");
+    let _ = writeln!(out, "# TYPE txcoord_in_flight gauge");
+    let _ = writeln!(out, "txcoord_in_flight {}", get("in_flight"));
+    let _ = writeln!(
+        out,
+        "# HELP txcoord_lease_held Whether this coordinator holds the lease (1) or not (0)."
+    );
+    let _ = writeln!(out, "# TYPE txcoord_lease_held gauge");
+    let _ = writeln!(
+        out,
+        "txcoord_lease_held {}",
+        u8::from(shared.lease.is_held())
+    );
+    out
+}
+
+/// Serves `GET /metrics` on `listener` forever.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let (mut stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics endpoint: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let mut len = 0;
+            // Read up to the end of the request line, within a second and 1 KiB.
+            let read = tokio::time::timeout(Duration::from_secs(1), async {
+                while len < buf.len() && !buf[..len].contains(&b'\n') {
+                    match stream.read(&mut buf[len..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => len += n,
+                    }
+                }
+            })
+            .await;
+            if read.is_err() {
+                tracing::debug!(%peer, "metrics endpoint: request too slow");
+                return;
+            }
+            let line = String::from_utf8_lossy(&buf[..len]);
+            let first = line.lines().next().unwrap_or("");
+            let response = if first.starts_with("GET /metrics ") || first == "GET /metrics" {
+                let body = render(&shared);
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+            } else {
+                let body = "only GET /metrics is served here\n";
+                format!(
+                    "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+            };
+            let _ = stream.write_all(response.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        });
+    }
+}
