@@ -85,6 +85,10 @@ enum Cmd {
         /// Print no VOTED/EXECUTED/COMPENSATED line per command.
         #[arg(long)]
         quiet: bool,
+        /// Keep records of finished branches this many seconds (0: forever). Default: the
+        /// command stream's retention plus a day.
+        #[arg(long)]
+        finished_record_ttl_secs: Option<u64>,
     },
 }
 
@@ -181,6 +185,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             delay_ms,
             concurrency,
             quiet,
+            finished_record_ttl_secs,
         } => {
             let nc = txcoord::nats::connect_config(
                 &cfg,
@@ -192,6 +197,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 prefix: cfg.subject_prefix.clone(),
                 max_concurrent: concurrency,
                 replicas: cfg.stream_replicas,
+                finished_record_ttl: finished_record_ttl_secs.map(Duration::from_secs),
                 ..Default::default()
             };
             let mut p = txcoord::scripted::Scripted::new(Duration::from_millis(delay_ms));

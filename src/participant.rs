@@ -213,6 +213,12 @@ pub struct Options {
     /// How long to wait for JetStream to acknowledge a write before retrying it (retries are
     /// idempotent; a short wait recovers fast when a server dies with the write in flight).
     pub ack_timeout: Duration,
+    /// How long a branch record in a final state (committed, aborted, refused, read-only,
+    /// compensated, or an abort/compensation that came first) is kept. `None` (the
+    /// default): the command stream's retention plus a day, so no command that could still
+    /// be delivered finds its record gone; forever if commands are kept forever.
+    /// `Some(ZERO)`: forever. Prepared branches and executed saga steps are always kept.
+    pub finished_record_ttl: Option<Duration>,
 }
 
 impl Default for Options {
@@ -224,6 +230,7 @@ impl Default for Options {
             retry_delay: Duration::from_millis(500),
             replicas: 1,
             ack_timeout: Duration::from_secs(1),
+            finished_record_ttl: None,
         }
     }
 }
@@ -286,7 +293,7 @@ struct Ctx<P> {
     service: String,
     participant: P,
     js: jetstream::Context,
-    store: kv::Store,
+    store: Records,
     options: Options,
 }
 
@@ -312,7 +319,25 @@ pub async fn run<P: Participant>(
         },
     )
     .await?;
-    let store = branch_store(&js, service, options.replicas).await?;
+    let finished_ttl = match options.finished_record_ttl {
+        Some(ttl) if ttl.is_zero() => None,
+        Some(ttl) => Some(ttl),
+        // Longer than an unacknowledged command can wait in the stream, plus a day.
+        None => {
+            let max_age = streams.commands.cached_info().config.max_age;
+            (!max_age.is_zero()).then(|| max_age + Duration::from_secs(24 * 3600))
+        }
+    };
+    let kv = branch_store(&js, service, options.replicas).await?;
+    let finished_ttl = match finished_ttl {
+        Some(ttl) => allow_ttl(&js, &kv, ttl).await,
+        None => None,
+    };
+    let store = Records {
+        kv,
+        js: js.clone(),
+        finished_ttl,
+    };
     let consumer = streams
         .commands
         .get_or_create_consumer(
@@ -569,19 +594,85 @@ async fn load(store: &kv::Store, key: &str) -> Result<Option<(BranchRecord, u64)
     .await
 }
 
+/// Where branch records live, and how long finished ones are kept.
+struct Records {
+    kv: kv::Store,
+    js: jetstream::Context,
+    /// Time-to-live of a record in a final state (`None`: kept forever).
+    finished_ttl: Option<Duration>,
+}
+
+/// Whether a branch in `state` can still be asked to do anything once its commands are
+/// gone from the stream. A prepared branch waits for its decision, and an executed (or
+/// failed) saga step may still be compensated, however late: those are kept forever. The
+/// others only answer repeats of commands already handled.
+fn is_final(state: BranchState) -> bool {
+    !matches!(
+        state,
+        BranchState::Prepared | BranchState::Executed | BranchState::ExecuteFailed
+    )
+}
+
+/// Makes sure the bucket accepts per-record TTLs (buckets from older versions do not);
+/// `None` if it cannot, and then finished records are kept forever.
+async fn allow_ttl(js: &jetstream::Context, kv: &kv::Store, ttl: Duration) -> Option<Duration> {
+    let mut stream = js.get_stream(&kv.stream_name).await.ok()?;
+    let info = stream.info().await.ok()?;
+    if info.config.allow_message_ttl {
+        return Some(ttl);
+    }
+    let config = jetstream::stream::Config {
+        allow_message_ttl: true,
+        ..info.config.clone()
+    };
+    match js.update_stream(config).await {
+        Ok(_) => Some(ttl),
+        Err(e) => {
+            tracing::warn!(bucket = %kv.name, error = %e, "cannot enable record TTLs; finished branch records are kept forever");
+            None
+        }
+    }
+}
+
 /// Writes a record: create when `revision` is None, else compare-and-set. `Ok(false)` when
 /// another writer got there first. A retried write that already landed shows up as a
-/// conflict, and the caller's loop re-reads and finds its own record.
+/// conflict, and the caller's loop re-reads and finds its own record. A record in a final
+/// state gets the finished-record TTL.
 async fn store(
-    store: &kv::Store,
+    records: &Records,
     key: &str,
     rec: &BranchRecord,
     revision: Option<u64>,
 ) -> Result<bool, ApplyError> {
     let body = Bytes::from(serde_json::to_vec(rec).unwrap_or_default());
+    let ttl = records.finished_ttl.filter(|_| is_final(rec.state));
+    let store = &records.kv;
     kv_retry(|| async {
-        let result = match revision {
-            None => store
+        let result = match (ttl, revision) {
+            (Some(ttl), rev) => {
+                // The KV API has no compare-and-set with a TTL: publish to the key's subject
+                // with the same headers it would use, plus Nats-TTL.
+                let subject = format!(
+                    "{}{key}",
+                    store.put_prefix.as_deref().unwrap_or(&store.prefix)
+                );
+                let msg = jetstream::message::PublishMessage::build()
+                    .payload(body.clone())
+                    .expected_last_subject_sequence(rev.unwrap_or(0))
+                    .ttl(ttl);
+                match records.js.send_publish(subject, msg).await {
+                    Ok(ack) => ack.await.map(|_| ()),
+                    Err(e) => Err(e),
+                }
+                .map_err(|e| {
+                    let lost = matches!(
+                        e.kind(),
+                        jetstream::context::PublishErrorKind::WrongLastSequence
+                    );
+                    (lost, e.to_string())
+                })
+            }
+            (None, None) => store
                 .create(key, body.clone())
                 .await
                 .map(|_| ())
@@ -589,7 +680,7 @@ async fn store(
                     let lost = matches!(e.kind(), kv::CreateErrorKind::AlreadyExists);
                     (lost, e.to_string())
                 }),
-            Some(rev) => store
+            (None, Some(rev)) => store
                 .update(key, body.clone(), rev)
                 .await
                 .map(|_| ())
@@ -610,7 +701,7 @@ async fn store(
 /// Moves a stored branch to `state`, compare-and-set on its revision; `Ok(false)` when
 /// another writer got there first.
 async fn advance(
-    kv: &kv::Store,
+    records: &Records,
     key: &str,
     rec: BranchRecord,
     rev: u64,
@@ -621,7 +712,7 @@ async fn advance(
         updated_ms: now_ms(),
         ..rec
     };
-    store(kv, key, &new, Some(rev)).await
+    store(records, key, &new, Some(rev)).await
 }
 
 fn record(
@@ -656,7 +747,7 @@ async fn apply<P: Participant>(
     // Compare-and-set loop: a concurrent writer (another instance, a racing redelivery)
     // makes us re-read and decide again from what is stored.
     for _ in 0..16 {
-        let current = load(&ctx.store, &key).await?;
+        let current = load(&ctx.store.kv, &key).await?;
         match (cmd.kind, current) {
             (CommandKind::Prepare, Some((rec, _))) => return Ok(vote_of(&rec)),
             (CommandKind::Prepare, None) => {
@@ -682,7 +773,7 @@ async fn apply<P: Participant>(
                 }
                 // Someone else recorded first (an abort that overtook us, or a twin instance).
                 if state == BranchState::Prepared
-                    && let Some((other, _)) = load(&ctx.store, &key).await?
+                    && let Some((other, _)) = load(&ctx.store.kv, &key).await?
                     && matches!(other.state, BranchState::AbortedBeforePrepare)
                 {
                     // We held resources for a branch already aborted: release them.
@@ -712,6 +803,13 @@ async fn apply<P: Participant>(
                         )));
                     }
                 }
+            }
+            // The coordinator commits only branches that voted ready, and a ready vote is a
+            // stored, never-expiring prepared record. With finished-record TTLs on, a missing
+            // record can only be a committed one that expired: a very late repeat.
+            (CommandKind::Commit, None) if ctx.store.finished_ttl.is_some() => {
+                tracing::warn!("commit for a branch whose record has expired; it was committed");
+                return Ok(Answer::of(ReplyOutcome::Done));
             }
             (CommandKind::Commit, None) => {
                 tracing::error!("commit for a branch with no record; refusing to confirm");
@@ -774,7 +872,7 @@ async fn apply<P: Participant>(
                 }
                 // A compensation overtook us while we executed: undo what we just did.
                 if state == BranchState::Executed
-                    && let Some((other, _)) = load(&ctx.store, &key).await?
+                    && let Some((other, _)) = load(&ctx.store.kv, &key).await?
                     && other.state == BranchState::CompensatedBeforeExecute
                 {
                     ctx.participant.compensate(&txn).await?;

@@ -24,6 +24,14 @@ struct Counting {
 struct Svc(Arc<Counting>);
 
 impl Participant for Svc {
+    async fn prepare(
+        &self,
+        _txn: &TxnContext,
+        _action: &str,
+        _payload: &Value,
+    ) -> participant::Vote {
+        participant::Vote::Ready
+    }
     async fn execute(&self, _txn: &TxnContext, _action: &str, _payload: &Value) -> StepResult {
         self.0.executes.fetch_add(1, Ordering::SeqCst);
         if self.0.flaky.load(Ordering::SeqCst) > 0 {
@@ -52,6 +60,10 @@ struct Harness {
 
 impl Harness {
     async fn start() -> Harness {
+        Self::start_with(Default::default()).await
+    }
+
+    async fn start_with(options: participant::Options) -> Harness {
         let nats = NatsServer::start().expect("nats-server (run ./dev setup)");
         let nc = async_nats::connect(nats.url()).await.unwrap();
         let js = async_nats::jetstream::new(nc.clone());
@@ -65,7 +77,7 @@ impl Harness {
             nc.clone(),
             "svc",
             Svc(service.clone()),
-            Default::default(),
+            options,
             std::future::pending(),
         );
         tokio::spawn(run);
@@ -214,4 +226,53 @@ async fn a_retryable_failure_is_not_recorded_so_the_retry_runs_again() {
         ReplyOutcome::Done
     );
     assert_eq!(h.calls(), (2, 0));
+}
+
+/// Waits until `txn`'s record is gone, or panics after `within`.
+async fn expires(h: &Harness, txn: &str, within: Duration) {
+    let start = std::time::Instant::now();
+    while h.record(txn).await.is_some() {
+        assert!(start.elapsed() < within, "{txn}: record still there");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_records_expire_and_open_ones_stay() {
+    let mut h = Harness::start_with(participant::Options {
+        finished_record_ttl: Some(Duration::from_secs(1)),
+        ..Default::default()
+    })
+    .await;
+    // A prepared branch and an executed saga step may still be asked to finish or undo:
+    // they outlive the TTL.
+    assert_eq!(
+        h.send("p1", CommandKind::Prepare, 1).await.outcome,
+        ReplyOutcome::Ready
+    );
+    assert_eq!(
+        h.send("s1", CommandKind::Execute, 1).await.outcome,
+        ReplyOutcome::Done
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(h.record("p1").await, Some(BranchState::Prepared));
+    assert_eq!(h.record("s1").await, Some(BranchState::Executed));
+    // Finished, they expire.
+    assert_eq!(
+        h.send("p1", CommandKind::Commit, 1).await.outcome,
+        ReplyOutcome::Done
+    );
+    assert_eq!(
+        h.send("s1", CommandKind::Compensate, 1).await.outcome,
+        ReplyOutcome::Done
+    );
+    assert_eq!(h.calls(), (1, 1));
+    expires(&h, "p1", Duration::from_secs(15)).await;
+    expires(&h, "s1", Duration::from_secs(15)).await;
+    // A very late repeat of the commit is confirmed: the only way a ready branch's record
+    // can be missing is that it was committed and expired.
+    assert_eq!(
+        h.send("p1", CommandKind::Commit, 2).await.outcome,
+        ReplyOutcome::Done
+    );
 }
