@@ -320,9 +320,9 @@ impl Driver {
         )
         .await;
         if first {
-            // Ours (with the sequence of our accepted record), or not.
-            let ours: Option<u64> = match &result {
-                Ok(ack) if !ack.duplicate => Some(ack.sequence),
+            // Ours (with the sequence of our accepted record), or not; Err: cannot tell.
+            let ours: Result<Option<u64>, ()> = match &result {
+                Ok(ack) if !ack.duplicate => Ok(Some(ack.sequence)),
                 // The log refused the record for good (too big for the server, say): reject
                 // the submission visibly instead of dropping it.
                 Err(NatsError::Publish { source, .. })
@@ -341,11 +341,19 @@ impl Driver {
                         err,
                     )
                     .await;
-                    None
+                    Ok(None)
                 }
                 // The subject already had a record, or the id was seen: ours only if the first
                 // record came from this very submission (a retried write of ours).
                 _ => self.first_record_is_ours(event.submit_seq).await,
+            };
+            let Ok(ours) = ours else {
+                // The record may be ours and we cannot tell. Leave the submission unacked, so
+                // its redelivery asks again, and leave the accepted write counted as pending,
+                // so the recovery checkpoint cannot pass a record that may start a transaction.
+                tracing::warn!("cannot tell whether the accepted record is ours; the submission will be redelivered");
+                self.begin = None;
+                return Err(Stop);
             };
             self.shared.inflight.accepted(ours);
             self.accepted_seq = ours;
@@ -385,8 +393,8 @@ impl Driver {
     }
 
     /// The sequence of this transaction's first record, if that record came from this very
-    /// submission.
-    async fn first_record_is_ours(&self, submit_seq: Option<u64>) -> Option<u64> {
+    /// submission; `Err` if it cannot be read.
+    async fn first_record_is_ours(&self, submit_seq: Option<u64>) -> Result<Option<u64>, ()> {
         let subject = self.shared.subjects.events(&self.txn_id);
         match self
             .shared
@@ -401,13 +409,13 @@ impl Driver {
                         && submit_seq.is_some()
                         && first.submit_seq == submit_seq =>
                 {
-                    Some(msg.sequence)
+                    Ok(Some(msg.sequence))
                 }
-                _ => None,
+                _ => Ok(None),
             },
             Err(e) => {
-                tracing::warn!(error = %e, "cannot read the first record; treating the submission as a duplicate");
-                None
+                tracing::warn!(error = %e, "cannot read the first record");
+                Err(())
             }
         }
     }
