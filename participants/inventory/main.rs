@@ -46,7 +46,9 @@ fn out_of_stock(sku: &str, available: u64, qty: u64) -> String {
     format!("out of stock: {sku} has {available} available, asked for {qty}")
 }
 
-#[tokio::main]
+// One thread: the SDK's traffic all goes through one NATS connection task, which gathers
+// writes on a single thread instead of being woken across threads for each message.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     common::main(
         "inventory",

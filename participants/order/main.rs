@@ -196,7 +196,9 @@ impl Participant for Orders {
     }
 }
 
-#[tokio::main]
+// One thread: the SDK's traffic all goes through one NATS connection task, which gathers
+// writes on a single thread instead of being woken across threads for each message.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     // Orders are not seeded: every order comes from a transaction.
     common::main::<Order, _>("order", None, |orders| Orders { orders }).await

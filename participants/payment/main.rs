@@ -45,7 +45,9 @@ fn insufficient(account: &str, balance: u64, amount: u64) -> String {
     format!("insufficient funds: {account} has {balance}, charge is {amount}")
 }
 
-#[tokio::main]
+// One thread: the SDK's traffic all goes through one NATS connection task, which gathers
+// writes on a single thread instead of being woken across threads for each message.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     common::main(
         "payment",

@@ -351,7 +351,9 @@ impl Driver {
                 // The record may be ours and we cannot tell. Leave the submission unacked, so
                 // its redelivery asks again, and leave the accepted write counted as pending,
                 // so the recovery checkpoint cannot pass a record that may start a transaction.
-                tracing::warn!("cannot tell whether the accepted record is ours; the submission will be redelivered");
+                tracing::warn!(
+                    "cannot tell whether the accepted record is ours; the submission will be redelivered"
+                );
                 self.begin = None;
                 return Err(Stop);
             };
