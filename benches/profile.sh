@@ -35,7 +35,7 @@ echo "-- nats-server: inclusive share of its main paths"
 perf report -i "$OUT/perf.data" --children --comm nats-server --sort sym -g none 2>/dev/null \
   | grep -v '^#' | grep -E 'processJetStreamMsg|readLoop|writeLoop|StoreMsg|processAck|removeMsg|deliverMsg|loopAndGatherMsgs|DirectGet|flushOutbound|parse$' | head -14
 echo "-- txcoord processes: hottest functions (self)"
-perf report -i "$OUT/perf.data" --no-children --comm tokio-rt-worker --sort dso,sym -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -14
+perf report -i "$OUT/perf.data" --no-children --comm txcoord,tokio-rt-worker --sort dso,sym -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -14
 echo "-- txcoord processes: inclusive share of system calls that write"
-perf report -i "$OUT/perf.data" --children --comm tokio-rt-worker --sort sym -g none 2>/dev/null | grep -v '^#' | grep -E 'writev|__libc_write$|epoll_wait' | head -4
+perf report -i "$OUT/perf.data" --children --comm txcoord,tokio-rt-worker --sort sym -g none 2>/dev/null | grep -v '^#' | grep -E 'writev|__libc_write$|epoll_wait' | head -4
 rm -rf "$OUT"
