@@ -197,22 +197,8 @@ impl NatsServer {
     /// Stops the server gracefully (SIGTERM: it flushes its store) and waits for it, falling
     /// back to SIGKILL after 10 s.
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let term = Command::new("kill")
-                .arg("-TERM")
-                .arg(c.id().to_string())
-                .status();
-            if term.is_ok_and(|s| s.success()) {
-                let start = Instant::now();
-                while start.elapsed() < Duration::from_secs(10) {
-                    if let Ok(Some(_)) = c.try_wait() {
-                        return;
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(c) = self.child.take() {
+            terminate(c, Duration::from_secs(10));
         }
     }
 
@@ -278,4 +264,25 @@ impl NatsCluster {
             .collect::<Vec<_>>()
             .join(",")
     }
+}
+
+/// Stops any child process gracefully: SIGTERM, then up to `grace` for it to exit, then
+/// SIGKILL. Waits for it either way. (The nats-server helpers here, the demo's and bench's
+/// processes and the tests' all stop their children this way.)
+pub fn terminate(mut child: std::process::Child, grace: Duration) {
+    let term = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    if term.is_ok_and(|s| s.success()) {
+        let start = Instant::now();
+        while start.elapsed() < grace {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }

@@ -27,8 +27,8 @@ use crate::participant::{Participant, ServiceError, StepResult, TxnContext, Vote
 pub struct Scripted {
     /// Extra delay before every vote or execute, on top of the payload's `delay_ms`.
     pub prepare_delay: Duration,
-    /// Print no `VOTED`/`EXECUTED`/`COMPENSATED` lines.
-    pub quiet: bool,
+    /// Print no `VOTED`/`EXECUTED`/`COMPENSATED` lines (see [`Scripted::quiet`]).
+    quiet: bool,
     /// Failures so far per branch and kind, for `flaky` and `compensate_fail_times`.
     failures: Mutex<HashMap<String, u64>>,
 }

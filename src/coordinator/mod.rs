@@ -599,7 +599,6 @@ async fn recover(
         }
     }
     let mut count = 0;
-    let mut pinned = false;
     for (ev, seq) in last.into_values() {
         if ev.state.is_terminal() {
             continue;
@@ -607,12 +606,8 @@ async fn recover(
         match resume(shared, ev, seq).await {
             Resumed::Running => count += 1,
             Resumed::Finished => {}
-            Resumed::Failed if !pinned => {
-                // A later restart must still see it: the checkpoint stays where it was.
-                shared.inflight.track(from.unwrap_or(1));
-                pinned = true;
-            }
-            Resumed::Failed => {}
+            // A later restart must still see it: the checkpoint stays where it was.
+            Resumed::Failed => shared.inflight.track(from.unwrap_or(1)),
         }
     }
     shared

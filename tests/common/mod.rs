@@ -93,12 +93,8 @@ impl Proc {
 
     /// SIGTERM (a clean shutdown), and wait for the process to be gone.
     pub fn terminate(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(c.id().to_string())
-                .status();
-            let _ = c.wait();
+        if let Some(c) = self.child.take() {
+            txcoord::natsserver::terminate(c, Duration::from_secs(30));
         }
     }
 
