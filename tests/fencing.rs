@@ -1,0 +1,216 @@
+//! A finished transaction stays finished: a redelivered submission runs nothing (also across
+//! a nats-server restart), a log write that finds another writer's record stops its writer,
+//! and a standby takes a submission the dead coordinator held within seconds, not after an
+//! ack wait of a minute.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{Proc, System, request, step};
+use futures::StreamExt;
+use serde_json::json;
+use txcoord::proto::{ParticipantCommand, TransactionEvent, TxnState};
+
+/// Every command the coordinator publishes, as a core subscriber sees them.
+struct Commands(Arc<Mutex<Vec<ParticipantCommand>>>);
+
+impl Commands {
+    async fn watch(nc: &async_nats::Client) -> Commands {
+        let mut sub = nc.subscribe("txn.cmd.>").await.expect("subscribe");
+        nc.flush().await.expect("flush");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let out = seen.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                if let Ok(cmd) = serde_json::from_slice::<ParticipantCommand>(&msg.payload) {
+                    out.lock().unwrap().push(cmd);
+                }
+            }
+        });
+        Commands(seen)
+    }
+
+    fn of(&self, txn_id: &str) -> Vec<ParticipantCommand> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| c.txn_id == txn_id)
+            .cloned()
+            .collect()
+    }
+}
+
+fn states(history: &[TransactionEvent]) -> Vec<TxnState> {
+    history.iter().map(|e| e.state).collect()
+}
+
+async fn submit(sys: &System, req: &serde_json::Value, id: &str) {
+    sys.client
+        .submit_raw(serde_json::to_vec(req).unwrap().into(), id)
+        .await
+        .expect("submit");
+}
+
+/// Waits until the coordinator has printed `needle` at least `n` times.
+async fn wait_count(proc: &Proc, needle: &str, n: usize) {
+    let start = Instant::now();
+    while proc.log_text().matches(needle).count() < n {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{needle:?} seen fewer than {n} times:\n{}",
+            proc.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Commits one transaction whose submission is never acked (the failpoint), then lets the
+/// server redeliver it several times, with `between` run after the commit; checks that the
+/// redeliveries wrote no record and sent no command.
+async fn redelivery_after_commit_changes_nothing(txn_id: &str, restart_nats: bool) {
+    let mut sys = System::start(
+        &["a", "b"],
+        &[
+            ("TXCOORD_FAILPOINT", "skip-submission-ack"),
+            ("TXCOORD_SUBMIT_ACK_WAIT_MS", "1000"),
+        ],
+    )
+    .await;
+    let commands = Commands::watch(&sys.nc).await;
+    let req = request(txn_id, vec![step("a", json!({})), step("b", json!({}))]);
+    submit(&sys, &req, txn_id).await;
+    let done = sys.wait_state(txn_id, |e| e.state.is_terminal()).await;
+    assert_eq!(done.state, TxnState::Committed);
+    let needle = format!("FAILPOINT skip-submission-ack txn_id={txn_id}");
+    wait_count(&sys.coordinator, &needle, 1).await;
+    let history = sys.client.history(txn_id).await;
+    let sent = commands.of(txn_id).len();
+    if restart_nats {
+        sys.nats.restart().expect("restart nats-server");
+    }
+    // Each redelivery goes through the whole submission path again (and skips its ack).
+    wait_count(&sys.coordinator, &needle, 3).await;
+    let after = sys.client.history(txn_id).await;
+    assert_eq!(
+        states(&after),
+        states(&history),
+        "a redelivered submission wrote to the log"
+    );
+    assert_eq!(after.last().map(|e| e.state), Some(TxnState::Committed));
+    let late: Vec<_> = commands.of(txn_id).into_iter().skip(sent).collect();
+    assert!(
+        late.is_empty(),
+        "a redelivered submission sent commands: {late:?}"
+    );
+    assert!(
+        sys.coordinator
+            .log_text()
+            .contains("txn_id already has a recorded transaction"),
+        "the redelivery was not recognised"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_redelivered_after_its_commit_changes_nothing() {
+    redelivery_after_commit_changes_nothing("redeliver-1", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_redelivered_across_a_nats_restart_changes_nothing() {
+    redelivery_after_commit_changes_nothing("redeliver-2", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_write_refused_for_a_wrong_last_sequence_stops_the_writer() {
+    let sys = System::start(&["a"], &[]).await;
+    let commands = Commands::watch(&sys.nc).await;
+    let id = "fenced-1";
+    // The vote comes late, so another writer can get in before the decision is written.
+    let req = request(id, vec![step("a", json!({"delay_ms": 1500}))]);
+    submit(&sys, &req, id).await;
+    let preparing = sys
+        .wait_state(id, |e| e.state == TxnState::Preparing)
+        .await;
+    // Another writer (a second coordinator, say) ends the transaction in the log.
+    let intruder = TransactionEvent {
+        state: TxnState::Aborted,
+        ..preparing
+    };
+    let js = async_nats::jetstream::new(sys.nc.clone());
+    js.publish(
+        format!("txn.events.{id}"),
+        serde_json::to_vec(&intruder).unwrap().into(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("stored");
+    sys.coordinator
+        .wait_for("another writer's record", Duration::from_secs(30))
+        .await;
+    sys.coordinator
+        .wait_for(
+            "the log of a fenced transaction is finished",
+            Duration::from_secs(30),
+        )
+        .await;
+    // The decision was never written, so no commit may have gone out.
+    sys.nc.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let kinds: Vec<_> = commands.of(id).iter().map(|c| c.kind).collect();
+    assert!(
+        kinds
+            .iter()
+            .all(|k| *k == txcoord::proto::CommandKind::Prepare),
+        "the fenced coordinator sent {kinds:?}"
+    );
+    let history = sys.client.history(id).await;
+    assert_eq!(
+        history.last().map(|e| e.state),
+        Some(TxnState::Aborted),
+        "nothing may follow the other writer's terminal record: {:?}",
+        states(&history)
+    );
+    assert!(!states(&history).contains(&TxnState::Committing));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_a_pending_submission_within_seconds_of_a_sigkill() {
+    let mut sys = System::start(&["a"], &[("TXCOORD_FAILPOINT", "before-accepted")]).await;
+    let url = sys.nats.url();
+    let standby = Proc::spawn(
+        sys.dir.path(),
+        "standby",
+        &["serve"],
+        &[
+            ("TXCOORD_NATS_URL", &url),
+            ("TXCOORD_LEASE_TTL_MS", "2000"),
+        ],
+    );
+    standby
+        .wait_for(
+            "standby: another coordinator holds the lease",
+            Duration::from_secs(20),
+        )
+        .await;
+    let id = "takeover-1";
+    submit(&sys, &request(id, vec![step("a", json!({}))]), id).await;
+    // The active coordinator pulled the submission and holds it, unacked, when it dies.
+    sys.coordinator
+        .wait_for("FAILPOINT before-accepted", Duration::from_secs(20))
+        .await;
+    sys.coordinator.kill9();
+    let killed = Instant::now();
+    let done = sys.wait_state(id, |e| e.state.is_terminal()).await;
+    let took = killed.elapsed();
+    assert_eq!(done.state, TxnState::Committed);
+    // The lease expires after 2 s and the submission's ack wait is 3 s: well under the old
+    // 60 s ack wait this used to take. The bound is loose on purpose (a slow CI machine).
+    assert!(
+        took < Duration::from_secs(20),
+        "the standby took {took:?} to run a submission the dead coordinator held"
+    );
+}
