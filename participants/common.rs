@@ -152,6 +152,7 @@ where
         prefix: args.prefix.clone(),
         max_concurrent: args.concurrency,
         replicas: cfg.stream_replicas,
+        in_doubt_after: Duration::from_millis(cfg.in_doubt_after_ms),
         ..Default::default()
     };
     txcoord::participant::run(nc, service, make(table), options, shutdown()).await?;

@@ -140,6 +140,9 @@ pub struct Config {
     /// submission is held only until its `accepted` record is durable, and kept alive with
     /// progress acks meanwhile, so this can be short.
     pub submit_ack_wait_ms: u64,
+    /// Participants (the SDK): how long a prepared branch may hear nothing from the
+    /// coordinator before it reads its decision from the log and applies it; 0: never.
+    pub in_doubt_after_ms: u64,
     /// Where to serve Prometheus metrics (`GET /metrics`), as `host:port`; empty: nowhere.
     pub metrics_listen: String,
     /// Threads of `txcoord serve`'s async runtime. 1 (the default) runs it on one thread:
@@ -177,6 +180,7 @@ impl Default for Config {
             lease_ttl_ms: 10_000,
             checkpoint_interval_ms: 10_000,
             submit_ack_wait_ms: 3_000,
+            in_doubt_after_ms: 10_000,
             metrics_listen: String::new(),
             worker_threads: 1,
         }

@@ -226,6 +226,7 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<ExitCode> {
                 prefix: cfg.subject_prefix.clone(),
                 max_concurrent: concurrency,
                 replicas: cfg.stream_replicas,
+                in_doubt_after: Duration::from_millis(cfg.in_doubt_after_ms),
                 finished_record_ttl: finished_record_ttl_secs.map(Duration::from_secs),
                 ..Default::default()
             };

@@ -35,8 +35,10 @@
 //! - in a database, write the effect and a barrier row keyed by (txn_id, step), unique, in
 //!   one transaction, and treat a duplicate key as "already done".
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, kv};
@@ -50,7 +52,7 @@ use tracing::Instrument;
 use crate::nats::{Expect, NatsError, publish_durable};
 use crate::proto::{
     CommandKind, MAX_NAME_LEN, ParticipantCommand, ParticipantReply, ReplyOutcome, Subjects,
-    is_token, now_ms,
+    TxnState, is_token, now_ms,
 };
 
 /// What a service's `prepare` decides.
@@ -219,6 +221,11 @@ pub struct Options {
     /// be delivered finds its record gone; forever if commands are kept forever.
     /// `Some(ZERO)`: forever. Prepared branches and executed saga steps are always kept.
     pub finished_record_ttl: Option<Duration>,
+    /// How long a prepared branch may hear nothing from the coordinator before the SDK
+    /// reads the decision from the log (`<prefix>.events.<txn_id>`) and applies it. No
+    /// decision in the log means keep waiting: a participant never decides on its own.
+    /// `ZERO` turns this off.
+    pub in_doubt_after: Duration,
 }
 
 impl Default for Options {
@@ -231,6 +238,7 @@ impl Default for Options {
             replicas: 1,
             ack_timeout: Duration::from_secs(1),
             finished_record_ttl: None,
+            in_doubt_after: Duration::from_secs(10),
         }
     }
 }
@@ -295,6 +303,46 @@ struct Ctx<P> {
     js: jetstream::Context,
     store: Records,
     options: Options,
+    /// The coordinator's log, where an in-doubt branch reads its decision.
+    events: jetstream::stream::Stream,
+    subjects: Subjects,
+    /// Prepared branches of this process, with when they last heard from the coordinator.
+    in_doubt: std::sync::Mutex<HashMap<String, InDoubt>>,
+    /// Commands refused because they contradict their branch's state (see
+    /// [`ApplyError::Violation`]).
+    violations: AtomicU64,
+}
+
+/// A prepared branch waiting for its decision.
+#[derive(Debug, Clone)]
+struct InDoubt {
+    txn_id: String,
+    step: usize,
+    since: std::time::Instant,
+}
+
+impl<P> Ctx<P> {
+    fn in_doubt(&self) -> std::sync::MutexGuard<'_, HashMap<String, InDoubt>> {
+        // A poisoned lock only means a task panicked mid-insert; the map is still sound.
+        self.in_doubt.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Notes what a branch now is: prepared (in doubt from now on) or anything else.
+    fn note(&self, cmd: &ParticipantCommand, state: Option<BranchState>) {
+        let key = branch_key(&cmd.txn_id, cmd.step);
+        if state == Some(BranchState::Prepared) {
+            self.in_doubt().insert(
+                key,
+                InDoubt {
+                    txn_id: cmd.txn_id.clone(),
+                    step: cmd.step,
+                    since: std::time::Instant::now(),
+                },
+            );
+        } else {
+            self.in_doubt().remove(&key);
+        }
+    }
 }
 
 /// Runs `participant` as service `service` until `shutdown` completes.
@@ -364,7 +412,14 @@ pub async fn run<P: Participant>(
         js,
         store,
         options,
+        events: streams.events.clone(),
+        subjects,
+        in_doubt: Default::default(),
+        violations: AtomicU64::new(0),
     });
+    if !ctx.options.in_doubt_after.is_zero() {
+        tokio::spawn(resolve_in_doubt(ctx.clone()));
+    }
     tracing::info!(service, "participant ready");
     let work = async {
         loop {
@@ -422,6 +477,13 @@ async fn handle<P: Participant>(ctx: &Ctx<P>, msg: jetstream::Message) {
     async {
         match apply(ctx, &cmd).await {
             Ok(outcome) => {
+                match (cmd.kind, outcome.outcome) {
+                    (CommandKind::Prepare, ReplyOutcome::Ready) => {
+                        ctx.note(&cmd, Some(BranchState::Prepared))
+                    }
+                    (CommandKind::Commit | CommandKind::Abort, _) => ctx.note(&cmd, None),
+                    _ => {}
+                }
                 if send_reply(ctx, &cmd, outcome).await {
                     if let Err(e) = msg.ack().await {
                         tracing::debug!(error = %e, "command ack failed; the redelivery is answered from the record");
@@ -429,6 +491,13 @@ async fn handle<P: Participant>(ctx: &Ctx<P>, msg: jetstream::Message) {
                 } else {
                     let _ = msg.ack_with(jetstream::AckKind::Nak(Some(ctx.options.retry_delay))).await;
                 }
+            }
+            Err(ApplyError::Violation(what)) => {
+                let n = ctx.violations.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::error!(violation = %what, attempt = cmd.attempt, total = n,
+                    "PROTOCOL VIOLATION: command refused, not applied and not confirmed");
+                // Redelivering it would only refuse it again.
+                let _ = msg.ack_with(jetstream::AckKind::Term).await;
             }
             Err(e) => {
                 tracing::warn!(error = %e, "command failed, will be retried");
@@ -438,6 +507,119 @@ async fn handle<P: Participant>(ctx: &Ctx<P>, msg: jetstream::Message) {
     }
     .instrument(span)
     .await
+}
+
+/// Every so often, reads the decision of each branch that has been prepared for longer than
+/// `in_doubt_after` without hearing from the coordinator, and applies it. A decided
+/// transaction so completes while no coordinator runs; an undecided one keeps waiting.
+/// After a restart the prepared branches are found by one scan of the service's records.
+async fn resolve_in_doubt<P: Participant>(ctx: Arc<Ctx<P>>) {
+    let after = ctx.options.in_doubt_after;
+    scan_prepared(&ctx).await;
+    loop {
+        tokio::time::sleep((after / 2).max(Duration::from_millis(100))).await;
+        let due: Vec<InDoubt> = ctx
+            .in_doubt()
+            .values()
+            .filter(|b| b.since.elapsed() >= after)
+            .cloned()
+            .collect();
+        for branch in due {
+            resolve_one(&ctx, branch).await;
+        }
+    }
+}
+
+/// Finds the prepared branches stored before this process started.
+async fn scan_prepared<P: Participant>(ctx: &Ctx<P>) {
+    let mut keys = match ctx.store.kv.keys().await {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list branch records; in-doubt branches from before this start wait for the coordinator");
+            return;
+        }
+    };
+    let mut found = 0usize;
+    while let Some(key) = keys.next().await {
+        let Ok(key) = key else { continue };
+        let Some((txn_id, step)) = key
+            .rsplit_once('.')
+            .and_then(|(t, s)| Some((t.to_string(), s.parse::<usize>().ok()?)))
+        else {
+            continue;
+        };
+        if let Ok(Some((rec, _))) = load(&ctx.store.kv, &key).await
+            && rec.state == BranchState::Prepared
+        {
+            found += 1;
+            ctx.in_doubt().entry(key).or_insert(InDoubt {
+                txn_id,
+                step,
+                since: std::time::Instant::now(),
+            });
+        }
+    }
+    if found > 0 {
+        tracing::info!(
+            found,
+            "prepared branches from before this start are waiting for their decision"
+        );
+    }
+}
+
+/// Reads one in-doubt branch's decision from the log and applies it, as if the
+/// coordinator's command had come (no reply: nobody waits for one).
+async fn resolve_one<P: Participant>(ctx: &Ctx<P>, branch: InDoubt) {
+    let subject = ctx.subjects.events(&branch.txn_id);
+    let decision = match ctx.events.direct_get_last_for_subject(subject).await {
+        Ok(msg) => match serde_json::from_slice::<crate::proto::TransactionEvent>(&msg.payload) {
+            Ok(ev) => match ev.state {
+                TxnState::Committing | TxnState::Committed => Some(CommandKind::Commit),
+                TxnState::Aborting | TxnState::Aborted => Some(CommandKind::Abort),
+                _ => None,
+            },
+            Err(e) => {
+                tracing::warn!(txn_id = %branch.txn_id, error = %e, "unreadable log record; still in doubt");
+                None
+            }
+        },
+        Err(e) => {
+            tracing::debug!(txn_id = %branch.txn_id, error = %e, "no decision readable in the log; still in doubt");
+            None
+        }
+    };
+    let Some(kind) = decision else {
+        // Keep waiting; look again after another interval.
+        if let Some(b) = ctx
+            .in_doubt()
+            .get_mut(&branch_key(&branch.txn_id, branch.step))
+        {
+            b.since = std::time::Instant::now();
+        }
+        return;
+    };
+    let cmd = ParticipantCommand {
+        txn_id: branch.txn_id.clone(),
+        service: ctx.service.clone(),
+        step: branch.step,
+        kind,
+        action: String::new(),
+        payload: Value::Null,
+        reply_to: String::new(),
+        attempt: 0,
+        deadline_ms: 0,
+        compensate_action: None,
+    };
+    let _turn = ctx.branches.lock(&branch_key(&cmd.txn_id, cmd.step)).await;
+    match apply(ctx, &cmd).await {
+        Ok(_) => {
+            ctx.note(&cmd, None);
+            tracing::info!(txn_id = %cmd.txn_id, step = cmd.step, kind = kind.as_str(),
+            "in-doubt branch resolved from the coordinator's log");
+        }
+        Err(e) => tracing::warn!(txn_id = %cmd.txn_id, step = cmd.step, error = %e,
+            "in-doubt branch not resolved; trying again later"),
+    }
 }
 
 /// What a branch answers a command.
@@ -513,6 +695,11 @@ enum ApplyError {
     Service(#[from] ServiceError),
     #[error("record of {0} is unreadable")]
     Corrupt(String),
+    /// The command contradicts what the branch is (an abort for a committed branch, a
+    /// commit for one that never prepared): the coordinator, or whoever sent it, broke the
+    /// protocol. It is refused, counted, and not retried.
+    #[error("protocol violation: {0}")]
+    Violation(String),
 }
 
 fn vote_of(rec: &BranchRecord) -> Answer {
@@ -795,10 +982,9 @@ async fn apply<P: Participant>(
                         }
                         continue;
                     }
+                    // The coordinator never commits a branch that did not vote ready.
                     other => {
-                        // The coordinator never commits a branch that did not vote ready.
-                        tracing::error!(state = ?other, "commit for a branch that is not prepared; refusing to confirm");
-                        return Err(ApplyError::Store(format!(
+                        return Err(ApplyError::Violation(format!(
                             "commit for a branch in state {other:?}"
                         )));
                     }
@@ -812,9 +998,8 @@ async fn apply<P: Participant>(
                 return Ok(Answer::of(ReplyOutcome::Done));
             }
             (CommandKind::Commit, None) => {
-                tracing::error!("commit for a branch with no record; refusing to confirm");
-                return Err(ApplyError::Store(
-                    "commit for a branch with no record".into(),
+                return Err(ApplyError::Violation(
+                    "commit for a branch that never prepared (no record)".into(),
                 ));
             }
             (CommandKind::Abort, Some((rec, rev))) => {
@@ -829,8 +1014,7 @@ async fn apply<P: Participant>(
                         continue;
                     }
                     BranchState::Committed => {
-                        tracing::error!("abort for a committed branch; refusing to confirm");
-                        return Err(ApplyError::Store("abort for a committed branch".into()));
+                        return Err(ApplyError::Violation("abort for a committed branch".into()));
                     }
                     _ => return Ok(Answer::of(ReplyOutcome::Done)),
                 }

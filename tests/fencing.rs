@@ -131,9 +131,7 @@ async fn a_log_write_refused_for_a_wrong_last_sequence_stops_the_writer() {
     // The vote comes late, so another writer can get in before the decision is written.
     let req = request(id, vec![step("a", json!({"delay_ms": 1500}))]);
     submit(&sys, &req, id).await;
-    let preparing = sys
-        .wait_state(id, |e| e.state == TxnState::Preparing)
-        .await;
+    let preparing = sys.wait_state(id, |e| e.state == TxnState::Preparing).await;
     // Another writer (a second coordinator, say) ends the transaction in the log.
     let intruder = TransactionEvent {
         state: TxnState::Aborted,
@@ -185,10 +183,7 @@ async fn a_standby_takes_a_pending_submission_within_seconds_of_a_sigkill() {
         sys.dir.path(),
         "standby",
         &["serve"],
-        &[
-            ("TXCOORD_NATS_URL", &url),
-            ("TXCOORD_LEASE_TTL_MS", "2000"),
-        ],
+        &[("TXCOORD_NATS_URL", &url), ("TXCOORD_LEASE_TTL_MS", "2000")],
     );
     standby
         .wait_for(
