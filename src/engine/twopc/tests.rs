@@ -1,7 +1,7 @@
 //! Unit tests of each transition, and a seeded simulation of whole transactions over a
 //! faulty network with coordinator crashes, run as property tests.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use proptest::prelude::*;
 use serde_json::json;
@@ -618,24 +618,45 @@ impl Part {
     }
 }
 
+/// One coordinator's driver of the transaction, as the runtime runs it: the engine, its
+/// timers, and the fence (how many records it knows the log has: its next write expects
+/// exactly that many, as `Nats-Expected-Last-Subject-Sequence` does).
+struct Drv {
+    id: usize,
+    engine: TwoPc,
+    known: usize,
+    timers: BTreeMap<Timer, u64>,
+    /// Acknowledgements of stored commands on their way back to this driver.
+    stored: Vec<(usize, CommandKind, u32)>,
+    /// The records this driver wrote itself, in this run.
+    wrote: Vec<TransactionEvent>,
+}
+
 struct Sim {
     rng: crate::rng::XorShift,
     now: u64,
     request: TransactionRequest,
-    /// The durable log: persisted records (and announcements that happened to land).
-    log: Vec<TransactionEvent>,
-    engine: Option<TwoPc>,
-    timers: BTreeMap<Timer, u64>,
+    /// The durable log, with the id of the driver that wrote each record.
+    log: Vec<(usize, TransactionEvent)>,
+    /// Every coordinator driving the transaction right now: usually one, but also a stale
+    /// one that lost its lease without knowing, or one started by a redelivered submission.
+    drivers: Vec<Drv>,
+    next_id: usize,
     /// Commands in the stream, not yet acked by their participant.
     commands: Vec<ParticipantCommand>,
-    /// Acknowledgements of stored commands on their way back to the coordinator task.
-    stored: Vec<(usize, CommandKind, u32)>,
     /// Replies in the stream, not yet acked by the coordinator.
     replies: Vec<ParticipantReply>,
     /// Reply ids JetStream has stored: a second publish with one of these is dropped.
     reply_ids: HashSet<String>,
+    /// Which driver sent each (step, kind, attempt): no attempt may be used by two.
+    attempts: HashMap<(usize, CommandKind, u32), usize>,
     parts: Vec<Part>,
     crashes: usize,
+    /// Writes refused because another driver had written first.
+    fenced: usize,
+    /// Drivers started by a redelivered submission, and stale twins.
+    redelivered: usize,
+    stale: usize,
     chaos: bool,
 }
 
@@ -648,12 +669,12 @@ impl Sim {
             now: 0,
             request: request(&refs),
             log: Vec::new(),
-            engine: None,
-            timers: BTreeMap::new(),
+            drivers: Vec::new(),
+            next_id: 0,
             commands: Vec::new(),
-            stored: Vec::new(),
             replies: Vec::new(),
             reply_ids: HashSet::new(),
+            attempts: HashMap::new(),
             parts: votes
                 .iter()
                 .zip(down)
@@ -666,101 +687,194 @@ impl Sim {
                 })
                 .collect(),
             crashes: 0,
+            fenced: 0,
+            redelivered: 0,
+            stale: 0,
             chaos: true,
         }
     }
 
-    /// (Re)starts the coordinator: from the request if nothing was logged, else from the log.
-    fn boot(&mut self) {
+    fn events(&self) -> Vec<TransactionEvent> {
+        self.log.iter().map(|(_, e)| e.clone()).collect()
+    }
+
+    fn states(&self) -> Vec<TxnState> {
+        self.log.iter().map(|(_, e)| e.state).collect()
+    }
+
+    /// Starts a driver as the runtime does: from the submission (`fresh`: its accepted
+    /// record must be the first), or from the log (recovery). None if the log is finished.
+    fn spawn(&mut self, fresh: bool) -> Option<usize> {
         let mut out = Vec::new();
-        self.timers.clear();
-        self.engine = match (self.log.first(), self.log.last()) {
-            (None, _) | (_, None) => Some(TwoPc::start(
-                "t1".into(),
-                &self.request,
-                Some(1),
-                "r".into(),
-                CFG,
-                self.now,
-                &mut out,
-            )),
-            (Some(first), Some(last)) => {
+        let (engine, known) = match (fresh, self.log.first(), self.log.last()) {
+            (true, _, _) | (false, None, _) => (
+                TwoPc::start(
+                    "t1".into(),
+                    &self.request,
+                    Some(1),
+                    "r".into(),
+                    CFG,
+                    self.now,
+                    &mut out,
+                ),
+                0,
+            ),
+            (false, Some((_, first)), Some((_, last))) => {
                 match TwoPc::recover(first, last, "r".into(), CFG, self.now, &mut out) {
-                    Ok(e) => Some(e),
-                    Err(RecoverError::Finished(_)) => None,
+                    Ok(e) => (e, self.log.len()),
+                    Err(RecoverError::Finished(_)) => return None,
                     Err(e) => panic!("recovery failed: {e}"),
                 }
             }
+            (false, Some(_), None) => unreachable!("a log with a first record has a last one"),
         };
-        self.run(out);
+        let id = self.next_id;
+        self.next_id += 1;
+        self.drivers.push(Drv {
+            id,
+            engine,
+            known,
+            timers: BTreeMap::new(),
+            stored: Vec::new(),
+            wrote: Vec::new(),
+        });
+        self.run(id, out);
+        Some(id)
     }
 
-    /// Performs commands in order; in chaos, the coordinator may crash between any two.
-    fn run(&mut self, out: Vec<Command>) {
+    fn index(&self, id: usize) -> Option<usize> {
+        self.drivers.iter().position(|d| d.id == id)
+    }
+
+    /// A fenced write, as the runtime makes it: appended only if the log still has exactly
+    /// the records this driver knows; otherwise the driver stops (false).
+    fn write(&mut self, i: usize, event: TransactionEvent) -> bool {
+        if self.log.len() != self.drivers[i].known {
+            self.fenced += 1;
+            self.drivers.swap_remove(i);
+            return false;
+        }
+        assert!(
+            !self.log.last().is_some_and(|(_, e)| e.state.is_terminal()),
+            "a record after a terminal record: {:?} after {:?}",
+            event.state,
+            self.states()
+        );
+        let commit = |s| matches!(s, TxnState::Committing | TxnState::Committed);
+        let abort = |s| matches!(s, TxnState::Aborting | TxnState::Aborted);
+        assert!(
+            !self
+                .log
+                .iter()
+                .any(|(_, e)| commit(e.state) && abort(event.state)
+                    || abort(e.state) && commit(event.state)),
+            "log would hold both decisions: {:?} after {:?}",
+            event.state,
+            self.states()
+        );
+        let d = &mut self.drivers[i];
+        self.log.push((d.id, event.clone()));
+        d.known = self.log.len();
+        d.wrote.push(event);
+        true
+    }
+
+    /// Performs one driver's commands in order; in chaos, it may crash between any two.
+    fn run(&mut self, id: usize, out: Vec<Command>) {
         for cmd in out {
+            let Some(i) = self.index(id) else { return };
             if self.chaos && self.rng.chance(3) {
-                self.crash();
+                self.crash(i);
                 return;
             }
             match cmd {
                 Command::Persist { event, .. } => {
-                    let commit = |s| matches!(s, TxnState::Committing | TxnState::Committed);
-                    let abort = |s| matches!(s, TxnState::Aborting | TxnState::Aborted);
-                    assert!(
-                        !self
-                            .log
-                            .iter()
-                            .any(|e| commit(e.state) && abort(event.state)
-                                || abort(e.state) && commit(event.state)),
-                        "log would hold both decisions: {:?} after {:?}",
-                        event.state,
-                        self.log.iter().map(|e| e.state).collect::<Vec<_>>()
-                    );
-                    self.log.push(event);
+                    if !self.write(i, event) {
+                        return;
+                    }
                 }
                 Command::Announce { event, .. } => {
-                    if !self.chaos || self.rng.chance(50) {
-                        self.log.push(event);
+                    // Lost now and then (refused: the transaction goes on without it).
+                    if (!self.chaos || self.rng.chance(50)) && !self.write(i, event) {
+                        return;
                     }
                 }
                 Command::Send(c) => {
+                    self.check_announced(i, &c);
                     // A publish may be lost in chaos (the runtime gives up after its retries).
                     if !(self.chaos && self.rng.chance(5)) {
-                        self.stored.push((c.step, c.kind, c.attempt));
+                        self.drivers[i].stored.push((c.step, c.kind, c.attempt));
                         self.commands.push(c);
                     }
                 }
                 Command::SetTimer { timer, at_ms } => {
-                    self.timers.insert(timer, at_ms);
+                    self.drivers[i].timers.insert(timer, at_ms);
                 }
                 Command::CancelTimer(t) => {
-                    self.timers.remove(&t);
+                    self.drivers[i].timers.remove(&t);
                 }
-                Command::Finished => {}
+                Command::Finished => {
+                    self.drivers.swap_remove(i);
+                    return;
+                }
             }
         }
     }
 
-    fn crash(&mut self) {
-        self.engine = None;
-        self.timers.clear();
-        self.stored.clear();
+    /// No command without its record: the round it belongs to is in a record this very
+    /// driver wrote, and no other driver ever used its attempt number.
+    fn check_announced(&mut self, i: usize, c: &ParticipantCommand) {
+        let d = &self.drivers[i];
+        let announced = d.wrote.iter().any(|e| {
+            let s = &e.steps[c.step];
+            match c.kind {
+                CommandKind::Prepare => s.prepare_attempt == c.attempt,
+                CommandKind::Commit => {
+                    e.state == TxnState::Committing && s.decision_attempt == c.attempt
+                }
+                CommandKind::Abort => {
+                    e.state == TxnState::Aborting && s.decision_attempt == c.attempt
+                }
+                _ => false,
+            }
+        });
+        assert!(
+            announced,
+            "driver {} sent {:?} attempt {} to step {} without a record of its own announcing it; log {:?}",
+            d.id,
+            c.kind,
+            c.attempt,
+            c.step,
+            self.states()
+        );
+        let first = *self
+            .attempts
+            .entry((c.step, c.kind, c.attempt))
+            .or_insert(d.id);
+        assert_eq!(
+            first, d.id,
+            "attempt {} of {:?} to step {} used by drivers {first} and {}",
+            c.attempt, c.kind, c.step, d.id
+        );
+    }
+
+    fn crash(&mut self, i: usize) {
+        self.drivers.swap_remove(i);
         self.crashes += 1;
     }
 
-    fn feed(&mut self, event: Event) {
-        let Some(engine) = self.engine.as_mut() else {
-            return;
-        };
+    fn feed(&mut self, i: usize, event: Event) {
         let mut out = Vec::new();
-        let _ = engine.handle(self.now, event, &mut out);
-        self.run(out);
+        let _ = self.drivers[i].engine.handle(self.now, event, &mut out);
+        let id = self.drivers[i].id;
+        self.run(id, out);
     }
 
     /// One random step. Returns false when nothing at all could happen.
     fn step(&mut self) -> bool {
-        if self.engine.is_none() && !self.finished_in_log() {
-            self.boot();
+        // Recovery: with no coordinator driving it, an unfinished transaction is resumed.
+        if self.drivers.is_empty() && !self.finished_in_log() {
+            self.spawn(false);
             return true;
         }
         let deliverable: Vec<usize> = (0..self.commands.len())
@@ -781,10 +895,13 @@ impl Sim {
         } else {
             choices.is_empty()
         };
-        if !self.timers.is_empty() && self.engine.is_some() && timer_now {
+        let timed: Vec<usize> = (0..self.drivers.len())
+            .filter(|&i| !self.drivers[i].timers.is_empty())
+            .collect();
+        if !timed.is_empty() && timer_now {
             choices.push(2);
         }
-        if !self.stored.is_empty() {
+        if self.drivers.iter().any(|d| !d.stored.is_empty()) {
             choices.push(4);
         }
         if self.chaos {
@@ -815,36 +932,63 @@ impl Sim {
                     self.replies.swap_remove(i)
                 };
                 self.now += self.rng.below(20);
-                self.feed(Event::Reply(r));
-            }
-            2 => {
-                let (&timer, &at) = self.timers.iter().min_by_key(|(_, at)| **at).unwrap();
-                self.timers.remove(&timer);
-                self.now = self.now.max(at);
-                self.feed(Event::Timer(timer));
-            }
-            4 => {
-                let (step, kind, attempt) =
-                    self.stored.swap_remove(self.rng.index(self.stored.len()));
-                self.feed(Event::Stored {
-                    step,
-                    kind,
-                    attempt,
-                });
-            }
-            _ => {
-                if self.rng.chance(30) {
-                    self.crash();
-                } else {
-                    self.now += self.rng.below(300);
+                // Whichever coordinator reads the reply consumer gets it.
+                if !self.drivers.is_empty() {
+                    let d = self.rng.index(self.drivers.len());
+                    self.feed(d, Event::Reply(r));
                 }
             }
+            2 => {
+                let i = timed[self.rng.index(timed.len())];
+                let (&timer, &at) = self.drivers[i]
+                    .timers
+                    .iter()
+                    .min_by_key(|(_, at)| **at)
+                    .unwrap();
+                self.drivers[i].timers.remove(&timer);
+                self.now = self.now.max(at);
+                self.feed(i, Event::Timer(timer));
+            }
+            4 => {
+                let with: Vec<usize> = (0..self.drivers.len())
+                    .filter(|&i| !self.drivers[i].stored.is_empty())
+                    .collect();
+                let i = with[self.rng.index(with.len())];
+                let n = self.rng.index(self.drivers[i].stored.len());
+                let (step, kind, attempt) = self.drivers[i].stored.swap_remove(n);
+                self.feed(
+                    i,
+                    Event::Stored {
+                        step,
+                        kind,
+                        attempt,
+                    },
+                );
+            }
+            _ => match self.rng.below(100) {
+                // The submission is delivered again: a fresh driver starts from it.
+                0..6 => {
+                    self.redelivered += 1;
+                    self.spawn(true);
+                }
+                // A coordinator loses its lease without knowing and goes on, while another
+                // resumes the transaction from the log.
+                6..10 if !self.drivers.is_empty() => {
+                    self.stale += 1;
+                    self.spawn(false);
+                }
+                10..40 if !self.drivers.is_empty() => {
+                    let i = self.rng.index(self.drivers.len());
+                    self.crash(i);
+                }
+                _ => self.now += self.rng.below(300),
+            },
         }
         true
     }
 
     fn finished_in_log(&self) -> bool {
-        self.log.last().is_some_and(|e| e.state.is_terminal())
+        self.log.last().is_some_and(|(_, e)| e.state.is_terminal())
     }
 
     fn check_atomic(&self) {
@@ -907,7 +1051,7 @@ proptest! {
     ) {
         let (votes, down): (Vec<_>, Vec<_>) = parts.into_iter().unzip();
         let sim = simulate(seed, votes.clone(), down, chaos_steps);
-        let last = sim.log.last().expect("something was logged");
+        let last = sim.log.last().map(|(_, e)| e).expect("something was logged");
         prop_assert!(last.state.is_terminal(), "ended {:?}", last.state);
         prop_assert!(sim.commands.is_empty() && sim.replies.is_empty());
         match last.state {
@@ -936,7 +1080,7 @@ proptest! {
         n in 1usize..8,
     ) {
         let sim = simulate(seed, vec![Vote::Ready; n], vec![false; n], 0);
-        prop_assert_eq!(sim.log.last().map(|e| e.state), Some(TxnState::Committed));
+        prop_assert_eq!(sim.log.last().map(|(_, e)| e.state), Some(TxnState::Committed));
         prop_assert_eq!(sim.crashes, 0);
     }
 }
@@ -946,24 +1090,35 @@ proptest! {
 #[test]
 fn simulation_exercises_crashes_and_both_outcomes() {
     let (mut crashes, mut commits, mut aborts, mut recovered_decisions) = (0, 0, 0, 0);
+    let (mut fenced, mut redelivered, mut stale) = (0, 0, 0);
     for seed in 1..400u64 {
         let votes = vec![Vote::Ready, Vote::Ready, Vote::ReadOnly];
         let sim = simulate(seed * 7919, votes, vec![false, seed % 5 == 0, false], 80);
         crashes += sim.crashes;
-        match sim.log.last().map(|e| e.state) {
+        fenced += sim.fenced;
+        redelivered += sim.redelivered;
+        stale += sim.stale;
+        match sim.log.last().map(|(_, e)| e.state) {
             Some(TxnState::Committed) => commits += 1,
             Some(TxnState::Aborted) => aborts += 1,
             other => panic!("{other:?}"),
         }
-        if sim.log.iter().any(|e| {
+        if sim.events().iter().any(|e| {
             matches!(e.state, TxnState::Committing | TxnState::Aborting)
                 && e.steps.iter().any(|s| s.decision_attempt > 1)
         }) {
             recovered_decisions += 1;
         }
     }
-    eprintln!("crashes {crashes} commits {commits} aborts {aborts} resent {recovered_decisions}");
+    eprintln!(
+        "crashes {crashes} commits {commits} aborts {aborts} resent {recovered_decisions} \
+         fenced {fenced} redelivered {redelivered} stale {stale}"
+    );
     assert!(crashes > 100, "crashes {crashes}");
+    assert!(
+        fenced > 50 && redelivered > 20 && stale > 20,
+        "fenced {fenced} redelivered {redelivered} stale {stale}"
+    );
     assert!(
         commits > 20 && aborts > 20,
         "commits {commits} aborts {aborts}"
