@@ -47,13 +47,6 @@ fn states(history: &[TransactionEvent]) -> Vec<TxnState> {
     history.iter().map(|e| e.state).collect()
 }
 
-async fn submit(sys: &System, req: &serde_json::Value, id: &str) {
-    sys.client
-        .submit_raw(serde_json::to_vec(req).unwrap().into(), id)
-        .await
-        .expect("submit");
-}
-
 /// Waits until the coordinator has printed `needle` at least `n` times.
 async fn wait_count(proc: &Proc, needle: &str, n: usize) {
     let start = Instant::now();
@@ -81,7 +74,7 @@ async fn redelivery_after_commit_changes_nothing(txn_id: &str, restart_nats: boo
     .await;
     let commands = Commands::watch(&sys.nc).await;
     let req = request(txn_id, vec![step("a", json!({})), step("b", json!({}))]);
-    submit(&sys, &req, txn_id).await;
+    sys.submit(&req, txn_id).await;
     let done = sys.wait_state(txn_id, |e| e.state.is_terminal()).await;
     assert_eq!(done.state, TxnState::Committed);
     let needle = format!("FAILPOINT skip-submission-ack txn_id={txn_id}");
@@ -130,22 +123,18 @@ async fn a_log_write_refused_for_a_wrong_last_sequence_stops_the_writer() {
     let id = "fenced-1";
     // The vote comes late, so another writer can get in before the decision is written.
     let req = request(id, vec![step("a", json!({"delay_ms": 1500}))]);
-    submit(&sys, &req, id).await;
+    sys.submit(&req, id).await;
     let preparing = sys.wait_state(id, |e| e.state == TxnState::Preparing).await;
     // Another writer (a second coordinator, say) ends the transaction in the log.
     let intruder = TransactionEvent {
         state: TxnState::Aborted,
         ..preparing
     };
-    let js = async_nats::jetstream::new(sys.nc.clone());
-    js.publish(
+    sys.publish_stored(
         format!("txn.events.{id}"),
-        serde_json::to_vec(&intruder).unwrap().into(),
+        serde_json::to_vec(&intruder).unwrap(),
     )
-    .await
-    .expect("publish")
-    .await
-    .expect("stored");
+    .await;
     sys.coordinator
         .wait_for("another writer's record", Duration::from_secs(30))
         .await;
@@ -192,7 +181,8 @@ async fn a_standby_takes_a_pending_submission_within_seconds_of_a_sigkill() {
         )
         .await;
     let id = "takeover-1";
-    submit(&sys, &request(id, vec![step("a", json!({}))]), id).await;
+    sys.submit(&request(id, vec![step("a", json!({}))]), id)
+        .await;
     // The active coordinator pulled the submission and holds it, unacked, when it dies.
     sys.coordinator
         .wait_for("FAILPOINT before-accepted", Duration::from_secs(20))

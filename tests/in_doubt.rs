@@ -26,13 +26,6 @@ fn participant(sys: &System, service: &str) -> Proc {
     )
 }
 
-async fn submit(sys: &System, req: &serde_json::Value, id: &str) {
-    sys.client
-        .submit_raw(serde_json::to_vec(req).unwrap().into(), id)
-        .await
-        .expect("submit");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_doubt_branches_apply_the_decision_in_the_log_with_no_coordinator_running() {
     let mut sys = System::start(&[], &[("TXCOORD_FAILPOINT", "after-decision")]).await;
@@ -43,20 +36,7 @@ async fn in_doubt_branches_apply_the_decision_in_the_log_with_no_coordinator_run
             .await;
     }
     for (id, vote) in [("doubt-c", "ready"), ("doubt-a", "abort")] {
-        let req = request(
-            id,
-            vec![
-                step("a", json!({})),
-                step("b", json!({"vote": vote, "delay_ms": 100})),
-            ],
-        );
-        submit(&sys, &req, id).await;
-        sys.coordinator
-            .wait_for(
-                &format!("FAILPOINT after-decision txn_id={id}"),
-                Duration::from_secs(10),
-            )
-            .await;
+        sys.decide_unheard(id, vote).await;
     }
     // The decisions are durable, nobody was told, and no coordinator will ever run again.
     sys.coordinator.kill9();
@@ -91,7 +71,7 @@ async fn an_undecided_branch_keeps_waiting_and_never_decides_alone() {
         id,
         vec![step("a", json!({})), step("b", json!({"delay_ms": 3000}))],
     );
-    submit(&sys, &req, id).await;
+    sys.submit(&req, id).await;
     sys.wait_vote(id, 0).await;
     sys.coordinator.kill9();
     // Three in-doubt intervals with no decision in the log: a still holds its branch. (A
@@ -118,15 +98,8 @@ async fn forge(sys: &System, id: &str, kind: CommandKind) {
         deadline_ms: 0,
         compensate_action: None,
     };
-    let js = async_nats::jetstream::new(sys.nc.clone());
-    js.publish(
-        format!("txn.cmd.a.{id}"),
-        serde_json::to_vec(&cmd).unwrap().into(),
-    )
-    .await
-    .expect("publish")
-    .await
-    .expect("stored");
+    sys.publish_stored(format!("txn.cmd.a.{id}"), serde_json::to_vec(&cmd).unwrap())
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -60,25 +60,8 @@ async fn coordinator_killed_during_prepare_resumes_and_commits() {
 async fn coordinator_killed_after_the_decision_is_durable_delivers_it_after_restart() {
     let mut sys = System::start(&["a", "b"], &[("TXCOORD_FAILPOINT", "after-decision")]).await;
     let url = sys.nats.url();
-    for (id, abort) in [("kill-dec-c", false), ("kill-dec-a", true)] {
-        let vote = if abort { "abort" } else { "ready" };
-        let req = request(
-            id,
-            vec![
-                step("a", json!({})),
-                step("b", json!({"vote": vote, "delay_ms": 100})),
-            ],
-        );
-        sys.client
-            .submit_raw(serde_json::to_vec(&req).unwrap().into(), id)
-            .await
-            .unwrap();
-        sys.coordinator
-            .wait_for(
-                &format!("FAILPOINT after-decision txn_id={id}"),
-                Duration::from_secs(10),
-            )
-            .await;
+    for (id, vote) in [("kill-dec-c", "ready"), ("kill-dec-a", "abort")] {
+        sys.decide_unheard(id, vote).await;
     }
     sys.coordinator.kill9();
     // The decisions are on disk; nobody has heard them.

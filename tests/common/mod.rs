@@ -357,6 +357,45 @@ impl System {
         }
     }
 
+    /// Submits a request (as JSON) under message id `id`.
+    pub async fn submit(&self, request: &Value, id: &str) {
+        self.client
+            .submit_raw(serde_json::to_vec(request).unwrap().into(), id)
+            .await
+            .expect("submit");
+    }
+
+    /// Submits a 2PC request with the two steps `a` (ready) and `b` (voting `vote`, a little
+    /// late), on a coordinator started with the `after-decision` failpoint, and waits until
+    /// its decision is durable and nobody has heard it.
+    pub async fn decide_unheard(&self, id: &str, vote: &str) {
+        let req = request(
+            id,
+            vec![
+                step("a", json!({})),
+                step("b", json!({"vote": vote, "delay_ms": 100})),
+            ],
+        );
+        self.submit(&req, id).await;
+        self.coordinator
+            .wait_for(
+                &format!("FAILPOINT after-decision txn_id={id}"),
+                Duration::from_secs(10),
+            )
+            .await;
+    }
+
+    /// Publishes `body` on `subject` through JetStream and waits until a stream stored it
+    /// (what an intruder with publish rights, or a forged coordinator, can do).
+    pub async fn publish_stored(&self, subject: String, body: Vec<u8>) {
+        let js = async_nats::jetstream::new(self.nc.clone());
+        js.publish(subject, body.into())
+            .await
+            .expect("publish")
+            .await
+            .expect("stored");
+    }
+
     /// Waits until the transaction's log has a record in one of `states`.
     pub async fn wait_state(
         &self,
