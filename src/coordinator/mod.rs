@@ -712,23 +712,8 @@ pub(crate) async fn reread_and_resume(shared: &Arc<Shared>, txn_id: &str) -> boo
     if !shared.lease.is_held() {
         return false;
     }
-    let subject = shared.subjects.events(txn_id);
-    let mut delay = Duration::from_millis(100);
-    let last = loop {
-        match shared
-            .streams
-            .events
-            .get_last_raw_message_by_subject(&subject)
-            .await
-        {
-            Ok(m) => break m,
-            Err(e) if shared.lease.is_held() => {
-                tracing::warn!(%txn_id, error = %e, "cannot read the log of a fenced transaction; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
-            }
-            Err(_) => return false,
-        }
+    let Some(last) = txn::last_record(shared, &shared.subjects.events(txn_id)).await else {
+        return false;
     };
     match serde_json::from_slice::<TransactionEvent>(&last.payload) {
         Ok(ev) if ev.state.is_terminal() => {

@@ -398,42 +398,23 @@ impl Driver {
     /// id (a retry of a write that had landed), fenced otherwise. Reads the stream leader,
     /// retrying until it answers or the lease is lost.
     async fn settle(&self, subject: &str, msg_id: &str) -> Written {
-        let mut delay = std::time::Duration::from_millis(50);
-        loop {
-            match self
-                .shared
-                .streams
-                .events
-                .get_last_raw_message_by_subject(subject)
-                .await
-            {
-                Ok(last) => {
-                    let id = last
-                        .headers
-                        .get(async_nats::header::NATS_MESSAGE_ID)
-                        .map(|v| v.as_str());
-                    return if id == Some(msg_id) {
-                        Written::Ours(last.sequence)
-                    } else {
-                        tracing::warn!(
-                            expected_last = self.last_seq,
-                            found = last.sequence,
-                            writer = id.unwrap_or("-"),
-                            "another writer's record is in this transaction's log; this coordinator stops driving it"
-                        );
-                        Written::Fenced
-                    };
-                }
-                Err(e) => {
-                    if !self.shared.lease.is_held() {
-                        return Written::LeaseLost;
-                    }
-                    tracing::warn!(error = %e, "cannot read the log to settle a refused write; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(std::time::Duration::from_secs(2));
-                }
-            }
+        let Some(last) = last_record(&self.shared, subject).await else {
+            return Written::LeaseLost;
+        };
+        let id = last
+            .headers
+            .get(async_nats::header::NATS_MESSAGE_ID)
+            .map(|v| v.as_str());
+        if id == Some(msg_id) {
+            return Written::Ours(last.sequence);
         }
+        tracing::warn!(
+            expected_last = self.last_seq,
+            found = last.sequence,
+            writer = id.unwrap_or("-"),
+            "another writer's record is in this transaction's log; this coordinator stops driving it"
+        );
+        Written::Fenced
     }
 
     async fn persist(&mut self, msg_id: &str, event: &TransactionEvent) -> Result<(), Stop> {
@@ -522,6 +503,31 @@ impl Driver {
         {
             eprintln!("FAILPOINT after-decision txn_id={}", self.txn_id);
             std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// The last record on `subject`, read from the stream leader, retrying until it answers;
+/// `None` once this coordinator no longer holds the lease.
+pub(crate) async fn last_record(
+    shared: &Shared,
+    subject: &str,
+) -> Option<async_nats::jetstream::message::StreamMessage> {
+    let mut delay = std::time::Duration::from_millis(50);
+    loop {
+        match shared
+            .streams
+            .events
+            .get_last_raw_message_by_subject(subject)
+            .await
+        {
+            Ok(last) => return Some(last),
+            Err(_) if !shared.lease.is_held() => return None,
+            Err(e) => {
+                tracing::warn!(%subject, error = %e, "cannot read the log's last record; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(2));
+            }
         }
     }
 }
