@@ -27,6 +27,10 @@ pub struct Args {
     /// `stream_replicas` come from it.
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// The service name (its command subjects, durable consumer and branch records); the
+    /// binary's own name when not given. Several instances of one service share it.
+    #[arg(long)]
+    pub service: Option<String>,
     /// Subject prefix of the coordinator.
     #[arg(long, env = "TXCOORD_SUBJECT_PREFIX", default_value = "txn")]
     pub prefix: String,
@@ -112,6 +116,8 @@ where
 {
     txcoord::init_logging();
     let args = Args::parse();
+    let service = args.service.clone().unwrap_or_else(|| service.to_string());
+    let service = service.as_str();
     match run(service, args, seed, make).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

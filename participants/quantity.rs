@@ -248,20 +248,11 @@ where
         }
     }
 
-    fn key_of(
-        &self,
-        txn: &txcoord::participant::TxnContext,
-    ) -> Result<String, txcoord::participant::ServiceError> {
+    fn key_of(&self, txn: &txcoord::participant::TxnContext) -> Option<String> {
         txn.payload
             .get(self.key_field)
             .and_then(serde_json::Value::as_str)
             .map(str::to_owned)
-            .ok_or_else(|| {
-                txcoord::participant::ServiceError(format!(
-                    "branch {}.{} has no {} in its payload",
-                    txn.txn_id, txn.step, self.key_field
-                ))
-            })
     }
 
     async fn change(
@@ -269,7 +260,11 @@ where
         txn: &txcoord::participant::TxnContext,
         f: impl Fn(Option<&T>, &str) -> (Change<T>, ()),
     ) -> Result<(), txcoord::participant::ServiceError> {
-        let key = self.key_of(txn)?;
+        // Commit only follows a recorded ready vote, whose payload had the key. An abort or
+        // compensate may come for a branch that never ran: without a key it holds nothing.
+        let Some(key) = self.key_of(txn) else {
+            return Ok(());
+        };
         let branch = crate::common::hold_key(txn);
         self.table
             .update(&key, |cur| f(cur, &branch))

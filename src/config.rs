@@ -11,8 +11,9 @@ use serde::{Deserialize, Serialize};
 use crate::engine::EngineConfig;
 use crate::proto::{RequestLimits, Subjects};
 
-/// `TXCOORD_*` variables that are not configuration keys: the log filter and the test hook.
-pub const RESERVED_ENV: &[&str] = &["TXCOORD_LOG", "TXCOORD_FAILPOINT"];
+/// `TXCOORD_*` variables that are not configuration keys: the log filter, the test hook, and
+/// the Python the fault suite and tests use.
+pub const RESERVED_ENV: &[&str] = &["TXCOORD_LOG", "TXCOORD_FAILPOINT", "TXCOORD_PYTHON"];
 
 /// Splits `TXCOORD_*` variables into the ones that name configuration keys (`TXCOORD_NATS_URL`,
 /// `TXCOORD_NATS__TOKEN`, ...) and the names of the others. The `TXCOORD_` namespace is shared

@@ -13,6 +13,7 @@ use txcoord::config::Config;
 use txcoord::proto::TxnState;
 
 mod bench;
+mod chaos;
 mod demo;
 mod procs;
 
@@ -71,6 +72,10 @@ enum Cmd {
     /// Benchmark: a closed loop of clients against a coordinator (started here with no-op
     /// participants unless --nats-url is given), with the raw JetStream ceiling.
     Bench(bench::BenchArgs),
+    /// The fault suite: bank transfers across SDK and raw-protocol participants while
+    /// coordinators, banks and nats-server are killed and connections cut or delayed; then
+    /// one line per check. Exit 0 if every check passed, 1 if any did not.
+    Chaos(chaos::ChaosArgs),
     /// Run the built-in scripted participant (each step's payload says how it votes).
     Participant {
         /// The service name to serve.
@@ -153,6 +158,8 @@ fn main() -> ExitCode {
     // across threads for each (BENCHMARKS.md measures the difference).
     let threads = match cli.command {
         Cmd::Serve { .. } => cfg.worker_threads,
+        // The fault injector and the workload must not stall each other.
+        Cmd::Chaos(_) => 2,
         _ => 1,
     };
     let runtime = if threads <= 1 {
@@ -189,6 +196,14 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<ExitCode> {
         }
         Cmd::Demo(args) => {
             let ok = demo::run(args, cli.nats_url).await?;
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Cmd::Chaos(args) => {
+            let ok = chaos::run(args).await?;
             Ok(if ok {
                 ExitCode::SUCCESS
             } else {

@@ -5,16 +5,18 @@
 //! - the vote is durable before the reply is sent;
 //! - a redelivered prepare returns the stored vote without calling `prepare` again; commit
 //!   after commit and abort after abort are no-ops;
-//! - an abort for a branch never prepared is recorded, so a late prepare votes abort
-//!   without calling the service;
+//! - an abort for a branch with no recorded vote is passed to the service (a prepare may
+//!   have held resources and crashed before its vote was stored) and then recorded, so a
+//!   late prepare votes abort without calling the service;
 //! - after a crash, the service's durable consumer replays what it missed and every
 //!   in-doubt branch gets its decision (the coordinator resends it until confirmed).
 //!
 //! For sagas the same record is the barrier:
 //!
 //! - a repeated execute or compensate answers the first result without calling the service;
-//! - a compensate with no execute recorded is a null compensation: recorded, answered `done`,
-//!   the service not called;
+//! - a compensate with no execute recorded is a null compensation: the service's
+//!   `compensate` runs (an execute may have applied and crashed before it was stored, and
+//!   must do nothing if nothing was applied), then it is recorded and answered `done`;
 //! - an execute after its compensate is refused (`failed`, not retryable) without calling the
 //!   service (hanging prevention); if the compensate overtook an execute already running,
 //!   the SDK undoes that execute's effect when it returns.
@@ -123,7 +125,10 @@ pub trait Participant: Send + Sync + 'static {
     fn commit(&self, _txn: &TxnContext) -> impl Future<Output = Result<(), ServiceError>> + Send {
         async { Ok(()) }
     }
-    /// 2PC: releases what prepare held.
+    /// 2PC: releases what prepare held. Also called for a branch with no recorded vote (the
+    /// abort came first, or a prepare applied its effect and its process died before the
+    /// vote was stored): release whatever this branch holds, and do nothing if it holds
+    /// nothing.
     fn abort(&self, _txn: &TxnContext) -> impl Future<Output = Result<(), ServiceError>> + Send {
         async { Ok(()) }
     }
@@ -144,8 +149,11 @@ pub trait Participant: Send + Sync + 'static {
         }
     }
     /// Saga: undoes an executed step (`txn.action` and `txn.payload` are the original ones,
-    /// `txn.compensate_action` the name the request gave). Only called for a branch whose
-    /// execute succeeded; an error is reported as `failed` and the coordinator retries.
+    /// `txn.compensate_action` the name the request gave). Called for a branch whose execute
+    /// succeeded, and for one with no execute recorded (the compensate came first, or an
+    /// execute applied its effect and its process died before it was stored): undo whatever
+    /// this branch did, and do nothing if it did nothing. An error is reported as `failed`
+    /// and the coordinator retries.
     fn compensate(
         &self,
         _txn: &TxnContext,
@@ -206,7 +214,10 @@ pub struct Options {
     pub prefix: String,
     /// Commands handled at once.
     pub max_concurrent: usize,
-    /// How long a command may run before JetStream redelivers it.
+    /// How long JetStream waits for a command's ack before it redelivers it. A command being
+    /// handled is kept alive with in-progress acks every third of this, however long the
+    /// service takes; so this only bounds how long a command handed to a process that died
+    /// (or to a pull request it left behind) waits before another instance gets it.
     pub ack_wait: Duration,
     /// Delay before a failed commit/abort is retried.
     pub retry_delay: Duration,
@@ -233,7 +244,7 @@ impl Default for Options {
         Options {
             prefix: "txn".into(),
             max_concurrent: 256,
-            ack_wait: Duration::from_secs(30),
+            ack_wait: Duration::from_secs(5),
             retry_delay: Duration::from_millis(500),
             replicas: 1,
             ack_timeout: Duration::from_secs(1),
@@ -311,6 +322,10 @@ struct Ctx<P> {
     /// Commands refused because they contradict their branch's state (see
     /// [`ApplyError::Violation`]).
     violations: AtomicU64,
+    /// Test hook (`TXCOORD_FAILPOINT=participant-exit-before-record`): the process exits
+    /// after the service's `prepare` voted ready, or its `execute` succeeded, and before that
+    /// is recorded, as a crash there does.
+    exit_before_record: bool,
 }
 
 /// A prepared branch waiting for its decision.
@@ -416,6 +431,8 @@ pub async fn run<P: Participant>(
         subjects,
         in_doubt: Default::default(),
         violations: AtomicU64::new(0),
+        exit_before_record: std::env::var("TXCOORD_FAILPOINT")
+            .is_ok_and(|v| v == "participant-exit-before-record"),
     });
     if !ctx.options.in_doubt_after.is_zero() {
         tokio::spawn(resolve_in_doubt(ctx.clone()));
@@ -423,7 +440,16 @@ pub async fn run<P: Participant>(
     tracing::info!(service, "participant ready");
     let work = async {
         loop {
-            let mut messages = match consumer.messages().await {
+            // Short pull requests: the server may hand commands to a request this process
+            // left behind when it died, and those wait out the ack wait; requests that
+            // expire soon leave little behind.
+            let mut messages = match consumer
+                .stream()
+                .expires(Duration::from_secs(5))
+                .heartbeat(Duration::from_secs(2))
+                .messages()
+                .await
+            {
                 Ok(m) => m,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot read commands, retrying");
@@ -444,7 +470,7 @@ pub async fn run<P: Participant>(
                 };
                 let ctx = ctx.clone();
                 tokio::spawn(async move {
-                    handle(&ctx, msg).await;
+                    handle_alive(&ctx, &msg).await;
                     drop(permit);
                 });
             }
@@ -458,7 +484,27 @@ pub async fn run<P: Participant>(
     Ok(())
 }
 
-async fn handle<P: Participant>(ctx: &Ctx<P>, msg: jetstream::Message) {
+/// Handles one command, telling JetStream it is in progress every third of the ack wait
+/// (waiting for the branch's turn included), so only a dead process's commands are
+/// redelivered.
+async fn handle_alive<P: Participant>(ctx: &Ctx<P>, msg: &jetstream::Message) {
+    let every = (ctx.options.ack_wait / 3).max(Duration::from_millis(100));
+    let done = handle(ctx, msg);
+    tokio::pin!(done);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            _ = &mut done => return,
+            _ = tick.tick() => {
+                if let Err(e) = msg.ack_with(jetstream::AckKind::Progress).await {
+                    tracing::debug!(error = %e, "in-progress ack failed");
+                }
+            }
+        }
+    }
+}
+
+async fn handle<P: Participant>(ctx: &Ctx<P>, msg: &jetstream::Message) {
     let cmd: ParticipantCommand = match serde_json::from_slice(&msg.payload) {
         Ok(c) => c,
         Err(e) => {
@@ -917,6 +963,12 @@ fn record(
     }
 }
 
+/// The `participant-exit-before-record` failpoint.
+fn exit_before_record(key: &str) -> ! {
+    tracing::error!(%key, "failpoint participant-exit-before-record: exiting before the result is recorded");
+    std::process::exit(101)
+}
+
 async fn apply<P: Participant>(
     ctx: &Ctx<P>,
     cmd: &ParticipantCommand,
@@ -939,6 +991,9 @@ async fn apply<P: Participant>(
             (CommandKind::Prepare, Some((rec, _))) => return Ok(vote_of(&rec)),
             (CommandKind::Prepare, None) => {
                 let (state, reason) = if cmd.deadline_ms != 0 && now_ms() > cmd.deadline_ms {
+                    // Too late to vote ready. An earlier delivery of this prepare may have held
+                    // resources and died before recording its vote: release them first.
+                    ctx.participant.abort(&txn).await?;
                     (
                         BranchState::VotedAbort,
                         Some("prepare arrived after its deadline".to_string()),
@@ -954,6 +1009,9 @@ async fn apply<P: Participant>(
                         Vote::Abort(r) => (BranchState::VotedAbort, Some(r)),
                     }
                 };
+                if ctx.exit_before_record && state == BranchState::Prepared {
+                    exit_before_record(&key);
+                }
                 let rec = record(state, &cmd.action, &cmd.payload, reason);
                 if store(&ctx.store, &key, &rec, None).await? {
                     return Ok(vote_of(&rec));
@@ -1020,6 +1078,14 @@ async fn apply<P: Participant>(
                 }
             }
             (CommandKind::Abort, None) => {
+                // No vote is recorded, but a prepare may have run and held resources before
+                // its process died, short of recording the vote: the service is asked to
+                // abort (for it, a branch it holds nothing for is a no-op) before the record
+                // says so, so a crash in between repeats the call. Coordinators before this
+                // one sent aborts without the payload; the service could not find the branch.
+                if !cmd.payload.is_null() {
+                    ctx.participant.abort(&txn).await?;
+                }
                 let rec = record(
                     BranchState::AbortedBeforePrepare,
                     &cmd.action,
@@ -1050,6 +1116,9 @@ async fn apply<P: Participant>(
                         retryable: false,
                     } => (BranchState::ExecuteFailed, Some(reason)),
                 };
+                if ctx.exit_before_record && state == BranchState::Executed {
+                    exit_before_record(&key);
+                }
                 let rec = record(state, &cmd.action, &cmd.payload, reason);
                 if store(&ctx.store, &key, &rec, None).await? {
                     return Ok(execute_result_of(&rec));
@@ -1082,8 +1151,14 @@ async fn apply<P: Participant>(
                 }
                 _ => return Ok(Answer::of(ReplyOutcome::Done)),
             },
-            // Null compensation: nothing executed here; remember it so a late execute is refused.
+            // Null compensation: no execute is recorded; remember it so a late execute is
+            // refused. An execute may still have applied its effect before its process died,
+            // short of recording it: the service is asked to compensate (for it, a step it
+            // holds nothing for is a no-op) before the record is written.
             (CommandKind::Compensate, None) => {
+                if let Err(e) = ctx.participant.compensate(&txn).await {
+                    return Ok(Answer::failed(e.0, true));
+                }
                 let rec = record(
                     BranchState::CompensatedBeforeExecute,
                     &cmd.action,

@@ -12,19 +12,43 @@ pub struct Proc {
     pub name: String,
     child: Option<Child>,
     cmd: Vec<String>,
+    envs: Vec<(String, String)>,
     pub log: PathBuf,
 }
 
 impl Proc {
     pub fn spawn(name: &str, cmd: Vec<String>, log: PathBuf) -> anyhow::Result<Proc> {
+        Self::spawn_env(name, cmd, Vec::new(), log)
+    }
+
+    /// As [`Proc::spawn`], with extra environment variables (kept for restarts).
+    pub fn spawn_env(
+        name: &str,
+        cmd: Vec<String>,
+        envs: Vec<(String, String)>,
+        log: PathBuf,
+    ) -> anyhow::Result<Proc> {
         let mut p = Proc {
             name: name.to_string(),
             child: None,
             cmd,
+            envs,
             log,
         };
         p.start()?;
         Ok(p)
+    }
+
+    /// The running child's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether the child was started and has exited on its own (reaped here).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        Some(status)
     }
 
     pub fn start(&mut self) -> anyhow::Result<()> {
@@ -35,6 +59,7 @@ impl Proc {
         let err = out.try_clone()?;
         let child = Command::new(&self.cmd[0])
             .args(&self.cmd[1..])
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)

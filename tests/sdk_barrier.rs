@@ -183,8 +183,8 @@ async fn compensate_before_execute_is_a_null_compensation() {
     );
     assert_eq!(
         h.calls(),
-        (0, 0),
-        "nothing executed, so the service is not asked to undo"
+        (0, 1),
+        "no execute is recorded, but one may have applied and crashed before its record: the service is asked to undo (and finds nothing)"
     );
     assert_eq!(
         h.record("t3").await,
@@ -206,8 +206,8 @@ async fn execute_after_compensate_is_refused() {
     );
     assert_eq!(
         h.calls(),
-        (0, 0),
-        "the service never runs a step whose compensation came first"
+        (0, 1),
+        "the service never runs a step whose compensation came first (the one call is that compensation)"
     );
 }
 

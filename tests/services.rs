@@ -1,7 +1,8 @@
 //! The example services (inventory, payment, order) as real processes with the real
 //! coordinator: commit and abort paths, a service SIGKILLed after voting, concurrent orders
-//! on one SKU with two inventory instances, optimistic concurrency, and the whole demo with
-//! the coordinator killed mid-run.
+//! on one SKU with two inventory instances, optimistic concurrency, a service that dies
+//! between applying a prepare (or a saga step) and recording it, and the whole demo with the
+//! coordinator killed mid-run.
 
 mod common;
 
@@ -9,6 +10,7 @@ use std::time::Duration;
 
 use common::System;
 use serde_json::{Value, json};
+use txcoord::participant::BranchState;
 use txcoord::proto::{Reason, TxnState};
 
 async fn shop() -> System {
@@ -183,6 +185,81 @@ async fn a_service_killed_after_voting_completes_the_transaction_after_restart()
         .await
         .unwrap();
     assert_eq!((n(&apple, "available"), n(&apple, "sold")), (6, 4));
+}
+
+/// Inventory holds (or, as a saga step, takes) 4 apples and dies before the SDK records it.
+/// The coordinator times out and aborts (compensates); inventory comes back without the
+/// failpoint. The apples must come back.
+/// Whichever reaches the restarted service first, the redelivered prepare (too late now) or
+/// the abort, must release the hold; `ends` are the branch states either order leaves.
+async fn died_before_recording(mode: &str, outcome: TxnState, ends: [BranchState; 2]) {
+    let mut sys = System::start(&["b"], &[]).await;
+    sys.spawn_service_env(
+        "inventory",
+        "inventory",
+        &["--seed", "apple=10"],
+        &[("TXCOORD_FAILPOINT", "participant-exit-before-record")],
+    )
+    .await;
+    let id = format!("died-{mode}");
+    let compensate = if mode == "saga" {
+        json!("restock")
+    } else {
+        Value::Null
+    };
+    let req = json!({"txn_id": id, "mode": mode, "timeout_ms": 1000, "steps": [
+        {"service": "inventory", "action": "reserve", "payload": {"sku": "apple", "qty": 4}, "compensate": compensate},
+        {"service": "b", "action": "act", "payload": {}},
+    ]});
+    sys.submit(&req, &id).await;
+    let status = sys
+        .participant("inventory")
+        .wait_exit(Duration::from_secs(30))
+        .await;
+    assert_eq!(status.code(), Some(101), "the failpoint fired");
+    let apple = sys.record("inventory_data", "apple").await.unwrap();
+    assert_eq!(n(&apple, "available"), 6, "the effect was applied: {apple}");
+    // The decision (2PC) or the compensation (saga) is on its way to the dead process.
+    sys.wait_state(&id, |e| {
+        matches!(e.state, TxnState::Aborting | TxnState::Compensating)
+    })
+    .await;
+    sys.participant("inventory").restart_with(&[]);
+    let ev = sys.wait_state(&id, |e| e.state.is_terminal()).await;
+    assert_eq!(ev.state, outcome, "{ev:?}");
+    let apple = sys
+        .wait_record("inventory_data", "apple", |r| {
+            r.is_some_and(|r| n(r, "available") == 10)
+        })
+        .await
+        .unwrap();
+    assert!(no_holds(Some(&apple)), "{apple}");
+    assert_eq!(n(&apple, "sold"), 0, "{apple}");
+    let rec = sys.branch("inventory", &id, 0).await.map(|r| r.state);
+    assert!(rec.is_some_and(|s| ends.contains(&s)), "{rec:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prepare_that_died_before_its_vote_was_recorded_is_released_by_the_abort() {
+    died_before_recording(
+        "2pc",
+        TxnState::Aborted,
+        [BranchState::VotedAbort, BranchState::AbortedBeforePrepare],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saga_step_that_died_before_it_was_recorded_is_undone_by_its_compensation() {
+    died_before_recording(
+        "saga",
+        TxnState::Compensated,
+        [
+            BranchState::Compensated,
+            BranchState::CompensatedBeforeExecute,
+        ],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -170,7 +170,10 @@ impl Participant for Orders {
     }
 
     async fn compensate(&self, txn: &TxnContext) -> Result<(), ServiceError> {
-        let id = order_id(txn)?;
+        // Without an order id this branch cannot have created anything: nothing to undo.
+        let Ok(id) = order_id(txn) else {
+            return Ok(());
+        };
         let branch = common::hold_key(txn);
         self.orders
             .update(&id, |cur| match cur {
@@ -182,7 +185,10 @@ impl Participant for Orders {
     }
 
     async fn abort(&self, txn: &TxnContext) -> Result<(), ServiceError> {
-        let id = order_id(txn)?;
+        // Without an order id this branch cannot have created anything: nothing to undo.
+        let Ok(id) = order_id(txn) else {
+            return Ok(());
+        };
         let branch = common::hold_key(txn);
         self.orders
             .update(&id, |cur| match cur {

@@ -174,7 +174,7 @@ async def main():
         durable_name=args.service,
         filter_subject=f"{args.prefix}.cmd.{args.service}.>",
         ack_policy=api.AckPolicy.EXPLICIT,
-        ack_wait=30,
+        ack_wait=5,  # short: a command handed to a process that died waits this long (rule 1)
         deliver_policy=api.DeliverPolicy.ALL,
     )
     sub = await js.pull_subscribe(config.filter_subject, durable=args.service, stream=stream, config=config)

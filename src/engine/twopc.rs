@@ -644,8 +644,12 @@ impl TwoPc {
 
     fn command(&self, step: usize, kind: CommandKind) -> ParticipantCommand {
         let b = &self.branches[step];
+        // An abort carries the payload too: a participant whose prepare applied its effect
+        // and crashed before recording the vote has only the command to find the branch by.
+        // A commit needs none: it only follows a recorded ready vote, which has it.
         let (payload, attempt, deadline_ms) = match kind {
             CommandKind::Prepare => (b.payload.clone(), b.prepare_attempt, self.deadline_ms),
+            CommandKind::Abort => (b.payload.clone(), b.decision_attempt, 0),
             _ => (Value::Null, b.decision_attempt, 0),
         };
         ParticipantCommand {

@@ -241,16 +241,28 @@ impl System {
     /// Starts one of the example services (`inventory`, `payment`, `order`) as `name`, with
     /// extra arguments, and waits until it is ready.
     pub async fn spawn_service(&mut self, name: &str, service: &str, args: &[&str]) {
+        self.spawn_service_env(name, service, args, &[]).await
+    }
+
+    /// As [`System::spawn_service`], with environment variables (a failpoint).
+    pub async fn spawn_service_env(
+        &mut self,
+        name: &str,
+        service: &str,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) {
         let bin = match service {
             "inventory" => env!("CARGO_BIN_EXE_txcoord-inventory"),
             "payment" => env!("CARGO_BIN_EXE_txcoord-payment"),
             "order" => env!("CARGO_BIN_EXE_txcoord-order"),
+            "bank" => env!("CARGO_BIN_EXE_txcoord-bank"),
             other => panic!("no service {other}"),
         };
         let url = self.nats.url();
         let mut all = vec!["--nats-url", url.as_str()];
         all.extend_from_slice(args);
-        let p = Proc::spawn_bin(bin, self.dir.path(), name, &all, &[]);
+        let p = Proc::spawn_bin(bin, self.dir.path(), name, &all, envs);
         p.wait_for("participant ready", Duration::from_secs(30))
             .await;
         self.participants.push((name.to_string(), p));

@@ -1,0 +1,640 @@
+//! The end checks of `txcoord chaos`, as pure functions over what the run collected: the
+//! transfers it asked for, every record of the coordinator's log, the commands it saw on the
+//! bus, and what each bank holds at the end. Each check gives one line of the report.
+
+use std::collections::{BTreeMap, HashMap};
+
+use txcoord::proto::{CommandKind, TxnState};
+
+/// One transfer: a debit (step 0) at one bank, a credit (step 1) at another (or the same).
+#[derive(Debug, Clone)]
+pub struct Transfer {
+    /// The transaction id.
+    pub id: String,
+    /// (bank, account) debited.
+    pub from: (String, String),
+    /// (bank, account) credited.
+    pub to: (String, String),
+    /// How much.
+    pub amount: u64,
+}
+
+/// One record of the log, in log order.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// Its state.
+    pub state: TxnState,
+    /// When the coordinator made it, Unix milliseconds.
+    pub at_ms: u64,
+}
+
+/// One command seen on `<prefix>.cmd.>`.
+#[derive(Debug, Clone)]
+pub struct Command {
+    /// The transaction.
+    pub txn_id: String,
+    /// The service it was sent to.
+    pub service: String,
+    /// The branch's step.
+    pub step: usize,
+    /// What it asked.
+    pub kind: CommandKind,
+}
+
+/// Where a bank's branch ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Branch {
+    /// Voted ready, no decision applied.
+    Prepared,
+    /// Committed: the money moved.
+    Committed,
+    /// Aborted, refused, or aborted before any prepare: nothing moved.
+    NotApplied,
+}
+
+/// One account at the end.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+pub struct Account {
+    /// Spendable money.
+    pub balance: u64,
+    /// Held by prepared debits.
+    pub held: u64,
+    /// Waiting in prepared credits.
+    pub incoming: u64,
+}
+
+/// One bank at the end.
+#[derive(Debug, Clone, Default)]
+pub struct Bank {
+    /// Accounts by name.
+    pub accounts: BTreeMap<String, Account>,
+    /// Branches by `<txn_id>.<step>`.
+    pub branches: HashMap<String, Branch>,
+    /// Protocol violations it logged.
+    pub violations: usize,
+}
+
+/// Everything the checks look at.
+pub struct Evidence<'a> {
+    /// The transfers asked for.
+    pub transfers: &'a [Transfer],
+    /// Every record of the log, by transaction, in log order.
+    pub log: &'a HashMap<String, Vec<Record>>,
+    /// Every command seen.
+    pub commands: &'a [Command],
+    /// Each bank's end state, by service.
+    pub banks: &'a BTreeMap<String, Bank>,
+    /// Each account's balance before the run, by (bank, account).
+    pub initial: &'a BTreeMap<(String, String), u64>,
+    /// When the last fault ended, Unix milliseconds.
+    pub last_fault_ms: u64,
+}
+
+/// One line of the report.
+#[derive(Debug, Clone)]
+pub struct Line {
+    /// Short name.
+    pub name: &'static str,
+    /// Passed.
+    pub ok: bool,
+    /// What was found.
+    pub detail: String,
+}
+
+fn line(name: &'static str, problems: &[String], fine: String) -> Line {
+    if problems.is_empty() {
+        return Line {
+            name,
+            ok: true,
+            detail: fine,
+        };
+    }
+    let mut detail = format!("{} problem(s): ", problems.len());
+    detail.push_str(
+        &problems
+            .iter()
+            .take(5)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("; "),
+    );
+    if problems.len() > 5 {
+        detail.push_str("; ...");
+    }
+    Line {
+        name,
+        ok: false,
+        detail,
+    }
+}
+
+/// The outcome a transaction's log ends with: committed (true), aborted (false), or none.
+pub fn outcome(records: Option<&Vec<Record>>) -> Option<bool> {
+    match records?.last()?.state {
+        TxnState::Committed => Some(true),
+        TxnState::Aborted | TxnState::Rejected => Some(false),
+        _ => None,
+    }
+}
+
+/// Runs every correctness check, in report order.
+pub fn all(e: &Evidence<'_>) -> Vec<Line> {
+    vec![
+        terminal(e),
+        atomicity(e),
+        money(e),
+        nothing_held(e),
+        one_outcome(e),
+        no_contradiction(e),
+    ]
+}
+
+fn terminal(e: &Evidence<'_>) -> Line {
+    let (mut committed, mut aborted) = (0, 0);
+    let mut problems = Vec::new();
+    for t in e.transfers {
+        match outcome(e.log.get(&t.id)) {
+            Some(true) => committed += 1,
+            Some(false) => aborted += 1,
+            None => problems.push(format!(
+                "{} ended {}",
+                t.id,
+                e.log
+                    .get(&t.id)
+                    .and_then(|r| r.last())
+                    .map(|r| format!("{:?}", r.state))
+                    .unwrap_or_else(|| "with no record".into())
+            )),
+        }
+    }
+    line(
+        "every transfer terminal",
+        &problems,
+        format!(
+            "{} of {} ({committed} committed, {aborted} aborted)",
+            committed + aborted,
+            e.transfers.len()
+        ),
+    )
+}
+
+fn branch(e: &Evidence<'_>, bank: &str, txn: &str, step: usize) -> Option<Branch> {
+    e.banks
+        .get(bank)?
+        .branches
+        .get(&format!("{txn}.{step}"))
+        .copied()
+}
+
+fn atomicity(e: &Evidence<'_>) -> Line {
+    let mut problems = Vec::new();
+    let mut checked = 0;
+    for t in e.transfers {
+        let Some(committed) = outcome(e.log.get(&t.id)) else {
+            continue;
+        };
+        checked += 1;
+        for (step, (bank, _)) in [(0, &t.from), (1, &t.to)] {
+            let b = branch(e, bank, &t.id, step);
+            let fine = if committed {
+                b == Some(Branch::Committed)
+            } else {
+                b != Some(Branch::Committed)
+            };
+            if !fine {
+                problems.push(format!(
+                    "{} {} but its branch {step} at {bank} is {b:?}",
+                    t.id,
+                    if committed { "committed" } else { "aborted" }
+                ));
+            }
+        }
+    }
+    line(
+        "atomicity, branch by branch",
+        &problems,
+        format!("{checked} transfers, both branches match the outcome"),
+    )
+}
+
+fn money(e: &Evidence<'_>) -> Line {
+    let mut want: BTreeMap<(String, String), i128> = e
+        .initial
+        .iter()
+        .map(|(k, v)| (k.clone(), i128::from(*v)))
+        .collect();
+    for t in e.transfers {
+        if outcome(e.log.get(&t.id)) == Some(true) {
+            *want.entry(t.from.clone()).or_default() -= i128::from(t.amount);
+            *want.entry(t.to.clone()).or_default() += i128::from(t.amount);
+        }
+    }
+    let mut problems = Vec::new();
+    let (mut total_now, mut total_before) = (0i128, 0i128);
+    for ((bank, acct), w) in &want {
+        let have = e
+            .banks
+            .get(bank)
+            .and_then(|b| b.accounts.get(acct))
+            // A pending credit is not money yet; a held debit still is.
+            .map(|a| i128::from(a.balance + a.held));
+        total_before += e
+            .initial
+            .get(&(bank.clone(), acct.clone()))
+            .copied()
+            .map(i128::from)
+            .unwrap_or(0);
+        match have {
+            Some(h) => {
+                total_now += h;
+                if h != *w {
+                    problems.push(format!(
+                        "{bank}/{acct} has {h}, the committed transfers leave {w}"
+                    ));
+                }
+            }
+            None => problems.push(format!("{bank}/{acct} is missing")),
+        }
+    }
+    if total_now != total_before {
+        problems.insert(
+            0,
+            format!("{total_now} in all, {total_before} at the start"),
+        );
+    }
+    line(
+        "money conserved exactly",
+        &problems,
+        format!(
+            "{total_now} in all, as at the start; every account as the committed transfers leave it"
+        ),
+    )
+}
+
+fn nothing_held(e: &Evidence<'_>) -> Line {
+    let mut problems = Vec::new();
+    for (bank, b) in e.banks {
+        for (name, a) in &b.accounts {
+            if a.held > 0 || a.incoming > 0 {
+                problems.push(format!(
+                    "{bank}/{name} holds {} out, {} in",
+                    a.held, a.incoming
+                ));
+            }
+        }
+        let prepared = b
+            .branches
+            .values()
+            .filter(|s| **s == Branch::Prepared)
+            .count();
+        if prepared > 0 {
+            problems.push(format!("{bank} has {prepared} branches still prepared"));
+        }
+    }
+    line(
+        "nothing left held",
+        &problems,
+        "no hold, no pending credit, no prepared branch".into(),
+    )
+}
+
+fn one_outcome(e: &Evidence<'_>) -> Line {
+    let mut problems = Vec::new();
+    let mut records = 0;
+    for (id, log) in e.log {
+        records += log.len();
+        let terminals: Vec<usize> = log
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.state.is_terminal())
+            .map(|(i, _)| i)
+            .collect();
+        if terminals.len() > 1 {
+            problems.push(format!("{id} has {} terminal records", terminals.len()));
+        }
+        if let Some(first) = terminals.first()
+            && *first + 1 != log.len()
+        {
+            problems.push(format!(
+                "{id}: {} record(s) after its terminal record ({:?}), the next {:?}",
+                log.len() - first - 1,
+                log[*first].state,
+                log[first + 1].state
+            ));
+        }
+        let decisions: Vec<TxnState> = log
+            .iter()
+            .map(|r| r.state)
+            .filter(|s| {
+                matches!(
+                    s,
+                    TxnState::Committing
+                        | TxnState::Committed
+                        | TxnState::Aborting
+                        | TxnState::Aborted
+                )
+            })
+            .collect();
+        let commits = decisions
+            .iter()
+            .any(|s| matches!(s, TxnState::Committing | TxnState::Committed));
+        let aborts = decisions
+            .iter()
+            .any(|s| matches!(s, TxnState::Aborting | TxnState::Aborted));
+        if commits && aborts {
+            problems.push(format!("{id} was decided both ways: {decisions:?}"));
+        }
+    }
+    line(
+        "one outcome per txn_id, no record after a terminal record",
+        &problems,
+        format!("{} transactions, {records} records", e.log.len()),
+    )
+}
+
+fn no_contradiction(e: &Evidence<'_>) -> Line {
+    let mut problems = Vec::new();
+    for c in e.commands {
+        let Some(committed) = outcome(e.log.get(&c.txn_id)) else {
+            continue;
+        };
+        let contradicts = match c.kind {
+            CommandKind::Commit => !committed,
+            CommandKind::Abort => committed,
+            _ => false,
+        };
+        if contradicts {
+            problems.push(format!(
+                "{:?} sent to {} for {} step {}, which {}",
+                c.kind,
+                c.service,
+                c.txn_id,
+                c.step,
+                if committed { "committed" } else { "aborted" }
+            ));
+        }
+    }
+    for (bank, b) in e.banks {
+        if b.violations > 0 {
+            problems.push(format!(
+                "{bank} refused {} command(s) as protocol violations",
+                b.violations
+            ));
+        }
+    }
+    line(
+        "no command contradicts a branch's outcome",
+        &problems,
+        format!(
+            "{} commands seen, none contradicting; no participant saw a protocol violation",
+            e.commands.len()
+        ),
+    )
+}
+
+/// The time from the end of the last fault to the last terminal record, in milliseconds
+/// (0 if everything ended before the last fault did).
+pub fn recovery_ms(e: &Evidence<'_>) -> u64 {
+    let last_terminal = e
+        .transfers
+        .iter()
+        .filter_map(|t| e.log.get(&t.id)?.last())
+        .filter(|r| r.state.is_terminal())
+        .map(|r| r.at_ms)
+        .max()
+        .unwrap_or(0);
+    last_terminal.saturating_sub(e.last_fault_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(state: TxnState) -> Record {
+        Record { state, at_ms: 0 }
+    }
+
+    struct World {
+        transfers: Vec<Transfer>,
+        log: HashMap<String, Vec<Record>>,
+        commands: Vec<Command>,
+        banks: BTreeMap<String, Bank>,
+        initial: BTreeMap<(String, String), u64>,
+    }
+
+    impl World {
+        /// Two accounts with 100 each; t1 moves 30 from a/x to b/y and committed; t2 tried
+        /// 500 and aborted. Every check passes on it.
+        fn good() -> World {
+            let k = |b: &str, a: &str| (b.to_string(), a.to_string());
+            let transfers = vec![
+                Transfer {
+                    id: "t1".into(),
+                    from: k("a", "x"),
+                    to: k("b", "y"),
+                    amount: 30,
+                },
+                Transfer {
+                    id: "t2".into(),
+                    from: k("b", "y"),
+                    to: k("a", "x"),
+                    amount: 500,
+                },
+            ];
+            let mut log = HashMap::new();
+            log.insert(
+                "t1".into(),
+                vec![
+                    rec(TxnState::Accepted),
+                    rec(TxnState::Preparing),
+                    rec(TxnState::Committing),
+                    rec(TxnState::Committed),
+                ],
+            );
+            log.insert(
+                "t2".into(),
+                vec![
+                    rec(TxnState::Accepted),
+                    rec(TxnState::Preparing),
+                    rec(TxnState::Aborting),
+                    rec(TxnState::Aborted),
+                ],
+            );
+            let cmd = |t: &str, s: &str, step, kind| Command {
+                txn_id: t.into(),
+                service: s.into(),
+                step,
+                kind,
+            };
+            let commands = vec![
+                cmd("t1", "a", 0, CommandKind::Prepare),
+                cmd("t1", "a", 0, CommandKind::Commit),
+                cmd("t1", "b", 1, CommandKind::Commit),
+                cmd("t2", "b", 0, CommandKind::Abort),
+            ];
+            let bank = |acct: &str, balance, branches: &[(&str, Branch)]| Bank {
+                accounts: [(
+                    acct.to_string(),
+                    Account {
+                        balance,
+                        ..Default::default()
+                    },
+                )]
+                .into(),
+                branches: branches.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+                violations: 0,
+            };
+            let banks = [
+                (
+                    "a".to_string(),
+                    bank(
+                        "x",
+                        70,
+                        &[("t1.0", Branch::Committed), ("t2.1", Branch::NotApplied)],
+                    ),
+                ),
+                (
+                    "b".to_string(),
+                    bank(
+                        "y",
+                        130,
+                        &[("t1.1", Branch::Committed), ("t2.0", Branch::NotApplied)],
+                    ),
+                ),
+            ]
+            .into();
+            let initial = [(k("a", "x"), 100), (k("b", "y"), 100)].into();
+            World {
+                transfers,
+                log,
+                commands,
+                banks,
+                initial,
+            }
+        }
+
+        fn check(&self) -> Vec<Line> {
+            all(&Evidence {
+                transfers: &self.transfers,
+                log: &self.log,
+                commands: &self.commands,
+                banks: &self.banks,
+                initial: &self.initial,
+                last_fault_ms: 0,
+            })
+        }
+
+        fn failing(&self) -> Vec<&'static str> {
+            self.check()
+                .into_iter()
+                .filter(|l| !l.ok)
+                .map(|l| l.name)
+                .collect()
+        }
+    }
+
+    #[test]
+    fn a_clean_run_passes_every_check() {
+        let w = World::good();
+        let lines = w.check();
+        assert!(lines.iter().all(|l| l.ok), "{lines:?}");
+        assert_eq!(lines.len(), 6);
+    }
+
+    #[test]
+    fn a_record_after_the_terminal_one_is_caught() {
+        let mut w = World::good();
+        w.log.get_mut("t1").unwrap().push(rec(TxnState::Preparing));
+        // The transfer no longer ends terminal either, so its money is unaccounted for.
+        assert_eq!(
+            w.failing(),
+            [
+                "every transfer terminal",
+                "money conserved exactly",
+                "one outcome per txn_id, no record after a terminal record"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_transaction_decided_both_ways_is_caught() {
+        let mut w = World::good();
+        w.log
+            .get_mut("t2")
+            .unwrap()
+            .insert(2, rec(TxnState::Committing));
+        assert_eq!(
+            w.failing(),
+            ["one outcome per txn_id, no record after a terminal record"]
+        );
+    }
+
+    #[test]
+    fn an_abort_sent_for_a_committed_branch_is_caught() {
+        let mut w = World::good();
+        w.commands.push(Command {
+            txn_id: "t1".into(),
+            service: "b".into(),
+            step: 1,
+            kind: CommandKind::Abort,
+        });
+        assert_eq!(w.failing(), ["no command contradicts a branch's outcome"]);
+        let mut w = World::good();
+        w.banks.get_mut("a").unwrap().violations = 1;
+        assert_eq!(w.failing(), ["no command contradicts a branch's outcome"]);
+    }
+
+    #[test]
+    fn half_applied_transfers_and_lost_money_are_caught() {
+        // The credit of a committed transfer never applied: money vanished.
+        let mut w = World::good();
+        let b = w.banks.get_mut("b").unwrap();
+        b.branches.insert("t1.1".into(), Branch::NotApplied);
+        b.accounts.get_mut("y").unwrap().balance = 100;
+        assert_eq!(
+            w.failing(),
+            ["atomicity, branch by branch", "money conserved exactly"]
+        );
+        // A debit of an aborted transfer applied.
+        let mut w = World::good();
+        w.banks
+            .get_mut("b")
+            .unwrap()
+            .branches
+            .insert("t2.0".into(), Branch::Committed);
+        assert_eq!(w.failing(), ["atomicity, branch by branch"]);
+    }
+
+    #[test]
+    fn holds_and_prepared_branches_left_behind_are_caught() {
+        let mut w = World::good();
+        let x = w.banks.get_mut("a").unwrap().accounts.get_mut("x").unwrap();
+        x.balance -= 5;
+        x.held = 5;
+        assert_eq!(w.failing(), ["nothing left held"]);
+        let mut w = World::good();
+        w.banks
+            .get_mut("a")
+            .unwrap()
+            .branches
+            .insert("t9.0".into(), Branch::Prepared);
+        assert_eq!(w.failing(), ["nothing left held"]);
+    }
+
+    #[test]
+    fn recovery_time_runs_from_the_last_fault_to_the_last_terminal_record() {
+        let mut w = World::good();
+        w.log.get_mut("t1").unwrap().last_mut().unwrap().at_ms = 9_000;
+        w.log.get_mut("t2").unwrap().last_mut().unwrap().at_ms = 12_500;
+        let e = |last_fault_ms| Evidence {
+            transfers: &w.transfers,
+            log: &w.log,
+            commands: &w.commands,
+            banks: &w.banks,
+            initial: &w.initial,
+            last_fault_ms,
+        };
+        assert_eq!(recovery_ms(&e(10_000)), 2_500);
+        assert_eq!(recovery_ms(&e(20_000)), 0);
+    }
+}

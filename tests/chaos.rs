@@ -1,0 +1,66 @@
+//! The fault suite's short run: a few hundred transfers across two SDK banks and the Python
+//! raw-protocol bank while coordinators, banks and nats-server are killed and connections cut
+//! and delayed. Every correctness check must pass; the time to recover is reported, not
+//! asserted (timing goals belong in RELIABILITY.md's long run).
+
+#[test]
+fn a_short_chaos_run_passes_every_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("run");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_txcoord"))
+        .args([
+            "chaos",
+            "--transfers",
+            "300",
+            "--coordinator-kills",
+            "4",
+            "--participant-kills",
+            "4",
+            "--server-restarts",
+            "2",
+            "--cuts",
+            "3",
+            "--delays",
+            "3",
+            "--settle-secs",
+            "180",
+            "--seed",
+            "11",
+        ])
+        .arg("--data-dir")
+        .arg(&data)
+        .env("TXCOORD_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "chaos failed:\n{stdout}\n{stderr}\nlogs in {}",
+        data.display()
+    );
+    for check in [
+        "check every transfer terminal: ok (300 of 300",
+        "check atomicity, branch by branch: ok",
+        "check money conserved exactly: ok (150000 in all",
+        "check nothing left held: ok",
+        "check one outcome per txn_id, no record after a terminal record: ok",
+        "check no command contradicts a branch's outcome: ok",
+        "check time from the last fault to the last terminal transfer:",
+        "chaos: PASSED",
+    ] {
+        assert!(stdout.contains(check), "no {check:?} in:\n{stdout}");
+    }
+    // Every planned fault happened, and all three banks took part.
+    assert!(
+        stdout.contains("faults: 4 coordinator SIGKILLs")
+            && stdout.contains("4 participant SIGKILLs")
+            && stdout.contains("1 nats-server restarts and 1 SIGKILLs")
+            && stdout.contains("3 connection cuts, 3 delay spells"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("bank-py (Python, raw protocol)"),
+        "{stdout}"
+    );
+}
