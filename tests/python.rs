@@ -116,3 +116,34 @@ async fn the_python_participant_commits_and_aborts_with_the_rust_ones() {
     assert_eq!(ev.state, TxnState::Committed);
     assert_eq!(ev.steps[1].decision_attempt, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_participant_refuses_an_abort_for_a_committed_branch() {
+    let (sys, ledger) = with_ledger().await;
+    let ev = sys
+        .run(request(
+            "py-forged",
+            vec![
+                step("a", json!({})),
+                step("ledger", json!({"line": "kept"})),
+            ],
+        ))
+        .await;
+    assert_eq!(ev.state, TxnState::Committed, "{ev:?}");
+    // Anyone who may publish on the command subject can forge an abort.
+    let forged = json!({
+        "txn_id": "py-forged", "service": "ledger", "step": 1, "kind": "abort",
+        "action": "act", "payload": null, "reply_to": "txn.reply.forged", "attempt": 9,
+        "deadline_ms": 0,
+    });
+    sys.publish_stored(
+        "txn.cmd.ledger.py-forged".into(),
+        serde_json::to_vec(&forged).unwrap(),
+    )
+    .await;
+    ledger
+        .wait_for("PROTOCOL VIOLATION", Duration::from_secs(10))
+        .await;
+    let rec = sys.record("ledger_data", "py-forged.1").await.unwrap();
+    assert_eq!(rec["state"], "committed", "{rec}");
+}

@@ -308,6 +308,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
     let began = Instant::now();
     let settle = Duration::from_secs(args.settle_secs);
     let work = Arc::new(transfers.clone());
+    let latencies = Arc::new(Mutex::new(hdrhistogram::Histogram::<u64>::new(3)?));
     let workers: Vec<_> = (0..args.in_flight)
         .map(|_| {
             let (work, taken, started, thresholds) = (
@@ -316,7 +317,13 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
                 started.clone(),
                 thresholds.clone(),
             );
-            let (js, client, watch, bar) = (js.clone(), client.clone(), watch.clone(), bar.clone());
+            let (js, client, watch, bar, latencies) = (
+                js.clone(),
+                client.clone(),
+                watch.clone(),
+                bar.clone(),
+                latencies.clone(),
+            );
             let subject = subjects.submit();
             tokio::spawn(async move {
                 loop {
@@ -327,7 +334,10 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
                     while started.load(Ordering::SeqCst) < due {
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
-                    transfer(&js, &client, &watch, &subject, t, settle).await;
+                    let sent = Instant::now();
+                    if transfer(&js, &client, &watch, &subject, t, settle).await {
+                        let _ = lock(&latencies).record(sent.elapsed().as_millis() as u64);
+                    }
                     bar.inc(1);
                 }
             })
@@ -385,6 +395,18 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
     let lines = check::all(&evidence);
     let recovery = check::recovery_ms(&evidence);
     report(&args, &banks, &faults, exits, elapsed, &lines, recovery);
+    {
+        let h = lock(&latencies);
+        if !h.is_empty() {
+            let slow = h.count_between(10_001, u64::MAX);
+            println!(
+                "transfer time, sent to terminal (faults included): p50 {} ms, p99 {} ms, max {} ms; {slow} took over 10 s",
+                h.value_at_quantile(0.5),
+                h.value_at_quantile(0.99),
+                h.max()
+            );
+        }
+    }
     match drained {
         Some(at_ms) => println!(
             "holds: every bank had released them {:.2} s after the last fault",
@@ -481,7 +503,7 @@ fn request(t: &Transfer) -> Value {
 }
 
 /// Submits one transfer (retrying through server restarts; the id deduplicates) and waits
-/// for its terminal record.
+/// for its terminal record; false if `settle` ran out first.
 async fn transfer(
     js: &async_nats::jetstream::Context,
     client: &txcoord::client::Client,
@@ -489,7 +511,7 @@ async fn transfer(
     subject: &str,
     t: &Transfer,
     settle: Duration,
-) {
+) -> bool {
     let deadline = tokio::time::Instant::now() + settle;
     let mut done = watch.register(&t.id);
     let body = bytes::Bytes::from(request(t).to_string());
@@ -505,22 +527,22 @@ async fn transfer(
     .is_err()
     {
         if tokio::time::Instant::now() > deadline {
-            return;
+            return false;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     loop {
         tokio::select! {
-            _ = &mut done => return,
+            _ = &mut done => return true,
             _ = tokio::time::sleep(Duration::from_secs(2)) => {
                 // An event missed across a reconnect: the log has it.
                 if client.last_event(&t.id).await.is_some_and(|e| e.state.is_terminal()) {
-                    return;
+                    return true;
                 }
             }
         }
         if tokio::time::Instant::now() > deadline {
-            return;
+            return false;
         }
     }
 }
