@@ -37,6 +37,7 @@ fn reply(step: usize, kind: CommandKind, outcome: ReplyOutcome) -> Event {
         reason: None,
         attempt: 1,
         retryable: None,
+        token: None,
     })
 }
 

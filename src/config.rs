@@ -146,6 +146,14 @@ pub struct Config {
     pub in_doubt_after_ms: u64,
     /// Where to serve Prometheus metrics (`GET /metrics`), as `host:port`; empty: nowhere.
     pub metrics_listen: String,
+    /// Believe participant replies that carry no command token (raw-protocol participants
+    /// written before tokens). Off by default: such a reply can be forged by anyone who may
+    /// publish on the reply subjects.
+    pub accept_untokened_replies: bool,
+    /// The API (`<prefix>.api.*`) answers only to reply subjects that start with one of
+    /// these (client inboxes); any other reply subject, such as one of the coordinator's own
+    /// subjects, is refused.
+    pub api_reply_prefixes: Vec<String>,
     /// Threads of `txcoord serve`'s async runtime. 1 (the default) runs it on one thread:
     /// async-nats sends everything through one connection task, and one thread lets it
     /// gather writes instead of waking across threads for each message, which measured
@@ -183,6 +191,8 @@ impl Default for Config {
             submit_ack_wait_ms: 3_000,
             in_doubt_after_ms: 10_000,
             metrics_listen: String::new(),
+            accept_untokened_replies: false,
+            api_reply_prefixes: vec!["_INBOX".into()],
             worker_threads: 1,
         }
     }
@@ -272,6 +282,14 @@ impl Config {
             ("reply_max_bytes", self.reply_max_bytes),
             ("checkpoint_interval_ms", self.checkpoint_interval_ms),
         ];
+        if self.api_reply_prefixes.is_empty()
+            || self.api_reply_prefixes.iter().any(String::is_empty)
+        {
+            return Err(invalid(
+                "api_reply_prefixes",
+                "must list at least one non-empty subject prefix (client inboxes start with _INBOX)",
+            ));
+        }
         if self.submit_ack_wait_ms < 500 {
             return Err(invalid(
                 "submit_ack_wait_ms",

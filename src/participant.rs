@@ -655,6 +655,7 @@ async fn resolve_one<P: Participant>(ctx: &Ctx<P>, branch: InDoubt) {
         attempt: 0,
         deadline_ms: 0,
         compensate_action: None,
+        token: None,
     };
     let _turn = ctx.branches.lock(&branch_key(&cmd.txn_id, cmd.step)).await;
     match apply(ctx, &cmd).await {
@@ -711,6 +712,7 @@ async fn send_reply<P>(ctx: &Ctx<P>, cmd: &ParticipantCommand, answer: Answer) -
         reason: answer.reason,
         attempt: cmd.attempt,
         retryable: answer.retryable,
+        token: cmd.token.clone(),
     };
     let body = Bytes::from(serde_json::to_vec(&reply).unwrap_or_default());
     // Retry through a NATS blip (a server restart takes a second or two): giving up early

@@ -119,6 +119,10 @@ pub struct ParticipantCommand {
     /// and `payload` are the original step's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compensate_action: Option<String>,
+    /// This command's token: the reply must echo it (and carry it in its `Nats-Msg-Id`).
+    /// Only someone who read the command knows it, so nobody else can answer for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 /// A participant's answer to a command.
@@ -159,19 +163,29 @@ pub struct ParticipantReply {
     /// Sagas, with `failed`: whether trying again may succeed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retryable: Option<bool>,
+    /// The token of the command answered, echoed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 impl ParticipantReply {
-    /// The deterministic `Nats-Msg-Id` of this reply: `<txn_id>.<service>.<step>.<kind>.<attempt>`.
+    /// The deterministic `Nats-Msg-Id` of this reply:
+    /// `<txn_id>.<service>.<step>.<kind>.<attempt>.<token>` (without `.<token>` when the
+    /// command had none).
     pub fn msg_id(&self) -> String {
-        format!(
+        let mut id = format!(
             "{}.{}.{}.{}.{}",
             self.txn_id,
             self.service,
             self.step,
             self.kind.as_str(),
             self.attempt
-        )
+        );
+        if let Some(t) = &self.token {
+            id.push('.');
+            id.push_str(t);
+        }
+        id
     }
 }
 
@@ -723,9 +737,16 @@ impl Subjects {
         format!("{}.cmd.>", self.prefix)
     }
 
-    /// Where participants reply about one transaction.
+    /// Where participants replied about one transaction before replies named their service
+    /// (still accepted; NATS permissions cannot keep services apart on it).
     pub fn reply(&self, txn_id: &str) -> String {
         format!("{}.reply.{txn_id}", self.prefix)
+    }
+
+    /// Where one service replies about one transaction: `<prefix>.reply.<service>.<txn_id>`,
+    /// so a service's permissions can allow its own replies only.
+    pub fn reply_for(&self, service: &str, txn_id: &str) -> String {
+        format!("{}.reply.{service}.{txn_id}", self.prefix)
     }
 
     /// Every reply.
@@ -908,8 +929,14 @@ mod tests {
             reason: None,
             attempt: 3,
             retryable: None,
+            token: None,
         };
         assert_eq!(r.msg_id(), "t.inv.2.commit.3");
+        let tokened = ParticipantReply {
+            token: Some("ab12".into()),
+            ..r
+        };
+        assert_eq!(tokened.msg_id(), "t.inv.2.commit.3.ab12");
     }
 
     #[test]

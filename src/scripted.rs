@@ -4,7 +4,8 @@
 //!
 //! Payload fields, all optional:
 //! - 2PC: `vote` (`ready`, the default, `read_only` or `abort`), `reason` (the abort text),
-//!   `delay_ms` (sleep before voting).
+//!   `reason_repeat` (the reason that many times over: a huge reason, for tests of bounded
+//!   records), `delay_ms` (sleep before voting).
 //! - Sagas: `execute` (`done`, the default; `fail`; `fail_retryable`; `flaky`, which fails
 //!   retryably `fail_times` times and then succeeds), `reason`, `delay_ms` (sleep before
 //!   executing), `compensate_fail_times` (the first N compensations fail),
@@ -79,17 +80,30 @@ impl Participant for Scripted {
         self.delay(payload).await;
         let vote = match payload.get("vote").and_then(Value::as_str) {
             Some("read_only") => Vote::ReadOnly,
-            Some("abort") => Vote::Abort(
-                payload
+            Some("abort") => {
+                let reason = payload
                     .get("reason")
                     .and_then(Value::as_str)
-                    .unwrap_or("scripted abort")
-                    .to_string(),
-            ),
+                    .unwrap_or("scripted abort");
+                let times = payload
+                    .get("reason_repeat")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(1)
+                    .clamp(1, 64 << 20) as usize;
+                Vote::Abort(reason.repeat(times))
+            }
             _ => Vote::Ready,
         };
         if !self.quiet {
-            eprintln!("VOTED {vote:?} txn_id={} step={}", txn.txn_id, txn.step);
+            let mut shown = format!("{vote:?}");
+            if shown.len() > 200 {
+                let mut end = 200;
+                while !shown.is_char_boundary(end) {
+                    end -= 1;
+                }
+                shown = format!("{}... ({} bytes)", &shown[..end], shown.len());
+            }
+            eprintln!("VOTED {shown} txn_id={} step={}", txn.txn_id, txn.step);
         }
         vote
     }

@@ -97,6 +97,7 @@ async fn forge(sys: &System, id: &str, kind: CommandKind) {
         attempt: 7,
         deadline_ms: 0,
         compensate_action: None,
+        token: None,
     };
     sys.publish_stored(format!("txn.cmd.a.{id}"), serde_json::to_vec(&cmd).unwrap())
         .await;

@@ -103,6 +103,7 @@ impl Harness {
             attempt,
             deadline_ms: 0,
             compensate_action: None,
+            token: None,
         };
         let subject = self.subjects.command("svc", txn);
         let id = format!("{txn}.0.{}.{attempt}", kind.as_str());

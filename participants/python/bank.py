@@ -11,7 +11,8 @@ It follows the six rules of the README's raw-protocol section:
 
 1. a JetStream durable consumer named after the service, explicit acks;
 2. one record per branch, written before the reply; repeats answered from it;
-3. the reply is a JetStream publish with Nats-Msg-Id <txn_id>.<service>.<step>.<kind>.<attempt>;
+3. the reply is a JetStream publish that echoes the command's token, with Nats-Msg-Id
+   <txn_id>.<service>.<step>.<kind>.<attempt>.<token>;
 4. the command is acked only after the reply is stored;
 5. a command that contradicts the branch's record (abort after commit, commit without a
    ready vote) is not applied, not confirmed, logged as PROTOCOL VIOLATION and terminated;
@@ -239,7 +240,11 @@ class Runner:
         }
         if reason is not None:
             reply["reason"] = reason
-        msg_id = f"{cmd['txn_id']}.{self.bank.service}.{cmd['step']}.{cmd['kind']}.{cmd['attempt']}"
+        # Echo the command's token: without it the coordinator refuses the reply.
+        token = cmd.get("token")
+        if token is not None:
+            reply["token"] = token
+        msg_id = f"{cmd['txn_id']}.{self.bank.service}.{cmd['step']}.{cmd['kind']}.{cmd['attempt']}" + (f".{token}" if token else "")
         try:
             await self.js.publish(cmd["reply_to"], json.dumps(reply).encode(), headers={"Nats-Msg-Id": msg_id})
             await msg.ack()

@@ -8,12 +8,16 @@ language has to do to join a 2PC transaction:
    <PREFIX>_CMD, filtered on <prefix>.cmd.<service>.>, with explicit acks.
 2. Keep one record per branch (<txn_id>.<step>) in a durable store (a KV bucket here), and
    write it *before* replying: the vote must survive a crash.
-3. Reply with a JetStream publish to the command's reply_to, with
-   Nats-Msg-Id = <txn_id>.<service>.<step>.<kind>.<attempt>, and ack the command only after
-   the reply is stored.
+3. Reply with a JetStream publish to the command's reply_to, echoing the command's token,
+   with Nats-Msg-Id = <txn_id>.<service>.<step>.<kind>.<attempt>.<token>, and ack the
+   command only after the reply is stored.
 4. Answer repeats from the record: a redelivered prepare gets the stored vote; commit after
    commit and abort after abort are no-ops; an abort before any prepare is recorded, so the
    late prepare votes abort.
+5. Never apply a command that contradicts the record (commit without a ready vote, abort
+   after commit): log it as a PROTOCOL VIOLATION and terminate the message.
+
+bank.py beside this file is a fuller participant (SQLite, in-doubt resolution from the log).
 
 Payload fields understood by prepare: "line" (text to record), "vote": "abort" with
 "reason" (to refuse), "vote": "read_only".
@@ -35,6 +39,10 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFound
 
 def now_ms():
     return int(time.time() * 1000)
+
+
+class Violation(Exception):
+    """A command that contradicts the branch's record."""
 
 
 class Ledger:
@@ -88,7 +96,7 @@ class Ledger:
                 continue
             if kind == "commit":
                 if rec is None or rec["state"] not in ("prepared", "committed", "read_only"):
-                    raise RuntimeError(f"commit for branch {key} in state {rec}")
+                    raise Violation(f"commit for branch {key} in state {rec}")
                 if rec["state"] == "prepared":
                     # The effect (the ledger line) and the branch state change in one write.
                     rec = dict(rec, state="committed", committed_ms=now_ms())
@@ -101,12 +109,12 @@ class Ledger:
                         return "done", None
                     continue
                 if rec["state"] == "committed":
-                    raise RuntimeError(f"abort for committed branch {key}")
+                    raise Violation(f"abort for committed branch {key}")
                 if rec["state"] == "prepared":
                     if not await self.store(key, dict(rec, state="aborted"), rev):
                         continue
                 return "done", None
-            raise RuntimeError(f"unknown command kind {kind!r}")
+            raise Violation(f"unknown command kind {kind!r}")
         raise RuntimeError(f"too many concurrent writers on {key}")
 
     async def handle(self, msg):
@@ -129,9 +137,17 @@ class Ledger:
             if reason is not None:
                 reply["reason"] = reason
             msg_id = f"{cmd['txn_id']}.{self.service}.{cmd['step']}.{cmd['kind']}.{cmd['attempt']}"
+            # Echo the command's token: without it the coordinator refuses the reply.
+            token = cmd.get("token")
+            if token is not None:
+                reply["token"] = token
+                msg_id += f".{token}"
             await self.js.publish(cmd["reply_to"], json.dumps(reply).encode(), headers={"Nats-Msg-Id": msg_id})
             await msg.ack()
             print(f"{cmd['kind']} {cmd['txn_id']}/{cmd['step']}: {outcome}", file=sys.stderr, flush=True)
+        except Violation as e:  # never applied, never confirmed, not redelivered
+            print(f"PROTOCOL VIOLATION: {e}; not applied, not confirmed", file=sys.stderr, flush=True)
+            await msg.term()
         except Exception as e:  # retried by redelivery
             print(f"command failed, will be retried: {e}", file=sys.stderr, flush=True)
             await msg.nak(delay=0.5)

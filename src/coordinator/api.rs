@@ -1,6 +1,11 @@
 //! The request/reply API, registered as the NATS micro service `txcoord` (so `$SRV.PING`,
 //! `$SRV.INFO` and `$SRV.STATS` work): `<prefix>.api.execute` runs a request and replies with
 //! its final event; `<prefix>.api.status` replies with a transaction's latest state.
+//!
+//! Answers go only to reply inboxes (subjects starting with one of `api_reply_prefixes`,
+//! `_INBOX` by default): a request whose reply subject is, say, `txn.events.<id>` or
+//! `txn.cmd.<service>.<id>` would have the coordinator write into its own log or hand a
+//! service a command (a confused deputy), so it is refused and not answered.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,19 +69,53 @@ pub async fn start(
     let c1 = client.clone();
     let t1 = tokio::spawn(async move {
         while let Some(req) = execute.next().await {
-            tokio::spawn(handle_execute(c1.clone(), s1.clone(), req));
+            if answerable(&s1, &req) {
+                tokio::spawn(handle_execute(c1.clone(), s1.clone(), req));
+            }
         }
     });
     let s2 = shared.clone();
     let t2 = tokio::spawn(async move {
         while let Some(req) = status.next().await {
-            tokio::spawn(handle_status(s2.clone(), req));
+            if answerable(&s2, &req) {
+                tokio::spawn(handle_status(s2.clone(), req));
+            }
         }
     });
     Ok(ApiHandle {
         _service: service,
         tasks: vec![t1, t2],
     })
+}
+
+/// Whether `reply` may receive an API answer: it starts with one of `prefixes` (as
+/// `_INBOX.abc` does with `_INBOX`), at a token boundary or inside the first token (so
+/// `_INBOX_alice.x` passes `_INBOX` too); the reason when not.
+pub fn reply_allowed(prefixes: &[String], reply: Option<&str>) -> Result<(), String> {
+    let Some(reply) = reply else {
+        return Err("the request has no reply subject".into());
+    };
+    if prefixes
+        .iter()
+        .any(|p| !p.is_empty() && reply.starts_with(p.as_str()))
+    {
+        return Ok(());
+    }
+    Err(format!(
+        "reply subject {reply:?} is not an inbox (allowed prefixes: {prefixes:?}); the coordinator answers only to inboxes"
+    ))
+}
+
+fn answerable(shared: &Shared, req: &async_nats::service::Request) -> bool {
+    let reply = req.message.reply.as_ref().map(|s| s.as_str());
+    match reply_allowed(&shared.api_reply_prefixes, reply) {
+        Ok(()) => true,
+        Err(why) => {
+            shared.metrics.refused_api_request();
+            tracing::warn!(subject = %req.message.subject, reason = %why, "API request refused, not answered");
+            false
+        }
+    }
 }
 
 fn error_body(message: impl Into<String>) -> Bytes {
@@ -211,5 +250,28 @@ async fn handle_status(shared: Arc<Shared>, req: async_nats::service::Request) {
     match last_event(&shared, &query.txn_id).await {
         Some(ev) => respond(&req, to_bytes(&ev)).await,
         None => respond(&req, error_body(format!("unknown txn_id {}", query.txn_id))).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reply_allowed;
+
+    #[test]
+    fn only_inboxes_get_answers() {
+        let p = vec!["_INBOX".to_string()];
+        assert!(reply_allowed(&p, Some("_INBOX.abc.def")).is_ok());
+        assert!(reply_allowed(&p, Some("_INBOX_alice.abc")).is_ok());
+        for bad in [
+            "txn.events.victim",
+            "txn.cmd.inventory.x",
+            "$JS.API.STREAM.DELETE.TXN_EVENTS",
+            "INBOX.x",
+        ] {
+            let e = reply_allowed(&p, Some(bad)).unwrap_err();
+            assert!(e.contains(bad), "{e}");
+        }
+        assert!(reply_allowed(&p, None).is_err());
+        assert!(reply_allowed(&[String::new()], Some("txn.events.x")).is_err());
     }
 }

@@ -13,6 +13,7 @@ pub mod api;
 pub mod checkpoint;
 pub mod lease;
 pub mod prometheus;
+pub mod replies;
 pub mod txn;
 
 use std::future::Future;
@@ -88,11 +89,16 @@ pub struct Metrics {
     recovered: AtomicU64,
     completed: AtomicU64,
     compensated: AtomicU64,
+    rejected_replies: AtomicU64,
+    refused_api_requests: AtomicU64,
 }
 
 impl Metrics {
     fn accepted(&self) {
         self.accepted.fetch_add(1, Ordering::Relaxed);
+    }
+    fn refused_api_request(&self) {
+        self.refused_api_requests.fetch_add(1, Ordering::Relaxed);
     }
     fn duplicate(&self) {
         self.duplicates.fetch_add(1, Ordering::Relaxed);
@@ -118,6 +124,8 @@ impl Metrics {
             "recovered": self.recovered.load(Ordering::Relaxed),
             "completed": self.completed.load(Ordering::Relaxed),
             "compensated": self.compensated.load(Ordering::Relaxed),
+            "rejected_replies": self.rejected_replies.load(Ordering::Relaxed),
+            "refused_api_requests": self.refused_api_requests.load(Ordering::Relaxed),
             "in_flight": in_flight,
         })
     }
@@ -153,6 +161,12 @@ pub struct Shared {
     /// Transactions whose driver was fenced, with their `accepted` sequence: a task reads
     /// each one's log again and resumes it if it is unfinished ([`reread_and_resume`]).
     pub fenced: mpsc::UnboundedSender<(String, u64)>,
+    /// Makes each command's token and checks each reply's ([`replies`]).
+    pub reply_key: replies::ReplyKey,
+    /// Believe replies that carry no token (participants older than tokens).
+    pub accept_untokened_replies: bool,
+    /// The API answers only to reply subjects starting with one of these.
+    pub api_reply_prefixes: Vec<String>,
 }
 
 /// Test hooks, chosen with `TXCOORD_FAILPOINT`, that put the coordinator where a test needs
@@ -250,6 +264,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         failpoint,
         run_id: uuid::Uuid::now_v7().simple().to_string(),
         submit_ack_wait: Duration::from_millis(cfg.submit_ack_wait_ms),
+        reply_key: replies::ReplyKey::random(),
+        accept_untokened_replies: cfg.accept_untokened_replies,
+        api_reply_prefixes: cfg.api_reply_prefixes.clone(),
     });
 
     let state = checkpoint::open(&shared.js, &cfg.subject_prefix, cfg.stream_replicas).await;
@@ -407,13 +424,32 @@ async fn run_replies(shared: Arc<Shared>, consumer: consumer::Consumer<consumer:
         let shared = shared.clone();
         async move {
             match serde_json::from_slice::<ParticipantReply>(&msg.payload) {
-                Ok(reply) => match shared.router.get(&reply.txn_id) {
+                Ok(mut reply) => {
+                    if let Err(why) = replies::check(
+                        &shared.reply_key,
+                        &shared.subjects,
+                        &msg.subject,
+                        &reply,
+                        shared.accept_untokened_replies,
+                    ) {
+                        let n = shared.metrics.rejected_replies.fetch_add(1, Ordering::Relaxed) + 1;
+                        tracing::warn!(subject = %msg.subject, txn_id = %reply.txn_id,
+                            service = %reply.service, step = reply.step, kind = reply.kind.as_str(),
+                            attempt = reply.attempt, reason = %why, total = n,
+                            "participant reply rejected");
+                        return;
+                    }
+                    reply.reason = reply
+                        .reason
+                        .map(|r| replies::bound(r, replies::MAX_REASON_BYTES));
+                    match shared.router.get(&reply.txn_id) {
                     Some(tx) => {
                         let _ = tx.send(TxnMsg::Reply(reply)).await;
                     }
                     None => tracing::debug!(txn_id = %reply.txn_id, service = %reply.service,
                         "reply for a transaction that is not running (finished or unknown); ignored"),
-                },
+                    }
+                }
                 Err(e) => tracing::warn!(subject = %msg.subject, error = %e, "malformed participant reply ignored"),
             }
         }

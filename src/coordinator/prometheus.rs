@@ -49,6 +49,16 @@ pub fn render(shared: &Shared) -> String {
             "Submissions of a txn_id that already had a transaction.",
         ),
         (
+            "txcoord_rejected_replies_total",
+            "rejected_replies",
+            "Participant replies refused: wrong subject, no token, or a token of no command sent.",
+        ),
+        (
+            "txcoord_refused_api_requests_total",
+            "refused_api_requests",
+            "API requests not answered because their reply subject is not an inbox.",
+        ),
+        (
             "txcoord_recovered",
             "recovered",
             "Transactions resumed from the log at the last start.",

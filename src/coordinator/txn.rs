@@ -284,8 +284,9 @@ impl Driver {
                     self.persist(&msg_id, &event).await?;
                 }
                 Command::Announce { msg_id, event } => self.announces.push((msg_id, event)),
-                Command::Send(cmd) => {
+                Command::Send(mut cmd) => {
                     let shared = self.shared.clone();
+                    shared.reply_key.stamp(&shared.subjects, &mut cmd);
                     let own = self.own.clone();
                     tokio::spawn(async move {
                         let subject = shared.subjects.command(&cmd.service, &cmd.txn_id);

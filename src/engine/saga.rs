@@ -573,6 +573,7 @@ impl Saga {
             } else {
                 None
             },
+            token: None,
         }
     }
 

@@ -663,6 +663,7 @@ impl TwoPc {
             attempt,
             deadline_ms,
             compensate_action: None,
+            token: None,
         }
     }
 

@@ -52,6 +52,7 @@ fn reply(step: usize, kind: CommandKind, outcome: ReplyOutcome, retryable: Optio
         reason: (outcome == ReplyOutcome::Failed).then(|| "card declined".into()),
         attempt: 1,
         retryable,
+        token: None,
     })
 }
 
@@ -368,6 +369,7 @@ impl Part {
             reason: (outcome == ReplyOutcome::Failed).then(|| "no".into()),
             attempt: cmd.attempt,
             retryable,
+            token: None,
         }
     }
 }

@@ -61,6 +61,7 @@ fn reply(step: usize, service: &str, kind: CommandKind, outcome: ReplyOutcome) -
         reason: (outcome == ReplyOutcome::Abort).then(|| "no stock".into()),
         attempt: 1,
         retryable: None,
+        token: None,
     })
 }
 
@@ -614,6 +615,7 @@ impl Part {
             reason: (outcome == ReplyOutcome::Abort).then(|| "refused".into()),
             attempt: cmd.attempt,
             retryable: None,
+            token: None,
         }
     }
 }

@@ -1,0 +1,204 @@
+//! Hostile parties on the bus, against real processes: forged votes (ahead of the real one,
+//! with the message id the real one would have had, with a made-up attempt, on another
+//! transaction's subject, on the old subject, from another service that knows its own
+//! tokens), the API used as a confused deputy, and a reason too large for any record.
+//! Outcomes must be the ones the real votes dictate.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{System, request, step};
+use futures::StreamExt;
+use serde_json::{Value, json};
+use txcoord::participant::BranchState;
+use txcoord::proto::{CommandKind, ParticipantCommand, Reason, TxnState};
+
+async fn stats(sys: &System) -> Value {
+    let reply = sys
+        .nc
+        .request("$SRV.STATS.txcoord", "".into())
+        .await
+        .expect("stats");
+    let v: Value = serde_json::from_slice(&reply.payload).unwrap();
+    v["endpoints"][0]["data"].clone()
+}
+
+/// A `ready` vote from `service` for step `step` of `txn_id`.
+fn ready(txn_id: &str, service: &str, step: usize, attempt: u32, token: Option<&str>) -> Value {
+    let mut r = json!({"txn_id": txn_id, "service": service, "step": step, "kind": "prepare",
+        "outcome": "ready", "attempt": attempt});
+    if let Some(t) = token {
+        r["token"] = json!(t);
+    }
+    r
+}
+
+async fn publish(sys: &System, subject: &str, msg_id: &str, body: &Value) {
+    let js = async_nats::jetstream::new(sys.nc.clone());
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", msg_id);
+    js.publish_with_headers(subject.to_string(), headers, body.to_string().into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_votes_do_not_change_an_outcome() {
+    let sys = System::start(&["a", "b"], &[]).await;
+    let id = "forged-1";
+    // Service `a` reads its own commands (it may): it learns its own token.
+    let mut a_cmds = sys.nc.subscribe("txn.cmd.a.>").await.unwrap();
+    // b votes abort, slowly: every forgery is in the reply stream before the real vote.
+    sys.submit(
+        &request(
+            id,
+            vec![
+                step("a", json!({})),
+                step(
+                    "b",
+                    json!({"vote": "abort", "reason": "real refusal", "delay_ms": 1500}),
+                ),
+            ],
+        ),
+        id,
+    )
+    .await;
+    let a_prepare: ParticipantCommand = loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), a_cmds.next())
+            .await
+            .expect("a's prepare")
+            .unwrap();
+        let cmd: ParticipantCommand = serde_json::from_slice(&msg.payload).unwrap();
+        if cmd.kind == CommandKind::Prepare {
+            break cmd;
+        }
+    };
+    let a_token = a_prepare.token.clone().expect("commands carry a token");
+    assert_eq!(a_prepare.reply_to, format!("txn.reply.a.{id}"));
+
+    let attacks = [
+        // Ahead of the real vote, on b's own reply subject, without a token.
+        ("txn.reply.b.forged-1", "x1", ready(id, "b", 1, 1, None)),
+        // With the message id the real vote would have had before tokens.
+        (
+            "txn.reply.b.forged-1",
+            "forged-1.b.1.prepare.1",
+            ready(id, "b", 1, 1, None),
+        ),
+        // A made-up attempt and token.
+        (
+            "txn.reply.b.forged-1",
+            "x3",
+            ready(id, "b", 1, 999, Some("0123456789abcdef0123456789abcdef")),
+        ),
+        // On the old, shared reply subject.
+        ("txn.reply.forged-1", "x4", ready(id, "b", 1, 1, None)),
+        // On another transaction's reply subject.
+        ("txn.reply.b.other-txn", "x5", ready(id, "b", 1, 1, None)),
+        // From service a, which knows a real token (its own) and votes for b with it.
+        (
+            "txn.reply.b.forged-1",
+            "x6",
+            ready(id, "b", 1, 1, Some(&a_token)),
+        ),
+        // And a's own token on b's behalf, on a's subject.
+        (
+            "txn.reply.a.forged-1",
+            "x7",
+            ready(id, "b", 1, 1, Some(&a_token)),
+        ),
+    ];
+    for (subject, msg_id, body) in &attacks {
+        publish(&sys, subject, msg_id, body).await;
+    }
+
+    let ev = sys.wait_state(id, |e| e.state.is_terminal()).await;
+    assert_eq!(ev.state, TxnState::Aborted, "{ev:?}");
+    assert_eq!(
+        ev.reason,
+        Some(Reason::VoteAbort {
+            service: "b".into(),
+            step: 1,
+            message: "real refusal".into()
+        })
+    );
+    sys.wait_branch("a", id, 0, BranchState::Aborted).await;
+    let rejected = stats(&sys).await["rejected_replies"].as_u64().unwrap();
+    assert!(
+        rejected >= attacks.len() as u64,
+        "{rejected} rejected; coordinator log:\n{}",
+        sys.coordinator.log_text()
+    );
+    assert!(
+        sys.coordinator
+            .log_text()
+            .contains("participant reply rejected")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_answers_only_to_inboxes() {
+    let sys = System::start(&["a"], &[]).await;
+    let ev = sys.run(request("victim", vec![step("a", json!({}))])).await;
+    assert_eq!(ev.state, TxnState::Committed);
+    // Ask for status with the victim's log, and a service's command subject, as reply.
+    let query = json!({"txn_id": "victim"}).to_string();
+    for reply in ["txn.events.victim", "txn.cmd.a.victim"] {
+        sys.nc
+            .publish_with_reply("txn.api.status", reply, query.clone().into())
+            .await
+            .unwrap();
+    }
+    sys.nc.flush().await.unwrap();
+    let start = std::time::Instant::now();
+    while stats(&sys).await["refused_api_requests"].as_u64() < Some(2) {
+        assert!(start.elapsed() < Duration::from_secs(10), "not refused");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The victim's last record is still its own outcome, and the service got no command.
+    let last = sys.client.last_event("victim").await.expect("log");
+    assert_eq!(last.state, TxnState::Committed);
+    assert_eq!(
+        sys.client.status("victim").await.unwrap().state,
+        TxnState::Committed
+    );
+    assert!(
+        !sys.participant_log("a").log_text().contains("malformed"),
+        "{}",
+        sys.participant_log("a").log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_abort_reason_is_cut_and_the_transaction_ends() {
+    let sys = System::start(&["a", "b"], &[]).await;
+    // Close to the test server's 8 MiB max_payload, and metadata besides: the decision record
+    // could not be written if it carried the reason whole.
+    let mut req = request(
+        "huge-reason",
+        vec![
+            step("a", json!({})),
+            step(
+                "b",
+                json!({"vote": "abort", "reason": "no! ", "reason_repeat": 2_000_000}),
+            ),
+        ],
+    );
+    req["metadata"] = json!({"note": "x".repeat(100_000)});
+    let ev = sys.run(req).await;
+    assert_eq!(ev.state, TxnState::Aborted, "{ev:?}");
+    let Some(Reason::VoteAbort { message, .. }) = &ev.reason else {
+        panic!("{ev:?}")
+    };
+    assert!(message.len() <= 1024, "{} bytes", message.len());
+    assert!(message.starts_with("no! no! "), "{message}");
+    assert!(
+        message.ends_with("[cut: 8000000 bytes in all]"),
+        "{message}"
+    );
+    sys.wait_branch("a", "huge-reason", 0, BranchState::Aborted)
+        .await;
+}
