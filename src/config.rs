@@ -67,6 +67,9 @@ pub struct NatsAuth {
     pub tls_key_file: Option<PathBuf>,
     /// Refuse to connect without TLS.
     pub tls_required: bool,
+    /// The prefix of this connection's reply inboxes (`_INBOX` when not set). `txcoord auth`
+    /// gives each identity its own (`_INBOX_<name>`) and lets it subscribe only there.
+    pub inbox_prefix: Option<String>,
 }
 
 /// Where JetStream keeps the streams.

@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod authgen;
 pub mod client;
 pub mod config;
 pub mod coordinator;

@@ -76,6 +76,20 @@ enum Cmd {
     /// coordinators, banks and nats-server are killed and connections cut or delayed; then
     /// one line per check. Exit 0 if every check passed, 1 if any did not.
     Chaos(chaos::ChaosArgs),
+    /// Generate NATS identities (users, passwords, permissions) for the coordinator, each
+    /// client and each service: an authorization block for nats-server and a txcoord
+    /// configuration file per identity.
+    Auth {
+        /// A service that takes part in transactions (repeatable).
+        #[arg(long = "service", value_name = "NAME")]
+        services: Vec<String>,
+        /// A client that submits transactions (repeatable).
+        #[arg(long = "client", value_name = "NAME")]
+        clients: Vec<String>,
+        /// Where to write nats-auth.conf and <name>.toml (created if missing).
+        #[arg(long, default_value = "txcoord-auth")]
+        out: PathBuf,
+    },
     /// Run the built-in scripted participant (each step's payload says how it votes).
     Participant {
         /// The service name to serve.
@@ -202,6 +216,14 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<ExitCode> {
                 ExitCode::from(1)
             })
         }
+        Cmd::Auth {
+            services,
+            clients,
+            out,
+        } => {
+            write_auth(&cfg.subject_prefix, &services, &clients, &out)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Chaos(args) => {
             let ok = chaos::run(args).await?;
             Ok(if ok {
@@ -254,6 +276,44 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Writes `txcoord auth`'s files: the server block and one configuration per identity, each
+/// readable by its owner only (they hold passwords).
+fn write_auth(
+    prefix: &str,
+    services: &[String],
+    clients: &[String],
+    out: &std::path::Path,
+) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if services.is_empty() && clients.is_empty() {
+        anyhow::bail!("name at least one --service or --client");
+    }
+    let generated = txcoord::authgen::generate(prefix, services, clients)?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let write = |name: String, text: String| -> anyhow::Result<()> {
+        let path = out.join(name);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        std::io::Write::write_all(&mut f, text.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
+        Ok(())
+    };
+    write("nats-auth.conf".into(), generated.server_block())?;
+    for id in &generated.identities {
+        write(format!("{}.toml", id.name), id.config_toml())?;
+    }
+    println!(
+        "include nats-auth.conf in nats-server's configuration; start each process with --config <its file> (or TXCOORD_NATS__USER, __PASSWORD, __INBOX_PREFIX)"
+    );
+    Ok(())
 }
 
 /// Reads one JSON object, or JSON Lines.

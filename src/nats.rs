@@ -85,6 +85,9 @@ pub async fn connect(
     if auth.tls_required {
         opts = opts.require_tls(true);
     }
+    if let Some(prefix) = &auth.inbox_prefix {
+        opts = opts.custom_inbox_prefix(prefix.clone());
+    }
     if retry {
         opts = opts.retry_on_initial_connect();
     }

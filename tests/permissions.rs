@@ -1,0 +1,200 @@
+//! The identities `txcoord auth` generates, on a real nats-server: the coordinator, two
+//! scripted services and a client each connect with their own user, transactions commit and
+//! abort as their votes say, and every forgery the permissions are for is refused by the
+//! server (a client publishing a vote, a record or a command; a service voting on another's
+//! subject or reading another's commands) or by the coordinator (a service that votes for
+//! another with its own token).
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Proc, request, step};
+use futures::StreamExt;
+use serde_json::{Value, json};
+use txcoord::authgen::{Generated, Identity};
+use txcoord::client::Client;
+use txcoord::config::NatsAuth;
+use txcoord::natsserver::NatsServer;
+use txcoord::proto::{Reason, TxnState};
+
+fn env_of<'a>(url: &'a str, id: &'a Identity) -> Vec<(String, String)> {
+    let mut env = id.env();
+    env.push(("TXCOORD_NATS_URL".into(), url.to_string()));
+    env
+}
+
+async fn connect(url: &str, g: &Generated, name: &str) -> async_nats::Client {
+    let id = g.get(name).unwrap();
+    let auth = NatsAuth {
+        user: Some(id.user.clone()),
+        password: Some(id.password.clone()),
+        inbox_prefix: Some(id.inbox_prefix.clone()),
+        ..Default::default()
+    };
+    txcoord::nats::connect(url, &auth, name, false)
+        .await
+        .expect("connect")
+}
+
+/// A JetStream publish the server must refuse (no stream ever acknowledges it).
+async fn refused(nc: &async_nats::Client, subject: &str, body: &Value) {
+    let js = txcoord::nats::jetstream(nc.clone(), Duration::from_millis(500));
+    let stored = async {
+        js.publish(subject.to_string(), body.to_string().into())
+            .await?
+            .await
+    }
+    .await;
+    assert!(stored.is_err(), "{subject} was stored: {stored:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_identities_run_transactions_and_stop_forgeries() {
+    let g = txcoord::authgen::generate("txn", &["a".into(), "b".into()], &["shop".into()]).unwrap();
+    let nats = NatsServer::start_configured(None, None, "", &g.server_block()).expect("nats");
+    let url = nats.url();
+    let dir = tempfile::tempdir().unwrap();
+    let spawn = |name: &str, args: &[&str], id: &str| {
+        let env = env_of(&url, g.get(id).unwrap());
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        Proc::spawn(dir.path(), name, args, &env)
+    };
+    let coordinator = spawn("coordinator", &["serve"], "coordinator");
+    coordinator
+        .wait_for("coordinator ready", Duration::from_secs(30))
+        .await;
+    let pa = spawn("a", &["participant", "--service", "a"], "a");
+    let pb = spawn("b", &["participant", "--service", "b"], "b");
+    for p in [&pa, &pb] {
+        p.wait_for("participant ready", Duration::from_secs(30))
+            .await;
+    }
+
+    let shop = connect(&url, &g, "shop").await;
+    let client = Client::new(shop.clone(), "txn").await.expect("client");
+    // Good transactions, as the client identity.
+    let out = client
+        .submit_and_wait(
+            vec![
+                request("ok-1", vec![step("a", json!({})), step("b", json!({}))]),
+                request(
+                    "no-1",
+                    vec![
+                        step("a", json!({})),
+                        step("b", json!({"vote": "abort", "reason": "closed"})),
+                    ],
+                ),
+            ],
+            Duration::from_secs(30),
+        )
+        .await;
+    let states: Vec<TxnState> = out
+        .iter()
+        .map(|r| r.as_ref().expect("outcome").state)
+        .collect();
+    assert_eq!(
+        states,
+        [TxnState::Committed, TxnState::Aborted],
+        "coordinator:\n{}\na:\n{}",
+        coordinator.log_text(),
+        pa.log_text()
+    );
+
+    // A slow abort from b, and forgeries while it is on its way.
+    let id = "forged-perm";
+    let slow = request(
+        id,
+        vec![
+            step("a", json!({})),
+            step(
+                "b",
+                json!({"vote": "abort", "reason": "real refusal", "delay_ms": 1500}),
+            ),
+        ],
+    );
+    let svc_a = connect(&url, &g, "a").await;
+    // Service a tries to read b's commands: the server refuses the subscription, so it
+    // never sees b's token.
+    let mut snoop = svc_a.subscribe("txn.cmd.b.>").await.unwrap();
+    // What service a legitimately reads (its own commands, tokens included), watched here
+    // through the coordinator's identity.
+    let admin = connect(&url, &g, "coordinator").await;
+    let mut a_cmds = admin.subscribe("txn.cmd.a.>").await.unwrap();
+    admin.flush().await.unwrap();
+    let submit = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            client
+                .submit_and_wait(vec![slow], Duration::from_secs(30))
+                .await
+        })
+    };
+    let vote = json!({"txn_id": id, "service": "b", "step": 1, "kind": "prepare",
+        "outcome": "ready", "attempt": 1});
+    // The client may not vote, write the log or send commands.
+    refused(&shop, &format!("txn.reply.b.{id}"), &vote).await;
+    refused(&shop, &format!("txn.reply.{id}"), &vote).await;
+    refused(
+        &shop,
+        &format!("txn.events.{id}"),
+        &json!({"txn_id": id, "state": "committed"}),
+    )
+    .await;
+    refused(
+        &shop,
+        &format!("txn.cmd.b.{id}"),
+        &json!({"kind": "commit"}),
+    )
+    .await;
+    // Service a may not vote on b's subject, nor on the shared old one.
+    refused(&svc_a, &format!("txn.reply.b.{id}"), &vote).await;
+    refused(&svc_a, &format!("txn.reply.{id}"), &vote).await;
+    // On its own subject it may publish, and it knows its own token (it reads its own
+    // commands), but that token does not make a vote for b.
+    let msg = tokio::time::timeout(Duration::from_secs(10), a_cmds.next())
+        .await
+        .expect("a's prepare")
+        .unwrap();
+    let cmd: txcoord::proto::ParticipantCommand = serde_json::from_slice(&msg.payload).unwrap();
+    let mut forged = vote.clone();
+    forged["token"] = json!(cmd.token.expect("a token"));
+    let js = txcoord::nats::jetstream(svc_a.clone(), Duration::from_secs(2));
+    js.publish(format!("txn.reply.a.{id}"), forged.to_string().into())
+        .await
+        .unwrap()
+        .await
+        .expect("a may publish on its own reply subject");
+    let out = submit.await.unwrap().remove(0).expect("outcome");
+    assert_eq!(out.state, TxnState::Aborted, "{out:?}");
+    assert_eq!(
+        out.reason,
+        Some(Reason::VoteAbort {
+            service: "b".into(),
+            step: 1,
+            message: "real refusal".into()
+        })
+    );
+    let stats = shop
+        .request("$SRV.STATS.txcoord", "".into())
+        .await
+        .expect("stats");
+    let stats: Value = serde_json::from_slice(&stats.payload).unwrap();
+    assert!(
+        stats["endpoints"][0]["data"]["rejected_replies"].as_u64() >= Some(1),
+        "{stats}"
+    );
+    // b's prepare, its resends and its abort went out meanwhile: none reached service a.
+    if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(300), snoop.next()).await {
+        panic!("service a read b's command on {}", m.subject);
+    }
+    let log = nats_log(&nats);
+    assert!(
+        log.contains("Violation"),
+        "the server refused the forgeries:\n{log}"
+    );
+}
+
+fn nats_log(nats: &NatsServer) -> String {
+    std::fs::read_to_string(nats.store().join("nats.log")).unwrap_or_default()
+}
