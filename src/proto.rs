@@ -413,6 +413,75 @@ pub struct TransactionEvent {
     pub cause: Option<Reason>,
 }
 
+/// One step's part of a [`RequestShape`]: service, action, payload, compensation, timeout.
+type StepShape = (String, String, Value, Option<String>, Option<u64>);
+
+/// What makes two requests the same transaction: mode, steps (service, action, payload,
+/// compensation, step timeout), timeout and metadata. A resubmission of the same request
+/// under a taken txn_id is a retry; any other is a reused id.
+#[derive(Debug, PartialEq)]
+pub struct RequestShape {
+    mode: Mode,
+    steps: Vec<StepShape>,
+    timeout_ms: Option<u64>,
+    metadata: Option<Value>,
+}
+
+impl RequestShape {
+    /// The shape of a request as a client sent it (the timeout only if it named one).
+    pub fn of_request(r: &TransactionRequest) -> RequestShape {
+        RequestShape {
+            mode: r.mode,
+            steps: r
+                .steps
+                .iter()
+                .map(|s| {
+                    (
+                        s.service.clone(),
+                        s.action.clone(),
+                        s.payload.clone(),
+                        s.compensate.clone(),
+                        s.timeout_ms,
+                    )
+                })
+                .collect(),
+            timeout_ms: r.timeout_ms,
+            metadata: r.metadata.clone(),
+        }
+    }
+
+    /// The shape of the request an `accepted` record carries.
+    pub fn of_accepted(ev: &TransactionEvent) -> RequestShape {
+        RequestShape {
+            mode: ev.mode,
+            steps: ev
+                .steps
+                .iter()
+                .map(|s| {
+                    (
+                        s.service.clone(),
+                        s.action.clone(),
+                        s.payload.clone().unwrap_or(Value::Null),
+                        s.compensate.clone(),
+                        s.timeout_ms,
+                    )
+                })
+                .collect(),
+            timeout_ms: ev.timeout_ms,
+            metadata: ev.metadata.clone(),
+        }
+    }
+
+    /// Whether `self` (what a client sent) asks for the transaction `accepted` records.
+    /// A request that named no timeout matches any.
+    pub fn matches(&self, accepted: &RequestShape) -> bool {
+        self.mode == accepted.mode
+            && self.steps == accepted.steps
+            && self.metadata == accepted.metadata
+            && (self.timeout_ms.is_none() || self.timeout_ms == accepted.timeout_ms)
+    }
+}
+
 /// What went wrong with a submission; published on `<prefix>.errors` when the request has no
 /// usable txn_id (otherwise the same content goes into a `rejected` event).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -202,3 +202,84 @@ async fn a_huge_abort_reason_is_cut_and_the_transaction_ends() {
     sys.wait_branch("a", "huge-reason", 0, BranchState::Aborted)
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_txn_id_is_an_error_and_no_phantom_record() {
+    let sys = System::start(&["a", "b"], &[]).await;
+    let first = request("reuse-1", vec![step("a", json!({}))]);
+    assert_eq!(sys.run(first.clone()).await.state, TxnState::Committed);
+    let mut watch = sys.nc.subscribe("txn.events.reuse-1").await.unwrap();
+    sys.nc.flush().await.unwrap();
+
+    // Another request under the same id: a SubmitError naming the existing outcome.
+    let other = request(
+        "reuse-1",
+        vec![step("a", json!({"x": 1})), step("b", json!({}))],
+    );
+    sys.submit(&other, "reuse-1-other").await;
+    let start = std::time::Instant::now();
+    let err = loop {
+        if let Some(e) = sys
+            .client
+            .errors()
+            .await
+            .into_iter()
+            .find(|e| e.txn_id.as_deref() == Some("reuse-1"))
+        {
+            break e;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "no SubmitError");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(err.kind, "duplicate_txn_id");
+    assert_eq!(err.path.as_deref(), Some("txn_id"));
+    assert!(err.message.contains("committed"), "{}", err.message);
+    // Core subscribers of the transaction's subject saw nothing: no phantom `accepted`.
+    if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(500), watch.next()).await {
+        panic!(
+            "phantom record on {}: {}",
+            m.subject,
+            String::from_utf8_lossy(&m.payload)
+        );
+    }
+
+    // The same request again is a retry, not an error.
+    let dups = stats(&sys).await["duplicates"].as_u64().unwrap();
+    sys.submit(&first, "reuse-1-retry").await;
+    let start = std::time::Instant::now();
+    while stats(&sys).await["duplicates"].as_u64().unwrap() == dups {
+        assert!(start.elapsed() < Duration::from_secs(10), "retry not seen");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let errors = sys.client.errors().await;
+    assert_eq!(
+        errors
+            .iter()
+            .filter(|e| e.txn_id.as_deref() == Some("reuse-1"))
+            .count(),
+        1,
+        "{errors:?}"
+    );
+
+    // The API: another request under the id is an error that names the outcome; the same
+    // request gets its outcome.
+    let ask = |body: &Value| {
+        let nc = sys.nc.clone();
+        let body = body.to_string();
+        async move {
+            let r = nc
+                .request("txn.api.execute", body.into())
+                .await
+                .expect("answer");
+            serde_json::from_slice::<Value>(&r.payload).unwrap()
+        }
+    };
+    let answer = ask(&other).await;
+    let text = answer["error"].as_str().unwrap_or_default();
+    assert!(
+        text.contains("taken by another request") && text.contains("committed"),
+        "{answer}"
+    );
+    let answer = ask(&first).await;
+    assert_eq!(answer["state"], "committed", "{answer}");
+}

@@ -200,12 +200,20 @@ async fn a_thousand_concurrent_transactions_all_reach_their_outcome() {
 async fn api_execute_and_status_answer_over_request_reply() {
     let sys = System::start(&["a"], &[]).await;
     let body = serde_json::to_vec(&request("api-1", vec![step("a", json!({}))])).unwrap();
+    // Not the client's default 10 s: on a loaded machine the whole transaction can take
+    // longer than that.
     let reply = sys
         .nc
-        .request("txn.api.execute", body.into())
+        .send_request(
+            "txn.api.execute",
+            async_nats::Request::new()
+                .payload(body.into())
+                .timeout(Some(Duration::from_secs(60))),
+        )
         .await
         .unwrap();
-    let ev: txcoord::proto::TransactionEvent = serde_json::from_slice(&reply.payload).unwrap();
+    let ev: txcoord::proto::TransactionEvent = serde_json::from_slice(&reply.payload)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&reply.payload)));
     assert_eq!(ev.state, TxnState::Committed);
     let status = sys.client.status("api-1").await.unwrap();
     assert_eq!(status.state, TxnState::Committed);

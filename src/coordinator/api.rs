@@ -16,11 +16,12 @@ use futures::StreamExt;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use super::txn::{TxnMsg, to_bytes};
+use super::txn::{TxnMsg, first_record, to_bytes};
 use super::{CoordinatorError, Shared};
 use crate::nats::{Expect, publish_durable};
 use crate::proto::{
-    ApiError, MAX_TXN_ID_LEN, StatusRequest, TransactionEvent, is_token, parse_request,
+    ApiError, MAX_TXN_ID_LEN, RequestShape, StatusRequest, TransactionEvent, is_token,
+    parse_request,
 };
 
 /// The running API; dropping it stops the endpoints.
@@ -140,6 +141,24 @@ async fn handle_execute(
     // are recorded and rejected exactly like any other submission.
     let (txn_id, body, timeout_ms) = match (parsed.result, parsed.txn_id) {
         (Ok(mut request), _) => {
+            // An id the client chose may be taken: by this very request (a retry, answered
+            // with its outcome below) or by another one, which is an error, not its outcome.
+            if let Some(id) = &request.txn_id
+                && let Ok(Some(first)) = first_record(&shared, id).await
+                && !RequestShape::of_request(&request).matches(&RequestShape::of_accepted(&first))
+            {
+                let state = last_event(&shared, id)
+                    .await
+                    .map(|e| format!("{:?}", e.state).to_lowercase())
+                    .unwrap_or_else(|| "unknown".into());
+                return respond(
+                    &req,
+                    error_body(format!(
+                        "txn_id {id} is taken by another request, which is {state}; this request was not run"
+                    )),
+                )
+                .await;
+            }
             let id = request
                 .txn_id
                 .get_or_insert_with(|| uuid::Uuid::now_v7().to_string())

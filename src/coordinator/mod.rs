@@ -639,7 +639,12 @@ pub(crate) async fn reject(
         path: err.path(),
         timestamp_ms: now,
     };
-    let msg_id = format!("error.{}", seq.unwrap_or(0));
+    report_error(shared, report).await;
+}
+
+/// Publishes a submission error on `<prefix>.errors` (its id: the submission's sequence).
+pub(crate) async fn report_error(shared: &Shared, report: SubmitError) {
+    let msg_id = format!("error.{}", report.submit_seq.unwrap_or(0));
     if let Err(e) = publish_durable(
         &shared.js,
         &shared.subjects.errors(),

@@ -23,7 +23,9 @@ use crate::engine::{Command, Timer};
 use crate::engine::{Event, Machine};
 use crate::nats::{Expect, NatsError, publish_durable};
 use crate::proto::RequestError;
-use crate::proto::{CommandKind, ParticipantReply, TransactionEvent, TxnState, now_ms};
+use crate::proto::{
+    CommandKind, ParticipantReply, RequestShape, SubmitError, TransactionEvent, TxnState, now_ms,
+};
 use async_nats::jetstream::context::PublishErrorKind;
 
 /// A message for a transaction's task.
@@ -439,11 +441,21 @@ impl Driver {
         let Some(Begin::New { submission }) = self.begin.take() else {
             return Err(Stop::Halted);
         };
+        // A txn_id that already has a log is not written to at all: a refused write would
+        // still reach core subscribers of the subject as a phantom record. (Two submissions
+        // of one new id at the same instant can still both try; the fenced write keeps one.)
+        let existing = first_record(&self.shared, &self.txn_id)
+            .await
+            .ok()
+            .flatten();
         // The submission's own sequence in the message id: a redelivered copy of the same
         // submission can never pass for this write.
         let msg_id = format!("{msg_id}.{}", event.submit_seq.unwrap_or(0));
         self.shared.inflight.accepting();
-        let written = self.write(&msg_id, event, submission.as_deref()).await;
+        let written = match existing {
+            Some(_) => Written::Fenced,
+            None => self.write(&msg_id, event, submission.as_deref()).await,
+        };
         let ours = match &written {
             Written::Ours(seq) => Some(*seq),
             _ => None,
@@ -488,13 +500,57 @@ impl Driver {
                 Ok(())
             }
             None => {
-                tracing::info!(
-                    "txn_id already has a recorded transaction; the recorded outcome stands, nothing runs again"
-                );
                 self.shared.metrics.duplicate();
+                self.report_reuse(event).await;
                 Err(Stop::Halted)
             }
         }
+    }
+
+    /// The txn_id of `ours` (an `accepted` record not written) has a log already. A redelivery
+    /// of the same submission, or a resubmission of the same request, is a retry: its
+    /// recorded outcome stands. Another request under a taken id gets a SubmitError
+    /// (`duplicate_txn_id`) that names the existing transaction's state.
+    async fn report_reuse(&self, ours: &TransactionEvent) {
+        let Ok(Some(first)) = first_record(&self.shared, &self.txn_id).await else {
+            tracing::info!("txn_id already has a recorded transaction; nothing runs again");
+            return;
+        };
+        let same_submission = first.submit_seq.is_some() && first.submit_seq == ours.submit_seq;
+        if same_submission
+            || RequestShape::of_accepted(ours).matches(&RequestShape::of_accepted(&first))
+        {
+            tracing::info!(
+                "txn_id already has a recorded transaction of this request; the recorded outcome stands, nothing runs again"
+            );
+            return;
+        }
+        let now = last_record(&self.shared, &self.shared.subjects.events(&self.txn_id))
+            .await
+            .and_then(|m| serde_json::from_slice::<TransactionEvent>(&m.payload).ok())
+            .map(|e| format!("{:?}", e.state).to_lowercase())
+            .unwrap_or_else(|| "unknown".into());
+        let message = format!(
+            "txn_id {} is taken by another request (submission {}), which is {now}; this request does not run",
+            self.txn_id,
+            first
+                .submit_seq
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| "?".into()),
+        );
+        tracing::warn!(submit_seq = ours.submit_seq, %message, "reused txn_id");
+        super::report_error(
+            &self.shared,
+            SubmitError {
+                submit_seq: ours.submit_seq,
+                txn_id: Some(self.txn_id.clone()),
+                kind: "duplicate_txn_id".into(),
+                message,
+                path: Some("txn_id".into()),
+                timestamp_ms: now_ms(),
+            },
+        )
+        .await;
     }
 
     async fn failpoint(&self, event: &TransactionEvent, msg_id: &str) {
@@ -531,6 +587,37 @@ pub(crate) async fn last_record(
             }
         }
     }
+}
+
+/// The first record of a transaction's log (its `accepted` record, or `rejected`):
+/// `Ok(None)` when it has none, `Err` when the log could not be read.
+pub(crate) async fn first_record(
+    shared: &Shared,
+    txn_id: &str,
+) -> Result<Option<TransactionEvent>, String> {
+    use async_nats::jetstream::stream::DirectGetErrorKind;
+    let subject = shared.subjects.events(txn_id);
+    let mut last_error = String::new();
+    for _ in 0..3 {
+        match shared
+            .streams
+            .events
+            .direct_get_next_for_subject(subject.clone(), Some(1))
+            .await
+        {
+            Ok(msg) => {
+                return serde_json::from_slice(&msg.payload)
+                    .map(Some)
+                    .map_err(|e| format!("the first record of {subject} is unreadable: {e}"));
+            }
+            Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => return Ok(None),
+            Err(e) => {
+                last_error = e.to_string();
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+    Err(last_error)
 }
 
 /// Awaits `work` while sending progress acks for `msg` every third of `ack_wait`, so the
