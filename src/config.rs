@@ -111,6 +111,10 @@ pub struct Config {
     pub saga_compensation_attempts: u32,
     /// Transactions in flight at once; more submissions wait in the stream (backpressure).
     pub max_in_flight: usize,
+    /// Running transactions that may involve any one service; more that involve it wait in
+    /// the stream, so a flood to one service cannot starve the others. 0: no limit but
+    /// `max_in_flight`.
+    pub max_in_flight_per_service: usize,
     /// Largest request accepted, in bytes.
     pub max_request_bytes: usize,
     /// Largest number of steps in a request.
@@ -179,6 +183,7 @@ impl Default for Config {
             saga_execute_attempts: 3,
             saga_compensation_attempts: 5,
             max_in_flight: 10_000,
+            max_in_flight_per_service: 2_500,
             max_request_bytes: 256 * 1024,
             max_steps: crate::proto::MAX_STEPS,
             stream_replicas: 1,

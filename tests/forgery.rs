@@ -283,3 +283,37 @@ async fn a_reused_txn_id_is_an_error_and_no_phantom_record() {
     let answer = ask(&first).await;
     assert_eq!(answer["state"], "committed", "{answer}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_to_one_service_does_not_starve_the_others() {
+    let sys = System::start(
+        &["a"],
+        &[
+            ("TXCOORD_MAX_IN_FLIGHT", "20"),
+            ("TXCOORD_MAX_IN_FLIGHT_PER_SERVICE", "10"),
+        ],
+    )
+    .await;
+    // 30 transactions an hour long, to a service that does not exist: more than the
+    // coordinator's every slot.
+    for i in 0..30 {
+        let mut r = request(&format!("flood-{i}"), vec![step("ghost", json!({}))]);
+        r["timeout_ms"] = json!(3_600_000);
+        sys.submit(&r, &format!("flood-{i}")).await;
+    }
+    let start = std::time::Instant::now();
+    while stats(&sys).await["held_back"].as_u64() == Some(0) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "nothing held back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A good transaction still gets a slot.
+    let ev = sys
+        .run(request("good-after-flood", vec![step("a", json!({}))]))
+        .await;
+    assert_eq!(ev.state, TxnState::Committed, "{ev:?}");
+    let s = stats(&sys).await;
+    assert!(s["in_flight"].as_u64() <= Some(10), "{s}");
+}

@@ -12,6 +12,7 @@
 pub mod api;
 pub mod checkpoint;
 pub mod lease;
+pub mod limits;
 pub mod prometheus;
 pub mod replies;
 pub mod txn;
@@ -91,11 +92,15 @@ pub struct Metrics {
     compensated: AtomicU64,
     rejected_replies: AtomicU64,
     refused_api_requests: AtomicU64,
+    held_back: AtomicU64,
 }
 
 impl Metrics {
     fn accepted(&self) {
         self.accepted.fetch_add(1, Ordering::Relaxed);
+    }
+    fn held_back(&self) {
+        self.held_back.fetch_add(1, Ordering::Relaxed);
     }
     fn refused_api_request(&self) {
         self.refused_api_requests.fetch_add(1, Ordering::Relaxed);
@@ -126,6 +131,7 @@ impl Metrics {
             "compensated": self.compensated.load(Ordering::Relaxed),
             "rejected_replies": self.rejected_replies.load(Ordering::Relaxed),
             "refused_api_requests": self.refused_api_requests.load(Ordering::Relaxed),
+            "held_back": self.held_back.load(Ordering::Relaxed),
             "in_flight": in_flight,
         })
     }
@@ -167,6 +173,8 @@ pub struct Shared {
     pub accept_untokened_replies: bool,
     /// The API answers only to reply subjects starting with one of these.
     pub api_reply_prefixes: Vec<String>,
+    /// Each service's share of the running transactions.
+    pub service_limits: Arc<limits::ServiceLimits>,
 }
 
 /// Test hooks, chosen with `TXCOORD_FAILPOINT`, that put the coordinator where a test needs
@@ -267,6 +275,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         reply_key: replies::ReplyKey::random(),
         accept_untokened_replies: cfg.accept_untokened_replies,
         api_reply_prefixes: cfg.api_reply_prefixes.clone(),
+        service_limits: limits::ServiceLimits::new(cfg.max_in_flight_per_service),
     });
 
     let state = checkpoint::open(&shared.js, &cfg.subject_prefix, cfg.stream_replicas).await;
@@ -535,6 +544,22 @@ async fn submission(
         .txn_id
         .clone()
         .unwrap_or_else(|| derived_txn_id(&shared.subjects, seq));
+    // A service at its share: the submission waits in the stream and comes back shortly,
+    // while transactions of other services go on.
+    let slots = match shared
+        .service_limits
+        .try_take(request.steps.iter().map(|s| s.service.clone()))
+    {
+        Ok(slots) => slots,
+        Err(full) => {
+            shared.metrics.held_back();
+            tracing::debug!(%txn_id, service = %full, "service at its in-flight share; submission waits");
+            let _ = msg
+                .ack_with(jetstream::AckKind::Nak(Some(Duration::from_millis(500))))
+                .await;
+            return;
+        }
+    };
     let (tx, rx) = mpsc::channel(64);
     if !shared.router.insert(&txn_id, tx.clone()) {
         tracing::info!(%txn_id, "duplicate submission of a running transaction ignored");
@@ -563,7 +588,7 @@ async fn submission(
             },
             tx,
             rx,
-            Some(permit),
+            Some((permit, slots)),
         )
         .instrument(span),
     );

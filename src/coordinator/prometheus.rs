@@ -59,6 +59,11 @@ pub fn render(shared: &Shared) -> String {
             "API requests not answered because their reply subject is not an inbox.",
         ),
         (
+            "txcoord_held_back_total",
+            "held_back",
+            "Submissions handed back to wait because a service was at its in-flight share.",
+        ),
+        (
             "txcoord_recovered",
             "recovered",
             "Transactions resumed from the log at the last start.",
