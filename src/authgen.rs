@@ -4,7 +4,8 @@
 //!
 //! - The **coordinator** may do anything: it owns the streams, writes the log and the
 //!   commands, and answers the API.
-//! - A **client** may submit (`<prefix>.submit`), call the API (`<prefix>.api.*`, `$SRV.*`),
+//! - A **client** may submit on its own subject (`<prefix>.submit.<client>`, which gives it
+//!   its own fair share), call the API (`<prefix>.api.*`, `$SRV.*`),
 //!   watch outcomes (`<prefix>.events.*`) and read the log (direct gets on the events
 //!   stream). It may not publish a record, a command or a reply.
 //! - A **service** may read only its own commands (its durable consumer on the command
@@ -147,7 +148,7 @@ pub fn generate(
             password: password(),
             inbox_prefix: inbox(c),
             publish: vec![
-                s.submit(),
+                s.submit_as(c),
                 format!("{prefix}.api.*"),
                 "$SRV.>".into(),
                 "$JS.API.INFO".into(),

@@ -40,6 +40,8 @@ pub struct Client {
     js: jetstream::Context,
     subjects: Subjects,
     events: jetstream::stream::Stream,
+    /// Where it submits: `<prefix>.submit`, or `<prefix>.submit.<client>` ([`Client::as_client`]).
+    submit: String,
 }
 
 impl Client {
@@ -48,12 +50,22 @@ impl Client {
         let subjects = Subjects::new(prefix);
         let js = crate::nats::jetstream(nc.clone(), Duration::from_secs(5));
         let streams = ensure_streams(&js, &subjects, &StreamSettings::default()).await?;
+        let submit = subjects.submit();
         Ok(Client {
             nc,
             js,
             subjects,
             events: streams.events,
+            submit,
         })
+    }
+
+    /// Submits as the client `name` (on `<prefix>.submit.<name>`): the coordinator gives
+    /// each named client its own share of the running transactions, and `txcoord auth`'s
+    /// permissions let each client user publish only on its own submit subject.
+    pub fn as_client(mut self, name: &str) -> Client {
+        self.submit = self.subjects.submit_as(name);
+        self
     }
 
     /// The subjects used.
@@ -108,7 +120,7 @@ impl Client {
     pub async fn submit_raw(&self, body: bytes::Bytes, msg_id: &str) -> Result<u64, ClientError> {
         let ack = publish_durable(
             &self.js,
-            &self.subjects.submit(),
+            &self.submit,
             msg_id,
             body,
             Expect::default(),
@@ -176,7 +188,7 @@ impl Client {
             };
             let body = bytes::Bytes::from(serde_json::to_vec(&req).unwrap_or_default());
             let js = self.js.clone();
-            let subject = self.subjects.submit();
+            let subject = self.submit.clone();
             let msg_id = id.clone();
             sent_at
                 .entry(id.clone())

@@ -115,6 +115,10 @@ pub struct Config {
     /// the stream, so a flood to one service cannot starve the others. 0: no limit but
     /// `max_in_flight`.
     pub max_in_flight_per_service: usize,
+    /// Running transactions any one client may have (a client is known by its submit
+    /// subject, `<prefix>.submit.<client>`; plain `<prefix>.submit` names none and has no
+    /// client share); more of its submissions wait in the stream. 0: no limit.
+    pub max_in_flight_per_client: usize,
     /// Largest request accepted, in bytes.
     pub max_request_bytes: usize,
     /// Largest number of steps in a request.
@@ -184,6 +188,7 @@ impl Default for Config {
             saga_compensation_attempts: 5,
             max_in_flight: 10_000,
             max_in_flight_per_service: 2_500,
+            max_in_flight_per_client: 2_500,
             max_request_bytes: 256 * 1024,
             max_steps: crate::proto::MAX_STEPS,
             stream_replicas: 1,

@@ -199,7 +199,10 @@ pub async fn ensure_streams(
     };
     let submit = stream::Config {
         max_age: settings.submit_max_age,
-        ..base(subjects.submit_stream(), vec![subjects.submit()])
+        ..base(
+            subjects.submit_stream(),
+            vec![subjects.submit(), subjects.submit_named()],
+        )
     };
     let events = stream::Config {
         max_age: settings.events_max_age,
@@ -266,7 +269,7 @@ async fn open_stream(
     // JetStream may still be starting (or electing a leader on a cluster): retry a while.
     for attempt in 0..30 {
         match js.get_or_create_stream(config.clone()).await {
-            Ok(s) => return Ok(s),
+            Ok(s) => return add_subjects(js, s, &config).await,
             Err(e) if attempt < 29 => {
                 tracing::debug!(stream = %name, error = %e, "stream not ready, retrying");
                 tokio::time::sleep(delay).await;
@@ -284,6 +287,40 @@ async fn open_stream(
         stream: name,
         message: "unreachable".into(),
     })
+}
+
+/// A stream made by an older txcoord may lack subjects this one adds (the named submit
+/// subjects): they are added, the rest of its configuration kept.
+async fn add_subjects(
+    js: &jetstream::Context,
+    stream: stream::Stream,
+    want: &stream::Config,
+) -> Result<stream::Stream, NatsError> {
+    let have = &stream.cached_info().config;
+    let missing: Vec<String> = want
+        .subjects
+        .iter()
+        .filter(|s| !have.subjects.contains(s))
+        .cloned()
+        .collect();
+    if missing.is_empty() {
+        return Ok(stream);
+    }
+    let mut config = have.clone();
+    config.subjects.extend(missing);
+    tracing::info!(stream = %config.name, subjects = ?config.subjects, "adding subjects to a stream from an older txcoord");
+    js.update_stream(&config)
+        .await
+        .map_err(|e| NatsError::Stream {
+            stream: config.name.clone(),
+            message: format!("cannot add subjects {:?}: {e}", config.subjects),
+        })?;
+    js.get_stream(&config.name)
+        .await
+        .map_err(|e| NatsError::Stream {
+            stream: config.name.clone(),
+            message: e.to_string(),
+        })
 }
 
 /// Opens the KV bucket `bucket`, creating it (history 1, `replicas`, and `max_age` if not

@@ -771,9 +771,28 @@ impl Subjects {
         &self.prefix
     }
 
-    /// Where clients submit requests.
+    /// Where clients submit requests (as the anonymous client).
     pub fn submit(&self) -> String {
         format!("{}.submit", self.prefix)
+    }
+
+    /// Where the client `client` submits: `<prefix>.submit.<client>`. NATS permissions can
+    /// give each client user its own, so the coordinator knows who submitted (fair shares).
+    pub fn submit_as(&self, client: &str) -> String {
+        format!("{}.submit.{client}", self.prefix)
+    }
+
+    /// Every submit subject with a client name.
+    pub fn submit_named(&self) -> String {
+        format!("{}.submit.*", self.prefix)
+    }
+
+    /// The client a submission came from, by its subject (None for plain `<prefix>.submit`).
+    pub fn submitter<'a>(&self, subject: &'a str) -> Option<&'a str> {
+        subject
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(".submit.")
+            .filter(|c| !c.is_empty() && !c.contains('.'))
     }
 
     /// The events of one transaction.

@@ -317,3 +317,85 @@ async fn a_flood_to_one_service_does_not_starve_the_others() {
     let s = stats(&sys).await;
     assert!(s["in_flight"].as_u64() <= Some(10), "{s}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_from_one_client_does_not_starve_the_others() {
+    let sys = System::start(
+        &["a"],
+        &[
+            ("TXCOORD_MAX_IN_FLIGHT", "20"),
+            ("TXCOORD_MAX_IN_FLIGHT_PER_SERVICE", "0"),
+            ("TXCOORD_MAX_IN_FLIGHT_PER_CLIENT", "10"),
+        ],
+    )
+    .await;
+    // One client sends 30 hour-long transactions (to a service that never answers).
+    let flooder = txcoord::client::Client::new(sys.nc.clone(), "txn")
+        .await
+        .unwrap()
+        .as_client("flooder");
+    for i in 0..30 {
+        let mut r = request(&format!("cflood-{i}"), vec![step("ghost", json!({}))]);
+        r["timeout_ms"] = json!(3_600_000);
+        flooder
+            .submit_raw(r.to_string().into(), &format!("cflood-{i}"))
+            .await
+            .unwrap();
+    }
+    let start = std::time::Instant::now();
+    while stats(&sys).await["held_back"].as_u64() == Some(0) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "nothing held back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Another client still gets a slot.
+    let other = txcoord::client::Client::new(sys.nc.clone(), "txn")
+        .await
+        .unwrap()
+        .as_client("shop");
+    let ev = other
+        .submit_and_wait(
+            vec![request("shop-after-flood", vec![step("a", json!({}))])],
+            Duration::from_secs(30),
+        )
+        .await
+        .remove(0)
+        .expect("an outcome");
+    assert_eq!(ev.state, TxnState::Committed, "{ev:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submit_stream_from_an_older_txcoord_gets_the_named_subjects() {
+    let nats = txcoord::natsserver::NatsServer::start().unwrap();
+    {
+        let nc = async_nats::connect(nats.url()).await.unwrap();
+        let js = async_nats::jetstream::new(nc);
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: "TXN_SUBMIT".into(),
+            subjects: vec!["txn.submit".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let sys = System::start_on(nats, &["a"], &[]).await;
+    let named = txcoord::client::Client::new(sys.nc.clone(), "txn")
+        .await
+        .unwrap()
+        .as_client("shop");
+    let ev = named
+        .submit_and_wait(
+            vec![request("named-1", vec![step("a", json!({}))])],
+            Duration::from_secs(30),
+        )
+        .await
+        .remove(0)
+        .expect("an outcome");
+    assert_eq!(ev.state, TxnState::Committed);
+    let js = async_nats::jetstream::new(sys.nc.clone());
+    let mut stream = js.get_stream("TXN_SUBMIT").await.unwrap();
+    let subjects = stream.info().await.unwrap().config.subjects.clone();
+    assert_eq!(subjects, ["txn.submit", "txn.submit.*"]);
+}

@@ -72,7 +72,10 @@ async fn generated_identities_run_transactions_and_stop_forgeries() {
     }
 
     let shop = connect(&url, &g, "shop").await;
-    let client = Client::new(shop.clone(), "txn").await.expect("client");
+    let client = Client::new(shop.clone(), "txn")
+        .await
+        .expect("client")
+        .as_client("shop");
     // Good transactions, as the client identity.
     let out = client
         .submit_and_wait(
@@ -147,6 +150,9 @@ async fn generated_identities_run_transactions_and_stop_forgeries() {
         &json!({"kind": "commit"}),
     )
     .await;
+    // Nor submit as another client (or as nobody), to spend someone else's share.
+    refused(&shop, "txn.submit.other", &request("as-other", vec![])).await;
+    refused(&shop, "txn.submit", &request("as-nobody", vec![])).await;
     // Service a may not vote on b's subject, nor on the shared old one.
     refused(&svc_a, &format!("txn.reply.b.{id}"), &vote).await;
     refused(&svc_a, &format!("txn.reply.{id}"), &vote).await;
@@ -175,15 +181,20 @@ async fn generated_identities_run_transactions_and_stop_forgeries() {
             message: "real refusal".into()
         })
     );
-    let stats = shop
-        .request("$SRV.STATS.txcoord", "".into())
-        .await
-        .expect("stats");
-    let stats: Value = serde_json::from_slice(&stats.payload).unwrap();
-    assert!(
-        stats["endpoints"][0]["data"]["rejected_replies"].as_u64() >= Some(1),
-        "{stats}"
-    );
+    // The coordinator reads the forged reply (it may land after the outcome) and refuses it.
+    let start = std::time::Instant::now();
+    loop {
+        let stats = shop
+            .request("$SRV.STATS.txcoord", "".into())
+            .await
+            .expect("stats");
+        let stats: Value = serde_json::from_slice(&stats.payload).unwrap();
+        if stats["endpoints"][0]["data"]["rejected_replies"].as_u64() >= Some(1) {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{stats}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // b's prepare, its resends and its abort went out meanwhile: none reached service a.
     if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(300), snoop.next()).await {
         panic!("service a read b's command on {}", m.subject);

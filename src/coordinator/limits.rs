@@ -1,28 +1,32 @@
 //! Fair shares of the coordinator: besides the global `max_in_flight`, each service may be in
-//! at most `max_in_flight_per_service` running transactions, so a flood of transactions to
-//! one service (a slow one, or one that does not exist, with long timeouts) cannot take every
-//! slot and starve transactions that do not involve it. A submission that would pass a
-//! service's share waits in the submit stream (it is handed back and comes again shortly).
+//! at most `max_in_flight_per_service` running transactions, and each client may have at most
+//! `max_in_flight_per_client` running, so neither a flood of transactions to one service (a
+//! slow one, or one that does not exist, with long timeouts) nor a flood from one client can
+//! take every slot and starve the rest. A submission that would pass a share waits in the
+//! submit stream (it is handed back and comes again shortly). A client is known by the
+//! subject it submits on (`<prefix>.submit.<client>`), which NATS permissions can fix per
+//! user (`txcoord auth` does); submissions on plain `<prefix>.submit` name no client and
+//! have no client share (only the service shares and `max_in_flight`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-/// The per-service counts.
-pub struct ServiceLimits {
+/// Running transactions per name (of a service, or of a client).
+pub struct Shares {
     max: usize,
     counts: Mutex<HashMap<String, usize>>,
 }
 
-/// A running transaction's place in its services' shares; given back on drop.
-pub struct ServiceSlots {
-    limits: Arc<ServiceLimits>,
+/// A running transaction's place in some shares; given back on drop.
+pub struct Held {
+    limits: Arc<Shares>,
     services: Vec<String>,
 }
 
-impl ServiceLimits {
-    /// Limits of `max` transactions per service (0: none).
-    pub fn new(max: usize) -> Arc<ServiceLimits> {
-        Arc::new(ServiceLimits {
+impl Shares {
+    /// Limits of `max` transactions per name (0: none).
+    pub fn new(max: usize) -> Arc<Shares> {
+        Arc::new(Shares {
             max,
             counts: Mutex::new(HashMap::new()),
         })
@@ -32,12 +36,12 @@ impl ServiceLimits {
         self.counts.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes a place for each distinct service of a transaction, or names the first service
-    /// whose share is full (and takes nothing).
+    /// Takes a place for each distinct name (a transaction's services, or its client), or
+    /// names the first whose share is full (and takes nothing).
     pub fn try_take(
         self: &Arc<Self>,
         services: impl IntoIterator<Item = String>,
-    ) -> Result<ServiceSlots, String> {
+    ) -> Result<Held, String> {
         let mut services: Vec<String> = services.into_iter().collect();
         services.sort();
         services.dedup();
@@ -52,19 +56,19 @@ impl ServiceLimits {
         for s in &services {
             *counts.entry(s.clone()).or_default() += 1;
         }
-        Ok(ServiceSlots {
+        Ok(Held {
             limits: self.clone(),
             services,
         })
     }
 
-    /// How many running transactions involve `service`.
-    pub fn in_flight(&self, service: &str) -> usize {
-        self.counts().get(service).copied().unwrap_or(0)
+    /// How many running transactions hold a place under `name`.
+    pub fn in_flight(&self, name: &str) -> usize {
+        self.counts().get(name).copied().unwrap_or(0)
     }
 }
 
-impl Drop for ServiceSlots {
+impl Drop for Held {
     fn drop(&mut self) {
         let mut counts = self.limits.counts();
         for s in &self.services {
@@ -84,7 +88,7 @@ mod tests {
 
     #[test]
     fn a_full_service_blocks_only_transactions_that_involve_it() {
-        let l = ServiceLimits::new(2);
+        let l = Shares::new(2);
         let a1 = l.try_take(["ghost".to_string()]).unwrap();
         let _a2 = l
             .try_take(["ghost".to_string(), "ghost".to_string()])
@@ -99,7 +103,7 @@ mod tests {
         drop(a1);
         assert_eq!(l.in_flight("ghost"), 1);
         assert!(l.try_take(["ghost".to_string()]).is_ok());
-        let unlimited = ServiceLimits::new(0);
+        let unlimited = Shares::new(0);
         let _many: Vec<_> = (0..100)
             .map(|_| unlimited.try_take(["x".to_string()]).unwrap())
             .collect();

@@ -174,7 +174,9 @@ pub struct Shared {
     /// The API answers only to reply subjects starting with one of these.
     pub api_reply_prefixes: Vec<String>,
     /// Each service's share of the running transactions.
-    pub service_limits: Arc<limits::ServiceLimits>,
+    pub service_limits: Arc<limits::Shares>,
+    /// Each client's share of the running transactions.
+    pub client_limits: Arc<limits::Shares>,
 }
 
 /// Test hooks, chosen with `TXCOORD_FAILPOINT`, that put the coordinator where a test needs
@@ -275,7 +277,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         reply_key: replies::ReplyKey::random(),
         accept_untokened_replies: cfg.accept_untokened_replies,
         api_reply_prefixes: cfg.api_reply_prefixes.clone(),
-        service_limits: limits::ServiceLimits::new(cfg.max_in_flight_per_service),
+        service_limits: limits::Shares::new(cfg.max_in_flight_per_service),
+        client_limits: limits::Shares::new(cfg.max_in_flight_per_client),
     });
 
     let state = checkpoint::open(&shared.js, &cfg.subject_prefix, cfg.stream_replicas).await;
@@ -544,16 +547,26 @@ async fn submission(
         .txn_id
         .clone()
         .unwrap_or_else(|| derived_txn_id(&shared.subjects, seq));
-    // A service at its share: the submission waits in the stream and comes back shortly,
-    // while transactions of other services go on.
-    let slots = match shared
-        .service_limits
-        .try_take(request.steps.iter().map(|s| s.service.clone()))
-    {
+    // A service or a client at its share: the submission waits in the stream and comes back
+    // shortly, while the others' transactions go on.
+    // (Plain `<prefix>.submit` names no client and has no client share.)
+    let client = shared.subjects.submitter(&msg.subject).map(str::to_string);
+    let shares = shared
+        .client_limits
+        .try_take(client)
+        .map_err(|c| format!("client {c}"))
+        .and_then(|c| {
+            shared
+                .service_limits
+                .try_take(request.steps.iter().map(|s| s.service.clone()))
+                .map(|s| [c, s])
+                .map_err(|s| format!("service {s}"))
+        });
+    let slots = match shares {
         Ok(slots) => slots,
         Err(full) => {
             shared.metrics.held_back();
-            tracing::debug!(%txn_id, service = %full, "service at its in-flight share; submission waits");
+            tracing::debug!(%txn_id, share = %full, "at its in-flight share; submission waits");
             let _ = msg
                 .ack_with(jetstream::AckKind::Nak(Some(Duration::from_millis(500))))
                 .await;

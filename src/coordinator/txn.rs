@@ -137,7 +137,7 @@ pub async fn drive(
     begin: Begin,
     own: mpsc::Sender<TxnMsg>,
     mut rx: mpsc::Receiver<TxnMsg>,
-    _permit: Option<(OwnedSemaphorePermit, super::limits::ServiceSlots)>,
+    _permit: Option<(OwnedSemaphorePermit, [super::limits::Held; 2])>,
 ) {
     let txn_id = engine.txn_id().to_string();
     let (accepted_seq, last_seq) = match &begin {
