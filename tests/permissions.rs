@@ -153,6 +153,18 @@ async fn generated_identities_run_transactions_and_stop_forgeries() {
     // Nor submit as another client (or as nobody), to spend someone else's share.
     refused(&shop, "txn.submit.other", &request("as-other", vec![])).await;
     refused(&shop, "txn.submit", &request("as-nobody", vec![])).await;
+    // Nor reach the micro-service endpoints, which answer any reply subject.
+    assert!(
+        shop.send_request(
+            "$SRV.STATS.txcoord",
+            async_nats::Request::new()
+                .payload("".into())
+                .timeout(Some(Duration::from_secs(1)))
+        )
+        .await
+        .is_err(),
+        "a client reached $SRV"
+    );
     // Service a may not vote on b's subject, nor on the shared old one.
     refused(&svc_a, &format!("txn.reply.b.{id}"), &vote).await;
     refused(&svc_a, &format!("txn.reply.{id}"), &vote).await;
@@ -184,7 +196,7 @@ async fn generated_identities_run_transactions_and_stop_forgeries() {
     // The coordinator reads the forged reply (it may land after the outcome) and refuses it.
     let start = std::time::Instant::now();
     loop {
-        let stats = shop
+        let stats = admin
             .request("$SRV.STATS.txcoord", "".into())
             .await
             .expect("stats");
