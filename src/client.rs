@@ -75,12 +75,7 @@ impl Client {
 
     /// The last recorded event of a transaction, read from the stream.
     pub async fn last_event(&self, txn_id: &str) -> Option<TransactionEvent> {
-        let msg = self
-            .events
-            .direct_get_last_for_subject(self.subjects.events(txn_id))
-            .await
-            .ok()?;
-        serde_json::from_slice(&msg.payload).ok()
+        last_record_of(&self.events, &self.subjects, txn_id).await
     }
 
     /// Every recorded event of a transaction, oldest first.
@@ -326,4 +321,41 @@ impl Client {
             )),
         }
     }
+}
+
+/// The last record of `txn_id`'s log that is one of its events. Normally the last message
+/// on its subject; if that is something else (anyone allowed to publish there, or a
+/// confused deputy, may have stored anything), the log is read from the start and the last
+/// readable event of this transaction is the answer.
+pub async fn last_record_of(
+    events: &jetstream::stream::Stream,
+    subjects: &Subjects,
+    txn_id: &str,
+) -> Option<TransactionEvent> {
+    let subject = subjects.events(txn_id);
+    let msg = events
+        .direct_get_last_for_subject(subject.clone())
+        .await
+        .ok()?;
+    let ours = |payload: &[u8]| {
+        serde_json::from_slice::<TransactionEvent>(payload)
+            .ok()
+            .filter(|e| e.txn_id == txn_id)
+    };
+    if let Some(ev) = ours(&msg.payload) {
+        return Some(ev);
+    }
+    tracing::warn!(%subject, seq = msg.sequence, "the last message of a log is not one of its records; reading the log from the start");
+    let mut found = None;
+    let mut seq = 0;
+    while let Ok(m) = events
+        .direct_get_next_for_subject(subject.clone(), Some(seq + 1))
+        .await
+    {
+        seq = m.sequence;
+        if let Some(ev) = ours(&m.payload) {
+            found = Some(ev);
+        }
+    }
+    found
 }

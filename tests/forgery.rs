@@ -399,3 +399,45 @@ async fn a_submit_stream_from_an_older_txcoord_gets_the_named_subjects() {
     let subjects = stream.info().await.unwrap().config.subjects.clone();
     assert_eq!(subjects, ["txn.submit", "txn.submit.*"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_message_in_a_log_does_not_hide_its_outcome() {
+    let sys = System::start(&["a"], &[]).await;
+    let ev = sys
+        .run(request("victim-2", vec![step("a", json!({}))]))
+        .await;
+    assert_eq!(ev.state, TxnState::Committed);
+    // async-nats answers $SRV.* to any reply subject: without per-user permissions this
+    // stores the coordinator's stats as the last message of the victim's log.
+    sys.nc
+        .publish_with_reply("$SRV.STATS.txcoord", "txn.events.victim-2", "".into())
+        .await
+        .unwrap();
+    sys.nc.flush().await.unwrap();
+    let js = async_nats::jetstream::new(sys.nc.clone());
+    let stream = js.get_stream("TXN_EVENTS").await.unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        let last = stream
+            .direct_get_last_for_subject("txn.events.victim-2")
+            .await
+            .unwrap();
+        if serde_json::from_slice::<txcoord::proto::TransactionEvent>(&last.payload).is_err() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "stats never landed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The outcome still reads as the log's last real record.
+    assert_eq!(
+        sys.client.last_event("victim-2").await.map(|e| e.state),
+        Some(TxnState::Committed)
+    );
+    assert_eq!(
+        sys.client.status("victim-2").await.unwrap().state,
+        TxnState::Committed
+    );
+}

@@ -229,13 +229,7 @@ async fn handle_execute(
 
 /// The last recorded event of a transaction, if any.
 pub async fn last_event(shared: &Shared, txn_id: &str) -> Option<TransactionEvent> {
-    let msg = shared
-        .streams
-        .events
-        .direct_get_last_for_subject(shared.subjects.events(txn_id))
-        .await
-        .ok()?;
-    serde_json::from_slice(&msg.payload).ok()
+    crate::client::last_record_of(&shared.streams.events, &shared.subjects, txn_id).await
 }
 
 async fn handle_status(shared: Arc<Shared>, req: async_nats::service::Request) {
