@@ -5,9 +5,8 @@
 //! - The **coordinator** may do anything: it owns the streams, writes the log and the
 //!   commands, and answers the API.
 //! - A **client** may submit on its own subject (`<prefix>.submit.<client>`, which gives it
-//!   its own fair share), call the API (`<prefix>.api.*`; not `$SRV.*`, whose ping, info and
-//!   stats async-nats answers to any reply subject, so a client could have the coordinator
-//!   write them into its log),
+//!   its own fair share), call the API (`<prefix>.api.*`; `$SRV.*` is for operators, who
+//!   use the coordinator identity),
 //!   watch outcomes (`<prefix>.events.*`) and read the log (direct gets on the events
 //!   stream). It may not publish a record, a command or a reply.
 //! - A **service** may read only its own commands (its durable consumer on the command

@@ -407,31 +407,41 @@ async fn a_foreign_message_in_a_log_does_not_hide_its_outcome() {
         .run(request("victim-2", vec![step("a", json!({}))]))
         .await;
     assert_eq!(ev.state, TxnState::Committed);
-    // async-nats answers $SRV.* to any reply subject: without per-user permissions this
-    // stores the coordinator's stats as the last message of the victim's log.
-    sys.nc
-        .publish_with_reply("$SRV.STATS.txcoord", "txn.events.victim-2", "".into())
-        .await
-        .unwrap();
-    sys.nc.flush().await.unwrap();
-    let js = async_nats::jetstream::new(sys.nc.clone());
-    let stream = js.get_stream("TXN_EVENTS").await.unwrap();
-    let start = std::time::Instant::now();
-    loop {
-        let last = stream
-            .direct_get_last_for_subject("txn.events.victim-2")
+    // The micro-service endpoints are a deputy too: their answers go only to inboxes.
+    let refused = stats(&sys).await["refused_api_requests"].as_u64().unwrap();
+    for verb in ["PING", "INFO", "STATS"] {
+        sys.nc
+            .publish_with_reply(
+                format!("$SRV.{verb}.txcoord"),
+                "txn.events.victim-2",
+                "".into(),
+            )
             .await
             .unwrap();
-        if serde_json::from_slice::<txcoord::proto::TransactionEvent>(&last.payload).is_err() {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "stats never landed"
-        );
+    }
+    sys.nc.flush().await.unwrap();
+    let start = std::time::Instant::now();
+    while stats(&sys).await["refused_api_requests"].as_u64() < Some(refused + 3) {
+        assert!(start.elapsed() < Duration::from_secs(10), "not refused");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // The outcome still reads as the log's last real record.
+    let js = async_nats::jetstream::new(sys.nc.clone());
+    let stream = js.get_stream("TXN_EVENTS").await.unwrap();
+    let last = stream
+        .direct_get_last_for_subject("txn.events.victim-2")
+        .await
+        .unwrap();
+    assert!(
+        serde_json::from_slice::<txcoord::proto::TransactionEvent>(&last.payload).is_ok(),
+        "something foreign landed in the log"
+    );
+    // Someone with publish rights on the log stores a foreign message anyway: the outcome
+    // still reads as the log's last real record.
+    sys.publish_stored(
+        "txn.events.victim-2".into(),
+        br#"{"not":"an event"}"#.to_vec(),
+    )
+    .await;
     assert_eq!(
         sys.client.last_event("victim-2").await.map(|e| e.state),
         Some(TxnState::Committed)

@@ -1,18 +1,22 @@
-//! The request/reply API, registered as the NATS micro service `txcoord` (so `$SRV.PING`,
-//! `$SRV.INFO` and `$SRV.STATS` work): `<prefix>.api.execute` runs a request and replies with
-//! its final event; `<prefix>.api.status` replies with a transaction's latest state.
+//! The request/reply API, served as the NATS micro service `txcoord` (`$SRV.PING`,
+//! `$SRV.INFO` and `$SRV.STATS` answer as the micro protocol says, so `nats micro` tools
+//! work): `<prefix>.api.execute` runs a request and replies with its final event;
+//! `<prefix>.api.status` replies with a transaction's latest state.
 //!
 //! Answers go only to reply inboxes (subjects starting with one of `api_reply_prefixes`,
-//! `_INBOX` by default): a request whose reply subject is, say, `txn.events.<id>` or
-//! `txn.cmd.<service>.<id>` would have the coordinator write into its own log or hand a
-//! service a command (a confused deputy), so it is refused and not answered.
+//! `_INBOX` by default), for the `$SRV.*` subjects as much as for the API: a request whose
+//! reply subject is, say, `txn.events.<id>` or `txn.cmd.<service>.<id>` would have the
+//! coordinator write into its own log or hand a service a command (a confused deputy), so
+//! it is refused and not answered. That is why this module serves the micro protocol itself
+//! rather than through async-nats's service, which answers any reply subject.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use async_nats::service::ServiceExt;
 use bytes::Bytes;
 use futures::StreamExt;
+use serde_json::json;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -24,9 +28,13 @@ use crate::proto::{
     parse_request,
 };
 
+/// The micro service's name.
+const NAME: &str = "txcoord";
+/// The API endpoints' queue group (several coordinators never answer one request twice).
+const QUEUE: &str = "q";
+
 /// The running API; dropping it stops the endpoints.
 pub struct ApiHandle {
-    _service: async_nats::service::Service,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -38,55 +46,150 @@ impl Drop for ApiHandle {
     }
 }
 
-/// Registers the micro service and its endpoints.
+/// One request: the message and the connection to answer on.
+struct Req {
+    client: async_nats::Client,
+    message: async_nats::Message,
+}
+
+/// What `$SRV.INFO` and `$SRV.STATS` say about this instance.
+struct Instance {
+    id: String,
+    started: String,
+    endpoints: Vec<(&'static str, String, AtomicU64)>,
+}
+
+impl Instance {
+    fn base(&self, kind: &str) -> serde_json::Value {
+        json!({
+            "type": format!("io.nats.micro.v1.{kind}_response"),
+            "name": NAME,
+            "id": self.id,
+            "version": env!("CARGO_PKG_VERSION"),
+            "metadata": {},
+        })
+    }
+
+    fn info(&self) -> serde_json::Value {
+        let mut v = self.base("info");
+        v["description"] = json!("txcoord distributed-transaction coordinator");
+        v["endpoints"] = self
+            .endpoints
+            .iter()
+            .map(|(name, subject, _)| {
+                json!({"name": name, "subject": subject, "queue_group": QUEUE, "metadata": {}})
+            })
+            .collect();
+        v
+    }
+
+    fn stats(&self, data: serde_json::Value) -> serde_json::Value {
+        let mut v = self.base("stats");
+        v["started"] = json!(self.started);
+        v["endpoints"] = self
+            .endpoints
+            .iter()
+            .map(|(name, subject, n)| {
+                json!({"name": name, "subject": subject, "queue_group": QUEUE,
+                    "num_requests": n.load(Ordering::Relaxed), "num_errors": 0,
+                    "last_error": "", "processing_time": 0, "average_processing_time": 0,
+                    "data": data})
+            })
+            .collect();
+        v
+    }
+}
+
+/// RFC 3339 (UTC, seconds) for a Unix time in milliseconds.
+fn rfc3339(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Serves the micro protocol and the endpoints.
 pub async fn start(
     client: async_nats::Client,
     shared: Arc<Shared>,
 ) -> Result<ApiHandle, CoordinatorError> {
-    let stats_shared = shared.clone();
-    let service = client
-        .service_builder()
-        .description("txcoord distributed-transaction coordinator")
-        .stats_handler(move |_endpoint, _stats| {
-            stats_shared.metrics.to_json(stats_shared.router.len())
-        })
-        .start("txcoord", env!("CARGO_PKG_VERSION"))
-        .await
-        .map_err(|e| CoordinatorError::Api(e.to_string()))?;
-    let api_err = |e: async_nats::Error| CoordinatorError::Api(e.to_string());
-    let mut execute = service
-        .endpoint_builder()
-        .name("execute")
-        .add(shared.subjects.api("execute"))
-        .await
-        .map_err(api_err)?;
-    let mut status = service
-        .endpoint_builder()
-        .name("status")
-        .add(shared.subjects.api("status"))
-        .await
-        .map_err(api_err)?;
-    let s1 = shared.clone();
-    let c1 = client.clone();
-    let t1 = tokio::spawn(async move {
-        while let Some(req) = execute.next().await {
-            if answerable(&s1, &req) {
-                tokio::spawn(handle_execute(c1.clone(), s1.clone(), req));
-            }
-        }
+    let api_err = |e: async_nats::SubscribeError| CoordinatorError::Api(e.to_string());
+    let instance = Arc::new(Instance {
+        id: uuid::Uuid::new_v4().simple().to_string(),
+        started: rfc3339(crate::proto::now_ms()),
+        endpoints: vec![
+            ("execute", shared.subjects.api("execute"), AtomicU64::new(0)),
+            ("status", shared.subjects.api("status"), AtomicU64::new(0)),
+        ],
     });
-    let s2 = shared.clone();
-    let t2 = tokio::spawn(async move {
-        while let Some(req) = status.next().await {
-            if answerable(&s2, &req) {
-                tokio::spawn(handle_status(s2.clone(), req));
-            }
+    let mut tasks = Vec::new();
+    for verb in ["PING", "INFO", "STATS"] {
+        for subject in [
+            format!("$SRV.{verb}"),
+            format!("$SRV.{verb}.{NAME}"),
+            format!("$SRV.{verb}.{NAME}.{}", instance.id),
+        ] {
+            let mut sub = client.subscribe(subject).await.map_err(api_err)?;
+            let (client, shared, instance) = (client.clone(), shared.clone(), instance.clone());
+            tasks.push(tokio::spawn(async move {
+                while let Some(message) = sub.next().await {
+                    let req = Req {
+                        client: client.clone(),
+                        message,
+                    };
+                    if !answerable(&shared, &req) {
+                        continue;
+                    }
+                    let body = match verb {
+                        "PING" => instance.base("ping"),
+                        "INFO" => instance.info(),
+                        _ => instance.stats(shared.metrics.to_json(shared.router.len())),
+                    };
+                    respond(&req, Bytes::from(body.to_string())).await;
+                }
+            }));
         }
-    });
-    Ok(ApiHandle {
-        _service: service,
-        tasks: vec![t1, t2],
-    })
+    }
+    for (index, (name, subject, _)) in instance.endpoints.iter().enumerate() {
+        let mut sub = client
+            .queue_subscribe(subject.clone(), QUEUE.into())
+            .await
+            .map_err(api_err)?;
+        let (client, shared, instance) = (client.clone(), shared.clone(), instance.clone());
+        let execute = *name == "execute";
+        tasks.push(tokio::spawn(async move {
+            while let Some(message) = sub.next().await {
+                instance.endpoints[index].2.fetch_add(1, Ordering::Relaxed);
+                let req = Req {
+                    client: client.clone(),
+                    message,
+                };
+                if !answerable(&shared, &req) {
+                    continue;
+                }
+                if execute {
+                    tokio::spawn(handle_execute(client.clone(), shared.clone(), req));
+                } else {
+                    tokio::spawn(handle_status(shared.clone(), req));
+                }
+            }
+        }));
+    }
+    Ok(ApiHandle { tasks })
 }
 
 /// Whether `reply` may receive an API answer: it starts with one of `prefixes` (as
@@ -107,7 +210,7 @@ pub fn reply_allowed(prefixes: &[String], reply: Option<&str>) -> Result<(), Str
     ))
 }
 
-fn answerable(shared: &Shared, req: &async_nats::service::Request) -> bool {
+fn answerable(shared: &Shared, req: &Req) -> bool {
     let reply = req.message.reply.as_ref().map(|s| s.as_str());
     match reply_allowed(&shared.api_reply_prefixes, reply) {
         Ok(()) => true,
@@ -125,17 +228,16 @@ fn error_body(message: impl Into<String>) -> Bytes {
     })
 }
 
-async fn respond(req: &async_nats::service::Request, body: Bytes) {
-    if let Err(e) = req.respond(Ok(body)).await {
+async fn respond(req: &Req, body: Bytes) {
+    let Some(reply) = req.message.reply.clone() else {
+        return;
+    };
+    if let Err(e) = req.client.publish(reply, body).await {
         tracing::debug!(error = %e, "API reply not delivered");
     }
 }
 
-async fn handle_execute(
-    client: async_nats::Client,
-    shared: Arc<Shared>,
-    req: async_nats::service::Request,
-) {
+async fn handle_execute(client: async_nats::Client, shared: Arc<Shared>, req: Req) {
     let parsed = parse_request(&req.message.payload, &shared.limits);
     // Invalid requests still go through the submit stream when they carry a txn_id, so they
     // are recorded and rejected exactly like any other submission.
@@ -232,7 +334,7 @@ pub async fn last_event(shared: &Shared, txn_id: &str) -> Option<TransactionEven
     crate::client::last_record_of(&shared.streams.events, &shared.subjects, txn_id).await
 }
 
-async fn handle_status(shared: Arc<Shared>, req: async_nats::service::Request) {
+async fn handle_status(shared: Arc<Shared>, req: Req) {
     let query: StatusRequest = match serde_json::from_slice(&req.message.payload) {
         Ok(q) => q,
         Err(e) => {
@@ -268,7 +370,15 @@ async fn handle_status(shared: Arc<Shared>, req: async_nats::service::Request) {
 
 #[cfg(test)]
 mod tests {
-    use super::reply_allowed;
+    use super::{reply_allowed, rfc3339};
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_700_000_000_999), "2023-11-14T22:13:20Z");
+        assert_eq!(rfc3339(1_796_169_000_123), "2026-12-01T23:50:00Z");
+    }
 
     #[test]
     fn only_inboxes_get_answers() {
