@@ -465,13 +465,12 @@ pub async fn run<P: Participant>(
                         continue;
                     }
                 };
-                let Ok(permit) = permits.clone().acquire_owned().await else {
-                    return;
-                };
-                let ctx = ctx.clone();
+                // The permit is awaited inside, with the in-progress acks running, so a command
+                // waiting for its turn is not redelivered meanwhile. (The consumer's
+                // max_ack_pending bounds how many wait.)
+                let (ctx, permits) = (ctx.clone(), permits.clone());
                 tokio::spawn(async move {
-                    handle_alive(&ctx, &msg).await;
-                    drop(permit);
+                    handle_alive(&ctx, &msg, permits).await;
                 });
             }
         }
@@ -484,12 +483,22 @@ pub async fn run<P: Participant>(
     Ok(())
 }
 
-/// Handles one command, telling JetStream it is in progress every third of the ack wait
-/// (waiting for the branch's turn included), so only a dead process's commands are
-/// redelivered.
-async fn handle_alive<P: Participant>(ctx: &Ctx<P>, msg: &jetstream::Message) {
+/// Handles one command once a concurrency permit is free, telling JetStream it is in
+/// progress every third of the ack wait (waiting for the permit and for the branch's turn
+/// included), so only a dead process's commands are redelivered.
+async fn handle_alive<P: Participant>(
+    ctx: &Ctx<P>,
+    msg: &jetstream::Message,
+    permits: Arc<Semaphore>,
+) {
     let every = (ctx.options.ack_wait / 3).max(Duration::from_millis(100));
-    let done = handle(ctx, msg);
+    let done = async {
+        // Closed only when the SDK stops: the command is then left to its redelivery.
+        let Ok(_permit) = permits.acquire().await else {
+            return;
+        };
+        handle(ctx, msg).await
+    };
     tokio::pin!(done);
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     loop {
