@@ -24,6 +24,18 @@ async fn stats(sys: &System) -> Value {
     v["endpoints"][0]["data"].clone()
 }
 
+/// Waits (up to 10 s) until the coordinator's counter `key` is at least `at_least`.
+async fn wait_stat(sys: &System, key: &str, at_least: u64) {
+    let start = std::time::Instant::now();
+    while stats(sys).await[key].as_u64() < Some(at_least) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{key} never reached {at_least}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A `ready` vote from `service` for step `step` of `txn_id`.
 fn ready(txn_id: &str, service: &str, step: usize, attempt: u32, token: Option<&str>) -> Value {
     let mut r = json!({"txn_id": txn_id, "service": service, "step": step, "kind": "prepare",
@@ -153,11 +165,7 @@ async fn the_api_answers_only_to_inboxes() {
             .unwrap();
     }
     sys.nc.flush().await.unwrap();
-    let start = std::time::Instant::now();
-    while stats(&sys).await["refused_api_requests"].as_u64() < Some(2) {
-        assert!(start.elapsed() < Duration::from_secs(10), "not refused");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_stat(&sys, "refused_api_requests", 2).await;
     // The victim's last record is still its own outcome, and the service got no command.
     let last = sys.client.last_event("victim").await.expect("log");
     assert_eq!(last.state, TxnState::Committed);
@@ -301,14 +309,7 @@ async fn a_flood_to_one_service_does_not_starve_the_others() {
         r["timeout_ms"] = json!(3_600_000);
         sys.submit(&r, &format!("flood-{i}")).await;
     }
-    let start = std::time::Instant::now();
-    while stats(&sys).await["held_back"].as_u64() == Some(0) {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "nothing held back"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_stat(&sys, "held_back", 1).await;
     // A good transaction still gets a slot.
     let ev = sys
         .run(request("good-after-flood", vec![step("a", json!({}))]))
@@ -342,14 +343,7 @@ async fn a_flood_from_one_client_does_not_starve_the_others() {
             .await
             .unwrap();
     }
-    let start = std::time::Instant::now();
-    while stats(&sys).await["held_back"].as_u64() == Some(0) {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "nothing held back"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_stat(&sys, "held_back", 1).await;
     // Another client still gets a slot.
     let other = txcoord::client::Client::new(sys.nc.clone(), "txn")
         .await
@@ -420,11 +414,7 @@ async fn a_foreign_message_in_a_log_does_not_hide_its_outcome() {
             .unwrap();
     }
     sys.nc.flush().await.unwrap();
-    let start = std::time::Instant::now();
-    while stats(&sys).await["refused_api_requests"].as_u64() < Some(refused + 3) {
-        assert!(start.elapsed() < Duration::from_secs(10), "not refused");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_stat(&sys, "refused_api_requests", refused + 3).await;
     let js = async_nats::jetstream::new(sys.nc.clone());
     let stream = js.get_stream("TXN_EVENTS").await.unwrap();
     let last = stream

@@ -452,7 +452,7 @@ impl Driver {
         // submission can never pass for this write.
         let msg_id = format!("{msg_id}.{}", event.submit_seq.unwrap_or(0));
         self.shared.inflight.accepting();
-        let written = match existing {
+        let written = match &existing {
             Some(_) => Written::Fenced,
             None => self.write(&msg_id, event, submission.as_deref()).await,
         };
@@ -501,7 +501,7 @@ impl Driver {
             }
             None => {
                 self.shared.metrics.duplicate();
-                self.report_reuse(event).await;
+                self.report_reuse(event, existing).await;
                 Err(Stop::Halted)
             }
         }
@@ -510,11 +510,19 @@ impl Driver {
     /// The txn_id of `ours` (an `accepted` record not written) has a log already. A redelivery
     /// of the same submission, or a resubmission of the same request, is a retry: its
     /// recorded outcome stands. Another request under a taken id gets a SubmitError
-    /// (`duplicate_txn_id`) that names the existing transaction's state.
-    async fn report_reuse(&self, ours: &TransactionEvent) {
-        let Ok(Some(first)) = first_record(&self.shared, &self.txn_id).await else {
-            tracing::info!("txn_id already has a recorded transaction; nothing runs again");
-            return;
+    /// (`duplicate_txn_id`) that names the existing transaction's state. `first` is the
+    /// log's first record when the caller has read it already (it is read here otherwise:
+    /// another submission won the write).
+    async fn report_reuse(&self, ours: &TransactionEvent, first: Option<TransactionEvent>) {
+        let first = match first {
+            Some(f) => f,
+            None => match first_record(&self.shared, &self.txn_id).await {
+                Ok(Some(f)) => f,
+                _ => {
+                    tracing::info!("txn_id already has a recorded transaction; nothing runs again");
+                    return;
+                }
+            },
         };
         let same_submission = first.submit_seq.is_some() && first.submit_seq == ours.submit_seq;
         if same_submission
