@@ -323,39 +323,93 @@ impl Client {
     }
 }
 
-/// The last record of `txn_id`'s log that is one of its events. Normally the last message
-/// on its subject; if that is something else (anyone allowed to publish there, or a
-/// confused deputy, may have stored anything), the log is read from the start and the last
-/// readable event of this transaction is the answer.
+/// The end of one transaction's log as its readers and writers must see it.
+#[derive(Debug, Clone, Default)]
+pub struct LogTail {
+    /// The sequence of the last message on the log's subject (0: none), whatever it is: the
+    /// sequence the next fenced write must expect.
+    pub last_seq: u64,
+    /// The last message that is one of this transaction's records.
+    pub record: Option<TailRecord>,
+}
+
+/// A record found at the end of a log.
+#[derive(Debug, Clone)]
+pub struct TailRecord {
+    /// The record.
+    pub event: TransactionEvent,
+    /// Its stream sequence.
+    pub seq: u64,
+    /// The `Nats-Msg-Id` it was written with.
+    pub msg_id: Option<String>,
+}
+
+/// Reads the end of `txn_id`'s log. Normally its last message is its last record; if that
+/// is something else (anyone allowed to publish there, or a confused deputy, may have stored
+/// anything), the log is read from the start and the last readable record of this
+/// transaction is the record, while `last_seq` stays the foreign message's.
+pub async fn log_tail(
+    events: &jetstream::stream::Stream,
+    subjects: &Subjects,
+    txn_id: &str,
+) -> Result<LogTail, jetstream::stream::DirectGetError> {
+    use jetstream::stream::DirectGetErrorKind;
+    let subject = subjects.events(txn_id);
+    let record = |m: &jetstream::message::StreamMessage| {
+        serde_json::from_slice::<TransactionEvent>(&m.payload)
+            .ok()
+            .filter(|e| e.txn_id == txn_id)
+            .map(|event| TailRecord {
+                event,
+                seq: m.sequence,
+                msg_id: m
+                    .headers
+                    .get(async_nats::header::NATS_MESSAGE_ID)
+                    .map(|v| v.as_str().to_string()),
+            })
+    };
+    let last = match events.direct_get_last_for_subject(subject.clone()).await {
+        Ok(m) => m,
+        Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => return Ok(LogTail::default()),
+        Err(e) => return Err(e),
+    };
+    let mut tail = LogTail {
+        last_seq: last.sequence,
+        record: record(&last),
+    };
+    if tail.record.is_some() {
+        return Ok(tail);
+    }
+    tracing::warn!(%subject, seq = last.sequence, "the last message of a log is not one of its records; reading the log from the start");
+    let mut seq = 0;
+    while seq < tail.last_seq {
+        match events
+            .direct_get_next_for_subject(subject.clone(), Some(seq + 1))
+            .await
+        {
+            Ok(m) => {
+                seq = m.sequence;
+                if let Some(r) = record(&m) {
+                    tail.record = Some(r);
+                }
+            }
+            Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(tail)
+}
+
+/// The last record of `txn_id`'s log that is one of its events (see [`log_tail`]); `None`
+/// when it has none or the log cannot be read.
 pub async fn last_record_of(
     events: &jetstream::stream::Stream,
     subjects: &Subjects,
     txn_id: &str,
 ) -> Option<TransactionEvent> {
-    let subject = subjects.events(txn_id);
-    let msg = events
-        .direct_get_last_for_subject(subject.clone())
+    log_tail(events, subjects, txn_id)
         .await
-        .ok()?;
-    let ours = |payload: &[u8]| {
-        serde_json::from_slice::<TransactionEvent>(payload)
-            .ok()
-            .filter(|e| e.txn_id == txn_id)
-    };
-    if let Some(ev) = ours(&msg.payload) {
-        return Some(ev);
-    }
-    tracing::warn!(%subject, seq = msg.sequence, "the last message of a log is not one of its records; reading the log from the start");
-    let mut found = None;
-    let mut seq = 0;
-    while let Ok(m) = events
-        .direct_get_next_for_subject(subject.clone(), Some(seq + 1))
-        .await
-    {
-        seq = m.sequence;
-        if let Some(ev) = ours(&m.payload) {
-            found = Some(ev);
-        }
-    }
-    found
+        .ok()?
+        .record
+        .map(|r| r.event)
 }

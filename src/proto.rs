@@ -800,6 +800,14 @@ impl Subjects {
         format!("{}.events.{txn_id}", self.prefix)
     }
 
+    /// The txn_id whose events go on `subject` (the inverse of [`Subjects::events`]).
+    pub fn events_txn<'a>(&self, subject: &'a str) -> Option<&'a str> {
+        subject
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(".events.")
+            .filter(|id| !id.is_empty())
+    }
+
     /// Every transaction's events.
     pub fn events_all(&self) -> String {
         format!("{}.events.>", self.prefix)

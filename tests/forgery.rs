@@ -441,3 +441,49 @@ async fn a_foreign_message_in_a_log_does_not_hide_its_outcome() {
         TxnState::Committed
     );
 }
+
+/// Without per-user permissions anyone may store anything on a log's subject. A foreign
+/// message there is skipped by every reader and writer: it fences nobody, hides no record,
+/// and a coordinator that restarts after it still resumes the transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_messages_in_a_running_log_are_written_after_and_recovered_past() {
+    let mut sys = System::start(&["a", "b"], &[]).await;
+    let url = sys.nats.url();
+    let junk = || br#"{"not":"an event"}"#.to_vec();
+    // A log squatted before its transaction exists.
+    sys.publish_stored("txn.events.squat-1".into(), junk())
+        .await;
+    let ev = sys
+        .run(request("squat-1", vec![step("a", json!({}))]))
+        .await;
+    assert_eq!(ev.state, TxnState::Committed, "{ev:?}");
+    // Junk stored while the coordinator waits for b's vote: its next record goes after it.
+    for (id, kill) in [("junk-run", false), ("junk-kill", true)] {
+        sys.submit(
+            &request(
+                id,
+                vec![step("a", json!({})), step("b", json!({"delay_ms": 2000}))],
+            ),
+            id,
+        )
+        .await;
+        sys.participant("a")
+            .wait_for(&format!("VOTED Ready txn_id={id}"), Duration::from_secs(10))
+            .await;
+        sys.publish_stored(format!("txn.events.{id}"), junk()).await;
+        if !kill {
+            let ev = sys.wait_state(id, |e| e.state.is_terminal()).await;
+            assert_eq!(ev.state, TxnState::Committed, "{id}: {ev:?}");
+            wait_stat(&sys, "foreign_log_messages", 1).await;
+        } else {
+            // The log now ends in junk; the restarted coordinator must find the record before.
+            sys.coordinator.kill9();
+            sys.coordinator.restart_with(&[("TXCOORD_NATS_URL", &url)]);
+        }
+        let ev = sys.wait_state(id, |e| e.state.is_terminal()).await;
+        assert_eq!(ev.state, TxnState::Committed, "{id}: {ev:?}");
+        sys.wait_branch("b", id, 1, BranchState::Committed).await;
+    }
+    // The restarted coordinator saw the junk that ends junk-kill's log as it recovered.
+    wait_stat(&sys, "foreign_log_messages", 1).await;
+}

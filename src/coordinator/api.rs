@@ -246,7 +246,7 @@ async fn handle_execute(client: async_nats::Client, shared: Arc<Shared>, req: Re
             // An id the client chose may be taken: by this very request (a retry, answered
             // with its outcome below) or by another one, which is an error, not its outcome.
             if let Some(id) = &request.txn_id
-                && let Ok(Some(first)) = first_record(&shared, id).await
+                && let Ok(Some((first, _))) = first_record(&shared, id).await
                 && !RequestShape::of_request(&request).matches(&RequestShape::of_accepted(&first))
             {
                 let state = last_event(&shared, id)

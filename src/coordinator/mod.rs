@@ -27,6 +27,7 @@ use futures::StreamExt;
 use tokio::sync::{Semaphore, mpsc};
 use tracing::Instrument;
 
+use crate::client::LogTail;
 use crate::config::Config;
 use crate::engine::EngineConfig;
 use crate::engine::Machine;
@@ -93,6 +94,7 @@ pub struct Metrics {
     rejected_replies: AtomicU64,
     refused_api_requests: AtomicU64,
     held_back: AtomicU64,
+    foreign_log_messages: AtomicU64,
 }
 
 impl Metrics {
@@ -104,6 +106,9 @@ impl Metrics {
     }
     fn refused_api_request(&self) {
         self.refused_api_requests.fetch_add(1, Ordering::Relaxed);
+    }
+    fn foreign_log_message(&self) {
+        self.foreign_log_messages.fetch_add(1, Ordering::Relaxed);
     }
     fn duplicate(&self) {
         self.duplicates.fetch_add(1, Ordering::Relaxed);
@@ -132,6 +137,7 @@ impl Metrics {
             "rejected_replies": self.rejected_replies.load(Ordering::Relaxed),
             "refused_api_requests": self.refused_api_requests.load(Ordering::Relaxed),
             "held_back": self.held_back.load(Ordering::Relaxed),
+            "foreign_log_messages": self.foreign_log_messages.load(Ordering::Relaxed),
             "in_flight": in_flight,
         })
     }
@@ -736,6 +742,9 @@ async fn recover(
     let mut messages = consumer.messages().await.map_err(|e| consumer_error(&e))?;
     // The latest record of each transaction seen, with its sequence.
     let mut last: std::collections::HashMap<String, (TransactionEvent, u64)> = Default::default();
+    // The last sequence seen on each log whose last message seen is not one of its records
+    // (anyone allowed to publish on the log's subject may have stored anything there).
+    let mut foreign: std::collections::HashMap<String, u64> = Default::default();
     let mut scanned = 0u64;
     loop {
         let next = tokio::time::timeout(Duration::from_secs(10), messages.next()).await;
@@ -752,24 +761,47 @@ async fn recover(
             .info()
             .map(|i| (i.stream_sequence, i.pending == 0))
             .unwrap_or((0, false));
+        let Some(txn_id) = shared.subjects.events_txn(&msg.subject) else {
+            continue;
+        };
         match serde_json::from_slice::<TransactionEvent>(&msg.payload) {
-            Ok(ev) => {
+            Ok(ev) if ev.txn_id == txn_id => {
+                foreign.remove(txn_id);
                 last.insert(ev.txn_id.clone(), (ev, seq));
             }
-            Err(e) => {
-                tracing::warn!(subject = %msg.subject, error = %e, "unreadable log record skipped")
+            _ => {
+                tracing::warn!(subject = %msg.subject, seq, "a foreign message in a log skipped");
+                shared.metrics.foreign_log_message();
+                foreign.insert(txn_id.to_string(), seq);
             }
         }
         if done {
             break;
         }
     }
+    // A log that ends in a foreign message is read again from its start: its last record
+    // may be before the messages scanned (a recovery of the last message per log).
+    let mut tails: Vec<(TransactionEvent, u64, u64)> = Vec::new();
+    for (txn_id, foreign_seq) in foreign {
+        match txn::log_tail(shared, &txn_id).await {
+            Some(LogTail {
+                last_seq,
+                record: Some(r),
+            }) => {
+                last.remove(&txn_id);
+                tails.push((r.event, r.seq, last_seq.max(foreign_seq)));
+            }
+            Some(_) => {}
+            None => return Err(consumer_error(&"the lease was lost during recovery")),
+        }
+    }
+    tails.extend(last.into_values().map(|(ev, seq)| (ev, seq, seq)));
     let mut count = 0;
-    for (ev, seq) in last.into_values() {
+    for (ev, record_seq, last_seq) in tails {
         if ev.state.is_terminal() {
             continue;
         }
-        match resume(shared, ev, seq).await {
+        match resume(shared, ev, record_seq, last_seq).await {
             Resumed::Running => count += 1,
             Resumed::Finished => {}
             // A later restart must still see it: the checkpoint stays where it was.
@@ -791,20 +823,23 @@ pub(crate) async fn reread_and_resume(shared: &Arc<Shared>, txn_id: &str) -> boo
     if !shared.lease.is_held() {
         return false;
     }
-    let Some(last) = txn::last_record(shared, &shared.subjects.events(txn_id)).await else {
+    let Some(tail) = txn::log_tail(shared, txn_id).await else {
         return false;
     };
-    match serde_json::from_slice::<TransactionEvent>(&last.payload) {
-        Ok(ev) if ev.state.is_terminal() => {
-            tracing::info!(%txn_id, state = ?ev.state, "the log of a fenced transaction is finished; nothing to do");
+    match tail.record {
+        Some(r) if r.event.state.is_terminal() => {
+            tracing::info!(%txn_id, state = ?r.event.state, "the log of a fenced transaction is finished; nothing to do");
             true
         }
-        Ok(ev) => {
-            tracing::info!(%txn_id, state = ?ev.state, "resuming a fenced transaction from its log");
-            !matches!(resume(shared, ev, last.sequence).await, Resumed::Failed)
+        Some(r) => {
+            tracing::info!(%txn_id, state = ?r.event.state, "resuming a fenced transaction from its log");
+            !matches!(
+                resume(shared, r.event, r.seq, tail.last_seq).await,
+                Resumed::Failed
+            )
         }
-        Err(e) => {
-            tracing::error!(%txn_id, error = %e, "the last record of a fenced transaction is unreadable; a restart tries again");
+        None => {
+            tracing::error!(%txn_id, "a fenced transaction's log has no record; a restart tries again");
             false
         }
     }
@@ -820,23 +855,20 @@ enum Resumed {
     Failed,
 }
 
-async fn resume(shared: &Arc<Shared>, last: TransactionEvent, last_seq: u64) -> Resumed {
+/// Resumes the transaction whose log's last record is `last`, at `record_seq`; the log's
+/// subject ends at `last_seq` (a foreign message's, or `record_seq`).
+async fn resume(
+    shared: &Arc<Shared>,
+    last: TransactionEvent,
+    record_seq: u64,
+    last_seq: u64,
+) -> Resumed {
     let txn_id = last.txn_id.clone();
     let (accepted, accepted_seq) = if last.state == TxnState::Accepted {
-        (last.clone(), last_seq)
+        (last.clone(), record_seq)
     } else {
-        let first = shared
-            .streams
-            .events
-            .direct_get_first_for_subject(shared.subjects.events(&txn_id))
-            .await;
-        match first.map(|m| {
-            (
-                serde_json::from_slice::<TransactionEvent>(&m.payload),
-                m.sequence,
-            )
-        }) {
-            Ok((Ok(ev), seq)) => (ev, seq),
+        match txn::first_record(shared, &txn_id).await {
+            Ok(Some(first)) => first,
             other => {
                 tracing::error!(%txn_id, "cannot read the accepted record: {other:?}");
                 return Resumed::Failed;
@@ -873,6 +905,7 @@ async fn resume(shared: &Arc<Shared>, last: TransactionEvent, last_seq: u64) -> 
             out,
             Begin::Recovered {
                 accepted_seq,
+                record_seq,
                 last_seq,
             },
             tx,

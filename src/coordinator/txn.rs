@@ -18,6 +18,7 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::{Failpoint, Shared};
+use crate::client::LogTail;
 use crate::engine::twopc::EngineError;
 use crate::engine::{Command, Timer};
 use crate::engine::{Event, Machine};
@@ -124,7 +125,10 @@ pub enum Begin {
     Recovered {
         /// The sequence of its `accepted` record (already tracked for the checkpoint).
         accepted_seq: u64,
-        /// The sequence of the last record read: the next write must follow it.
+        /// The sequence of its log's last real record.
+        record_seq: u64,
+        /// The sequence of the last message on its log's subject (the record's, or a
+        /// foreign message's after it): the next write must follow it.
         last_seq: u64,
     },
 }
@@ -140,15 +144,17 @@ pub async fn drive(
     _permit: Option<(OwnedSemaphorePermit, [super::limits::Held; 2])>,
 ) {
     let txn_id = engine.txn_id().to_string();
-    let (accepted_seq, last_seq) = match &begin {
+    let (accepted_seq, record_seq, last_seq) = match &begin {
         Begin::Recovered {
             accepted_seq,
+            record_seq,
             last_seq,
-        } => (Some(*accepted_seq), *last_seq),
-        Begin::New { .. } => (None, 0),
+        } => (Some(*accepted_seq), *record_seq, *last_seq),
+        Begin::New { .. } => (None, 0, 0),
     };
     let mut driver = Driver {
         accepted_seq,
+        record_seq,
         last_seq,
         announces: Vec::new(),
         own: own.downgrade(),
@@ -228,8 +234,12 @@ struct Driver {
     /// The sequence of this transaction's `accepted` record, once known.
     accepted_seq: Option<u64>,
     /// The sequence of the last record of this transaction's log as this driver knows it (0:
-    /// none yet). Every write expects it as the subject's last sequence: a write that finds
-    /// another record there was overtaken by another writer, and this driver stops.
+    /// none yet). A write that finds another record after it was overtaken by another
+    /// writer, and this driver stops.
+    record_seq: u64,
+    /// The sequence of the last message on the log's subject as this driver knows it: every
+    /// write expects it as the subject's last sequence. It is `record_seq` unless someone
+    /// stored a foreign message (not a record of this transaction) after our last record.
     last_seq: u64,
     /// Announcements not yet written: they are written after the commands of their batch
     /// (they announce nothing a participant acts on) but before the next record, so the
@@ -256,11 +266,26 @@ enum Stop {
     Halted,
 }
 
+/// How a write refused for a wrong last sequence is settled.
+#[derive(Debug)]
+enum Settled {
+    /// For good.
+    Written(Written),
+    /// Only foreign messages follow our last record; the last is at this sequence.
+    AfterForeign(u64),
+}
+
 /// What became of one fenced log write.
 #[derive(Debug)]
 enum Written {
-    /// Our record is in the log at this sequence.
-    Ours(u64),
+    /// Our record is in the log at `seq`; the next write must expect `last` (`seq`, or a
+    /// foreign message's after it).
+    Ours {
+        /// Our record's sequence.
+        seq: u64,
+        /// The subject's last sequence.
+        last: u64,
+    },
     /// Another record follows the one we expected: we were overtaken.
     Fenced,
     /// The log refused the record for good.
@@ -348,7 +373,7 @@ impl Driver {
     async fn flush_announces(&mut self) -> Result<(), Stop> {
         for (msg_id, event) in std::mem::take(&mut self.announces) {
             match self.write(&msg_id, &event, None).await {
-                Written::Ours(seq) => self.last_seq = seq,
+                Written::Ours { seq, last } => self.wrote(seq, last),
                 Written::Fenced => return Err(Stop::Fenced),
                 Written::LeaseLost => return Err(Stop::Halted),
                 // An announcement is for observers; the transaction goes on without it.
@@ -358,66 +383,102 @@ impl Driver {
         Ok(())
     }
 
+    /// Our record landed at `seq`; the subject's last message is at `last`.
+    fn wrote(&mut self, seq: u64, last: u64) {
+        self.record_seq = seq;
+        self.last_seq = last;
+    }
+
     /// Writes one record to this transaction's log with
     /// `Nats-Expected-Last-Subject-Sequence` = the last sequence this driver knows, and a
     /// message id unique to this coordinator's run. A refusal for a wrong last sequence is
-    /// settled by reading the log: either our own earlier try of this very write landed (its
-    /// message id is the last record's), or someone else wrote and we are fenced. While the
-    /// write is unsettled, `submission` (if any) is kept from redelivery with progress acks.
+    /// settled by reading the log: our own earlier try of this very write landed (its
+    /// message id is the last record's), or only foreign messages follow our last record
+    /// (the write is tried again after them, a few times), or another writer wrote a record
+    /// and we are fenced. While the write is unsettled, `submission` (if any) is kept from
+    /// redelivery with progress acks.
     async fn write(
         &self,
         msg_id: &str,
         event: &TransactionEvent,
         submission: Option<&jetstream::Message>,
     ) -> Written {
+        const FOREIGN_RETRIES: u32 = 8;
         let subject = self.shared.subjects.events(&self.txn_id);
         let msg_id = format!("{msg_id}@{}", self.shared.run_id);
-        let publish = publish_durable(
-            &self.shared.js,
-            &subject,
-            &msg_id,
-            to_bytes(event),
-            Expect {
-                last_subject_sequence: Some(self.last_seq),
-            },
-            None,
-        );
-        let result = match submission {
-            Some(msg) => keep_in_progress(msg, self.shared.submit_ack_wait, publish).await,
-            None => publish.await,
-        };
-        match result {
-            Ok(ack) => Written::Ours(ack.sequence),
-            Err(NatsError::Publish { source, .. })
-                if matches!(source.kind(), PublishErrorKind::WrongLastSequence) =>
-            {
-                self.settle(&subject, &msg_id).await
+        let mut expect = self.last_seq;
+        for _ in 0..=FOREIGN_RETRIES {
+            let publish = publish_durable(
+                &self.shared.js,
+                &subject,
+                &msg_id,
+                to_bytes(event),
+                Expect {
+                    last_subject_sequence: Some(expect),
+                },
+                None,
+            );
+            let result = match submission {
+                Some(msg) => keep_in_progress(msg, self.shared.submit_ack_wait, publish).await,
+                None => publish.await,
+            };
+            match result {
+                Ok(ack) => {
+                    return Written::Ours {
+                        seq: ack.sequence,
+                        last: ack.sequence,
+                    };
+                }
+                Err(NatsError::Publish { source, .. })
+                    if matches!(source.kind(), PublishErrorKind::WrongLastSequence) =>
+                {
+                    match self.settle(&msg_id).await {
+                        Settled::Written(w) => return w,
+                        Settled::AfterForeign(last) => {
+                            self.shared.metrics.foreign_log_message();
+                            tracing::warn!(
+                                %subject,
+                                expected_last = expect,
+                                found = last,
+                                "a foreign message follows this transaction's last record; writing after it"
+                            );
+                            expect = last;
+                        }
+                    }
+                }
+                Err(e) => return Written::Refused(e),
             }
-            Err(e) => Written::Refused(e),
         }
+        tracing::error!(%subject, "foreign messages keep landing in this transaction's log; this coordinator stops driving it");
+        Written::Fenced
     }
 
     /// After a wrong-last-sequence refusal: ours if the log's last record carries our message
-    /// id (a retry of a write that had landed), fenced otherwise. Reads the stream leader,
-    /// retrying until it answers or the lease is lost.
-    async fn settle(&self, subject: &str, msg_id: &str) -> Written {
-        let Some(last) = last_record(&self.shared, subject).await else {
-            return Written::LeaseLost;
+    /// id (a retry of a write that had landed), to be tried again if only foreign messages
+    /// follow our last record, fenced if another writer's record does. Reads the stream
+    /// leader, retrying until it answers or the lease is lost.
+    async fn settle(&self, msg_id: &str) -> Settled {
+        let Some(tail) = log_tail(&self.shared, &self.txn_id).await else {
+            return Settled::Written(Written::LeaseLost);
         };
-        let id = last
-            .headers
-            .get(async_nats::header::NATS_MESSAGE_ID)
-            .map(|v| v.as_str());
-        if id == Some(msg_id) {
-            return Written::Ours(last.sequence);
+        let record_seq = tail.record.as_ref().map_or(0, |r| r.seq);
+        let writer = tail.record.as_ref().and_then(|r| r.msg_id.as_deref());
+        if writer == Some(msg_id) {
+            return Settled::Written(Written::Ours {
+                seq: record_seq,
+                last: tail.last_seq,
+            });
+        }
+        if record_seq == self.record_seq {
+            return Settled::AfterForeign(tail.last_seq);
         }
         tracing::warn!(
-            expected_last = self.last_seq,
-            found = last.sequence,
-            writer = id.unwrap_or("-"),
+            expected_last = self.record_seq,
+            found = record_seq,
+            writer = writer.unwrap_or("-"),
             "another writer's record is in this transaction's log; this coordinator stops driving it"
         );
-        Written::Fenced
+        Settled::Written(Written::Fenced)
     }
 
     async fn persist(&mut self, msg_id: &str, event: &TransactionEvent) -> Result<(), Stop> {
@@ -425,8 +486,8 @@ impl Driver {
             event.state == TxnState::Accepted && matches!(self.begin, Some(Begin::New { .. }));
         if !first {
             return match self.write(msg_id, event, None).await {
-                Written::Ours(seq) => {
-                    self.last_seq = seq;
+                Written::Ours { seq, last } => {
+                    self.wrote(seq, last);
                     self.failpoint(event, msg_id).await;
                     Ok(())
                 }
@@ -447,7 +508,8 @@ impl Driver {
         let existing = first_record(&self.shared, &self.txn_id)
             .await
             .ok()
-            .flatten();
+            .flatten()
+            .map(|(ev, _)| ev);
         // The submission's own sequence in the message id: a redelivered copy of the same
         // submission can never pass for this write.
         let msg_id = format!("{msg_id}.{}", event.submit_seq.unwrap_or(0));
@@ -457,7 +519,7 @@ impl Driver {
             None => self.write(&msg_id, event, submission.as_deref()).await,
         };
         let ours = match &written {
-            Written::Ours(seq) => Some(*seq),
+            Written::Ours { seq, last } => Some((*seq, *last)),
             _ => None,
         };
         match written {
@@ -482,10 +544,10 @@ impl Driver {
                 )
                 .await;
             }
-            Written::Ours(_) | Written::Fenced => {}
+            Written::Ours { .. } | Written::Fenced => {}
         }
-        self.shared.inflight.accepted(ours);
-        self.accepted_seq = ours;
+        self.shared.inflight.accepted(ours.map(|(seq, _)| seq));
+        self.accepted_seq = ours.map(|(seq, _)| seq);
         if let Some(msg) = submission {
             if self.shared.failpoint == Some(Failpoint::SkipSubmissionAck) {
                 eprintln!("FAILPOINT skip-submission-ack txn_id={}", self.txn_id);
@@ -494,8 +556,8 @@ impl Driver {
             }
         }
         match ours {
-            Some(seq) => {
-                self.last_seq = seq;
+            Some((seq, last)) => {
+                self.wrote(seq, last);
                 self.shared.metrics.accepted();
                 Ok(())
             }
@@ -517,7 +579,7 @@ impl Driver {
         let first = match first {
             Some(f) => f,
             None => match first_record(&self.shared, &self.txn_id).await {
-                Ok(Some(f)) => f,
+                Ok(Some((f, _))) => f,
                 _ => {
                     tracing::info!("txn_id already has a recorded transaction; nothing runs again");
                     return;
@@ -533,10 +595,10 @@ impl Driver {
             );
             return;
         }
-        let now = last_record(&self.shared, &self.shared.subjects.events(&self.txn_id))
+        let now = log_tail(&self.shared, &self.txn_id)
             .await
-            .and_then(|m| serde_json::from_slice::<TransactionEvent>(&m.payload).ok())
-            .map(|e| format!("{:?}", e.state).to_lowercase())
+            .and_then(|t| t.record)
+            .map(|r| format!("{:?}", r.event.state).to_lowercase())
             .unwrap_or_else(|| "unknown".into());
         let message = format!(
             "txn_id {} is taken by another request (submission {}), which is {now}; this request does not run",
@@ -572,24 +634,16 @@ impl Driver {
     }
 }
 
-/// The last record on `subject`, read from the stream leader, retrying until it answers;
-/// `None` once this coordinator no longer holds the lease.
-pub(crate) async fn last_record(
-    shared: &Shared,
-    subject: &str,
-) -> Option<async_nats::jetstream::message::StreamMessage> {
+/// The end of `txn_id`'s log (see [`crate::client::log_tail`]), read from the stream leader,
+/// retrying until it answers; `None` once this coordinator no longer holds the lease.
+pub(crate) async fn log_tail(shared: &Shared, txn_id: &str) -> Option<LogTail> {
     let mut delay = std::time::Duration::from_millis(50);
     loop {
-        match shared
-            .streams
-            .events
-            .get_last_raw_message_by_subject(subject)
-            .await
-        {
-            Ok(last) => return Some(last),
+        match crate::client::log_tail(&shared.streams.events, &shared.subjects, txn_id).await {
+            Ok(tail) => return Some(tail),
             Err(_) if !shared.lease.is_held() => return None,
             Err(e) => {
-                tracing::warn!(%subject, error = %e, "cannot read the log's last record; retrying");
+                tracing::warn!(%txn_id, error = %e, "cannot read the log's end; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(std::time::Duration::from_secs(2));
             }
@@ -597,35 +651,41 @@ pub(crate) async fn last_record(
     }
 }
 
-/// The first record of a transaction's log (its `accepted` record, or `rejected`):
-/// `Ok(None)` when it has none, `Err` when the log could not be read.
+/// The first record of a transaction's log (its `accepted` record, or `rejected`) with its
+/// sequence, skipping foreign messages stored before it: `Ok(None)` when it has none,
+/// `Err` when the log could not be read.
 pub(crate) async fn first_record(
     shared: &Shared,
     txn_id: &str,
-) -> Result<Option<TransactionEvent>, String> {
+) -> Result<Option<(TransactionEvent, u64)>, String> {
     use async_nats::jetstream::stream::DirectGetErrorKind;
     let subject = shared.subjects.events(txn_id);
-    let mut last_error = String::new();
-    for _ in 0..3 {
+    let mut from = 1;
+    let mut failures = 0;
+    loop {
         match shared
             .streams
             .events
-            .direct_get_next_for_subject(subject.clone(), Some(1))
+            .direct_get_next_for_subject(subject.clone(), Some(from))
             .await
         {
-            Ok(msg) => {
-                return serde_json::from_slice(&msg.payload)
-                    .map(Some)
-                    .map_err(|e| format!("the first record of {subject} is unreadable: {e}"));
-            }
+            Ok(msg) => match serde_json::from_slice::<TransactionEvent>(&msg.payload) {
+                Ok(ev) if ev.txn_id == txn_id => return Ok(Some((ev, msg.sequence))),
+                _ => {
+                    tracing::warn!(%subject, seq = msg.sequence, "a foreign message in a log skipped");
+                    from = msg.sequence + 1;
+                }
+            },
             Err(e) if matches!(e.kind(), DirectGetErrorKind::NotFound) => return Ok(None),
             Err(e) => {
-                last_error = e.to_string();
+                failures += 1;
+                if failures == 3 {
+                    return Err(format!("cannot read the log {subject}: {e}"));
+                }
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
         }
     }
-    Err(last_error)
 }
 
 /// Awaits `work` while sending progress acks for `msg` every third of `ack_wait`, so the
