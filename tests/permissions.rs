@@ -3,13 +3,13 @@
 //! abort as their votes say, and every forgery the permissions are for is refused by the
 //! server (a client publishing a vote, a record or a command; a service voting on another's
 //! subject or reading another's commands) or by the coordinator (a service that votes for
-//! another with its own token).
+//! another with its own token). The Python raw-protocol ledger joins under its own identity.
 
 mod common;
 
 use std::time::Duration;
 
-use common::{Proc, request, step};
+use common::{Proc, python, request, step};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use txcoord::authgen::{Generated, Identity};
@@ -51,7 +51,12 @@ async fn refused(nc: &async_nats::Client, subject: &str, body: &Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generated_identities_run_transactions_and_stop_forgeries() {
-    let g = txcoord::authgen::generate("txn", &["a".into(), "b".into()], &["shop".into()]).unwrap();
+    let g = txcoord::authgen::generate(
+        "txn",
+        &["a".into(), "b".into(), "ledger".into()],
+        &["shop".into()],
+    )
+    .unwrap();
     let nats = NatsServer::start_configured(None, None, "", &g.server_block()).expect("nats");
     let url = nats.url();
     let dir = tempfile::tempdir().unwrap();
@@ -66,7 +71,22 @@ async fn generated_identities_run_transactions_and_stop_forgeries() {
         .await;
     let pa = spawn("a", &["participant", "--service", "a"], "a");
     let pb = spawn("b", &["participant", "--service", "b"], "b");
-    for p in [&pa, &pb] {
+    let ledger = {
+        let script = format!(
+            "{}/participants/python/ledger.py",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let env = env_of(&url, g.get("ledger").unwrap());
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        Proc::spawn_bin(
+            &python(),
+            dir.path(),
+            "ledger",
+            &[&script, "--nats-url", &url],
+            &env,
+        )
+    };
+    for p in [&pa, &pb, &ledger] {
         p.wait_for("participant ready", Duration::from_secs(30))
             .await;
     }
@@ -80,7 +100,14 @@ async fn generated_identities_run_transactions_and_stop_forgeries() {
     let out = client
         .submit_and_wait(
             vec![
-                request("ok-1", vec![step("a", json!({})), step("b", json!({}))]),
+                request(
+                    "ok-1",
+                    vec![
+                        step("a", json!({})),
+                        step("b", json!({})),
+                        step("ledger", json!({"line": "sold 1 pear"})),
+                    ],
+                ),
                 request(
                     "no-1",
                     vec![
@@ -99,9 +126,10 @@ async fn generated_identities_run_transactions_and_stop_forgeries() {
     assert_eq!(
         states,
         [TxnState::Committed, TxnState::Aborted],
-        "coordinator:\n{}\na:\n{}",
+        "coordinator:\n{}\na:\n{}\nledger:\n{}",
         coordinator.log_text(),
-        pa.log_text()
+        pa.log_text(),
+        ledger.log_text()
     );
 
     // A slow abort from b, and forgeries while it is on its way.

@@ -6,15 +6,10 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::{Proc, System, request, step};
+use common::{Proc, System, python, request, step};
 use serde_json::json;
 use txcoord::participant::BranchState;
 use txcoord::proto::{Reason, TxnState};
-
-fn python() -> String {
-    std::env::var("TXCOORD_PYTHON")
-        .unwrap_or_else(|_| format!("{}/.tools/venv/bin/python", env!("CARGO_MANIFEST_DIR")))
-}
 
 async fn with_ledger() -> (System, Proc) {
     let sys = System::start(&["a"], &[]).await;

@@ -27,6 +27,7 @@ Usage:
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sqlite3
 import sys
@@ -289,7 +290,8 @@ def seed(db, seeds):
 
 
 async def serve(args, bank):
-    nc = await nats.connect(args.nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    nc = await nats.connect(args.nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.2,
+                            user=args.user, password=args.password, inbox_prefix=args.inbox_prefix)
     js = nc.jetstream(timeout=2)
     stream = stream_name(args.prefix, "CMD")
     # The coordinator creates the streams; wait for them rather than racing it.
@@ -344,6 +346,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nats-url", default="nats://127.0.0.1:4222")
     parser.add_argument("--service", default="bank-py")
+    # The identity `txcoord auth` generated for this service (the same variables as the
+    # Rust services read); without them the connection is anonymous.
+    parser.add_argument("--user", default=os.environ.get("TXCOORD_NATS__USER"))
+    parser.add_argument("--password", default=os.environ.get("TXCOORD_NATS__PASSWORD"))
+    parser.add_argument("--inbox-prefix", default=os.environ.get("TXCOORD_NATS__INBOX_PREFIX", "_INBOX"))
     parser.add_argument("--prefix", default="txn")
     parser.add_argument("--db", required=True, help="the SQLite file")
     parser.add_argument("--seed", action="append", default=[], metavar="ACCOUNT=AMOUNT",

@@ -28,6 +28,7 @@ Usage: ledger.py --nats-url nats://127.0.0.1:4222 [--service ledger] [--prefix t
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 import time
@@ -168,10 +169,16 @@ async def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nats-url", default="nats://127.0.0.1:4222")
     parser.add_argument("--service", default="ledger")
+    # The identity `txcoord auth` generated for this service (the same variables as the
+    # Rust services read); without them the connection is anonymous.
+    parser.add_argument("--user", default=os.environ.get("TXCOORD_NATS__USER"))
+    parser.add_argument("--password", default=os.environ.get("TXCOORD_NATS__PASSWORD"))
+    parser.add_argument("--inbox-prefix", default=os.environ.get("TXCOORD_NATS__INBOX_PREFIX", "_INBOX"))
     parser.add_argument("--prefix", default="txn")
     args = parser.parse_args()
 
-    nc = await nats.connect(args.nats_url, max_reconnect_attempts=-1)
+    nc = await nats.connect(args.nats_url, max_reconnect_attempts=-1,
+                            user=args.user, password=args.password, inbox_prefix=args.inbox_prefix)
     js = nc.jetstream()
     stream = "".join(c.upper() if c.isalnum() else "_" for c in args.prefix) + "_CMD"
     # The coordinator creates the streams; wait for them rather than racing it.

@@ -434,6 +434,14 @@ impl System {
     }
 }
 
+/// The Python that runs the raw-protocol participants (the project's venv unless
+/// `TXCOORD_PYTHON` names another).
+#[allow(dead_code)]
+pub fn python() -> String {
+    std::env::var("TXCOORD_PYTHON")
+        .unwrap_or_else(|_| format!("{}/.tools/venv/bin/python", env!("CARGO_MANIFEST_DIR")))
+}
+
 /// A step for the scripted participant.
 pub fn step(service: &str, payload: Value) -> Value {
     json!({"service": service, "action": "act", "payload": payload})
