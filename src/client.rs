@@ -68,6 +68,15 @@ impl Client {
         self
     }
 
+    /// As [`Client::as_client`] when `name` is not empty (the `submit_as` configuration key).
+    pub fn submitting_as(self, name: &str) -> Client {
+        if name.is_empty() {
+            self
+        } else {
+            self.as_client(name)
+        }
+    }
+
     /// The subjects used.
     pub fn subjects(&self) -> &Subjects {
         &self.subjects

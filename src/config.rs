@@ -157,6 +157,10 @@ pub struct Config {
     pub in_doubt_after_ms: u64,
     /// Where to serve Prometheus metrics (`GET /metrics`), as `host:port`; empty: nowhere.
     pub metrics_listen: String,
+    /// The client name the CLI and the demo submit as (`<prefix>.submit.<name>`, with its
+    /// own fair share); empty: plain `<prefix>.submit`. `txcoord auth` sets it in each
+    /// client's file, since a client user may publish only on its own submit subject.
+    pub submit_as: String,
     /// Believe participant replies that carry no command token (raw-protocol participants
     /// written before tokens). Off by default: such a reply can be forged by anyone who may
     /// publish on the reply subjects.
@@ -204,6 +208,7 @@ impl Default for Config {
             submit_ack_wait_ms: 3_000,
             in_doubt_after_ms: 10_000,
             metrics_listen: String::new(),
+            submit_as: String::new(),
             accept_untokened_replies: false,
             api_reply_prefixes: vec!["_INBOX".into()],
             worker_threads: 1,
@@ -325,6 +330,17 @@ impl Config {
                 format!(
                     "{:?} is not host:port with an IP address (say 127.0.0.1:9464 or 0.0.0.0:9464)",
                     self.metrics_listen
+                ),
+            ));
+        }
+        if !self.submit_as.is_empty()
+            && !crate::proto::is_token(&self.submit_as, crate::proto::MAX_NAME_LEN)
+        {
+            return Err(invalid(
+                "submit_as",
+                format!(
+                    "{:?} is not a client name: 1 to 64 characters of A-Z, a-z, 0-9, '_' or '-'",
+                    self.submit_as
                 ),
             ));
         }

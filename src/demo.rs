@@ -333,7 +333,14 @@ async fn start_cluster(
 }
 
 /// Runs the demo; `Ok(true)` when every invariant holds.
-pub async fn run(args: DemoArgs, nats_url: Option<String>) -> anyhow::Result<bool> {
+/// With `--external`, the demo connects with `cfg`'s NATS credentials and submits as its
+/// `submit_as` client; it reads the services' data buckets to check the invariants, so the
+/// identity must be allowed to (the coordinator's is; a client's is not).
+pub async fn run(
+    args: DemoArgs,
+    nats_url: Option<String>,
+    cfg: &txcoord::config::Config,
+) -> anyhow::Result<bool> {
     let tmp;
     let dir: PathBuf = match &args.data_dir {
         Some(d) => {
@@ -351,7 +358,12 @@ pub async fn run(args: DemoArgs, nats_url: Option<String>) -> anyhow::Result<boo
 
     // Ready means: the coordinator's micro service answers (it registers after recovery) and
     // each service's durable consumer exists.
-    let nc = txcoord::nats::connect(&url, &Default::default(), "txcoord-demo", true).await?;
+    let (auth, submit_as) = if args.external {
+        (cfg.nats.clone(), cfg.submit_as.as_str())
+    } else {
+        (Default::default(), "")
+    };
+    let nc = txcoord::nats::connect(&url, &auth, "txcoord-demo", true).await?;
     coordinator_stats(&nc, Duration::from_secs(60))
         .await
         .context("coordinator not ready")?;
@@ -382,7 +394,9 @@ pub async fn run(args: DemoArgs, nats_url: Option<String>) -> anyhow::Result<boo
         );
     }
 
-    let client = txcoord::client::Client::new(nc.clone(), &prefix).await?;
+    let client = txcoord::client::Client::new(nc.clone(), &prefix)
+        .await?
+        .submitting_as(submit_as);
     let orders = generate(args.orders, args.seed, &run_id, args.mode == "saga");
     let requests: Vec<Value> = orders.iter().map(|o| o.request.clone()).collect();
     let bar = indicatif::ProgressBar::new(orders.len() as u64);
@@ -532,6 +546,7 @@ fn report(
             }
             Some(Reason::Timeout { services, .. }) => format!("timeout ({})", services.join(", ")),
             Some(Reason::InvalidRequest { .. }) => "invalid request".into(),
+            Some(Reason::LogRefused { .. }) => "log refused a record".into(),
             None => format!("{:?}", ev.state),
         };
         *reasons.entry(key).or_default() += 1;

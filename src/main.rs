@@ -209,7 +209,7 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Demo(args) => {
-            let ok = demo::run(args, cli.nats_url).await?;
+            let ok = demo::run(args, cli.nats_url, &cfg).await?;
             Ok(if ok {
                 ExitCode::SUCCESS
             } else {
@@ -241,7 +241,9 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<ExitCode> {
         }
         Cmd::Status { txn_id } => {
             let nc = txcoord::nats::connect_config(&cfg, "txcoord-cli", false).await?;
-            let client = txcoord::client::Client::new(nc, &cfg.subject_prefix).await?;
+            let client = txcoord::client::Client::new(nc, &cfg.subject_prefix)
+                .await?
+                .submitting_as(&cfg.submit_as);
             let ev = client.status(&txn_id).await?;
             println!("{}", serde_json::to_string(&ev)?);
             Ok(ExitCode::SUCCESS)
@@ -356,7 +358,9 @@ async fn submit(cfg: &Config, file: &str, timeout: Duration) -> anyhow::Result<E
         }
     }
     let nc = txcoord::nats::connect_config(cfg, "txcoord-cli", false).await?;
-    let client = txcoord::client::Client::new(nc, &cfg.subject_prefix).await?;
+    let client = txcoord::client::Client::new(nc, &cfg.subject_prefix)
+        .await?
+        .submitting_as(&cfg.submit_as);
     let mut aborted = false;
     for result in client.submit_and_wait(good, timeout).await {
         match result {

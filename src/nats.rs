@@ -368,16 +368,28 @@ pub struct Expect {
     pub last_subject_sequence: Option<u64>,
 }
 
-/// Whether a failed publish may succeed if tried again with the same message id.
-pub fn is_transient(kind: PublishErrorKind) -> bool {
-    matches!(
-        kind,
+/// Whether a failed publish may succeed if tried again with the same message id: timeouts,
+/// lost connections, a stream not there yet, and any refusal of the stream except the ones
+/// no retry changes (the message is larger than the stream takes, the stream is sealed). A
+/// full stream or a server short of resources is transient: space may come back.
+pub fn is_transient(error: &jetstream::context::PublishError) -> bool {
+    use async_nats::jetstream::ErrorCode;
+    match error.kind() {
         PublishErrorKind::TimedOut
-            | PublishErrorKind::BrokenPipe
-            | PublishErrorKind::StreamNotFound
-            | PublishErrorKind::MaxAckPending
-            | PublishErrorKind::Other
-    )
+        | PublishErrorKind::BrokenPipe
+        | PublishErrorKind::StreamNotFound
+        | PublishErrorKind::MaxAckPending => true,
+        PublishErrorKind::Other => {
+            let code = std::error::Error::source(error)
+                .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>())
+                .map(|e| e.error_code());
+            !matches!(
+                code,
+                Some(ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM | ErrorCode::STREAM_SEALED)
+            )
+        }
+        _ => false,
+    }
 }
 
 /// Publishes once with a message id and waits for the acknowledgement.
@@ -414,7 +426,7 @@ pub async fn publish_durable(
         attempt += 1;
         match publish_once(js, subject, msg_id, payload.clone(), expect).await {
             Ok(ack) => return Ok(ack),
-            Err(e) if is_transient(e.kind()) && max_attempts.is_none_or(|m| attempt < m) => {
+            Err(e) if is_transient(&e) && max_attempts.is_none_or(|m| attempt < m) => {
                 if attempt == 3 || attempt.is_multiple_of(20) {
                     tracing::warn!(%subject, %msg_id, attempt, error = %e, "publish failing, retrying");
                 }

@@ -252,6 +252,34 @@ impl TxnState {
     }
 }
 
+/// Cuts `text` to at most `max` bytes (at a character boundary), saying how much was cut.
+pub fn cut_text(text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max.saturating_sub(48);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{} [cut: {} bytes in all]", &text[..end], text.len())
+}
+
+impl Reason {
+    /// Cuts the participant's or the log's text in this reason to `max` bytes.
+    pub fn cut(&mut self, max: usize) {
+        match self {
+            Reason::VoteAbort { message, .. }
+            | Reason::StepFailed { message, .. }
+            | Reason::CompensationFailed { message, .. }
+            | Reason::LogRefused { message }
+            | Reason::InvalidRequest { message, .. } => {
+                *message = cut_text(std::mem::take(message), max);
+            }
+            Reason::Timeout { .. } => {}
+        }
+    }
+}
+
 /// Why a transaction aborted or was rejected.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -288,6 +316,13 @@ pub enum Reason {
         /// The step being compensated.
         step: usize,
         /// The participant's last text.
+        message: String,
+    },
+    /// The coordinator's log refused one of the transaction's records for good (too large
+    /// for the stream, say) before anything was decided: it aborted (a saga compensated),
+    /// and its records from then on leave out the client's metadata.
+    LogRefused {
+        /// The log's refusal.
         message: String,
     },
     /// The request broke the contract.
@@ -848,6 +883,20 @@ impl Subjects {
     /// Every reply.
     pub fn replies_all(&self) -> String {
         format!("{}.reply.>", self.prefix)
+    }
+
+    /// `<prefix>.api.execute.<client>`: execute as the named client (its fair share; `txcoord
+    /// auth` lets a client user call only its own).
+    pub fn api_execute_as(&self, client: &str) -> String {
+        format!("{}.api.execute.{client}", self.prefix)
+    }
+
+    /// The client a `<prefix>.api.execute.<client>` subject names (`None` for plain execute).
+    pub fn execute_caller<'a>(&self, subject: &'a str) -> Option<&'a str> {
+        subject
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(".api.execute.")
+            .filter(|c| !c.is_empty() && !c.contains('.'))
     }
 
     /// A request/reply API endpoint, e.g. `api("execute")`.

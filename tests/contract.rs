@@ -7,28 +7,10 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{System, request, step};
+use common::{System, check, request, step, validator};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use txcoord::proto::TxnState;
-
-fn validator(name: &str) -> jsonschema::Validator {
-    let path = format!("{}/schemas/{name}.schema.json", env!("CARGO_MANIFEST_DIR"));
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    let schema: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
-    jsonschema::validator_for(&schema).unwrap_or_else(|e| panic!("{path}: {e}"))
-}
-
-fn check(v: &jsonschema::Validator, name: &str, subject: &str, msg: &Value) {
-    let errors: Vec<String> = v
-        .iter_errors(msg)
-        .map(|e| format!("{} at {}", e, e.instance_path()))
-        .collect();
-    assert!(
-        errors.is_empty(),
-        "{subject} does not match {name}: {errors:?}\n{msg}"
-    );
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_emitted_message_matches_its_schema() {

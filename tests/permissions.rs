@@ -132,6 +132,69 @@ async fn generated_identities_run_transactions_and_stop_forgeries() {
         ledger.log_text()
     );
 
+    // The CLI under the client's identity (its file sets submit_as, so it submits on the
+    // one subject the client may publish on).
+    let file = dir.path().join("cli-1.json");
+    std::fs::write(
+        &file,
+        request("cli-1", vec![step("a", json!({}))]).to_string(),
+    )
+    .unwrap();
+    let mut cli = spawn("cli", &["submit", file.to_str().unwrap()], "shop");
+    let status = cli.wait_exit(Duration::from_secs(30)).await;
+    assert!(
+        status.success(),
+        "txcoord submit as shop: {status:?}\n{}",
+        cli.log_text()
+    );
+    assert_eq!(
+        client.last_event("cli-1").await.map(|e| e.state),
+        Some(TxnState::Committed)
+    );
+
+    // The API as the client: execute under its own name submits on its own subject (its
+    // share); plain execute, which would escape the share, is not the client's to call.
+    let answer = shop
+        .request(
+            "txn.api.execute.shop",
+            request("api-1", vec![step("a", json!({}))])
+                .to_string()
+                .into(),
+        )
+        .await
+        .expect("an answer");
+    let ev: txcoord::proto::TransactionEvent =
+        serde_json::from_slice(&answer.payload).expect("an outcome");
+    assert_eq!(ev.state, TxnState::Committed);
+    // (Read back through the coordinator's identity.)
+    let operator = connect(&url, &g, "coordinator").await;
+    let submits = txcoord::nats::jetstream(operator, Duration::from_secs(2))
+        .get_stream("TXN_SUBMIT")
+        .await
+        .unwrap();
+    let last = submits
+        .direct_get_last_for_subject("txn.submit.shop")
+        .await
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&last.payload).contains("api-1"),
+        "the API submitted as shop"
+    );
+    let plain = tokio::time::timeout(
+        Duration::from_secs(2),
+        shop.request(
+            "txn.api.execute",
+            request("api-2", vec![step("a", json!({}))])
+                .to_string()
+                .into(),
+        ),
+    )
+    .await;
+    assert!(
+        !matches!(plain, Ok(Ok(_))),
+        "a client called plain execute: {plain:?}"
+    );
+
     // A slow abort from b, and forgeries while it is on its way.
     let id = "forged-perm";
     let slow = request(
@@ -248,4 +311,102 @@ async fn generated_identities_run_transactions_and_stop_forgeries() {
 
 fn nats_log(nats: &NatsServer) -> String {
     std::fs::read_to_string(nats.store().join("nats.log")).unwrap_or_default()
+}
+
+/// What compose.yaml does, without containers: `txcoord auth` writes the files, nats-server
+/// loads the block, every process starts with `--config <its file>`, and the order demo
+/// (with the coordinator's identity, as compose runs it) places its orders and its
+/// invariants hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_order_demo_runs_under_the_generated_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let auth = dir.path().join("auth");
+    let auth_dir = auth.to_str().unwrap();
+    let mut gen_auth = Proc::spawn(
+        dir.path(),
+        "auth",
+        &[
+            "auth",
+            "--service",
+            "inventory",
+            "--service",
+            "payment",
+            "--service",
+            "order",
+            "--client",
+            "shop",
+            "--out",
+            auth_dir,
+        ],
+        &[],
+    );
+    assert!(gen_auth.wait_exit(Duration::from_secs(30)).await.success());
+    let block = std::fs::read_to_string(auth.join("nats-auth.conf")).unwrap();
+    let nats = NatsServer::start_configured(None, None, "", &block).expect("nats");
+    let url = nats.url();
+    let config = |name: &str| format!("{auth_dir}/{name}.toml");
+    let env = [("TXCOORD_NATS_URL", url.as_str())];
+    let coordinator = Proc::spawn(
+        dir.path(),
+        "coordinator",
+        &["--config", &config("coordinator"), "serve"],
+        &env,
+    );
+    coordinator
+        .wait_for("coordinator ready", Duration::from_secs(30))
+        .await;
+    let service = |name: &str, bin: &str, seeds: &[&str]| {
+        let file = config(name);
+        let mut args = vec!["--config", file.as_str()];
+        for s in seeds {
+            args.extend(["--seed", s]);
+        }
+        Proc::spawn_bin(bin, dir.path(), name, &args, &env)
+    };
+    let services = [
+        service(
+            "inventory",
+            env!("CARGO_BIN_EXE_txcoord-inventory"),
+            &["apple=400", "pear=150", "plum=60", "rare=6"],
+        ),
+        service(
+            "payment",
+            env!("CARGO_BIN_EXE_txcoord-payment"),
+            &["alice=400000", "bob=150000", "dave=300000", "carol=900"],
+        ),
+        service("order", env!("CARGO_BIN_EXE_txcoord-order"), &[]),
+    ];
+    let demo = tokio::time::timeout(
+        Duration::from_secs(180),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_txcoord"))
+            .args([
+                "--config",
+                &config("coordinator"),
+                "demo",
+                "--external",
+                "--orders",
+                "40",
+            ])
+            .env("TXCOORD_NATS_URL", &url)
+            .env("TXCOORD_LOG", "warn")
+            .output(),
+    )
+    .await
+    .expect("the demo finishes")
+    .expect("the demo runs");
+    let stdout = String::from_utf8_lossy(&demo.stdout);
+    let logs: Vec<String> = services.iter().map(|p| p.log_text()).collect();
+    assert!(
+        demo.status.success() && stdout.contains("invariants: OK"),
+        "demo: {:?}\n{stdout}\n{}\ncoordinator:\n{}\nservices:\n{}",
+        demo.status,
+        String::from_utf8_lossy(&demo.stderr),
+        coordinator.log_text(),
+        logs.join("\n")
+    );
+    assert!(
+        !nats_log(&nats).contains("Permissions Violation"),
+        "something in the compose setup needs a permission it lacks:\n{}",
+        nats_log(&nats)
+    );
 }

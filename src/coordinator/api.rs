@@ -134,6 +134,11 @@ pub async fn start(
         endpoints: vec![
             ("execute", shared.subjects.api("execute"), AtomicU64::new(0)),
             ("status", shared.subjects.api("status"), AtomicU64::new(0)),
+            (
+                "execute_as",
+                shared.subjects.api_execute_as("*"),
+                AtomicU64::new(0),
+            ),
         ],
     });
     let mut tasks = Vec::new();
@@ -170,7 +175,7 @@ pub async fn start(
             .await
             .map_err(api_err)?;
         let (client, shared, instance) = (client.clone(), shared.clone(), instance.clone());
-        let execute = *name == "execute";
+        let execute = matches!(*name, "execute" | "execute_as");
         tasks.push(tokio::spawn(async move {
             while let Some(message) = sub.next().await {
                 instance.endpoints[index].2.fetch_add(1, Ordering::Relaxed);
@@ -237,7 +242,13 @@ async fn respond(req: &Req, body: Bytes) {
     }
 }
 
+/// `<prefix>.api.execute` (or `<prefix>.api.execute.<client>`, which submits as that client,
+/// with its fair share): submits the request and answers its outcome.
 async fn handle_execute(client: async_nats::Client, shared: Arc<Shared>, req: Req) {
+    let submit = match shared.subjects.execute_caller(&req.message.subject) {
+        Some(name) => shared.subjects.submit_as(name),
+        None => shared.subjects.submit(),
+    };
     let parsed = parse_request(&req.message.payload, &shared.limits);
     // Invalid requests still go through the submit stream when they carry a txn_id, so they
     // are recorded and rejected exactly like any other submission.
@@ -284,7 +295,7 @@ async fn handle_execute(client: async_nats::Client, shared: Arc<Shared>, req: Re
     };
     if let Err(e) = publish_durable(
         &shared.js,
-        &shared.subjects.submit(),
+        &submit,
         &txn_id,
         body,
         Expect::default(),

@@ -95,6 +95,7 @@ pub struct Metrics {
     refused_api_requests: AtomicU64,
     held_back: AtomicU64,
     foreign_log_messages: AtomicU64,
+    log_refusals: AtomicU64,
 }
 
 impl Metrics {
@@ -109,6 +110,9 @@ impl Metrics {
     }
     fn foreign_log_message(&self) {
         self.foreign_log_messages.fetch_add(1, Ordering::Relaxed);
+    }
+    fn log_refusal(&self) {
+        self.log_refusals.fetch_add(1, Ordering::Relaxed);
     }
     fn duplicate(&self) {
         self.duplicates.fetch_add(1, Ordering::Relaxed);
@@ -138,6 +142,7 @@ impl Metrics {
             "refused_api_requests": self.refused_api_requests.load(Ordering::Relaxed),
             "held_back": self.held_back.load(Ordering::Relaxed),
             "foreign_log_messages": self.foreign_log_messages.load(Ordering::Relaxed),
+            "log_refusals": self.log_refusals.load(Ordering::Relaxed),
             "in_flight": in_flight,
         })
     }

@@ -64,6 +64,16 @@ pub fn render(shared: &Shared) -> String {
             "Submissions handed back to wait because a service was at its in-flight share.",
         ),
         (
+            "txcoord_foreign_log_messages_total",
+            "foreign_log_messages",
+            "Messages in a transaction's log that are not its records (skipped).",
+        ),
+        (
+            "txcoord_log_refusals_total",
+            "log_refusals",
+            "Records the log refused for good (the transaction then ends or goes on with compact records).",
+        ),
+        (
             "txcoord_recovered",
             "recovered",
             "Transactions resumed from the log at the last start.",

@@ -154,14 +154,7 @@ pub fn check(
 
 /// Cuts `text` to at most `max` bytes (at a character boundary), saying how much was cut.
 pub fn bound(text: String, max: usize) -> String {
-    if text.len() <= max {
-        return text;
-    }
-    let mut end = max.saturating_sub(48);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{} [cut: {} bytes in all]", &text[..end], text.len())
+    crate::proto::cut_text(text, max)
 }
 
 #[cfg(test)]

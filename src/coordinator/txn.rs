@@ -8,7 +8,7 @@
 //! stale coordinator): the task stops at once, sends nothing more, and leaves the
 //! transaction to what its log says.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex};
 
@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use super::{Failpoint, Shared};
 use crate::client::LogTail;
 use crate::engine::twopc::EngineError;
-use crate::engine::{Command, Timer};
+use crate::engine::{Command, Refusal, Timer};
 use crate::engine::{Event, Machine};
 use crate::nats::{Expect, NatsError, publish_durable};
 use crate::proto::RequestError;
@@ -165,7 +165,7 @@ pub async fn drive(
         finished: false,
     };
     drop(own);
-    let mut stopped = driver.perform(commands).await.err();
+    let mut stopped = driver.perform(&mut engine, commands).await.err();
     if stopped.is_none() && !driver.finished {
         loop {
             let next = driver
@@ -203,7 +203,7 @@ pub async fn drive(
                     }
                 }
             }
-            if let Err(stop) = driver.perform(out).await {
+            if let Err(stop) = driver.perform(&mut engine, out).await {
                 stopped = Some(stop);
                 break;
             }
@@ -295,8 +295,9 @@ enum Written {
 }
 
 impl Driver {
-    async fn perform(&mut self, commands: Vec<Command>) -> Result<(), Stop> {
-        for cmd in commands {
+    async fn perform(&mut self, engine: &mut Machine, commands: Vec<Command>) -> Result<(), Stop> {
+        let mut queue: VecDeque<Command> = commands.into();
+        while let Some(cmd) = queue.pop_front() {
             // Fencing: nothing is written or sent unless this coordinator holds the lease.
             if matches!(
                 cmd,
@@ -306,9 +307,38 @@ impl Driver {
                 return Err(Stop::Halted);
             }
             match cmd {
-                Command::Persist { msg_id, event } => {
+                Command::Persist { msg_id, mut event } => {
                     self.flush_announces().await?;
-                    self.persist(&msg_id, &event).await?;
+                    let Some(refusal) = self.persist(&msg_id, &event).await? else {
+                        continue;
+                    };
+                    // The log refused the record for good: nothing after it runs. The engine
+                    // decides anew (nothing was decided yet) or has it written again compacted.
+                    let message = refusal.to_string();
+                    self.shared.metrics.log_refusal();
+                    let mut out = Vec::new();
+                    match engine.log_refused(now_ms(), &msg_id, &message, &mut out) {
+                        Refusal::Replanned => {
+                            tracing::warn!(%msg_id, error = %message, state = ?engine.state(), "the log refused a record before a decision; the transaction ends without one, with compact records");
+                            queue = out.into();
+                        }
+                        Refusal::Redo => {
+                            tracing::warn!(%msg_id, error = %message, "the log refused a record; writing it again compacted");
+                            crate::engine::compact(&mut event);
+                            queue.push_front(Command::Persist { msg_id, event });
+                            for cmd in queue.iter_mut() {
+                                if let Command::Persist { event, .. }
+                                | Command::Announce { event, .. } = cmd
+                                {
+                                    crate::engine::compact(event);
+                                }
+                            }
+                        }
+                        Refusal::GiveUp => {
+                            tracing::error!(%msg_id, error = %message, "the log refused even a compact record; the transaction stops here and resumes after a restart");
+                            return Err(Stop::Halted);
+                        }
+                    }
                 }
                 Command::Announce { msg_id, event } => self.announces.push((msg_id, event)),
                 Command::Send(mut cmd) => {
@@ -481,7 +511,13 @@ impl Driver {
         Settled::Written(Written::Fenced)
     }
 
-    async fn persist(&mut self, msg_id: &str, event: &TransactionEvent) -> Result<(), Stop> {
+    /// Writes one record; `Ok(Some(_))` when the log refused it for good (the first record's
+    /// refusal is settled here: the submission is rejected).
+    async fn persist(
+        &mut self,
+        msg_id: &str,
+        event: &TransactionEvent,
+    ) -> Result<Option<NatsError>, Stop> {
         let first =
             event.state == TxnState::Accepted && matches!(self.begin, Some(Begin::New { .. }));
         if !first {
@@ -489,14 +525,11 @@ impl Driver {
                 Written::Ours { seq, last } => {
                     self.wrote(seq, last);
                     self.failpoint(event, msg_id).await;
-                    Ok(())
+                    Ok(None)
                 }
                 Written::Fenced => Err(Stop::Fenced),
                 Written::LeaseLost => Err(Stop::Halted),
-                Written::Refused(e) => {
-                    tracing::error!(error = %e, "log write failed for good; the transaction resumes after a restart");
-                    Err(Stop::Halted)
-                }
+                Written::Refused(e) => Ok(Some(e)),
             };
         }
         let Some(Begin::New { submission }) = self.begin.take() else {
@@ -559,7 +592,7 @@ impl Driver {
             Some((seq, last)) => {
                 self.wrote(seq, last);
                 self.shared.metrics.accepted();
-                Ok(())
+                Ok(None)
             }
             None => {
                 self.shared.metrics.duplicate();

@@ -16,8 +16,8 @@ pub mod saga;
 pub mod twopc;
 
 use crate::proto::{
-    CommandKind, Mode, ParticipantCommand, ParticipantReply, TransactionEvent, TransactionRequest,
-    TxnState,
+    CommandKind, Mode, ParticipantCommand, ParticipantReply, Reason, TransactionEvent,
+    TransactionRequest, TxnState,
 };
 
 /// Checks that a reply names a step this transaction has, and comes from that step's
@@ -126,6 +126,59 @@ impl Machine {
             Machine::Saga(m) => m.txn_id(),
         }
     }
+
+    /// The log refused for good the record of the last `Persist` the runtime carried out
+    /// (`msg_id`), with `message`; the runtime dropped every command after it. Every record
+    /// from now on is compact ([`compact`]). What the runtime does next is the answer.
+    pub fn log_refused(
+        &mut self,
+        now: u64,
+        msg_id: &str,
+        message: &str,
+        out: &mut Vec<Command>,
+    ) -> Refusal {
+        match self {
+            Machine::TwoPc(m) => m.log_refused(now, msg_id, message, out),
+            Machine::Saga(m) => m.log_refused(now, msg_id, message, out),
+        }
+    }
+}
+
+/// What the runtime does after the log refused a record for good.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The record announced nothing decided: the machine decided anew (a 2PC aborts, a
+    /// saga compensates, with reason `log_refused`). Carry out its new commands instead of
+    /// the dropped ones.
+    Replanned,
+    /// The record follows a durable decision, which stands: write it again compacted
+    /// ([`compact`]), then carry out the dropped commands after it (compacted too).
+    Redo,
+    /// The record was compact already: nothing smaller can be written. The transaction
+    /// stops here; a restart resumes it from its log.
+    GiveUp,
+}
+
+/// The most bytes of a participant's or the log's text in a compact record.
+pub const COMPACT_REASON_BYTES: usize = 256;
+
+/// Makes a record as small as it can be without losing what recovery needs: no client
+/// metadata, reasons cut to [`COMPACT_REASON_BYTES`]. Written once the log has refused a
+/// record of the transaction.
+pub fn compact(event: &mut TransactionEvent) {
+    event.metadata = None;
+    for reason in [&mut event.reason, &mut event.cause].into_iter().flatten() {
+        reason.cut(COMPACT_REASON_BYTES);
+    }
+}
+
+/// The reason a transaction ends with when the log refused a record before a decision.
+pub(crate) fn log_refused_reason(message: &str) -> Reason {
+    let mut r = Reason::LogRefused {
+        message: format!("the coordinator's log refused a record: {message}"),
+    };
+    r.cut(COMPACT_REASON_BYTES);
+    r
 }
 
 /// An input to a transaction's machine.

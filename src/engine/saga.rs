@@ -16,6 +16,9 @@
 //! | Compensating(j) | `failed` or timeout                      | same (shown `failed` after the limit) | SetTimer(retry, backoff capped); on it: Persist(round), Send(compensate j, attempt+1) |
 //! | (recover)    | log says executing / compensating / failed  | same          | Persist(round), resend the current command with attempt+1 |
 //! | Completed/Compensated | anything                           | same          | none |
+//! | Executing(i) | log refused a record                        | Compensating  | compact from now on; compensate what executed (or may have), reason `log_refused` |
+//! | any other    | log refused a record                        | same          | compact from now on; the runtime writes the record again compacted |
+//! | any          | log refused a compact record                | same          | none: the runtime stops; a restart resumes |
 //!
 //! Every command is preceded by a persisted record of the progress so far, so a restarted
 //! coordinator continues from where the log says: forward if compensation has not started,
@@ -24,7 +27,7 @@
 use serde_json::Value;
 
 use super::twopc::{EngineError, RecoverError};
-use super::{Command, EngineConfig, Event, Timer, backoff_ms};
+use super::{Command, EngineConfig, Event, Refusal, Timer, backoff_ms};
 use crate::proto::{
     CommandKind, Mode, ParticipantCommand, ParticipantReply, Reason, ReplyOutcome, SagaStep,
     SagaStepState, StepStatus, TransactionEvent, TransactionRequest, TxnState,
@@ -72,6 +75,8 @@ pub struct Saga {
     cause: Option<Reason>,
     /// Set while the current compensation has failed past its limit (state `failed`).
     failing: Option<Reason>,
+    /// The log refused a record: every record from then on is compact.
+    compact: bool,
 }
 
 impl Saga {
@@ -112,6 +117,7 @@ impl Saga {
             cursor: 0,
             cause: None,
             failing: None,
+            compact: false,
         };
         saga.steps[0].state = SagaStepState::Executing;
         saga.steps[0].execute_attempt = 1;
@@ -192,6 +198,11 @@ impl Saga {
             failing: (last.state == TxnState::Failed)
                 .then(|| last.reason.clone())
                 .flatten(),
+            compact: (last.metadata.is_none() && accepted.metadata.is_some())
+                || matches!(
+                    last.cause.as_ref().or(last.reason.as_ref()),
+                    Some(Reason::LogRefused { .. })
+                ),
         };
         if saga.cursor >= saga.steps.len() {
             return Err(RecoverError::Inconsistent(format!(
@@ -577,8 +588,40 @@ impl Saga {
         }
     }
 
+    /// See [`super::Machine::log_refused`]. Going forward nothing is decided: the saga
+    /// compensates what executed or may have (the current step too, unless the refused
+    /// record was the one before its first execute), with reason `log_refused`.
+    pub fn log_refused(
+        &mut self,
+        now: u64,
+        _msg_id: &str,
+        message: &str,
+        out: &mut Vec<Command>,
+    ) -> Refusal {
+        if self.compact {
+            return Refusal::GiveUp;
+        }
+        self.compact = true;
+        if self.phase != Phase::Executing {
+            return Refusal::Redo;
+        }
+        let first_record_of_step = self.cursor > 0;
+        let s = &mut self.steps[self.cursor];
+        if s.state == SagaStepState::Executing {
+            if s.execute_attempt <= 1 && first_record_of_step {
+                // Refused before its first execute went out: it never ran.
+                s.state = SagaStepState::Pending;
+                s.execute_attempt = 0;
+            } else {
+                s.state = SagaStepState::Uncertain;
+            }
+        }
+        self.begin_compensation(super::log_refused_reason(message), now, out);
+        Refusal::Replanned
+    }
+
     fn event(&self, state: TxnState, now: u64, with_payload: bool) -> TransactionEvent {
-        TransactionEvent {
+        let mut event = TransactionEvent {
             txn_id: self.txn_id.clone(),
             state,
             mode: Mode::Saga,
@@ -613,7 +656,11 @@ impl Saga {
             submit_seq: self.submit_seq,
             current_step: (!self.is_finished()).then_some(self.cursor),
             cause: self.failing.as_ref().and(self.cause.clone()),
+        };
+        if self.compact {
+            super::compact(&mut event);
         }
+        event
     }
 }
 

@@ -16,6 +16,9 @@
 //! | (recover)  | log says accepted/preparing             | Preparing   | Persist(round), Send(prepare)×N with attempt+1, SetTimer |
 //! | (recover)  | log says committing/aborting            | same        | Persist(round), Send to pending with attempt+1, timers |
 //! | Committed/Aborted | anything                         | same        | none (terminal states absorb late messages)  |
+//! | Preparing, or Committing whose decision record was refused | log refused a record | Aborting | compact from now on; as a vote abort, reason `log_refused` |
+//! | any other  | log refused a record                    | same        | compact from now on; the runtime writes the record again compacted |
+//! | any        | log refused a compact record            | same        | none: the runtime stops; a restart resumes   |
 //!
 //! Presumed abort: a commit is over only when every ready participant confirmed it, but an
 //! abort is over once each abort command is confirmed *or* durably stored in the command
@@ -28,7 +31,7 @@
 
 use serde_json::Value;
 
-use super::{Command, EngineConfig, Timer, backoff_ms};
+use super::{Command, EngineConfig, Refusal, Timer, backoff_ms};
 use crate::proto::{
     CommandKind, Mode, ParticipantCommand, ParticipantReply, Reason, ReplyOutcome, StepStatus,
     TransactionEvent, TransactionRequest, TxnState, Vote,
@@ -157,6 +160,8 @@ pub struct TwoPc {
     /// waits at least twice that, so a slow store (fsync on every write) is not answered
     /// with resends that only add writes. Zero when unknown.
     observed_round_ms: u64,
+    /// The log refused a record: every record from then on is compact.
+    compact: bool,
 }
 
 impl TwoPc {
@@ -200,6 +205,7 @@ impl TwoPc {
             stuck: false,
             started_ms: Some(now),
             observed_round_ms: 0,
+            compact: false,
         };
         out.push(Command::Persist {
             msg_id: format!("{}.accepted", txn.txn_id),
@@ -270,6 +276,8 @@ impl TwoPc {
             stuck: last.stuck,
             started_ms: None,
             observed_round_ms: 0,
+            compact: (last.metadata.is_none() && accepted.metadata.is_some())
+                || matches!(last.reason, Some(Reason::LogRefused { .. })),
         };
         match last.state {
             TxnState::Accepted | TxnState::Preparing => {
@@ -379,6 +387,39 @@ impl TwoPc {
             // Commits need the participant's own confirmation; other acks change nothing.
             Event::Stored { .. } => Ok(()),
         }
+    }
+
+    /// See [`super::Machine::log_refused`]. Before the decision is durable (a prepare round's
+    /// record, or the commit decision itself) the transaction aborts with reason
+    /// `log_refused`: no participant has heard a decision, so abort is still free to choose.
+    pub fn log_refused(
+        &mut self,
+        now: u64,
+        msg_id: &str,
+        message: &str,
+        out: &mut Vec<Command>,
+    ) -> Refusal {
+        if self.compact {
+            return Refusal::GiveUp;
+        }
+        self.compact = true;
+        let decision = msg_id == format!("{}.decided", self.txn_id);
+        let undecided =
+            self.phase == Phase::Preparing || (self.phase == Phase::Committing && decision);
+        if !undecided {
+            return Refusal::Redo;
+        }
+        self.phase = Phase::Preparing;
+        for b in &mut self.branches {
+            b.decision_attempt = 0;
+        }
+        self.decide(
+            Phase::Aborting,
+            Some(super::log_refused_reason(message)),
+            now,
+            out,
+        );
+        Refusal::Replanned
     }
 
     fn on_reply(
@@ -668,7 +709,7 @@ impl TwoPc {
     }
 
     fn event(&self, state: TxnState, now: u64, with_payload: bool) -> TransactionEvent {
-        TransactionEvent {
+        let mut event = TransactionEvent {
             txn_id: self.txn_id.clone(),
             state,
             mode: Mode::TwoPc,
@@ -698,7 +739,11 @@ impl TwoPc {
             submit_seq: self.submit_seq,
             current_step: None,
             cause: None,
+        };
+        if self.compact {
+            super::compact(&mut event);
         }
+        event
     }
 }
 

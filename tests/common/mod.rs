@@ -434,6 +434,28 @@ impl System {
     }
 }
 
+/// The validator of `schemas/<name>.schema.json`.
+#[allow(dead_code)]
+pub fn validator(name: &str) -> jsonschema::Validator {
+    let path = format!("{}/schemas/{name}.schema.json", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let schema: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
+    jsonschema::validator_for(&schema).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// Asserts that `msg` (seen on `subject`) matches the schema `name`.
+#[allow(dead_code)]
+pub fn check(v: &jsonschema::Validator, name: &str, subject: &str, msg: &Value) {
+    let errors: Vec<String> = v
+        .iter_errors(msg)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{subject} does not match {name}: {errors:?}\n{msg}"
+    );
+}
+
 /// The Python that runs the raw-protocol participants (the project's venv unless
 /// `TXCOORD_PYTHON` names another).
 #[allow(dead_code)]

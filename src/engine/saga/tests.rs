@@ -102,6 +102,76 @@ fn all_steps_succeed_in_order_each_persisted_before_the_next() {
     assert!(s.is_finished());
 }
 
+fn step_state(s: &Saga, i: usize) -> Option<SagaStepState> {
+    s.snapshot(0).steps[i].saga.as_ref().map(|x| x.state)
+}
+
+#[test]
+fn a_refused_record_going_forward_compensates_what_ran_and_not_what_never_started() {
+    let (mut s, _) = start(3);
+    let _ = h(&mut s, 1, done(0, CommandKind::Execute));
+    // Step 1's first execute waits behind the refused progress record: it never went out.
+    let mut out = Vec::new();
+    assert_eq!(
+        s.log_refused(
+            2,
+            "s1.execute.1.1",
+            "message size exceeds maximum",
+            &mut out
+        ),
+        Refusal::Replanned
+    );
+    assert_eq!(s.state(), TxnState::Compensating);
+    assert_eq!(step_state(&s, 1), Some(SagaStepState::Pending));
+    assert_eq!(sends(&out), vec![(0, CommandKind::Compensate, 1)]);
+    let rec = out
+        .iter()
+        .find_map(|c| match c {
+            Command::Persist { event, .. } => Some(event),
+            _ => None,
+        })
+        .expect("the compensation is recorded first");
+    assert!(
+        matches!(&rec.reason, Some(Reason::LogRefused { message }) if message.contains("exceeds"))
+    );
+    // Compensating: a refused record is redone; a refused compact one ends the attempts.
+    assert_eq!(
+        s.log_refused(3, "s1.compensate.0.1", "again", &mut Vec::new()),
+        Refusal::GiveUp
+    );
+}
+
+#[test]
+fn a_refused_nudge_record_compensates_the_step_that_may_have_run() {
+    let (mut s, _) = start(2);
+    let _ = h(&mut s, 1, done(0, CommandKind::Execute));
+    let _ = h(&mut s, 600, Event::Timer(Timer::StepNudge));
+    // Execute 1 went out once already; the record of its second attempt is refused.
+    let mut out = Vec::new();
+    assert_eq!(
+        s.log_refused(601, "s1.execute.1.2", "sealed", &mut out),
+        Refusal::Replanned
+    );
+    assert_eq!(
+        sends(&out),
+        vec![(1, CommandKind::Compensate, 1)],
+        "the newest step that may have run is undone first"
+    );
+}
+
+#[test]
+fn a_refused_record_while_compensating_or_finishing_is_redone() {
+    let (mut s, _) = start(2);
+    let _ = h(&mut s, 1, done(0, CommandKind::Execute));
+    let out = h(&mut s, 2, done(1, CommandKind::Execute));
+    assert_eq!(persisted(&out), vec![TxnState::Completed]);
+    assert_eq!(
+        s.log_refused(3, "s1.final", "too big", &mut Vec::new()),
+        Refusal::Redo
+    );
+    assert_eq!(s.state(), TxnState::Completed, "the outcome stands");
+}
+
 #[test]
 fn step_three_fails_and_two_then_one_are_compensated() {
     let (mut s, _) = start(3);

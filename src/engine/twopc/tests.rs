@@ -118,6 +118,96 @@ fn start_persists_before_any_prepare() {
     assert_eq!(cmd.deadline_ms, 1_000);
 }
 
+/// The record a batch persisted, by state.
+fn record(out: &[Command], state: TxnState) -> &TransactionEvent {
+    out.iter()
+        .find_map(|c| match c {
+            Command::Persist { event, .. } if event.state == state => Some(event),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no {state:?} record in {out:?}"))
+}
+
+#[test]
+fn a_refused_commit_decision_becomes_an_abort_with_compact_records() {
+    let (mut txn, _) = start(&["a", "b"]);
+    let mut out = Vec::new();
+    txn.handle(10, vote(0, "a", ReplyOutcome::Ready), &mut out)
+        .unwrap();
+    txn.handle(11, vote(1, "b", ReplyOutcome::Ready), &mut out)
+        .unwrap();
+    assert_eq!(txn.phase(), Phase::Committing);
+    // The runtime could not write the commit decision: nobody heard it, so it is undone.
+    let mut out = Vec::new();
+    let refusal = txn.log_refused(12, "t1.decided", "message size exceeds maximum", &mut out);
+    assert_eq!(refusal, Refusal::Replanned);
+    assert_eq!(txn.phase(), Phase::Aborting);
+    let decision = record(&out, TxnState::Aborting);
+    assert_eq!(decision.metadata, None, "compact");
+    assert!(
+        matches!(&decision.reason, Some(Reason::LogRefused { message })
+        if message.contains("message size exceeds maximum"))
+    );
+    assert_eq!(
+        sends(&out),
+        vec![(0, CommandKind::Abort, 1), (1, CommandKind::Abort, 1)]
+    );
+    // Every later record is compact too.
+    assert_eq!(txn.snapshot(13).metadata, None);
+    // A compact record refused as well: nothing smaller exists.
+    assert_eq!(
+        txn.log_refused(14, "t1.decided", "still too big", &mut Vec::new()),
+        Refusal::GiveUp
+    );
+}
+
+#[test]
+fn a_refused_prepare_round_aborts_and_the_silent_steps_hear_it() {
+    let (mut txn, _) = start(&["a", "b"]);
+    let mut out = Vec::new();
+    txn.handle(10, vote(0, "a", ReplyOutcome::Ready), &mut out)
+        .unwrap();
+    txn.handle(500, Event::Timer(Timer::StepNudge), &mut out)
+        .unwrap();
+    let mut out = Vec::new();
+    assert_eq!(
+        txn.log_refused(501, "t1.prepare.r2", "sealed", &mut out),
+        Refusal::Replanned
+    );
+    assert_eq!(txn.phase(), Phase::Aborting);
+    assert_eq!(
+        sends(&out),
+        vec![(0, CommandKind::Abort, 1), (1, CommandKind::Abort, 1)]
+    );
+}
+
+#[test]
+fn a_refused_record_after_a_durable_decision_is_redone_and_the_decision_stands() {
+    let (mut txn, _) = start(&["a", "b"]);
+    let mut out = Vec::new();
+    txn.handle(10, vote(0, "a", ReplyOutcome::Ready), &mut out)
+        .unwrap();
+    txn.handle(11, vote(1, "b", ReplyOutcome::Ready), &mut out)
+        .unwrap();
+    // The decision is durable; a resend round's record is refused.
+    let mut out = Vec::new();
+    txn.handle(1_000, Event::Timer(Timer::Phase2Retry), &mut out)
+        .unwrap();
+    let mut again = Vec::new();
+    assert_eq!(
+        txn.log_refused(1_001, "t1.commit.r2", "too big", &mut again),
+        Refusal::Redo
+    );
+    assert!(again.is_empty(), "the runtime redoes the dropped commands");
+    assert_eq!(txn.phase(), Phase::Committing);
+    // The dropped round, compacted as the runtime writes it again.
+    let mut round = record(&out, TxnState::Committing).clone();
+    assert!(round.metadata.is_some());
+    crate::engine::compact(&mut round);
+    assert_eq!(round.metadata, None);
+    assert_eq!(txn.snapshot(1_002).metadata, None);
+}
+
 #[test]
 fn all_ready_commits_with_the_decision_durable_first() {
     let (mut txn, _) = start(&["a", "b"]);
