@@ -880,6 +880,19 @@ impl Subjects {
         format!("{}.reply.{service}.{txn_id}", self.prefix)
     }
 
+    /// Who may have published a reply on `subject`: the service a per-service reply subject
+    /// names (under `txcoord auth`'s permissions only it may publish there), or anyone
+    /// allowed on the old shared subject `<prefix>.reply.<txn_id>`.
+    pub fn reply_sender(&self, subject: &str) -> String {
+        let rest = subject
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|r| r.strip_prefix(".reply."));
+        match rest.and_then(|r| r.split_once('.')) {
+            Some((service, _)) => format!("the identity of service {service:?}"),
+            None => "anyone who may publish on the shared reply subject".into(),
+        }
+    }
+
     /// Every reply.
     pub fn replies_all(&self) -> String {
         format!("{}.reply.>", self.prefix)
@@ -1090,5 +1103,12 @@ mod tests {
         assert_eq!(s.command("inv", "t1"), "acme-txn.cmd.inv.t1");
         assert_eq!(s.events_stream(), "ACME_TXN_EVENTS");
         assert_eq!(s.api("execute"), "acme-txn.api.execute");
+        assert_eq!(s.api_execute_as("shop"), "acme-txn.api.execute.shop");
+        assert_eq!(s.execute_caller("acme-txn.api.execute.shop"), Some("shop"));
+        assert_eq!(s.execute_caller("acme-txn.api.execute"), None);
+        assert_eq!(s.events_txn("acme-txn.events.t-1"), Some("t-1"));
+        assert_eq!(s.events_txn("other.events.t-1"), None);
+        assert!(s.reply_sender("acme-txn.reply.pay.t-1").contains("\"pay\""));
+        assert!(s.reply_sender("acme-txn.reply.t-1").starts_with("anyone"));
     }
 }

@@ -144,10 +144,24 @@ async fn forged_votes_do_not_change_an_outcome() {
         "{rejected} rejected; coordinator log:\n{}",
         sys.coordinator.log_text()
     );
+    // Each rejection says who could have sent it (the subject's owner) and who it claimed.
+    let log = sys.coordinator.log_text();
+    let rejections: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("participant reply rejected"))
+        .collect();
     assert!(
-        sys.coordinator
-            .log_text()
-            .contains("participant reply rejected")
+        rejections.iter().any(|l| l.contains("txn.reply.a.forged-1")
+            && l.contains(r#"sent_by=the identity of service "a""#)
+            && l.contains("claimed_service=b")
+            && l.contains("msg_id=x7")),
+        "{rejections:#?}"
+    );
+    assert!(
+        rejections
+            .iter()
+            .any(|l| l.contains("sent_by=anyone who may publish on the shared reply subject")),
+        "{rejections:#?}"
     );
 }
 

@@ -456,9 +456,19 @@ async fn run_replies(shared: Arc<Shared>, consumer: consumer::Consumer<consumer:
                         shared.accept_untokened_replies,
                     ) {
                         let n = shared.metrics.rejected_replies.fetch_add(1, Ordering::Relaxed) + 1;
-                        tracing::warn!(subject = %msg.subject, txn_id = %reply.txn_id,
-                            service = %reply.service, step = reply.step, kind = reply.kind.as_str(),
-                            attempt = reply.attempt, reason = %why, total = n,
+                        // NATS does not say which connection published a message; the
+                        // subject does, as far as the server's permissions restrict it.
+                        let sent_by = shared.subjects.reply_sender(&msg.subject);
+                        let msg_id = msg
+                            .headers
+                            .as_ref()
+                            .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+                            .map(|v| v.as_str().to_string())
+                            .unwrap_or_default();
+                        let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+                        tracing::warn!(subject = %msg.subject, %sent_by, %msg_id, stream_seq = seq,
+                            txn_id = %reply.txn_id, claimed_service = %reply.service, step = reply.step,
+                            kind = reply.kind.as_str(), attempt = reply.attempt, reason = %why, total = n,
                             "participant reply rejected");
                         return;
                     }
