@@ -9,8 +9,8 @@ use clap::Parser;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-use txcoord::kvtable::Table;
-use txcoord::participant::{Participant, TxnContext};
+use txcoord_participant::kvtable::Table;
+use txcoord_participant::{Participant, TxnContext};
 
 /// Arguments every example service takes.
 #[derive(Parser, Debug)]
@@ -114,7 +114,7 @@ where
     T: Serialize + DeserializeOwned + Clone,
     P: Participant,
 {
-    txcoord::init_logging();
+    txcoord_participant::init_logging();
     let args = Args::parse();
     let service = args.service.clone().unwrap_or_else(|| service.to_string());
     let service = service.as_str();
@@ -137,9 +137,9 @@ where
     T: Serialize + DeserializeOwned + Clone,
     P: Participant,
 {
-    let cfg = txcoord::config::Config::load(args.config.as_deref())?;
-    let nc = txcoord::nats::connect(&args.nats_url, &cfg.nats, service, true).await?;
-    let js = txcoord::nats::jetstream(nc.clone(), Duration::from_secs(1));
+    let cfg = crate::config::ServiceConfig::load(args.config.as_deref())?;
+    let nc = txcoord_nats::connect(&args.nats_url, &cfg.nats, service, true).await?;
+    let js = txcoord_nats::jetstream(nc.clone(), Duration::from_secs(1));
     let table = Table::open(&js, &args.bucket(service), cfg.stream_replicas).await?;
     let seeds = args.seeds()?;
     let seed = match (seed, seeds.is_empty()) {
@@ -154,13 +154,13 @@ where
             tracing::info!(%key, amount, "seeded");
         }
     }
-    let options = txcoord::participant::Options {
+    let options = txcoord_participant::Options {
         prefix: args.prefix.clone(),
         max_concurrent: args.concurrency,
         replicas: cfg.stream_replicas,
         in_doubt_after: Duration::from_millis(cfg.in_doubt_after_ms),
         ..Default::default()
     };
-    txcoord::participant::run(nc, service, make(table), options, shutdown()).await?;
+    txcoord_participant::run(nc, service, make(table), options, shutdown()).await?;
     Ok(())
 }

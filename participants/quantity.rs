@@ -1,9 +1,9 @@
 //! The rules inventory and payment share: a record holds a quantity (a SKU's stock, an
 //! account's money) that 2PC branches hold and settle, and saga steps take and give back.
-//! Every function decides a [`Change`] for [`txcoord::kvtable::Table::update`], so the effect
+//! Every function decides a [`Change`] for [`txcoord_participant::kvtable::Table::update`], so the effect
 //! and its per-branch marker are one compare-and-set write.
 
-use txcoord::kvtable::Change;
+use txcoord_participant::kvtable::Change;
 
 /// The parts of a record that holds a quantity for transactions: a SKU's stock, an
 /// account's money. Inventory and payment share every rule below; only names differ.
@@ -147,9 +147,9 @@ pub fn give_back<T: Quantity>(cur: Option<&T>, branch: &str) -> (Change<T>, ()) 
 
 /// Maps a table update's result to a vote.
 pub fn vote(
-    result: Result<Result<(), String>, txcoord::kvtable::TableError>,
-) -> txcoord::participant::Vote {
-    use txcoord::participant::Vote;
+    result: Result<Result<(), String>, txcoord_participant::kvtable::TableError>,
+) -> txcoord_participant::Vote {
+    use txcoord_participant::Vote;
     match result {
         Ok(Ok(())) => Vote::Ready,
         Ok(Err(reason)) => Vote::Abort(reason),
@@ -159,9 +159,9 @@ pub fn vote(
 
 /// Maps a table update's result to a saga step result (a store outage is retryable).
 pub fn step_result(
-    result: Result<Result<(), String>, txcoord::kvtable::TableError>,
-) -> txcoord::participant::StepResult {
-    use txcoord::participant::StepResult;
+    result: Result<Result<(), String>, txcoord_participant::kvtable::TableError>,
+) -> txcoord_participant::StepResult {
+    use txcoord_participant::StepResult;
     match result {
         Ok(Ok(())) => StepResult::Done,
         Ok(Err(reason)) => StepResult::Failed {
@@ -179,7 +179,7 @@ pub fn step_result(
 /// different names and messages.
 pub struct QuantityService<T> {
     /// The records.
-    pub table: txcoord::kvtable::Table<T>,
+    pub table: txcoord_participant::kvtable::Table<T>,
     /// The service's one action (`reserve`, `charge`).
     pub action: &'static str,
     /// The payload field naming the record (`sku`, `account`).
@@ -248,7 +248,7 @@ where
         }
     }
 
-    fn key_of(&self, txn: &txcoord::participant::TxnContext) -> Option<String> {
+    fn key_of(&self, txn: &txcoord_participant::TxnContext) -> Option<String> {
         txn.payload
             .get(self.key_field)
             .and_then(serde_json::Value::as_str)
@@ -257,9 +257,9 @@ where
 
     async fn change(
         &self,
-        txn: &txcoord::participant::TxnContext,
+        txn: &txcoord_participant::TxnContext,
         f: impl Fn(Option<&T>, &str) -> (Change<T>, ()),
-    ) -> Result<(), txcoord::participant::ServiceError> {
+    ) -> Result<(), txcoord_participant::ServiceError> {
         // Commit only follows a recorded ready vote, whose payload had the key. An abort or
         // compensate may come for a branch that never ran: without a key it holds nothing.
         let Some(key) = self.key_of(txn) else {
@@ -269,23 +269,23 @@ where
         self.table
             .update(&key, |cur| f(cur, &branch))
             .await
-            .map_err(|e| txcoord::participant::ServiceError(e.to_string()))
+            .map_err(|e| txcoord_participant::ServiceError(e.to_string()))
     }
 }
 
-impl<T> txcoord::participant::Participant for QuantityService<T>
+impl<T> txcoord_participant::Participant for QuantityService<T>
 where
     T: Quantity + serde::Serialize + serde::de::DeserializeOwned + Send + Sync + 'static,
 {
     async fn prepare(
         &self,
-        txn: &txcoord::participant::TxnContext,
+        txn: &txcoord_participant::TxnContext,
         action: &str,
         payload: &serde_json::Value,
-    ) -> txcoord::participant::Vote {
+    ) -> txcoord_participant::Vote {
         let ask = match self.ask(action, payload) {
             Ok(a) => a,
-            Err(e) => return txcoord::participant::Vote::Abort(e),
+            Err(e) => return txcoord_participant::Vote::Abort(e),
         };
         crate::common::demo_delay(payload).await;
         let (want, branch) = (self.want(&ask), crate::common::hold_key(txn));
@@ -298,30 +298,30 @@ where
 
     async fn commit(
         &self,
-        txn: &txcoord::participant::TxnContext,
-    ) -> Result<(), txcoord::participant::ServiceError> {
+        txn: &txcoord_participant::TxnContext,
+    ) -> Result<(), txcoord_participant::ServiceError> {
         self.change(txn, |cur, branch| settle(cur, branch, true))
             .await
     }
 
     async fn abort(
         &self,
-        txn: &txcoord::participant::TxnContext,
-    ) -> Result<(), txcoord::participant::ServiceError> {
+        txn: &txcoord_participant::TxnContext,
+    ) -> Result<(), txcoord_participant::ServiceError> {
         self.change(txn, |cur, branch| settle(cur, branch, false))
             .await
     }
 
     async fn execute(
         &self,
-        txn: &txcoord::participant::TxnContext,
+        txn: &txcoord_participant::TxnContext,
         action: &str,
         payload: &serde_json::Value,
-    ) -> txcoord::participant::StepResult {
+    ) -> txcoord_participant::StepResult {
         let ask = match self.ask(action, payload) {
             Ok(a) => a,
             Err(reason) => {
-                return txcoord::participant::StepResult::Failed {
+                return txcoord_participant::StepResult::Failed {
                     reason,
                     retryable: false,
                 };
@@ -338,8 +338,8 @@ where
 
     async fn compensate(
         &self,
-        txn: &txcoord::participant::TxnContext,
-    ) -> Result<(), txcoord::participant::ServiceError> {
+        txn: &txcoord_participant::TxnContext,
+    ) -> Result<(), txcoord_participant::ServiceError> {
         self.change(txn, give_back).await
     }
 }

@@ -4,7 +4,7 @@
 //! Nested keys use a double underscore in the environment: `TXCOORD_NATS__TOKEN` sets
 //! `nats.token`; `TXCOORD_NATS_URL` sets `nats_url`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -47,41 +47,7 @@ pub fn env_layer(
     (keep, ignored)
 }
 
-/// How to reach and authenticate to NATS.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct NatsAuth {
-    /// User name (with `password`).
-    pub user: Option<String>,
-    /// Password (with `user`).
-    pub password: Option<String>,
-    /// Token authentication.
-    pub token: Option<String>,
-    /// A `.creds` file (JWT and NKey seed).
-    pub creds_file: Option<PathBuf>,
-    /// CA certificate (PEM) to trust for TLS.
-    pub tls_ca_file: Option<PathBuf>,
-    /// Client certificate (PEM) for mutual TLS, with `tls_key_file`.
-    pub tls_cert_file: Option<PathBuf>,
-    /// Client key (PEM), with `tls_cert_file`.
-    pub tls_key_file: Option<PathBuf>,
-    /// Refuse to connect without TLS.
-    pub tls_required: bool,
-    /// The prefix of this connection's reply inboxes (`_INBOX` when not set). `txcoord auth`
-    /// gives each identity its own (`_INBOX_<name>`) and lets it subscribe only there.
-    pub inbox_prefix: Option<String>,
-}
-
-/// Where JetStream keeps the streams.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Storage {
-    /// On disk: survives a server restart.
-    #[default]
-    File,
-    /// In memory: fast, lost on restart.
-    Memory,
-}
+pub use txcoord_nats::{NatsAuth, Storage};
 
 /// Everything the coordinator and the CLI read from configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

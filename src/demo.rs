@@ -7,11 +7,15 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use serde::{Deserialize, Serialize};
+
 use serde_json::{Value, json};
 use txcoord::kvtable::Table;
 use txcoord::natsserver::NatsServer;
 use txcoord::rng::XorShift;
+// The services' own record types: the demo reads what they wrote.
+use txcoord_examples::inventory::Stock;
+use txcoord_examples::order::{Order as OrderRecord, OrderState};
+use txcoord_examples::payment::Account;
 
 use crate::procs::{Proc, coordinator_stats, sibling, wait_consumer};
 use txcoord::proto::{Reason, TransactionEvent, TxnState};
@@ -166,29 +170,6 @@ fn generate(n: usize, seed: u64, prefix_id: &str, saga: bool) -> Vec<Order> {
     out
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Stock {
-    available: u64,
-    sold: u64,
-    #[serde(default)]
-    holds: BTreeMap<String, u64>,
-    version: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Account {
-    balance: u64,
-    charged: u64,
-    #[serde(default)]
-    holds: BTreeMap<String, u64>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct OrderRec {
-    state: String,
-    txn_id: String,
-}
-
 /// The processes the demo runs (none with `--external`), stopped on drop.
 struct Cluster {
     server: Option<NatsServer>,
@@ -215,13 +196,13 @@ impl Drop for Cluster {
 struct Snapshot {
     stock: BTreeMap<String, Stock>,
     accounts: BTreeMap<String, Account>,
-    orders: BTreeMap<String, OrderRec>,
+    orders: BTreeMap<String, OrderRecord>,
 }
 
 struct Tables {
     stock: Table<Stock>,
     accounts: Table<Account>,
-    orders: Table<OrderRec>,
+    orders: Table<OrderRecord>,
 }
 
 impl Tables {
@@ -245,7 +226,7 @@ impl Tables {
 fn holds_nothing(s: &Snapshot) -> bool {
     s.stock.values().all(|x| x.holds.is_empty())
         && s.accounts.values().all(|a| a.holds.is_empty())
-        && s.orders.values().all(|o| o.state == "confirmed")
+        && s.orders.values().all(|o| o.state == OrderState::Confirmed)
 }
 
 /// Starts (or, with `--external`, finds) nats-server, the coordinator and the services.
@@ -599,7 +580,7 @@ fn report(
         after
             .orders
             .values()
-            .filter(|o| o.state == "confirmed")
+            .filter(|o| o.state == OrderState::Confirmed)
             .count()
     );
 }
@@ -674,7 +655,7 @@ fn check(before: &Snapshot, after: &Snapshot, committed: &[&Order], run_id: &str
         );
     }
     // Orders of this run only (an external setup keeps earlier runs' orders).
-    let ours: BTreeMap<&String, &OrderRec> = after
+    let ours: BTreeMap<&String, &OrderRecord> = after
         .orders
         .iter()
         .filter(|(_, o)| o.txn_id.starts_with(run_id))
@@ -684,8 +665,8 @@ fn check(before: &Snapshot, after: &Snapshot, committed: &[&Order], run_id: &str
         .filter_map(|o| o.request["txn_id"].as_str())
         .collect();
     for (id, rec) in &ours {
-        if rec.state != "confirmed" {
-            broken.push(format!("order {id} left {}", rec.state));
+        if rec.state != OrderState::Confirmed {
+            broken.push(format!("order {id} left {:?}", rec.state));
         }
         if !committed_ids.contains(rec.txn_id.as_str()) {
             broken.push(format!(

@@ -1,15 +1,18 @@
-//! txcoord: a distributed-transaction orchestrator that runs two-phase commit across
-//! independent services over NATS JetStream.
+//! txcoord: a distributed-transaction orchestrator that runs two-phase commit and sagas
+//! across independent services over NATS JetStream. This crate is the coordinator's
+//! runtime, its client, its configuration and the `txcoord` CLI; the layers under it are
+//! their own crates, re-exported here under their old paths:
 //!
-//! - [`proto`]: the wire contract (JSON messages, subjects, request validation).
-//! - [`engine`]: the sans-IO state machines.
-//! - [`coordinator`]: the runtime that drives them over JetStream (`txcoord serve`).
-//! - [`participant`]: the SDK a service uses to take part.
-//! - [`client`]: submit requests and read outcomes.
-//! - [`kvtable`]: typed records in a KV bucket with compare-and-set updates.
-//! - [`config`], [`nats`], [`natsserver`], [`scripted`], [`keyed`], [`rng`]: configuration,
-//!   NATS plumbing, a local nats-server launcher, a payload-scripted participant, per-key
-//!   locks, and a deterministic generator.
+//! - [`proto`] (`txcoord-proto`): the wire contract (JSON messages, subjects, validation).
+//! - [`engine`] (`txcoord-engine`): the sans-IO state machines.
+//! - [`participant`], [`kvtable`], [`keyed`] (`txcoord-participant`): the SDK a service uses.
+//! - [`nats`] (`txcoord-nats`, plus what configuration adds): NATS plumbing.
+//! - [`natsserver`], [`rng`] (`txcoord-testkit`): a local nats-server launcher and a
+//!   deterministic generator.
+//!
+//! Here: [`coordinator`] (the runtime that drives the engines over JetStream, `txcoord
+//! serve`), [`client`] (submit requests and read outcomes), [`config`], [`authgen`]
+//! (`txcoord auth`) and [`scripted`] (a payload-scripted participant).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -17,24 +20,13 @@ pub mod authgen;
 pub mod client;
 pub mod config;
 pub mod coordinator;
-pub mod engine;
-pub mod keyed;
-pub mod kvtable;
 pub mod nats;
-pub mod natsserver;
-pub mod participant;
-pub mod proto;
-pub mod rng;
 pub mod scripted;
 
-/// Sets up logging for the binaries: `TXCOORD_LOG` (a tracing filter) or
-/// `info,async_nats=warn`, on standard error, in colour only on a terminal.
-pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TXCOORD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-}
+pub use txcoord_engine as engine;
+pub use txcoord_participant as participant;
+pub use txcoord_participant::{keyed, kvtable};
+pub use txcoord_proto as proto;
+pub use txcoord_testkit::{natsserver, rng};
+
+pub use txcoord_participant::init_logging;

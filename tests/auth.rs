@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Proc, request, step};
+use common::{Proc, request, service_bin, step};
 use serde_json::json;
 use txcoord::config::NatsAuth;
 use txcoord::natsserver::NatsServer;
@@ -27,7 +27,7 @@ async fn a_token_protected_server_works_with_the_configured_token() {
     let participant = Proc::spawn(dir.path(), "a", &["participant", "--service", "a"], &env);
     // An example service takes its credentials from the same configuration.
     let order = Proc::spawn_bin(
-        env!("CARGO_BIN_EXE_txcoord-order"),
+        &service_bin("txcoord-order"),
         dir.path(),
         "order",
         &[],

@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Proc, python, request, step};
+use common::{Proc, python, request, service_bin, step};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use txcoord::authgen::{Generated, Identity};
@@ -366,15 +366,15 @@ async fn the_order_demo_runs_under_the_generated_files() {
     let services = [
         service(
             "inventory",
-            env!("CARGO_BIN_EXE_txcoord-inventory"),
+            &service_bin("txcoord-inventory"),
             &["apple=400", "pear=150", "plum=60", "rare=6"],
         ),
         service(
             "payment",
-            env!("CARGO_BIN_EXE_txcoord-payment"),
+            &service_bin("txcoord-payment"),
             &["alice=400000", "bob=150000", "dave=300000", "carol=900"],
         ),
-        service("order", env!("CARGO_BIN_EXE_txcoord-order"), &[]),
+        service("order", &service_bin("txcoord-order"), &[]),
     ];
     let demo = tokio::time::timeout(
         Duration::from_secs(180),

@@ -32,7 +32,7 @@ use crate::config::Config;
 use crate::engine::EngineConfig;
 use crate::engine::Machine;
 use crate::engine::twopc::RecoverError;
-use crate::nats::{Expect, NatsError, StreamSettings, Streams, ensure_streams, publish_durable};
+use crate::nats::{Expect, NatsError, Streams, ensure_streams, publish_durable};
 use crate::proto::{
     Mode, ParticipantReply, Reason, RequestError, RequestLimits, Subjects, SubmitError,
     TransactionEvent, TxnState, now_ms, parse_request,
@@ -254,7 +254,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         Duration::from_millis(cfg.publish_timeout_ms),
     );
     let subjects = cfg.subjects();
-    let streams = ensure_streams(&js, &subjects, &StreamSettings::from_config(&cfg)).await?;
+    let streams = ensure_streams(&js, &subjects, &crate::nats::stream_settings(&cfg)).await?;
     let mut shutdown = std::pin::pin!(shutdown);
     let lease = match lease::acquire(
         &js,

@@ -253,16 +253,15 @@ impl System {
         envs: &[(&str, &str)],
     ) {
         let bin = match service {
-            "inventory" => env!("CARGO_BIN_EXE_txcoord-inventory"),
-            "payment" => env!("CARGO_BIN_EXE_txcoord-payment"),
-            "order" => env!("CARGO_BIN_EXE_txcoord-order"),
-            "bank" => env!("CARGO_BIN_EXE_txcoord-bank"),
+            "inventory" | "payment" | "order" | "bank" => {
+                service_bin(&format!("txcoord-{service}"))
+            }
             other => panic!("no service {other}"),
         };
         let url = self.nats.url();
         let mut all = vec!["--nats-url", url.as_str()];
         all.extend_from_slice(args);
-        let p = Proc::spawn_bin(bin, self.dir.path(), name, &all, envs);
+        let p = Proc::spawn_bin(&bin, self.dir.path(), name, &all, envs);
         p.wait_for("participant ready", Duration::from_secs(30))
             .await;
         self.participants.push((name.to_string(), p));
@@ -432,6 +431,16 @@ impl System {
             self.client.history(txn_id).await
         );
     }
+}
+
+/// The path of an example service's binary (another workspace package's, built into the
+/// same target directory).
+#[allow(dead_code)]
+pub fn service_bin(name: &str) -> String {
+    txcoord_testkit::bins::workspace_bin(name)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .display()
+        .to_string()
 }
 
 /// The validator of `schemas/<name>.schema.json`.

@@ -37,6 +37,24 @@
 //! - in a database, write the effect and a barrier row keyed by (txn_id, step), unique, in
 //!   one transaction, and treat a duplicate key as "already done".
 
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod keyed;
+pub mod kvtable;
+
+/// Sets up logging the way every txcoord process does: `TXCOORD_LOG` (a tracing filter) or
+/// `info,async_nats=warn`, on standard error, in colour only on a terminal.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TXCOORD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
@@ -51,8 +69,8 @@ use serde_json::Value;
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
-use crate::nats::{Expect, NatsError, publish_durable};
-use crate::proto::{
+use txcoord_nats::{Expect, NatsError, publish_durable};
+use txcoord_proto::{
     CommandKind, MAX_NAME_LEN, ParticipantCommand, ParticipantReply, ReplyOutcome, Subjects,
     TxnState, is_token, now_ms,
 };
@@ -290,7 +308,7 @@ pub async fn branch_store(
     replicas: usize,
 ) -> Result<kv::Store, SdkError> {
     let name = bucket_name(service);
-    crate::nats::key_value(js, &name, replicas, Duration::ZERO)
+    txcoord_nats::key_value(js, &name, replicas, Duration::ZERO)
         .await
         .map_err(|message| SdkError::Setup {
             what: format!("KV bucket {name}"),
@@ -372,11 +390,11 @@ pub async fn run<P: Participant>(
         return Err(SdkError::InvalidService(service.to_string()));
     }
     let subjects = Subjects::new(options.prefix.clone());
-    let js = crate::nats::jetstream(client, options.ack_timeout);
-    let streams = crate::nats::ensure_streams(
+    let js = txcoord_nats::jetstream(client, options.ack_timeout);
+    let streams = txcoord_nats::ensure_streams(
         &js,
         &subjects,
-        &crate::nats::StreamSettings {
+        &txcoord_nats::StreamSettings {
             replicas: options.replicas,
             ..Default::default()
         },
@@ -627,7 +645,7 @@ async fn scan_prepared<P: Participant>(ctx: &Ctx<P>) {
 async fn resolve_one<P: Participant>(ctx: &Ctx<P>, branch: InDoubt) {
     let subject = ctx.subjects.events(&branch.txn_id);
     let decision = match ctx.events.direct_get_last_for_subject(subject).await {
-        Ok(msg) => match serde_json::from_slice::<crate::proto::TransactionEvent>(&msg.payload) {
+        Ok(msg) => match serde_json::from_slice::<txcoord_proto::TransactionEvent>(&msg.payload) {
             Ok(ev) => match ev.state {
                 TxnState::Committing | TxnState::Committed => Some(CommandKind::Commit),
                 TxnState::Aborting | TxnState::Aborted => Some(CommandKind::Abort),

@@ -28,7 +28,7 @@ use serde_json::Value;
 
 use super::twopc::{EngineError, RecoverError};
 use super::{Command, EngineConfig, Event, Refusal, Timer, backoff_ms};
-use crate::proto::{
+use txcoord_proto::{
     CommandKind, Mode, ParticipantCommand, ParticipantReply, Reason, ReplyOutcome, SagaStep,
     SagaStepState, StepStatus, TransactionEvent, TransactionRequest, TxnState,
 };

@@ -78,7 +78,7 @@ impl<T: Serialize + DeserializeOwned> Table<T> {
         bucket: &str,
         replicas: usize,
     ) -> Result<Self, TableError> {
-        let store = crate::nats::key_value(js, bucket, replicas, std::time::Duration::ZERO)
+        let store = txcoord_nats::key_value(js, bucket, replicas, std::time::Duration::ZERO)
             .await
             .map_err(|message| TableError::Bucket {
                 bucket: bucket.to_string(),

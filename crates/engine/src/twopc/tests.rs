@@ -7,7 +7,7 @@ use proptest::prelude::*;
 use serde_json::json;
 
 use super::*;
-use crate::proto::StepRequest;
+use txcoord_proto::StepRequest;
 
 const CFG: EngineConfig = EngineConfig {
     default_timeout_ms: 1_000,
@@ -203,7 +203,7 @@ fn a_refused_record_after_a_durable_decision_is_redone_and_the_decision_stands()
     // The dropped round, compacted as the runtime writes it again.
     let mut round = record(&out, TxnState::Committing).clone();
     assert!(round.metadata.is_some());
-    crate::engine::compact(&mut round);
+    crate::compact(&mut round);
     assert_eq!(round.metadata, None);
     assert_eq!(txn.snapshot(1_002).metadata, None);
 }
@@ -725,7 +725,7 @@ struct Drv {
 }
 
 struct Sim {
-    rng: crate::rng::XorShift,
+    rng: txcoord_testkit::rng::XorShift,
     now: u64,
     request: TransactionRequest,
     /// The durable log, with the id of the driver that wrote each record.
@@ -757,7 +757,7 @@ impl Sim {
         let names: Vec<String> = (0..votes.len()).map(|i| format!("s{i}")).collect();
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         Sim {
-            rng: crate::rng::XorShift::new(seed),
+            rng: txcoord_testkit::rng::XorShift::new(seed),
             now: 0,
             request: request(&refs),
             log: Vec::new(),

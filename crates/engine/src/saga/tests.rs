@@ -7,7 +7,7 @@ use proptest::prelude::*;
 use serde_json::json;
 
 use super::*;
-use crate::proto::StepRequest;
+use txcoord_proto::StepRequest;
 
 const CFG: EngineConfig = EngineConfig {
     default_timeout_ms: 1_000,
@@ -445,7 +445,7 @@ impl Part {
 }
 
 struct Sim {
-    rng: crate::rng::XorShift,
+    rng: txcoord_testkit::rng::XorShift,
     now: u64,
     request: TransactionRequest,
     log: Vec<TransactionEvent>,
@@ -631,7 +631,7 @@ impl Sim {
 fn simulate(seed: u64, parts: Vec<(Exec, u32, bool)>, chaos_steps: usize) -> Sim {
     let n = parts.len();
     let mut sim = Sim {
-        rng: crate::rng::XorShift::new(seed),
+        rng: txcoord_testkit::rng::XorShift::new(seed),
         now: 0,
         request: request(n),
         log: Vec::new(),

@@ -7,15 +7,17 @@
 //! ```
 //!
 //! Nothing here does I/O, sleeps or reads the clock: time comes in with every event, so tests
-//! are synchronous and deterministic. The runtime ([`crate::coordinator`]) drains the commands
+//! are synchronous and deterministic. The runtime (`txcoord`'s coordinator) drains the commands
 //! and performs them **in order**; a [`Command::Persist`] is a barrier, so no later command
 //! of the same batch runs before the record is durable. That order is how the engine states
 //! the durability rule: the decision is on disk before any participant hears it.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod saga;
 pub mod twopc;
 
-use crate::proto::{
+use txcoord_proto::{
     CommandKind, Mode, ParticipantCommand, ParticipantReply, Reason, TransactionEvent,
     TransactionRequest, TxnState,
 };

@@ -32,7 +32,7 @@
 use serde_json::Value;
 
 use super::{Command, EngineConfig, Refusal, Timer, backoff_ms};
-use crate::proto::{
+use txcoord_proto::{
     CommandKind, Mode, ParticipantCommand, ParticipantReply, Reason, ReplyOutcome, StepStatus,
     TransactionEvent, TransactionRequest, TxnState, Vote,
 };

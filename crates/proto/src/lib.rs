@@ -4,6 +4,8 @@
 //! These types are the public contract described in `schemas/`. Field names are fixed; new
 //! optional fields may be added. A test validates every message the code emits against its
 //! schema, so this module and `schemas/*.json` cannot drift apart.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;

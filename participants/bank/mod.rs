@@ -1,0 +1,203 @@
+//! The bank service: accounts that send and receive money in two-step transfers, the
+//! workload of `txcoord chaos`. `prepare debit {account, amount}` holds the money,
+//! `prepare credit {account, amount}` records an incoming amount; commit moves it, abort
+//! gives it back. Run several with `--service` (bank-a, bank-b, ...). See README.md beside
+//! this file.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use txcoord_participant::kvtable::{Change, Table};
+use txcoord_participant::{Participant, ServiceError, TxnContext, Vote};
+
+/// One account. The KV revision guards every write; holds and incoming amounts are kept in
+/// the record, keyed by branch, so effect and marker are one compare-and-set.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Account {
+    /// Money the account can send.
+    pub balance: u64,
+    /// Sent by committed transfers, in all.
+    pub debited: u64,
+    /// Received by committed transfers, in all.
+    pub credited: u64,
+    /// Outgoing money held by prepared debits, by `<txn_id>.<step>`.
+    #[serde(default)]
+    pub holds: BTreeMap<String, u64>,
+    /// Incoming money of prepared credits, by `<txn_id>.<step>`: not spendable until commit.
+    #[serde(default)]
+    pub incoming: BTreeMap<String, u64>,
+    /// Unused by transfers (2PC only); the shared quantity rules need the field.
+    #[serde(default)]
+    pub sagas: BTreeMap<String, u64>,
+    /// Bumped by every committed change.
+    pub version: u64,
+}
+
+impl crate::quantity::Quantity for Account {
+    fn parts(&mut self) -> crate::quantity::Parts<'_> {
+        crate::quantity::Parts {
+            free: &mut self.balance,
+            used: &mut self.debited,
+            holds: &mut self.holds,
+            sagas: &mut self.sagas,
+            version: &mut self.version,
+        }
+    }
+}
+
+fn insufficient(account: &str, balance: u64, amount: u64) -> String {
+    format!("insufficient funds: {account} has {balance}, debit is {amount}")
+}
+
+/// The two actions a transfer step can take here.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Debit,
+    Credit,
+}
+
+struct Bank {
+    accounts: Table<Account>,
+}
+
+/// A parsed step: action, account, amount.
+fn parse(action: &str, payload: &Value) -> Result<(Action, String, u64), String> {
+    let action = match action {
+        "debit" => Action::Debit,
+        "credit" => Action::Credit,
+        other => {
+            return Err(format!(
+                "unknown action {other:?}; a bank knows \"debit\" and \"credit\""
+            ));
+        }
+    };
+    let account = payload.get("account").and_then(Value::as_str);
+    let amount = payload.get("amount").and_then(Value::as_u64);
+    match (account, amount) {
+        (Some(a), Some(n)) if n > 0 => Ok((action, a.to_string(), n)),
+        _ => Err("invalid payload: needs \"account\" (a string) and \"amount\" (a whole number, at least 1)".into()),
+    }
+}
+
+/// Prepare credit: the account must exist; the amount waits in `incoming` (a repeat is a
+/// no-op).
+fn expect_credit(
+    cur: Option<&Account>,
+    branch: &str,
+    account: &str,
+    amount: u64,
+) -> (Change<Account>, Result<(), String>) {
+    let Some(rec) = cur else {
+        return (Change::Keep, Err(format!("unknown account: {account:?}")));
+    };
+    if rec.incoming.contains_key(branch) {
+        return (Change::Keep, Ok(()));
+    }
+    let mut next = rec.clone();
+    next.incoming.insert(branch.to_string(), amount);
+    (Change::Put(next), Ok(()))
+}
+
+/// Commit or abort of a credit: the incoming amount joins the balance, or is dropped. A
+/// no-op when it is already gone (a repeated call).
+fn settle_credit(cur: Option<&Account>, branch: &str, commit: bool) -> (Change<Account>, ()) {
+    let Some(rec) = cur else {
+        return (Change::Keep, ());
+    };
+    let mut next = rec.clone();
+    let Some(amount) = next.incoming.remove(branch) else {
+        return (Change::Keep, ());
+    };
+    if commit {
+        next.balance += amount;
+        next.credited += amount;
+        next.version += 1;
+    }
+    (Change::Put(next), ())
+}
+
+impl Bank {
+    async fn settle(&self, txn: &TxnContext, commit: bool) -> Result<(), ServiceError> {
+        // Commit only follows a recorded ready vote, whose payload parsed. An abort may come
+        // for a branch that never prepared: one that does not parse holds nothing.
+        let Ok((action, account, _)) = parse(&txn.action, &txn.payload) else {
+            return Ok(());
+        };
+        let branch = crate::common::hold_key(txn);
+        let result = match action {
+            Action::Debit => {
+                self.accounts
+                    .update(&account, |cur| {
+                        crate::quantity::settle(cur, &branch, commit)
+                    })
+                    .await
+            }
+            Action::Credit => {
+                self.accounts
+                    .update(&account, |cur| settle_credit(cur, &branch, commit))
+                    .await
+            }
+        };
+        result.map_err(|e| ServiceError(e.to_string()))
+    }
+}
+
+impl Participant for Bank {
+    async fn prepare(&self, txn: &TxnContext, action: &str, payload: &Value) -> Vote {
+        let (action, account, amount) = match parse(action, payload) {
+            Ok(p) => p,
+            Err(e) => return Vote::Abort(e),
+        };
+        let branch = crate::common::hold_key(txn);
+        let result = match action {
+            Action::Debit => {
+                let want = crate::quantity::Want {
+                    key: &account,
+                    amount,
+                    expected_version: None,
+                    unknown: "unknown account",
+                    short: insufficient,
+                };
+                self.accounts
+                    .update(&account, |cur| crate::quantity::hold(cur, &branch, &want))
+                    .await
+            }
+            Action::Credit => {
+                self.accounts
+                    .update(&account, |cur| {
+                        expect_credit(cur, &branch, &account, amount)
+                    })
+                    .await
+            }
+        };
+        crate::quantity::vote(result)
+    }
+
+    async fn commit(&self, txn: &TxnContext) -> Result<(), ServiceError> {
+        self.settle(txn, true).await
+    }
+
+    async fn abort(&self, txn: &TxnContext) -> Result<(), ServiceError> {
+        self.settle(txn, false).await
+    }
+}
+
+/// Runs the service until SIGINT or SIGTERM (the binary `txcoord-bank`).
+pub async fn main() -> ExitCode {
+    crate::common::main(
+        "bank",
+        Some(|n| Account {
+            balance: n,
+            debited: 0,
+            credited: 0,
+            holds: BTreeMap::new(),
+            incoming: BTreeMap::new(),
+            sagas: BTreeMap::new(),
+            version: 0,
+        }),
+        |accounts| Bank { accounts },
+    )
+    .await
+}
