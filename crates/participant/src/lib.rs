@@ -21,6 +21,11 @@
 //!   service (hanging prevention); if the compensate overtook an execute already running,
 //!   the SDK undoes that execute's effect when it returns.
 //!
+//! Every rule above is a row of one pure table, [`barrier::decide`] (printed in its module
+//! doc, one unit test per row); the consumer loop only carries out its plans. A command that
+//! contradicts its record (a commit for a branch that never prepared) is a protocol
+//! violation: refused, counted and terminated, never retried.
+//!
 //! Every state change is a compare-and-set on the record's KV revision, so several instances
 //! of one service (sharing the durable consumer) never overwrite each other, and commands for
 //! one branch take turns inside a process.
@@ -40,8 +45,12 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod barrier;
 pub mod keyed;
 pub mod kvtable;
+
+use barrier::{Answer, Call, Facts, Plan, Returned, Settled, Write};
+pub use barrier::{BranchRecord, BranchState};
 
 /// Sets up logging the way every txcoord process does: `TXCOORD_LOG` (a tracing filter) or
 /// `info,async_nats=warn`, on standard error, in colour only on a terminal.
@@ -64,7 +73,6 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer, kv};
 use bytes::Bytes;
 use futures::StreamExt;
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::Semaphore;
 use tracing::Instrument;
@@ -178,51 +186,6 @@ pub trait Participant: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), ServiceError>> + Send {
         async { Ok(()) }
     }
-}
-
-/// Where a branch stands, as stored in the service's KV bucket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BranchState {
-    /// Voted ready; waiting for the decision.
-    Prepared,
-    /// Voted read-only; nothing to do.
-    ReadOnly,
-    /// Voted abort.
-    VotedAbort,
-    /// Committed.
-    Committed,
-    /// Aborted after a prepare.
-    Aborted,
-    /// Aborted before any prepare arrived: a later prepare votes abort.
-    AbortedBeforePrepare,
-    /// Saga: executed.
-    Executed,
-    /// Saga: execute failed for good; nothing to undo.
-    ExecuteFailed,
-    /// Saga: compensated after it executed (or failed).
-    Compensated,
-    /// Saga: a compensate arrived before any execute ("null compensation"): recorded, so a
-    /// late execute is refused ("hanging prevention").
-    CompensatedBeforeExecute,
-}
-
-/// The durable record of one branch.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct BranchRecord {
-    /// Where the branch stands.
-    pub state: BranchState,
-    /// The prepare's action.
-    #[serde(default)]
-    pub action: String,
-    /// The prepare's payload.
-    #[serde(default)]
-    pub payload: Value,
-    /// The abort reason, when the vote was abort.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    /// Last change, Unix milliseconds.
-    pub updated_ms: u64,
 }
 
 /// SDK settings.
@@ -696,38 +659,6 @@ async fn resolve_one<P: Participant>(ctx: &Ctx<P>, branch: InDoubt) {
     }
 }
 
-/// What a branch answers a command.
-#[derive(Debug, Clone, PartialEq)]
-struct Answer {
-    outcome: ReplyOutcome,
-    reason: Option<String>,
-    retryable: Option<bool>,
-}
-
-impl Answer {
-    fn of(outcome: ReplyOutcome) -> Answer {
-        Answer {
-            outcome,
-            reason: None,
-            retryable: None,
-        }
-    }
-    fn because(outcome: ReplyOutcome, reason: impl Into<String>) -> Answer {
-        Answer {
-            outcome,
-            reason: Some(reason.into()),
-            retryable: None,
-        }
-    }
-    fn failed(reason: impl Into<String>, retryable: bool) -> Answer {
-        Answer {
-            outcome: ReplyOutcome::Failed,
-            reason: Some(reason.into()),
-            retryable: Some(retryable),
-        }
-    }
-}
-
 /// The reply: published durably with its deterministic id before the command is acked.
 async fn send_reply<P>(ctx: &Ctx<P>, cmd: &ParticipantCommand, answer: Answer) -> bool {
     let reply = ParticipantReply {
@@ -775,46 +706,6 @@ enum ApplyError {
     /// protocol. It is refused, counted, and not retried.
     #[error("protocol violation: {0}")]
     Violation(String),
-}
-
-fn vote_of(rec: &BranchRecord) -> Answer {
-    match rec.state {
-        BranchState::Prepared | BranchState::Committed => Answer::of(ReplyOutcome::Ready),
-        BranchState::ReadOnly => Answer::of(ReplyOutcome::ReadOnly),
-        BranchState::VotedAbort => Answer {
-            reason: rec.reason.clone(),
-            ..Answer::of(ReplyOutcome::Abort)
-        },
-        BranchState::Aborted => Answer::because(ReplyOutcome::Abort, "transaction already aborted"),
-        BranchState::AbortedBeforePrepare => {
-            Answer::because(ReplyOutcome::Abort, "abort arrived before prepare")
-        }
-        // A 2PC prepare for a branch that ran as a saga step: refuse.
-        BranchState::Executed
-        | BranchState::ExecuteFailed
-        | BranchState::Compensated
-        | BranchState::CompensatedBeforeExecute => {
-            Answer::because(ReplyOutcome::Abort, "branch already ran as a saga step")
-        }
-    }
-}
-
-/// The answer to a repeated execute, from the record.
-fn execute_result_of(rec: &BranchRecord) -> Answer {
-    match rec.state {
-        BranchState::Executed => Answer::of(ReplyOutcome::Done),
-        BranchState::ExecuteFailed => {
-            Answer::failed(rec.reason.clone().unwrap_or_else(|| "failed".into()), false)
-        }
-        // Hanging prevention: the compensation came first (or already ran); never execute now.
-        BranchState::Compensated | BranchState::CompensatedBeforeExecute => {
-            Answer::failed("execute arrived after its compensation; refused", false)
-        }
-        _ => Answer::failed(
-            "branch is a two-phase-commit branch, not a saga step",
-            false,
-        ),
-    }
 }
 
 /// Retries a KV operation through transient failures (a server restarting answers "no
@@ -960,23 +851,6 @@ async fn store(
     .await
 }
 
-/// Moves a stored branch to `state`, compare-and-set on its revision; `Ok(false)` when
-/// another writer got there first.
-async fn advance(
-    records: &Records,
-    key: &str,
-    rec: BranchRecord,
-    rev: u64,
-    state: BranchState,
-) -> Result<bool, ApplyError> {
-    let new = BranchRecord {
-        state,
-        updated_ms: now_ms(),
-        ..rec
-    };
-    store(records, key, &new, Some(rev)).await
-}
-
 fn record(
     state: BranchState,
     action: &str,
@@ -998,12 +872,16 @@ fn exit_before_record(key: &str) -> ! {
     std::process::exit(101)
 }
 
+/// Carries out the barrier's plan for `cmd` ([`barrier::decide`]): load the record, call
+/// the service if the plan says so, write the record (create, or compare-and-set), answer.
+/// A write lost to a concurrent writer (another instance, a racing redelivery) is decided
+/// again from what is stored.
 async fn apply<P: Participant>(
     ctx: &Ctx<P>,
     cmd: &ParticipantCommand,
 ) -> Result<Answer, ApplyError> {
     let key = branch_key(&cmd.txn_id, cmd.step);
-    let mut txn = TxnContext {
+    let from_command = TxnContext {
         txn_id: cmd.txn_id.clone(),
         service: ctx.service.clone(),
         step: cmd.step,
@@ -1012,196 +890,106 @@ async fn apply<P: Participant>(
         attempt: cmd.attempt,
         compensate_action: cmd.compensate_action.clone(),
     };
-    // Compare-and-set loop: a concurrent writer (another instance, a racing redelivery)
-    // makes us re-read and decide again from what is stored.
     for _ in 0..16 {
         let current = load(&ctx.store.kv, &key).await?;
-        match (cmd.kind, current) {
-            (CommandKind::Prepare, Some((rec, _))) => return Ok(vote_of(&rec)),
-            (CommandKind::Prepare, None) => {
-                let (state, reason) = if cmd.deadline_ms != 0 && now_ms() > cmd.deadline_ms {
-                    // Too late to vote ready. An earlier delivery of this prepare may have held
-                    // resources and died before recording its vote: release them first.
-                    ctx.participant.abort(&txn).await?;
-                    (
-                        BranchState::VotedAbort,
-                        Some("prepare arrived after its deadline".to_string()),
-                    )
+        let facts = Facts {
+            now_ms: now_ms(),
+            deadline_ms: cmd.deadline_ms,
+            has_payload: !cmd.payload.is_null(),
+            finished_records_expire: ctx.store.finished_ttl.is_some(),
+        };
+        let (call, write, target) =
+            match barrier::decide(cmd.kind, current.as_ref().map(|(r, _)| r), &facts) {
+                Plan::Answer(from) => {
+                    if cmd.kind == CommandKind::Commit && current.is_none() {
+                        tracing::warn!(
+                            "commit for a branch whose record has expired; it was committed"
+                        );
+                    }
+                    return Ok(barrier::answer_from(from, current.as_ref().map(|(r, _)| r)));
+                }
+                Plan::Refuse(why) => return Err(ApplyError::Violation(why)),
+                Plan::Run {
+                    call,
+                    write,
+                    target,
+                } => (call, write, target),
+            };
+        // Commit and abort act on what the prepare recorded.
+        let mut txn = from_command.clone();
+        if let (Some((rec, _)), Some(Call::Commit | Call::Abort)) = (&current, call) {
+            txn.action = rec.action.clone();
+            txn.payload = rec.payload.clone();
+        }
+        let returned = match call {
+            Some(c) => perform(ctx, c, &txn, cmd).await,
+            None => Returned::Nothing,
+        };
+        let (state, reason) = match target.settle(call, returned) {
+            Settled::Store(state, reason) => (state, reason),
+            Settled::Answer(answer) => return Ok(answer),
+            Settled::Retry(why) => return Err(ApplyError::Service(ServiceError(why))),
+        };
+        if ctx.exit_before_record && matches!(state, BranchState::Prepared | BranchState::Executed)
+        {
+            exit_before_record(&key);
+        }
+        let written = match (write, current) {
+            (Write::Advance, Some((rec, rev))) => {
+                let new = BranchRecord {
+                    state,
+                    updated_ms: now_ms(),
+                    ..rec
+                };
+                store(&ctx.store, &key, &new, Some(rev))
+                    .await?
+                    .then_some(new)
+            }
+            (_, _) => {
+                // An abort that came first has nothing to find the branch by later.
+                let payload = if state == BranchState::AbortedBeforePrepare {
+                    Value::Null
                 } else {
-                    match ctx
-                        .participant
-                        .prepare(&txn, &cmd.action, &cmd.payload)
-                        .await
+                    cmd.payload.clone()
+                };
+                let rec = record(state, &cmd.action, &payload, reason);
+                if store(&ctx.store, &key, &rec, None).await? {
+                    Some(rec)
+                } else {
+                    // Another writer created the record first: undo what our call did if
+                    // its record contradicts it, then decide again from it.
+                    if let Some((other, _)) = load(&ctx.store.kv, &key).await?
+                        && let Some(undo) = barrier::undo_after_lost_create(state, other.state)
+                        && let Returned::Did(Err(e)) = perform(ctx, undo, &from_command, cmd).await
                     {
-                        Vote::Ready => (BranchState::Prepared, None),
-                        Vote::ReadOnly => (BranchState::ReadOnly, None),
-                        Vote::Abort(r) => (BranchState::VotedAbort, Some(r)),
+                        return Err(ApplyError::Service(e));
                     }
-                };
-                if ctx.exit_before_record && state == BranchState::Prepared {
-                    exit_before_record(&key);
-                }
-                let rec = record(state, &cmd.action, &cmd.payload, reason);
-                if store(&ctx.store, &key, &rec, None).await? {
-                    return Ok(vote_of(&rec));
-                }
-                // Someone else recorded first (an abort that overtook us, or a twin instance).
-                if state == BranchState::Prepared
-                    && let Some((other, _)) = load(&ctx.store.kv, &key).await?
-                    && matches!(other.state, BranchState::AbortedBeforePrepare)
-                {
-                    // We held resources for a branch already aborted: release them.
-                    ctx.participant.abort(&txn).await?;
-                }
-                continue;
-            }
-            (CommandKind::Commit, Some((rec, rev))) => {
-                txn.action = rec.action.clone();
-                txn.payload = rec.payload.clone();
-                match rec.state {
-                    BranchState::Committed | BranchState::ReadOnly => {
-                        return Ok(Answer::of(ReplyOutcome::Done));
-                    }
-                    BranchState::Prepared => {
-                        ctx.participant.commit(&txn).await?;
-                        if advance(&ctx.store, &key, rec, rev, BranchState::Committed).await? {
-                            return Ok(Answer::of(ReplyOutcome::Done));
-                        }
-                        continue;
-                    }
-                    // The coordinator never commits a branch that did not vote ready.
-                    other => {
-                        return Err(ApplyError::Violation(format!(
-                            "commit for a branch in state {other:?}"
-                        )));
-                    }
+                    None
                 }
             }
-            // The coordinator commits only branches that voted ready, and a ready vote is a
-            // stored, never-expiring prepared record. With finished-record TTLs on, a missing
-            // record can only be a committed one that expired: a very late repeat.
-            (CommandKind::Commit, None) if ctx.store.finished_ttl.is_some() => {
-                tracing::warn!("commit for a branch whose record has expired; it was committed");
-                return Ok(Answer::of(ReplyOutcome::Done));
-            }
-            (CommandKind::Commit, None) => {
-                return Err(ApplyError::Violation(
-                    "commit for a branch that never prepared (no record)".into(),
-                ));
-            }
-            (CommandKind::Abort, Some((rec, rev))) => {
-                txn.action = rec.action.clone();
-                txn.payload = rec.payload.clone();
-                match rec.state {
-                    BranchState::Prepared => {
-                        ctx.participant.abort(&txn).await?;
-                        if advance(&ctx.store, &key, rec, rev, BranchState::Aborted).await? {
-                            return Ok(Answer::of(ReplyOutcome::Done));
-                        }
-                        continue;
-                    }
-                    BranchState::Committed => {
-                        return Err(ApplyError::Violation("abort for a committed branch".into()));
-                    }
-                    _ => return Ok(Answer::of(ReplyOutcome::Done)),
-                }
-            }
-            (CommandKind::Abort, None) => {
-                // No vote is recorded, but a prepare may have run and held resources before
-                // its process died, short of recording the vote: the service is asked to
-                // abort (for it, a branch it holds nothing for is a no-op) before the record
-                // says so, so a crash in between repeats the call. Coordinators before this
-                // one sent aborts without the payload; the service could not find the branch.
-                if !cmd.payload.is_null() {
-                    ctx.participant.abort(&txn).await?;
-                }
-                let rec = record(
-                    BranchState::AbortedBeforePrepare,
-                    &cmd.action,
-                    &Value::Null,
-                    None,
-                );
-                if store(&ctx.store, &key, &rec, None).await? {
-                    return Ok(Answer::of(ReplyOutcome::Done));
-                }
-                continue;
-            }
-            // Sagas. Idempotency: a repeat answers from the record.
-            (CommandKind::Execute, Some((rec, _))) => return Ok(execute_result_of(&rec)),
-            (CommandKind::Execute, None) => {
-                let result = ctx
-                    .participant
-                    .execute(&txn, &cmd.action, &cmd.payload)
-                    .await;
-                let (state, reason) = match result {
-                    StepResult::Done => (BranchState::Executed, None),
-                    // Not recorded: the retry runs the step again.
-                    StepResult::Failed {
-                        reason,
-                        retryable: true,
-                    } => return Ok(Answer::failed(reason, true)),
-                    StepResult::Failed {
-                        reason,
-                        retryable: false,
-                    } => (BranchState::ExecuteFailed, Some(reason)),
-                };
-                if ctx.exit_before_record && state == BranchState::Executed {
-                    exit_before_record(&key);
-                }
-                let rec = record(state, &cmd.action, &cmd.payload, reason);
-                if store(&ctx.store, &key, &rec, None).await? {
-                    return Ok(execute_result_of(&rec));
-                }
-                // A compensation overtook us while we executed: undo what we just did.
-                if state == BranchState::Executed
-                    && let Some((other, _)) = load(&ctx.store.kv, &key).await?
-                    && other.state == BranchState::CompensatedBeforeExecute
-                {
-                    ctx.participant.compensate(&txn).await?;
-                }
-                continue;
-            }
-            (CommandKind::Compensate, Some((rec, rev))) => match rec.state {
-                BranchState::Executed => {
-                    if let Err(e) = ctx.participant.compensate(&txn).await {
-                        return Ok(Answer::failed(e.0, true));
-                    }
-                    if advance(&ctx.store, &key, rec, rev, BranchState::Compensated).await? {
-                        return Ok(Answer::of(ReplyOutcome::Done));
-                    }
-                    continue;
-                }
-                // Nothing was applied; record that the compensation came, for hanging prevention.
-                BranchState::ExecuteFailed => {
-                    if advance(&ctx.store, &key, rec, rev, BranchState::Compensated).await? {
-                        return Ok(Answer::of(ReplyOutcome::Done));
-                    }
-                    continue;
-                }
-                _ => return Ok(Answer::of(ReplyOutcome::Done)),
-            },
-            // Null compensation: no execute is recorded; remember it so a late execute is
-            // refused. An execute may still have applied its effect before its process died,
-            // short of recording it: the service is asked to compensate (for it, a step it
-            // holds nothing for is a no-op) before the record is written.
-            (CommandKind::Compensate, None) => {
-                if let Err(e) = ctx.participant.compensate(&txn).await {
-                    return Ok(Answer::failed(e.0, true));
-                }
-                let rec = record(
-                    BranchState::CompensatedBeforeExecute,
-                    &cmd.action,
-                    &cmd.payload,
-                    None,
-                );
-                if store(&ctx.store, &key, &rec, None).await? {
-                    return Ok(Answer::of(ReplyOutcome::Done));
-                }
-                continue;
-            }
+        };
+        if let Some(rec) = written {
+            return Ok(barrier::answer_of(cmd.kind, &rec));
         }
     }
     Err(ApplyError::Store(
         "too many concurrent writers on one branch".into(),
     ))
+}
+
+/// Calls the service.
+async fn perform<P: Participant>(
+    ctx: &Ctx<P>,
+    call: Call,
+    txn: &TxnContext,
+    cmd: &ParticipantCommand,
+) -> Returned {
+    let p = &ctx.participant;
+    match call {
+        Call::Prepare => Returned::Voted(p.prepare(txn, &cmd.action, &cmd.payload).await),
+        Call::Execute => Returned::Stepped(p.execute(txn, &cmd.action, &cmd.payload).await),
+        Call::Commit => Returned::Did(p.commit(txn).await),
+        Call::Abort => Returned::Did(p.abort(txn).await),
+        Call::Compensate => Returned::Did(p.compensate(txn).await),
+    }
 }
