@@ -129,6 +129,14 @@ impl Machine {
         }
     }
 
+    /// The rows of its engine's transition table this transaction went through so far.
+    pub fn rows_hit(&self) -> Vec<Row> {
+        match self {
+            Machine::TwoPc(m) => m.rows_hit().map(Row::TwoPc).collect(),
+            Machine::Saga(m) => m.rows_hit().map(Row::Saga).collect(),
+        }
+    }
+
     /// The log refused for good the record of the last `Persist` the runtime carried out
     /// (`msg_id`), with `message`; the runtime dropped every command after it. Every record
     /// from now on is compact ([`compact`]). What the runtime does next is the answer.
@@ -142,6 +150,25 @@ impl Machine {
         match self {
             Machine::TwoPc(m) => m.log_refused(now, msg_id, message, out),
             Machine::Saga(m) => m.log_refused(now, msg_id, message, out),
+        }
+    }
+}
+
+/// One row of either engine's transition table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Row {
+    /// A row of [`twopc`]'s table.
+    TwoPc(twopc::Row),
+    /// A row of [`saga`]'s table.
+    Saga(saga::Row),
+}
+
+impl Row {
+    /// Every row of the engine of `mode`.
+    pub fn all(mode: Mode) -> Vec<Row> {
+        match mode {
+            Mode::TwoPc => twopc::Row::ALL.into_iter().map(Row::TwoPc).collect(),
+            Mode::Saga => saga::Row::ALL.into_iter().map(Row::Saga).collect(),
         }
     }
 }

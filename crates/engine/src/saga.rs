@@ -33,6 +33,60 @@ use txcoord_proto::{
     SagaStepState, StepStatus, TransactionEvent, TransactionRequest, TxnState,
 };
 
+/// The rows of the transition table above, as the engine records them when they fire (see
+/// [`Saga::rows_hit`]): the simulations check that every row is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Row {
+    /// `start`: accepted record, the first execute.
+    Start,
+    /// Executing, `done`: the next step, or completed.
+    StepDone,
+    /// Executing, a retryable failure with tries left: retry timer.
+    RetryableFailure,
+    /// The retry timer: the current command again, with the next attempt.
+    Retry,
+    /// Executing, `failed` (or out of tries): compensation begins.
+    StepFailed,
+    /// Executing, halfway to the deadline with no answer: execute again.
+    ExecuteNudge,
+    /// Executing, the step timeout: compensation begins.
+    StepTimeout,
+    /// Compensating, `done`: the next compensation, or compensated.
+    CompensateDone,
+    /// Compensating, `failed` or timeout: retried (shown `failed` past the limit).
+    CompensationFailing,
+    /// Recovered from the log.
+    Recover,
+    /// A reply for a step or phase that is over (late, duplicated): ignored.
+    Late,
+    /// The log refused a record going forward: compensation begins.
+    LogRefusedForward,
+    /// The log refused a record compensating or finishing: written again compacted.
+    LogRefusedRedo,
+    /// The log refused a compact record: stop.
+    LogRefusedGiveUp,
+}
+
+impl Row {
+    /// Every row.
+    pub const ALL: [Row; 14] = [
+        Row::Start,
+        Row::StepDone,
+        Row::RetryableFailure,
+        Row::Retry,
+        Row::StepFailed,
+        Row::ExecuteNudge,
+        Row::StepTimeout,
+        Row::CompensateDone,
+        Row::CompensationFailing,
+        Row::Recover,
+        Row::Late,
+        Row::LogRefusedForward,
+        Row::LogRefusedRedo,
+        Row::LogRefusedGiveUp,
+    ];
+}
+
 /// Where a saga stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -77,6 +131,8 @@ pub struct Saga {
     failing: Option<Reason>,
     /// The log refused a record: every record from then on is compact.
     compact: bool,
+    /// The rows of the table this saga went through (a bit per [`Row`]).
+    rows: u32,
 }
 
 impl Saga {
@@ -118,6 +174,7 @@ impl Saga {
             cause: None,
             failing: None,
             compact: false,
+            rows: 1 << Row::Start as u32,
         };
         saga.steps[0].state = SagaStepState::Executing;
         saga.steps[0].execute_attempt = 1;
@@ -203,6 +260,7 @@ impl Saga {
                     last.cause.as_ref().or(last.reason.as_ref()),
                     Some(Reason::LogRefused { .. })
                 ),
+            rows: 1 << Row::Recover as u32,
         };
         if saga.cursor >= saga.steps.len() {
             return Err(RecoverError::Inconsistent(format!(
@@ -226,6 +284,17 @@ impl Saga {
             }
         }
         Ok(saga)
+    }
+
+    /// The rows of the transition table this saga went through so far.
+    pub fn rows_hit(&self) -> impl Iterator<Item = Row> + '_ {
+        Row::ALL
+            .into_iter()
+            .filter(|r| self.rows & (1 << *r as u32) != 0)
+    }
+
+    fn hit(&mut self, row: Row) {
+        self.rows |= 1 << row as u32;
     }
 
     /// The transaction id.
@@ -302,6 +371,7 @@ impl Saga {
                 ReplyOutcome::Done,
                 SagaStepState::Executing,
             ) if current => {
+                self.hit(Row::StepDone);
                 self.steps[self.cursor].state = SagaStepState::Done;
                 self.advance(now, out);
             }
@@ -316,6 +386,7 @@ impl Saga {
                 s.failures += 1;
                 let retryable = r.retryable == Some(true);
                 if retryable && s.failures < self.cfg.execute_attempts {
+                    self.rows |= 1 << Row::RetryableFailure as u32;
                     let delay = backoff_ms(
                         self.cfg.retry_base_ms,
                         self.cfg.retry_cap_ms,
@@ -339,6 +410,7 @@ impl Saga {
                         step: self.cursor,
                         message,
                     };
+                    self.hit(Row::StepFailed);
                     self.begin_compensation(cause, now, out);
                 }
             }
@@ -348,6 +420,7 @@ impl Saga {
                 ReplyOutcome::Done,
                 SagaStepState::Compensating,
             ) if current => {
+                self.hit(Row::CompensateDone);
                 self.steps[self.cursor].state = SagaStepState::Compensated;
                 self.failing = None;
                 self.next_compensation(now, out);
@@ -358,9 +431,11 @@ impl Saga {
                 ReplyOutcome::Failed,
                 SagaStepState::Compensating,
             ) if current => {
+                self.hit(Row::CompensationFailing);
                 self.compensation_failed(message, now, out);
             }
             (_, kind, _, _) => {
+                self.hit(Row::Late);
                 return Err(EngineError::Late {
                     kind,
                     state: self.state(),
@@ -381,17 +456,21 @@ impl Saga {
                     services: vec![s.service.clone()],
                     steps: vec![self.cursor],
                 };
+                self.hit(Row::StepTimeout);
                 self.begin_compensation(cause, now, out);
             }
             (Phase::Compensating, Timer::StepTimeout, SagaStepState::Compensating) => {
+                self.hit(Row::CompensationFailing);
                 let ms = self.step_timeout(self.cursor);
                 self.compensation_failed(format!("no answer within {ms} ms"), now, out);
             }
             (Phase::Executing, Timer::StepRetry, SagaStepState::Executing)
             | (Phase::Compensating, Timer::StepRetry, SagaStepState::Compensating) => {
+                self.hit(Row::Retry);
                 self.resend(now, out)
             }
             (Phase::Executing, Timer::StepNudge, SagaStepState::Executing) => {
+                self.hit(Row::ExecuteNudge);
                 // Same deadline; a fresh attempt for a participant that may have restarted.
                 let s = &mut self.steps[self.cursor];
                 s.execute_attempt += 1;
@@ -599,12 +678,15 @@ impl Saga {
         out: &mut Vec<Command>,
     ) -> Refusal {
         if self.compact {
+            self.hit(Row::LogRefusedGiveUp);
             return Refusal::GiveUp;
         }
         self.compact = true;
         if self.phase != Phase::Executing {
+            self.hit(Row::LogRefusedRedo);
             return Refusal::Redo;
         }
+        self.hit(Row::LogRefusedForward);
         let first_record_of_step = self.cursor > 0;
         let s = &mut self.steps[self.cursor];
         if s.state == SagaStepState::Executing {

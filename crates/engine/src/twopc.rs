@@ -37,6 +37,63 @@ use txcoord_proto::{
     TransactionEvent, TransactionRequest, TxnState, Vote,
 };
 
+/// The rows of the transition table above, as the engine records them when they fire (see
+/// [`TwoPc::rows_hit`]): the simulations check that every row is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Row {
+    /// `start`: accepted record, prepares.
+    Start,
+    /// Preparing, a vote abort: abort decided.
+    VoteAbort,
+    /// Preparing, the last vote, all ready or read-only: commit decided.
+    AllVoted,
+    /// Preparing, halfway to the deadline: prepare again to the silent steps.
+    PrepareNudge,
+    /// Preparing, the prepare timeout: abort decided.
+    PrepareTimeout,
+    /// Committing, the last confirmation: committed.
+    Committed,
+    /// Aborting, the last confirmation or stored abort: aborted.
+    Aborted,
+    /// Committing/aborting, the retry timer: resend to the unconfirmed.
+    Phase2Retry,
+    /// Committing/aborting, the stuck timer: flagged stuck.
+    Stuck,
+    /// Recovered before the decision: prepare again.
+    RecoverUndecided,
+    /// Recovered after the decision: resend it.
+    RecoverDecided,
+    /// A reply for a phase that is over (late, duplicated): ignored.
+    Late,
+    /// The log refused a record before the decision: abort.
+    LogRefusedUndecided,
+    /// The log refused a record after the decision: written again compacted.
+    LogRefusedRedo,
+    /// The log refused a compact record: stop.
+    LogRefusedGiveUp,
+}
+
+impl Row {
+    /// Every row.
+    pub const ALL: [Row; 15] = [
+        Row::Start,
+        Row::VoteAbort,
+        Row::AllVoted,
+        Row::PrepareNudge,
+        Row::PrepareTimeout,
+        Row::Committed,
+        Row::Aborted,
+        Row::Phase2Retry,
+        Row::Stuck,
+        Row::RecoverUndecided,
+        Row::RecoverDecided,
+        Row::Late,
+        Row::LogRefusedUndecided,
+        Row::LogRefusedRedo,
+        Row::LogRefusedGiveUp,
+    ];
+}
+
 /// Where a 2PC transaction stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -162,6 +219,8 @@ pub struct TwoPc {
     observed_round_ms: u64,
     /// The log refused a record: every record from then on is compact.
     compact: bool,
+    /// The rows of the table this transaction went through (a bit per [`Row`]).
+    rows: u32,
 }
 
 impl TwoPc {
@@ -206,6 +265,7 @@ impl TwoPc {
             started_ms: Some(now),
             observed_round_ms: 0,
             compact: false,
+            rows: 1 << Row::Start as u32,
         };
         out.push(Command::Persist {
             msg_id: format!("{}.accepted", txn.txn_id),
@@ -278,9 +338,11 @@ impl TwoPc {
             observed_round_ms: 0,
             compact: (last.metadata.is_none() && accepted.metadata.is_some())
                 || matches!(last.reason, Some(Reason::LogRefused { .. })),
+            rows: 0,
         };
         match last.state {
             TxnState::Accepted | TxnState::Preparing => {
+                txn.hit(Row::RecoverUndecided);
                 // Votes consumed before the crash were only in memory: ask again. Participants
                 // answer a repeated prepare from their stored vote.
                 for b in &mut txn.branches {
@@ -296,6 +358,7 @@ impl TwoPc {
                 txn.arm_prepare_timers(now, out);
             }
             TxnState::Committing | TxnState::Aborting => {
+                txn.hit(Row::RecoverDecided);
                 txn.phase = if last.state == TxnState::Committing {
                     Phase::Committing
                 } else {
@@ -333,6 +396,17 @@ impl TwoPc {
     /// The transaction id.
     pub fn txn_id(&self) -> &str {
         &self.txn_id
+    }
+
+    /// The rows of the transition table this transaction went through so far.
+    pub fn rows_hit(&self) -> impl Iterator<Item = Row> + '_ {
+        Row::ALL
+            .into_iter()
+            .filter(|r| self.rows & (1 << *r as u32) != 0)
+    }
+
+    fn hit(&mut self, row: Row) {
+        self.rows |= 1 << row as u32;
     }
 
     /// The current phase.
@@ -400,6 +474,7 @@ impl TwoPc {
         out: &mut Vec<Command>,
     ) -> Refusal {
         if self.compact {
+            self.hit(Row::LogRefusedGiveUp);
             return Refusal::GiveUp;
         }
         self.compact = true;
@@ -407,8 +482,10 @@ impl TwoPc {
         let undecided =
             self.phase == Phase::Preparing || (self.phase == Phase::Committing && decision);
         if !undecided {
+            self.hit(Row::LogRefusedRedo);
             return Refusal::Redo;
         }
+        self.hit(Row::LogRefusedUndecided);
         self.phase = Phase::Preparing;
         for b in &mut self.branches {
             b.decision_attempt = 0;
@@ -449,10 +526,13 @@ impl TwoPc {
                 }
                 Ok(())
             }
-            (phase, kind, _) => Err(EngineError::Late {
-                kind,
-                state: phase.state(),
-            }),
+            (phase, kind, _) => {
+                self.hit(Row::Late);
+                Err(EngineError::Late {
+                    kind,
+                    state: phase.state(),
+                })
+            }
         }
     }
 
@@ -477,13 +557,16 @@ impl TwoPc {
             None => branch.vote = Some(vote),
         }
         if vote == Vote::Abort {
+            let service = branch.service.clone();
+            self.hit(Row::VoteAbort);
             let reason = Reason::VoteAbort {
-                service: branch.service.clone(),
+                service,
                 step,
                 message: reason.unwrap_or_else(|| "no reason given".into()),
             };
             self.decide(Phase::Aborting, Some(reason), now, out);
         } else if self.branches.iter().all(|b| b.vote.is_some()) {
+            self.hit(Row::AllVoted);
             self.decide(Phase::Committing, None, now, out);
         }
         Ok(())
@@ -492,6 +575,7 @@ impl TwoPc {
     fn on_timer(&mut self, now: u64, timer: Timer, out: &mut Vec<Command>) {
         match (self.phase, timer) {
             (Phase::Preparing, Timer::PrepareTimeout) if now >= self.deadline_ms => {
+                self.hit(Row::PrepareTimeout);
                 let silent: Vec<usize> = (0..self.branches.len())
                     .filter(|&i| self.branches[i].vote.is_none())
                     .collect();
@@ -504,11 +588,16 @@ impl TwoPc {
                 };
                 self.decide(Phase::Aborting, Some(reason), now, out);
             }
-            (Phase::Preparing, Timer::StepNudge) => self.nudge_prepares(now, out),
+            (Phase::Preparing, Timer::StepNudge) => {
+                self.hit(Row::PrepareNudge);
+                self.nudge_prepares(now, out)
+            }
             (Phase::Committing | Phase::Aborting, Timer::Phase2Retry) => {
+                self.hit(Row::Phase2Retry);
                 self.resend_round(now, out);
             }
             (Phase::Committing | Phase::Aborting, Timer::Stuck) if !self.stuck => {
+                self.hit(Row::Stuck);
                 self.stuck = true;
                 out.push(Command::Announce {
                     msg_id: format!("{}.stuck", self.txn_id),
@@ -585,6 +674,11 @@ impl TwoPc {
             Phase::Committing | Phase::Committed => Phase::Committed,
             _ => Phase::Aborted,
         };
+        self.hit(if self.phase == Phase::Committed {
+            Row::Committed
+        } else {
+            Row::Aborted
+        });
         out.push(Command::Persist {
             msg_id: format!("{}.final", self.txn_id),
             event: self.snapshot(now),
