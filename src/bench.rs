@@ -12,18 +12,17 @@
 //!   with acks, then reads them back with a durable pull consumer. Efficiency =
 //!   (transactions/s × messages per transaction) / raw publishes/s.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use futures::StreamExt;
 use serde_json::{Value, json};
-use tokio::sync::oneshot;
+use txcoord::client::Outcomes;
 use txcoord::natsserver::{NatsCluster, NatsServer};
-use txcoord::proto::{Subjects, TransactionEvent, TxnState};
+use txcoord::proto::{Subjects, TxnState};
 
 use crate::procs::{Proc, coordinator_stats, wait_consumer};
 
@@ -74,9 +73,6 @@ pub struct BenchArgs {
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
 }
-
-/// Outcomes waited for, by txn_id.
-type Waiters = Arc<Mutex<HashMap<String, oneshot::Sender<TransactionEvent>>>>;
 
 struct Setup {
     _server: Option<NatsServer>,
@@ -229,7 +225,7 @@ struct Target<'a> {
     args: &'a BenchArgs,
     js: &'a async_nats::jetstream::Context,
     services: &'a [String],
-    waiters: &'a Waiters,
+    waiters: &'a Outcomes,
 }
 
 /// How much load a closed loop applies: `count` transactions, or for `duration`.
@@ -287,11 +283,7 @@ async fn closed_loop(
                 let id = uuid::Uuid::now_v7().to_string();
                 let mut req = request(&args, &services, i, &pad);
                 req["txn_id"] = json!(id);
-                let (tx, rx) = oneshot::channel();
-                waiters
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(id.clone(), tx);
+                let watch = waiters.watch(&id);
                 let t0 = Instant::now();
                 let body = serde_json::to_vec(&req).unwrap_or_default();
                 if let Err(e) = txcoord::nats::publish_durable(
@@ -307,8 +299,8 @@ async fn closed_loop(
                     eprintln!("submit failed: {e}");
                     continue;
                 }
-                match tokio::time::timeout(Duration::from_secs(60), rx).await {
-                    Ok(Ok(ev)) => {
+                match watch.outcome(Duration::from_secs(60)).await {
+                    Ok(ev) => {
                         let _ = hist.record(t0.elapsed().as_micros() as u64);
                         if matches!(ev.state, TxnState::Committed | TxnState::Completed) {
                             ok += 1;
@@ -429,24 +421,9 @@ pub async fn run(args: BenchArgs, nats_url: Option<String>) -> anyhow::Result<()
     }
 
     // One subscription delivers every outcome to its waiting client.
-    let waiters: Waiters = Arc::default();
-    let mut events = nc.subscribe("txn.events.*").await?;
-    let w = waiters.clone();
-    let dispatcher = tokio::spawn(async move {
-        while let Some(msg) = events.next().await {
-            let Ok(ev) = serde_json::from_slice::<TransactionEvent>(&msg.payload) else {
-                continue;
-            };
-            if ev.state.is_outcome()
-                && let Some(tx) = w
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&ev.txn_id)
-            {
-                let _ = tx.send(ev);
-            }
-        }
-    });
+    let subjects = Subjects::default();
+    let events = js.get_stream(subjects.events_stream()).await?;
+    let waiters = Outcomes::start(&nc, subjects.clone(), events).await?;
 
     let target = Target {
         args: &args,
@@ -576,7 +553,6 @@ pub async fn run(args: BenchArgs, nats_url: Option<String>) -> anyhow::Result<()
     } else {
         None
     };
-    dispatcher.abort();
     let q = |p: f64| hist.value_at_quantile(p) as f64 / 1000.0;
     let report = json!({
         "mode": args.mode,

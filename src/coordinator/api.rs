@@ -22,6 +22,7 @@ use tokio::task::JoinHandle;
 
 use super::txn::{TxnMsg, first_record, to_bytes};
 use super::{CoordinatorError, Shared};
+use crate::client::Outcomes;
 use crate::nats::{Expect, publish_durable};
 use crate::proto::{
     ApiError, MAX_TXN_ID_LEN, RequestShape, StatusRequest, TransactionEvent, is_token,
@@ -169,12 +170,21 @@ pub async fn start(
             }));
         }
     }
+    // Every execute waits for its outcome through one subscription.
+    let outcomes = Outcomes::start(
+        &client,
+        shared.subjects.clone(),
+        shared.streams.events.clone(),
+    )
+    .await
+    .map_err(|e| CoordinatorError::Api(e.to_string()))?;
     for (index, (name, subject, _)) in instance.endpoints.iter().enumerate() {
         let mut sub = client
             .queue_subscribe(subject.clone(), QUEUE.into())
             .await
             .map_err(api_err)?;
         let (client, shared, instance) = (client.clone(), shared.clone(), instance.clone());
+        let outcomes = outcomes.clone();
         let execute = matches!(*name, "execute" | "execute_as");
         tasks.push(tokio::spawn(async move {
             while let Some(message) = sub.next().await {
@@ -187,7 +197,7 @@ pub async fn start(
                     continue;
                 }
                 if execute {
-                    tokio::spawn(handle_execute(client.clone(), shared.clone(), req));
+                    tokio::spawn(handle_execute(outcomes.clone(), shared.clone(), req));
                 } else {
                     tokio::spawn(handle_status(shared.clone(), req));
                 }
@@ -244,7 +254,7 @@ async fn respond(req: &Req, body: Bytes) {
 
 /// `<prefix>.api.execute` (or `<prefix>.api.execute.<client>`, which submits as that client,
 /// with its fair share): submits the request and answers its outcome.
-async fn handle_execute(client: async_nats::Client, shared: Arc<Shared>, req: Req) {
+async fn handle_execute(outcomes: Outcomes, shared: Arc<Shared>, req: Req) {
     let submit = match shared.subjects.execute_caller(&req.message.subject) {
         Some(name) => shared.subjects.submit_as(name),
         None => shared.subjects.submit(),
@@ -288,11 +298,8 @@ async fn handle_execute(client: async_nats::Client, shared: Arc<Shared>, req: Re
         ),
         (Err(e), None) => return respond(&req, error_body(e.to_string())).await,
     };
-    let subject = shared.subjects.events(&txn_id);
-    let mut sub = match client.subscribe(subject.clone()).await {
-        Ok(s) => s,
-        Err(e) => return respond(&req, error_body(format!("cannot watch {subject}: {e}"))).await,
-    };
+    // Waiting starts before the publish, so the outcome cannot slip past.
+    let watch = outcomes.watch(&txn_id);
     if let Err(e) = publish_durable(
         &shared.js,
         &submit,
@@ -312,23 +319,14 @@ async fn handle_execute(client: async_nats::Client, shared: Arc<Shared>, req: Re
         return respond(&req, to_bytes(&ev)).await;
     }
     let wait = Duration::from_millis(timeout_ms.saturating_add(30_000));
-    let mut latest: Option<TransactionEvent> = None;
-    let outcome = tokio::time::timeout(wait, async {
-        while let Some(msg) = sub.next().await {
-            if let Ok(ev) = serde_json::from_slice::<TransactionEvent>(&msg.payload) {
-                let terminal = ev.state.is_outcome();
-                latest = Some(ev);
-                if terminal {
-                    return;
-                }
-            }
-        }
-    })
-    .await;
-    match (outcome, latest) {
-        (Ok(()), Some(ev)) => respond(&req, to_bytes(&ev)).await,
-        (_, Some(ev)) => respond(&req, to_bytes(&ev)).await,
-        (_, None) => {
+    let answer = match watch.outcome(wait).await {
+        Ok(ev) => Some(ev),
+        // No outcome in time: the latest state the log has, if any.
+        Err(_) => last_event(&shared, &txn_id).await,
+    };
+    match answer {
+        Some(ev) => respond(&req, to_bytes(&ev)).await,
+        None => {
             respond(
                 &req,
                 error_body(format!(

@@ -1,7 +1,11 @@
 //! A client of the coordinator: submits requests on `<prefix>.submit` and waits for their
-//! final events; asks `<prefix>.api.status`. Used by the CLI, the tests and the demo.
+//! final events ([`Outcomes`]); asks `<prefix>.api.status`; reads a transaction's log. Used
+//! by the CLI, the tests, the demo and the benchmark.
 
-use std::collections::{HashMap, HashSet};
+mod outcomes;
+
+pub use outcomes::{Outcomes, Watch};
+
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -31,6 +35,14 @@ pub enum ClientError {
     /// The coordinator answered with an error.
     #[error("coordinator: {0}")]
     Api(String),
+    /// Could not subscribe to the outcomes.
+    #[error("cannot subscribe to {subject}: {source}")]
+    Subscribe {
+        /// The subject.
+        subject: String,
+        /// Why.
+        source: async_nats::SubscribeError,
+    },
 }
 
 /// A connection to a coordinator's subjects.
@@ -40,6 +52,7 @@ pub struct Client {
     js: jetstream::Context,
     subjects: Subjects,
     events: jetstream::stream::Stream,
+    outcomes: Outcomes,
     /// Where it submits: `<prefix>.submit`, or `<prefix>.submit.<client>` ([`Client::as_client`]).
     submit: String,
 }
@@ -51,11 +64,13 @@ impl Client {
         let js = crate::nats::jetstream(nc.clone(), Duration::from_secs(5));
         let streams = ensure_streams(&js, &subjects, &StreamSettings::default()).await?;
         let submit = subjects.submit();
+        let outcomes = Outcomes::start(&nc, subjects.clone(), streams.events.clone()).await?;
         Ok(Client {
             nc,
             js,
             subjects,
             events: streams.events,
+            outcomes,
             submit,
         })
     }
@@ -152,159 +167,72 @@ impl Client {
         timeout: Duration,
         mut on_done: impl FnMut(&TransactionEvent, Duration),
     ) -> Vec<Result<TransactionEvent, ClientError>> {
-        let mut ids = Vec::with_capacity(requests.len());
-        let mut results: Vec<Option<Result<TransactionEvent, ClientError>>> = Vec::new();
-        let mut sub = match self
-            .nc
-            .subscribe(format!("{}.events.*", self.subjects.prefix()))
-            .await
-        {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot subscribe to events; polling instead");
-                None
-            }
-        };
-        let mut sent_at: HashMap<String, tokio::time::Instant> = HashMap::new();
-        let mut acks = Vec::new();
-        for mut req in requests {
-            let Some(obj) = req.as_object_mut() else {
-                ids.push(String::new());
-                results.push(Some(Err(ClientError::Invalid(
-                    "a request must be a JSON object".into(),
-                ))));
-                continue;
-            };
-            let id = match obj.get("txn_id") {
-                Some(Value::String(s)) => s.clone(),
-                Some(_) => {
-                    ids.push(String::new());
-                    results.push(Some(Err(ClientError::Invalid(
-                        "txn_id must be a string".into(),
-                    ))));
+        let mut results: Vec<Option<Result<TransactionEvent, ClientError>>> =
+            Vec::with_capacity(requests.len());
+        let mut pending = futures::stream::FuturesUnordered::new();
+        for (index, mut req) in requests.into_iter().enumerate() {
+            let id = match Self::txn_id_of(&mut req) {
+                Ok(id) => id,
+                Err(e) => {
+                    results.push(Some(Err(e)));
                     continue;
                 }
-                None => {
-                    let id = uuid::Uuid::now_v7().to_string();
-                    obj.insert("txn_id".into(), Value::String(id.clone()));
-                    id
-                }
             };
-            let body = bytes::Bytes::from(serde_json::to_vec(&req).unwrap_or_default());
-            let js = self.js.clone();
-            let subject = self.submit.clone();
-            let msg_id = id.clone();
-            sent_at
-                .entry(id.clone())
-                .or_insert_with(tokio::time::Instant::now);
-            acks.push(tokio::spawn(async move {
-                publish_durable(&js, &subject, &msg_id, body, Expect::default(), Some(10)).await
-            }));
-            ids.push(id);
             results.push(None);
+            // Waiting starts before the publish, so the outcome cannot slip past.
+            let watch = self.outcomes.watch(&id);
+            let body = bytes::Bytes::from(serde_json::to_vec(&req).unwrap_or_default());
+            let (js, subject) = (self.js.clone(), self.submit.clone());
+            let sent = tokio::time::Instant::now();
+            let publish = tokio::spawn(async move {
+                publish_durable(&js, &subject, &id, body, Expect::default(), Some(10)).await
+            });
+            pending.push(async move {
+                let outcome = match publish.await {
+                    Ok(Err(e)) => Err(ClientError::Nats(e)),
+                    _ => watch.outcome(timeout.saturating_sub(sent.elapsed())).await,
+                };
+                (index, sent, outcome)
+            });
         }
-        let mut waiting: HashSet<String> = ids
-            .iter()
-            .zip(&results)
-            .filter(|(_, r)| r.is_none())
-            .map(|(i, _)| i.clone())
-            .collect();
-        let mut found: HashMap<String, TransactionEvent> = HashMap::new();
-        let mut done = |ev: TransactionEvent, found: &mut HashMap<String, TransactionEvent>| {
-            let latency = sent_at
-                .get(&ev.txn_id)
-                .map(|t| t.elapsed())
-                .unwrap_or_default();
-            on_done(&ev, latency);
-            found.insert(ev.txn_id.clone(), ev);
+        while let Some((index, sent, outcome)) = pending.next().await {
+            if let Ok(ev) = &outcome {
+                on_done(ev, sent.elapsed());
+            }
+            results[index] = Some(outcome);
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(ClientError::Invalid("no result".into()))))
+            .collect()
+    }
+
+    /// The outcomes this client waits through.
+    pub fn outcomes(&self) -> &Outcomes {
+        &self.outcomes
+    }
+
+    /// Starts waiting for a transaction's outcome (see [`Outcomes`]).
+    pub fn watch(&self, txn_id: &str) -> Watch {
+        self.outcomes.watch(txn_id)
+    }
+
+    /// The request's txn_id, filled in (a UUIDv7) when it has none.
+    fn txn_id_of(req: &mut Value) -> Result<String, ClientError> {
+        let Some(obj) = req.as_object_mut() else {
+            return Err(ClientError::Invalid(
+                "a request must be a JSON object".into(),
+            ));
         };
-        let deadline = tokio::time::Instant::now() + timeout;
-        // The subscription normally brings each outcome. As a safety net (an outcome recorded
-        // before we subscribed, as for a resubmission, or an event missed across a
-        // reconnect), each id is also looked up in the log: first after a second, then
-        // with its interval doubling up to 30 s, at most 512 ids per tick, 32 at a time.
-        // So thousands of waiting ids cost a trickle of reads, not a burst every tick.
-        let mut next_check: HashMap<String, (tokio::time::Instant, Duration)> = waiting
-            .iter()
-            .map(|id| {
-                (
-                    id.clone(),
-                    (
-                        tokio::time::Instant::now() + Duration::from_secs(1),
-                        Duration::from_secs(1),
-                    ),
-                )
-            })
-            .collect();
-        let mut tick = tokio::time::interval(Duration::from_millis(250));
-        let mut acks = futures::future::join_all(acks);
-        let mut acked = false;
-        while !waiting.is_empty() && tokio::time::Instant::now() < deadline {
-            tokio::select! {
-                results = &mut acks, if !acked => {
-                    acked = true;
-                    for r in results {
-                        if let Ok(Err(e)) = r {
-                            tracing::warn!(error = %e, "submission failed");
-                        }
-                    }
-                }
-                msg = async { match sub.as_mut() { Some(s) => s.next().await, None => std::future::pending().await } } => {
-                    let Some(msg) = msg else { sub = None; continue };
-                    if let Ok(ev) = serde_json::from_slice::<TransactionEvent>(&msg.payload)
-                        && ev.state.is_outcome()
-                        && waiting.remove(&ev.txn_id)
-                    {
-                        next_check.remove(&ev.txn_id);
-                        done(ev, &mut found);
-                    }
-                }
-                _ = tick.tick() => {
-                    let now = tokio::time::Instant::now();
-                    let due: Vec<String> = next_check
-                        .iter()
-                        .filter(|(_, (at, _))| *at <= now)
-                        .map(|(id, _)| id.clone())
-                        .take(512)
-                        .collect();
-                    let looked: Vec<(String, Option<TransactionEvent>)> = futures::stream::iter(due)
-                        .map(|id| async move {
-                            let ev = self.last_event(&id).await;
-                            (id, ev)
-                        })
-                        .buffer_unordered(32)
-                        .collect()
-                        .await;
-                    for (id, ev) in looked {
-                        match ev {
-                            Some(ev) if ev.state.is_outcome() => {
-                                next_check.remove(&id);
-                                if waiting.remove(&id) {
-                                    done(ev, &mut found);
-                                }
-                            }
-                            _ => {
-                                if let Some((at, every)) = next_check.get_mut(&id) {
-                                    *every = (*every * 2).min(Duration::from_secs(30));
-                                    *at = tokio::time::Instant::now() + *every;
-                                }
-                            }
-                        }
-                    }
-                }
-                _ = tokio::time::sleep_until(deadline) => {}
+        match obj.get("txn_id") {
+            Some(Value::String(s)) => Ok(s.clone()),
+            Some(_) => Err(ClientError::Invalid("txn_id must be a string".into())),
+            None => {
+                let id = uuid::Uuid::now_v7().to_string();
+                obj.insert("txn_id".into(), Value::String(id.clone()));
+                Ok(id)
             }
         }
-        ids.into_iter()
-            .zip(results)
-            .map(|(id, r)| match r {
-                Some(r) => r,
-                None => found.get(&id).cloned().ok_or(ClientError::TimedOut {
-                    txn_id: id,
-                    waited: timeout,
-                }),
-            })
-            .collect()
     }
 
     /// Asks the coordinator for a transaction's latest state.
