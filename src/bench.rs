@@ -134,7 +134,7 @@ async fn setup(
                 config.clone(),
             ]
         };
-        let mut procs = vec![Proc::spawn(
+        let mut procs = vec![crate::procs::spawn(
             "coordinator",
             common("serve"),
             dir.join("coordinator.log"),
@@ -148,7 +148,7 @@ async fn setup(
                 "1024".into(),
                 "--quiet".into(),
             ]);
-            procs.push(Proc::spawn(s, cmd, dir.join(format!("{s}.log")))?);
+            procs.push(crate::procs::spawn(s, cmd, dir.join(format!("{s}.log")))?);
         }
         return Ok(Setup {
             _server: server,

@@ -276,7 +276,7 @@ async fn start_cluster(
         "--lease-ttl-ms".into(),
         "2000".into(),
     ];
-    cluster.coordinator = Some(Proc::spawn(
+    cluster.coordinator = Some(crate::procs::spawn(
         "coordinator",
         coord_cmd,
         dir.join("coordinator.log"),
@@ -306,9 +306,11 @@ async fn start_cluster(
             cmd.push("--seed".into());
             cmd.push(s);
         }
-        cluster
-            .services
-            .push(Proc::spawn(name, cmd, dir.join(format!("{name}.log")))?);
+        cluster.services.push(crate::procs::spawn(
+            name,
+            cmd,
+            dir.join(format!("{name}.log")),
+        )?);
     }
     Ok((cluster, url, prefix, suffix))
 }
@@ -414,7 +416,7 @@ pub async fn run(
                         bar.set_message("coordinator killed (SIGKILL), restarting");
                         c.kill9();
                         killed_after = Some(bar.position());
-                        c.start()?;
+                        c.restart()?;
                     }
                 }
             }

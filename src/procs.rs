@@ -1,92 +1,30 @@
-//! Child processes and readiness checks shared by `txcoord demo` and `txcoord bench`.
+//! Starting child processes ([`Proc`], from the testkit) and readiness checks, shared by
+//! `txcoord demo`, `txcoord bench` and `txcoord chaos`.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde_json::Value;
 
-/// A child process killed on drop.
-pub struct Proc {
-    pub name: String,
-    child: Option<Child>,
+pub use txcoord_testkit::process::Proc;
+
+/// Starts `cmd` (the program, then its arguments) as `name`, its output appended to `log`.
+pub fn spawn(name: &str, cmd: Vec<String>, log: PathBuf) -> anyhow::Result<Proc> {
+    spawn_env(name, cmd, Vec::new(), log)
+}
+
+/// As [`spawn`], with extra environment variables (kept for restarts).
+pub fn spawn_env(
+    name: &str,
     cmd: Vec<String>,
     envs: Vec<(String, String)>,
-    pub log: PathBuf,
-}
-
-impl Proc {
-    pub fn spawn(name: &str, cmd: Vec<String>, log: PathBuf) -> anyhow::Result<Proc> {
-        Self::spawn_env(name, cmd, Vec::new(), log)
-    }
-
-    /// As [`Proc::spawn`], with extra environment variables (kept for restarts).
-    pub fn spawn_env(
-        name: &str,
-        cmd: Vec<String>,
-        envs: Vec<(String, String)>,
-        log: PathBuf,
-    ) -> anyhow::Result<Proc> {
-        let mut p = Proc {
-            name: name.to_string(),
-            child: None,
-            cmd,
-            envs,
-            log,
-        };
-        p.start()?;
-        Ok(p)
-    }
-
-    /// The running child's process id.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
-    /// Whether the child was started and has exited on its own (reaped here).
-    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        let status = self.child.as_mut()?.try_wait().ok()??;
-        self.child = None;
-        Some(status)
-    }
-
-    pub fn start(&mut self) -> anyhow::Result<()> {
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)?;
-        let err = out.try_clone()?;
-        let child = Command::new(&self.cmd[0])
-            .args(&self.cmd[1..])
-            .envs(self.envs.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .with_context(|| format!("starting {} ({})", self.name, self.cmd[0]))?;
-        self.child = Some(child);
-        Ok(())
-    }
-
-    pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    pub fn stop(&mut self) {
-        if let Some(c) = self.child.take() {
-            txcoord::natsserver::terminate(c, Duration::from_secs(5));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.stop();
-    }
+    log: PathBuf,
+) -> anyhow::Result<Proc> {
+    let (program, args) = cmd
+        .split_first()
+        .with_context(|| format!("{name}: no command to run"))?;
+    Ok(Proc::start(name, program, args, &envs, log)?)
 }
 
 /// Waits until the coordinator's micro service answers (it registers after recovery) and

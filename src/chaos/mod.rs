@@ -188,7 +188,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
             "3000".into(),
         ];
         let name = format!("coordinator-{i}");
-        let proc = Proc::spawn(&name, cmd, dir.join(format!("{name}.log")))?;
+        let proc = crate::procs::spawn(&name, cmd, dir.join(format!("{name}.log")))?;
         lock(&members).push(Member {
             proc,
             role: Role::Coordinator,
@@ -240,7 +240,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
             let envs = vec![("TXCOORD_IN_DOUBT_AFTER_MS".into(), "5000".into())];
             (cmd, envs)
         };
-        let proc = Proc::spawn_env(
+        let proc = crate::procs::spawn_env(
             &b.service,
             cmd,
             envs,
@@ -793,7 +793,7 @@ impl Injector {
         tokio::time::sleep(down).await;
         let mut m = lock(&self.members);
         m[i].down = false;
-        m[i].proc.start()
+        Ok(m[i].proc.restart()?)
     }
 }
 
@@ -821,7 +821,7 @@ async fn supervise(members: Members, stop: Arc<tokio::sync::Notify>) {
             if let Some(status) = member.proc.exited() {
                 tracing::info!(process = %member.proc.name, %status, "exited on its own; restarting");
                 member.exits += 1;
-                if let Err(e) = member.proc.start() {
+                if let Err(e) = member.proc.restart() {
                     tracing::error!(process = %member.proc.name, error = %e, "cannot restart");
                 }
             }

@@ -2,8 +2,6 @@
 //! processes (coordinator, scripted participants) that can be SIGKILLed and restarted.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -12,20 +10,39 @@ use txcoord::natsserver::NatsServer;
 use txcoord::participant::{BranchRecord, BranchState, branch_store, read_branch};
 use txcoord::proto::TransactionEvent;
 
-/// A child process whose stderr goes to a file we can search; killed on drop.
-pub struct Proc {
-    child: Option<Child>,
-    bin: String,
-    pub log: PathBuf,
-    args: Vec<String>,
-    envs: Vec<(String, String)>,
+/// A child process for tests: the testkit's [`txcoord_testkit::process::Proc`] (output in a
+/// log file we can search), SIGKILLed on drop, with constructors and waits that panic with
+/// its log when they fail.
+pub struct Proc(txcoord_testkit::process::Proc);
+
+impl std::ops::Deref for Proc {
+    type Target = txcoord_testkit::process::Proc;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+/// The environment of a test process: `TXCOORD_LOG` (from `TEST_TXCOORD_LOG`), then `envs`.
+fn test_env(envs: &[(&str, &str)]) -> Vec<(String, String)> {
+    let log = std::env::var("TEST_TXCOORD_LOG").unwrap_or_else(|_| "info,async_nats=warn".into());
+    std::iter::once(("TXCOORD_LOG".to_string(), log))
+        .chain(envs.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect()
 }
 
 impl Proc {
+    /// `txcoord` with `args`, its output in `<dir>/<name>.log`.
     pub fn spawn(dir: &std::path::Path, name: &str, args: &[&str], envs: &[(&str, &str)]) -> Proc {
         Self::spawn_bin(env!("CARGO_BIN_EXE_txcoord"), dir, name, args, envs)
     }
 
+    /// `bin` with `args`, its output in `<dir>/<name>.log`.
     pub fn spawn_bin(
         bin: &str,
         dir: &std::path::Path,
@@ -33,114 +50,46 @@ impl Proc {
         args: &[&str],
         envs: &[(&str, &str)],
     ) -> Proc {
-        let mut p = Proc {
-            child: None,
-            bin: bin.to_string(),
-            log: dir.join(format!("{name}.log")),
-            args: args.iter().map(|s| s.to_string()).collect(),
-            envs: envs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        };
-        p.start();
-        p
-    }
-
-    fn start(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("log file");
-        let mut cmd = Command::new(&self.bin);
-        cmd.args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .env(
-                "TXCOORD_LOG",
-                std::env::var("TEST_TXCOORD_LOG").unwrap_or_else(|_| "info,async_nats=warn".into()),
-            );
-        for (k, v) in &self.envs {
-            cmd.env(k, v);
-        }
-        self.child = Some(cmd.spawn().expect("spawn txcoord"));
-    }
-
-    /// SIGKILL, and wait for the process to be gone.
-    pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let log = dir.join(format!("{name}.log"));
+        match txcoord_testkit::process::Proc::start(name, bin, &args, &test_env(envs), log) {
+            Ok(p) => Proc(p.kill_on_drop()),
+            Err(e) => panic!("{e}"),
         }
     }
 
-    /// Starts the same command again, optionally with other environment variables.
+    /// Starts the same command again, with other environment variables.
     pub fn restart_with(&mut self, envs: &[(&str, &str)]) {
-        self.kill9();
-        self.envs = envs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        self.start();
+        if let Err(e) = self.0.restart_with(&test_env(envs)) {
+            panic!("{e}");
+        }
     }
 
+    /// Starts the same command again (SIGKILL first).
     pub fn restart(&mut self) {
-        self.kill9();
-        self.start();
+        if let Err(e) = self.0.restart() {
+            panic!("{e}");
+        }
     }
 
     /// SIGTERM (a clean shutdown), and wait for the process to be gone.
     pub fn terminate(&mut self) {
-        if let Some(c) = self.child.take() {
-            txcoord::natsserver::terminate(c, Duration::from_secs(30));
-        }
+        self.0.terminate(Duration::from_secs(30));
     }
 
     /// Waits until the process exits by itself; its exit status.
     pub async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(c) = self.child.as_mut()
-                && let Ok(Some(status)) = c.try_wait()
-            {
-                return status;
-            }
-            assert!(
-                start.elapsed() < timeout,
-                "{} still running after {timeout:?}; log:\n{}",
-                self.log.display(),
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        match self.0.wait_exit(timeout).await {
+            Ok(status) => status,
+            Err(e) => panic!("{e}; log:\n{}", self.log_text()),
         }
-    }
-
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// Waits until the log contains `needle`.
     pub async fn wait_for(&self, needle: &str, timeout: Duration) {
-        let start = Instant::now();
-        while start.elapsed() < timeout {
-            if self.log_text().contains(needle) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        if let Err(e) = self.0.wait_for(needle, timeout).await {
+            panic!("{e}:\n{}", self.log_text());
         }
-        panic!(
-            "{needle:?} not seen in {} within {timeout:?}:\n{}",
-            self.log.display(),
-            self.log_text()
-        );
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill9();
     }
 }
 
