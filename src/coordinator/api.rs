@@ -128,7 +128,7 @@ pub async fn start(
     client: async_nats::Client,
     shared: Arc<Shared>,
 ) -> Result<ApiHandle, CoordinatorError> {
-    let api_err = |e: async_nats::SubscribeError| CoordinatorError::Api(e.to_string());
+    let api_err = CoordinatorError::Api;
     let instance = Arc::new(Instance {
         id: uuid::Uuid::new_v4().simple().to_string(),
         started: rfc3339(crate::proto::now_ms()),
@@ -177,7 +177,7 @@ pub async fn start(
         shared.streams.events.clone(),
     )
     .await
-    .map_err(|e| CoordinatorError::Api(e.to_string()))?;
+    .map_err(CoordinatorError::ApiOutcomes)?;
     for (index, (name, subject, _)) in instance.endpoints.iter().enumerate() {
         let mut sub = client
             .queue_subscribe(subject.clone(), QUEUE.into())

@@ -58,9 +58,12 @@ pub enum CoordinatorError {
         /// What went wrong.
         message: String,
     },
-    /// The request/reply API could not be registered.
+    /// The request/reply API could not subscribe to its subjects.
     #[error("cannot start the txcoord micro service: {0}")]
-    Api(String),
+    Api(#[from] async_nats::SubscribeError),
+    /// The API's outcome waiter could not start.
+    #[error("cannot start the txcoord micro service: {0}")]
+    ApiOutcomes(#[from] crate::client::ClientError),
     /// The lease could not be taken.
     #[error(transparent)]
     Lease(#[from] lease::LeaseError),

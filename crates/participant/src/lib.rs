@@ -303,10 +303,27 @@ struct Ctx<P> {
     /// Commands refused because they contradict their branch's state (see
     /// [`ApplyError::Violation`]).
     violations: AtomicU64,
-    /// Test hook (`TXCOORD_FAILPOINT=participant-exit-before-record`): the process exits
-    /// after the service's `prepare` voted ready, or its `execute` succeeded, and before that
-    /// is recorded, as a crash there does.
-    exit_before_record: bool,
+    /// The test hook set in `TXCOORD_FAILPOINT`, if any.
+    failpoint: Option<Failpoint>,
+}
+
+/// The SDK's test hooks, named in `TXCOORD_FAILPOINT` (other values are the coordinator's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failpoint {
+    /// `participant-exit-before-record`: the process exits after the service's `prepare`
+    /// voted ready, or its `execute` succeeded, and before that is recorded, as a crash
+    /// there does.
+    ExitBeforeRecord,
+}
+
+impl Failpoint {
+    /// The SDK failpoint `value` names, if it names one.
+    pub fn parse(value: &str) -> Option<Failpoint> {
+        match value {
+            "participant-exit-before-record" => Some(Failpoint::ExitBeforeRecord),
+            _ => None,
+        }
+    }
 }
 
 /// A prepared branch waiting for its decision.
@@ -412,8 +429,9 @@ pub async fn run<P: Participant>(
         subjects,
         in_doubt: Default::default(),
         violations: AtomicU64::new(0),
-        exit_before_record: std::env::var("TXCOORD_FAILPOINT")
-            .is_ok_and(|v| v == "participant-exit-before-record"),
+        failpoint: std::env::var("TXCOORD_FAILPOINT")
+            .ok()
+            .and_then(|v| Failpoint::parse(&v)),
     });
     if !ctx.options.in_doubt_after.is_zero() {
         tokio::spawn(resolve_in_doubt(ctx.clone()));
@@ -930,7 +948,8 @@ async fn apply<P: Participant>(
             Settled::Answer(answer) => return Ok(answer),
             Settled::Retry(why) => return Err(ApplyError::Service(ServiceError(why))),
         };
-        if ctx.exit_before_record && matches!(state, BranchState::Prepared | BranchState::Executed)
+        if ctx.failpoint == Some(Failpoint::ExitBeforeRecord)
+            && matches!(state, BranchState::Prepared | BranchState::Executed)
         {
             exit_before_record(&key);
         }
