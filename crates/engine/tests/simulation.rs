@@ -136,17 +136,7 @@ impl Part {
                 }
             }
         };
-        Some(ParticipantReply {
-            txn_id: cmd.txn_id.clone(),
-            service: self.name.clone(),
-            step: cmd.step,
-            kind: cmd.kind,
-            outcome: answer.outcome,
-            reason: answer.reason,
-            attempt: cmd.attempt,
-            retryable: answer.retryable,
-            token: None,
-        })
+        Some(answer.reply_to(cmd, &self.name))
     }
 
     /// The service itself.

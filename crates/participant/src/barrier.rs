@@ -32,7 +32,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use txcoord_proto::{CommandKind, ReplyOutcome};
+use txcoord_proto::{CommandKind, ParticipantCommand, ParticipantReply, ReplyOutcome};
 
 use crate::{ServiceError, StepResult, Vote};
 
@@ -117,6 +117,22 @@ impl Answer {
             outcome: ReplyOutcome::Failed,
             reason: Some(reason.into()),
             retryable: Some(retryable),
+        }
+    }
+
+    /// The reply that carries this answer to `cmd`, from `service`, echoing its attempt and
+    /// token.
+    pub fn reply_to(self, cmd: &ParticipantCommand, service: &str) -> ParticipantReply {
+        ParticipantReply {
+            txn_id: cmd.txn_id.clone(),
+            service: service.to_string(),
+            step: cmd.step,
+            kind: cmd.kind,
+            outcome: self.outcome,
+            reason: self.reason,
+            attempt: cmd.attempt,
+            retryable: self.retryable,
+            token: cmd.token.clone(),
         }
     }
 }

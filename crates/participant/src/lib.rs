@@ -79,8 +79,8 @@ use tracing::Instrument;
 
 use txcoord_nats::{Expect, NatsError, publish_durable};
 use txcoord_proto::{
-    CommandKind, MAX_NAME_LEN, ParticipantCommand, ParticipantReply, ReplyOutcome, Subjects,
-    TxnState, is_token, now_ms,
+    CommandKind, MAX_NAME_LEN, ParticipantCommand, ReplyOutcome, Subjects, TxnState, is_token,
+    now_ms,
 };
 
 /// What a service's `prepare` decides.
@@ -679,17 +679,7 @@ async fn resolve_one<P: Participant>(ctx: &Ctx<P>, branch: InDoubt) {
 
 /// The reply: published durably with its deterministic id before the command is acked.
 async fn send_reply<P>(ctx: &Ctx<P>, cmd: &ParticipantCommand, answer: Answer) -> bool {
-    let reply = ParticipantReply {
-        txn_id: cmd.txn_id.clone(),
-        service: ctx.service.clone(),
-        step: cmd.step,
-        kind: cmd.kind,
-        outcome: answer.outcome,
-        reason: answer.reason,
-        attempt: cmd.attempt,
-        retryable: answer.retryable,
-        token: cmd.token.clone(),
-    };
+    let reply = answer.reply_to(cmd, &ctx.service);
     let body = Bytes::from(serde_json::to_vec(&reply).unwrap_or_default());
     // Retry through a NATS blip (a server restart takes a second or two): giving up early
     // would leave the command to its ack_wait redelivery, long after the prepare timeout.
