@@ -18,6 +18,8 @@ pub struct Parts<'a> {
     pub sagas: &'a mut std::collections::BTreeMap<String, u64>,
     /// Bumped by every committed change.
     pub version: &'a mut u64,
+    /// The prepared branch whose `expected_version` reserved the version, if any.
+    pub version_holder: &'a mut Option<String>,
 }
 
 /// A record with [`Parts`].
@@ -40,20 +42,37 @@ pub struct Want<'a> {
     pub short: fn(&str, u64, u64) -> String,
 }
 
-/// Checks a want against a record; `Err` is the refusal.
-fn check<T: Quantity>(cur: Option<&T>, want: &Want<'_>) -> Result<T, String> {
+/// Checks what `branch` wants against a record; `Err` is the refusal.
+///
+/// Optimistic concurrency: a change that names `expected_version` must find the record at
+/// that version with no other change prepared (one would move the version before ours
+/// commits), and its hold reserves the version: until it settles, every other change is
+/// refused. So two transactions that read the same version cannot both commit.
+fn check<T: Quantity>(cur: Option<&T>, want: &Want<'_>, branch: &str) -> Result<T, String> {
     let Some(rec) = cur else {
         return Err(format!("{}: {:?}", want.unknown, want.key));
     };
     let mut next = rec.clone();
     let p = next.parts();
-    if let Some(v) = want.expected_version
-        && v != *p.version
-    {
+    if p.version_holder.as_deref().is_some_and(|h| h != branch) {
         return Err(format!(
-            "version_conflict: {} is at version {}, expected {v}",
+            "version_conflict: {} at version {} is reserved by a prepared transaction that expects it",
             want.key, p.version
         ));
+    }
+    if let Some(v) = want.expected_version {
+        if v != *p.version {
+            return Err(format!(
+                "version_conflict: {} is at version {}, expected {v}",
+                want.key, p.version
+            ));
+        }
+        if p.holds.keys().any(|h| h != branch) {
+            return Err(format!(
+                "version_conflict: {} at version {} has prepared changes that will move it",
+                want.key, p.version
+            ));
+        }
     }
     if *p.free < want.amount {
         return Err((want.short)(want.key, *p.free, want.amount));
@@ -72,11 +91,14 @@ pub fn hold<T: Quantity>(
     {
         return (Change::Keep, Ok(()));
     }
-    match check(cur, want) {
+    match check(cur, want, branch) {
         Ok(mut next) => {
             let p = next.parts();
             *p.free -= want.amount;
             p.holds.insert(branch.to_string(), want.amount);
+            if want.expected_version.is_some() {
+                *p.version_holder = Some(branch.to_string());
+            }
             (Change::Put(next), Ok(()))
         }
         Err(reason) => (Change::Keep, Err(reason)),
@@ -94,6 +116,9 @@ pub fn settle<T: Quantity>(cur: Option<&T>, branch: &str, commit: bool) -> (Chan
     let Some(amount) = p.holds.remove(branch) else {
         return (Change::Keep, ());
     };
+    if p.version_holder.as_deref() == Some(branch) {
+        *p.version_holder = None;
+    }
     if commit {
         *p.used += amount;
         *p.version += 1;
@@ -115,7 +140,7 @@ pub fn take<T: Quantity>(
     {
         return (Change::Keep, Ok(()));
     }
-    match check(cur, want) {
+    match check(cur, want, branch) {
         Ok(mut next) => {
             let p = next.parts();
             *p.free -= want.amount;

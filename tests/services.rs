@@ -357,6 +357,53 @@ async fn a_stale_expected_version_aborts_with_version_conflict() {
     assert_eq!((n(&apple, "sold"), n(&apple, "version")), (2, 2));
 }
 
+/// Optimistic concurrency, done right: two orders that read the same version cannot both
+/// commit. The first one's hold reserves the version; the second is refused while the first
+/// is prepared (before the fix both prepared, both committed, and the stock moved twice
+/// from the version both had read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_orders_expecting_the_same_version_cannot_both_commit() {
+    let sys = shop().await;
+    let expecting = |txn: &str, order_id: &str, delay_ms: u64| {
+        let mut o = order(txn, order_id, "pear", 1, "alice", 10);
+        o["steps"][0]["payload"]["expected_version"] = json!(0);
+        // The payment step keeps the first order prepared while the second arrives.
+        o["steps"][1]["payload"]["delay_ms"] = json!(delay_ms);
+        o
+    };
+    sys.submit(&expecting("occ-1", "oocc-1", 1500), "occ-1")
+        .await;
+    sys.wait_record("inventory_data", "pear", |r| {
+        r.is_some_and(|r| r["holds"].as_object().is_some_and(|h| !h.is_empty()))
+    })
+    .await;
+    let second = sys.run(expecting("occ-2", "oocc-2", 0)).await;
+    assert_eq!(second.state, TxnState::Aborted, "{second:?}");
+    let Some(Reason::VoteAbort {
+        service, message, ..
+    }) = &second.reason
+    else {
+        panic!("{second:?}")
+    };
+    assert_eq!(service, "inventory");
+    assert!(message.starts_with("version_conflict"), "{message}");
+    let first = sys.wait_state("occ-1", |e| e.state.is_terminal()).await;
+    assert_eq!(first.state, TxnState::Committed, "{first:?}");
+    let pear = sys
+        .wait_record("inventory_data", "pear", no_holds)
+        .await
+        .unwrap();
+    assert_eq!((n(&pear, "sold"), n(&pear, "version")), (1, 1));
+    assert!(pear.get("version_holder").is_none(), "released: {pear}");
+    // A plain order (no expected_version) waits for nobody once the reservation is gone.
+    assert_eq!(
+        sys.run(order("occ-3", "oocc-3", "pear", 1, "alice", 10))
+            .await
+            .state,
+        TxnState::Committed
+    );
+}
+
 /// Runs `txcoord demo` with a killed coordinator in the given mode and checks its verdict.
 fn demo_with_kill(mode: &str, success: &str) {
     let dir = tempfile::tempdir().unwrap();

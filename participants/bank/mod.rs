@@ -33,6 +33,10 @@ pub struct Account {
     pub sagas: BTreeMap<String, u64>,
     /// Bumped by every committed change.
     pub version: u64,
+    /// The prepared branch (`<txn_id>.<step>`) whose `expected_version` reserved the version:
+    /// nothing else may change the record until it settles.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version_holder: Option<String>,
 }
 
 impl crate::quantity::Quantity for Account {
@@ -43,6 +47,7 @@ impl crate::quantity::Quantity for Account {
             holds: &mut self.holds,
             sagas: &mut self.sagas,
             version: &mut self.version,
+            version_holder: &mut self.version_holder,
         }
     }
 }
@@ -196,6 +201,7 @@ pub async fn main() -> ExitCode {
             incoming: BTreeMap::new(),
             sagas: BTreeMap::new(),
             version: 0,
+            version_holder: None,
         }),
         |accounts| Bank { accounts },
     )

@@ -23,6 +23,10 @@ pub struct Stock {
     pub sagas: BTreeMap<String, u64>,
     /// Bumped by every commit.
     pub version: u64,
+    /// The prepared branch (`<txn_id>.<step>`) whose `expected_version` reserved the version:
+    /// nothing else may change the record until it settles.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version_holder: Option<String>,
 }
 
 impl crate::quantity::Quantity for Stock {
@@ -33,6 +37,7 @@ impl crate::quantity::Quantity for Stock {
             holds: &mut self.holds,
             sagas: &mut self.sagas,
             version: &mut self.version,
+            version_holder: &mut self.version_holder,
         }
     }
 }
@@ -51,6 +56,7 @@ pub async fn main() -> ExitCode {
             holds: BTreeMap::new(),
             sagas: BTreeMap::new(),
             version: 0,
+            version_holder: None,
         }),
         |table| crate::quantity::QuantityService {
             table,
