@@ -530,6 +530,7 @@ fn report(
             Some(Reason::Timeout { services, .. }) => format!("timeout ({})", services.join(", ")),
             Some(Reason::InvalidRequest { .. }) => "invalid request".into(),
             Some(Reason::LogRefused { .. }) => "log refused a record".into(),
+            Some(Reason::RolledBack { .. }) => "rolled back".into(),
             None => format!("{:?}", ev.state),
         };
         *reasons.entry(key).or_default() += 1;

@@ -71,11 +71,15 @@ pub enum Row {
     LogRefusedRedo,
     /// The log refused a compact record: stop.
     LogRefusedGiveUp,
+    /// The caller decides: every vote in and ready, waiting in Prepared.
+    AwaitDecision,
+    /// The caller's decision: commit (from Prepared) or roll back (any time before commit).
+    CallerDecision,
 }
 
 impl Row {
     /// Every row.
-    pub const ALL: [Row; 15] = [
+    pub const ALL: [Row; 17] = [
         Row::Start,
         Row::VoteAbort,
         Row::AllVoted,
@@ -91,6 +95,8 @@ impl Row {
         Row::LogRefusedUndecided,
         Row::LogRefusedRedo,
         Row::LogRefusedGiveUp,
+        Row::AwaitDecision,
+        Row::CallerDecision,
     ];
 }
 
@@ -99,6 +105,8 @@ impl Row {
 pub enum Phase {
     /// Collecting votes.
     Preparing,
+    /// Every vote ready or read-only; the caller decides ([`TwoPc::caller_decides`]).
+    Prepared,
     /// Commit decided and durable; waiting for confirmations.
     Committing,
     /// Abort decided and durable; waiting for confirmations.
@@ -113,6 +121,7 @@ impl Phase {
     fn state(self) -> TxnState {
         match self {
             Phase::Preparing => TxnState::Preparing,
+            Phase::Prepared => TxnState::Prepared,
             Phase::Committing => TxnState::Committing,
             Phase::Aborting => TxnState::Aborting,
             Phase::Committed => TxnState::Committed,
@@ -155,6 +164,15 @@ pub enum EngineError {
     Late {
         /// The reply's kind.
         kind: CommandKind,
+        /// The transaction's state.
+        state: TxnState,
+    },
+    /// A caller's decision the transaction cannot take in its state (commit before every
+    /// vote is ready, anything after a decision).
+    #[error("cannot {} a transaction that is {state:?}", if *commit { "commit" } else { "roll back" })]
+    NotDecidable {
+        /// Commit (or roll back).
+        commit: bool,
         /// The transaction's state.
         state: TxnState,
     },
@@ -221,6 +239,8 @@ pub struct TwoPc {
     compact: bool,
     /// The rows of the table this transaction went through (a bit per [`Row`]).
     rows: u32,
+    /// When every vote is ready, wait in `Prepared` for [`TwoPc::caller_decision`].
+    caller_decides: bool,
 }
 
 impl TwoPc {
@@ -266,6 +286,7 @@ impl TwoPc {
             observed_round_ms: 0,
             compact: false,
             rows: 1 << Row::Start as u32,
+            caller_decides: false,
         };
         out.push(Command::Persist {
             msg_id: format!("{}.accepted", txn.txn_id),
@@ -339,6 +360,7 @@ impl TwoPc {
             compact: (last.metadata.is_none() && accepted.metadata.is_some())
                 || matches!(last.reason, Some(Reason::LogRefused { .. })),
             rows: 0,
+            caller_decides: false,
         };
         match last.state {
             TxnState::Accepted | TxnState::Preparing => {
@@ -396,6 +418,41 @@ impl TwoPc {
     /// The transaction id.
     pub fn txn_id(&self) -> &str {
         &self.txn_id
+    }
+
+    /// From now on the caller decides: when every vote is ready or read-only the transaction
+    /// waits in `Prepared` for [`TwoPc::caller_decision`] instead of deciding commit itself
+    /// (the embedded coordinator's prepare/commit split). Call it right after `start`.
+    pub fn caller_decides(&mut self) {
+        self.caller_decides = true;
+    }
+
+    /// The caller's decision: `commit` from `Prepared`, or roll back (with `reason`) any time
+    /// before a commit decision. Anything else is refused and changes nothing: once commit
+    /// is decided it is never turned into a rollback.
+    pub fn caller_decision(
+        &mut self,
+        now: u64,
+        commit: bool,
+        reason: Reason,
+        out: &mut Vec<Command>,
+    ) -> Result<(), EngineError> {
+        match (self.phase, commit) {
+            (Phase::Prepared, true) => {
+                self.hit(Row::CallerDecision);
+                self.decide(Phase::Committing, None, now, out);
+                Ok(())
+            }
+            (Phase::Preparing | Phase::Prepared, false) => {
+                self.hit(Row::CallerDecision);
+                self.decide(Phase::Aborting, Some(reason), now, out);
+                Ok(())
+            }
+            (phase, commit) => Err(EngineError::NotDecidable {
+                commit,
+                state: phase.state(),
+            }),
+        }
     }
 
     /// The rows of the transition table this transaction went through so far.
@@ -479,8 +536,8 @@ impl TwoPc {
         }
         self.compact = true;
         let decision = msg_id == format!("{}.decided", self.txn_id);
-        let undecided =
-            self.phase == Phase::Preparing || (self.phase == Phase::Committing && decision);
+        let undecided = matches!(self.phase, Phase::Preparing | Phase::Prepared)
+            || (self.phase == Phase::Committing && decision);
         if !undecided {
             self.hit(Row::LogRefusedRedo);
             return Refusal::Redo;
@@ -566,6 +623,13 @@ impl TwoPc {
             };
             self.decide(Phase::Aborting, Some(reason), now, out);
         } else if self.branches.iter().all(|b| b.vote.is_some()) {
+            if self.caller_decides {
+                self.hit(Row::AwaitDecision);
+                self.phase = Phase::Prepared;
+                out.push(Command::CancelTimer(Timer::PrepareTimeout));
+                out.push(Command::CancelTimer(Timer::StepNudge));
+                return Ok(());
+            }
             self.hit(Row::AllVoted);
             self.decide(Phase::Committing, None, now, out);
         }

@@ -236,6 +236,9 @@ struct Sim {
     /// Every transition-table row any driver went through.
     rows: BTreeSet<Row>,
     chaos: bool,
+    /// 2PC with the caller deciding (the embedded coordinator): whether it will commit. No
+    /// coordinator crashes then (the embedded coordinator's memory is its only log).
+    caller: Option<bool>,
 }
 
 fn request(mode: Mode, n: usize) -> TransactionRequest {
@@ -286,6 +289,7 @@ impl Sim {
             counts: Counts::default(),
             rows: BTreeSet::new(),
             chaos: true,
+            caller: None,
         }
     }
 
@@ -306,8 +310,8 @@ impl Sim {
     fn spawn(&mut self, fresh: bool) -> Option<usize> {
         let mut out = Vec::new();
         let (engine, known) = match (fresh, self.log.first(), self.log.last()) {
-            (true, _, _) | (false, None, _) => (
-                Machine::start(
+            (true, _, _) | (false, None, _) => {
+                let mut engine = Machine::start(
                     "t1".into(),
                     &self.request,
                     Some(1),
@@ -315,9 +319,12 @@ impl Sim {
                     CFG,
                     self.now,
                     &mut out,
-                ),
-                0,
-            ),
+                );
+                if let (Some(_), Machine::TwoPc(t)) = (self.caller, &mut engine) {
+                    t.caller_decides();
+                }
+                (engine, 0)
+            }
             (false, Some((_, first)), Some((_, last))) => {
                 match Machine::recover(first, last, "r".into(), CFG, self.now, &mut out) {
                     Ok(e) => (e, self.log.len()),
@@ -405,7 +412,7 @@ impl Sim {
         let mut queue: std::collections::VecDeque<Command> = out.into();
         while let Some(cmd) = queue.pop_front() {
             let Some(i) = self.index(id) else { return };
-            if self.chaos && self.rng.chance(3) {
+            if self.chaos && self.caller.is_none() && self.rng.chance(3) {
                 self.counts.crashes += 1;
                 self.drop_driver(i);
                 return;
@@ -573,8 +580,19 @@ impl Sim {
         if self.drivers.iter().any(|d| !d.stored.is_empty()) {
             choices.push(4);
         }
-        if self.chaos {
+        if self.chaos && self.caller.is_none() {
             choices.push(3);
+        }
+        // The caller decides once every vote is in (or rolls back before, now and then).
+        let deciding: Vec<usize> = (0..self.drivers.len())
+            .filter(|&i| match self.drivers[i].engine.state() {
+                TxnState::Prepared => true,
+                TxnState::Preparing => self.chaos && self.rng.chance(2),
+                _ => false,
+            })
+            .collect();
+        if self.caller.is_some() && !deciding.is_empty() {
+            choices.push(5);
         }
         if choices.is_empty() {
             return false;
@@ -621,6 +639,21 @@ impl Sim {
                 self.drivers[i].timers.remove(&timer);
                 self.now = self.now.max(at);
                 self.feed(i, Event::Timer(timer));
+            }
+            5 => {
+                let i = deciding[self.rng.index(deciding.len())];
+                let commit = self.caller == Some(true)
+                    && self.drivers[i].engine.state() == TxnState::Prepared;
+                let mut out = Vec::new();
+                if let Machine::TwoPc(t) = &mut self.drivers[i].engine {
+                    let reason = txcoord_proto::Reason::RolledBack {
+                        message: "the caller rolled back".into(),
+                    };
+                    t.caller_decision(self.now, commit, reason, &mut out)
+                        .unwrap_or_else(|e| panic!("caller decision refused: {e}"));
+                }
+                let id = self.drivers[i].id;
+                self.run(id, out);
             }
             4 => {
                 let with: Vec<usize> = (0..self.drivers.len())
@@ -731,7 +764,18 @@ impl Sim {
 }
 
 fn simulate(seed: u64, mode: Mode, scripts: &[Script], chaos_steps: usize) -> Sim {
+    simulate_with(seed, mode, scripts, chaos_steps, None)
+}
+
+fn simulate_with(
+    seed: u64,
+    mode: Mode,
+    scripts: &[Script],
+    chaos_steps: usize,
+    caller: Option<bool>,
+) -> Sim {
     let mut sim = Sim::new(seed, mode, scripts);
+    sim.caller = caller;
     for _ in 0..chaos_steps {
         sim.step();
         sim.check_atomic();
@@ -784,8 +828,10 @@ proptest! {
         mode in mode_strategy(),
         scripts in prop::collection::vec(script_strategy(), 1..6),
         chaos_steps in 0usize..150,
+        caller in prop::option::weighted(0.2, any::<bool>()),
     ) {
-        let sim = simulate(seed, mode, &scripts, chaos_steps);
+        let caller = caller.filter(|_| mode == Mode::TwoPc);
+        let sim = simulate_with(seed, mode, &scripts, chaos_steps, caller);
         if let Err(e) = sim.check_end() {
             prop_assert!(false, "{} (counts {:?})", e, sim.counts);
         }
@@ -805,10 +851,15 @@ proptest! {
     }
 }
 
-/// The fixed seeds of the coverage check, per mode.
+/// The fixed seeds of the coverage check, per mode (2PC also with the caller deciding).
 fn fixed_runs(mode: Mode) -> Vec<Sim> {
-    (1..500u64)
-        .map(|seed| {
+    let callers: Vec<Option<bool>> = match mode {
+        Mode::TwoPc => vec![None, Some(true), Some(false)],
+        Mode::Saga => vec![None],
+    };
+    let mut runs = Vec::new();
+    for caller in callers {
+        runs.extend((1..if caller.is_none() { 500u64 } else { 60 }).map(|seed| {
             let script = |vote, exec, comp_fails, down| Script {
                 vote,
                 exec,
@@ -825,9 +876,10 @@ fn fixed_runs(mode: Mode) -> Vec<Sim> {
                 script(Voting::Ready, Exec::Done, 6, seed % 5 == 0),
                 third,
             ];
-            simulate(seed * 7919, mode, &scripts, 100)
-        })
-        .collect()
+            simulate_with(seed * 7919, mode, &scripts, 100, caller)
+        }));
+    }
+    runs
 }
 
 /// Guards the simulation itself, per engine: over fixed seeds it must reach every row of the

@@ -211,6 +211,9 @@ pub enum TxnState {
     Accepted,
     /// Prepares sent; collecting votes.
     Preparing,
+    /// Every vote is ready or read-only and the caller decides (the embedded coordinator's
+    /// prepare/commit split; the server decides at once and never shows this state).
+    Prepared,
     /// Decided commit (durably); confirmations pending.
     Committing,
     /// Decided abort (durably); confirmations pending.
@@ -274,6 +277,7 @@ impl Reason {
             | Reason::StepFailed { message, .. }
             | Reason::CompensationFailed { message, .. }
             | Reason::LogRefused { message }
+            | Reason::RolledBack { message }
             | Reason::InvalidRequest { message, .. } => {
                 *message = cut_text(std::mem::take(message), max);
             }
@@ -325,6 +329,12 @@ pub enum Reason {
     /// and its records from then on leave out the client's metadata.
     LogRefused {
         /// The log's refusal.
+        message: String,
+    },
+    /// The caller rolled the transaction back before deciding commit (the embedded
+    /// coordinator's `rollback_transaction`).
+    RolledBack {
+        /// Who, or why.
         message: String,
     },
     /// The request broke the contract.

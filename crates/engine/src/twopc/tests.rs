@@ -621,3 +621,61 @@ fn recovery_refuses_finished_and_inconsistent_logs() {
         Err(RecoverError::Inconsistent(_))
     ));
 }
+
+fn rolled_back() -> Reason {
+    Reason::RolledBack {
+        message: "by the caller".into(),
+    }
+}
+
+#[test]
+fn with_the_caller_deciding_all_ready_waits_in_prepared_until_commit() {
+    let (mut txn, _) = start(&["a", "b"]);
+    txn.caller_decides();
+    let mut out = Vec::new();
+    txn.handle(10, vote(0, "a", ReplyOutcome::Ready), &mut out)
+        .unwrap();
+    txn.handle(11, vote(1, "b", ReplyOutcome::ReadOnly), &mut out)
+        .unwrap();
+    assert_eq!(txn.state(), TxnState::Prepared);
+    assert!(persisted(&out).is_empty(), "no decision yet: {out:?}");
+    assert!(sends(&out).is_empty());
+    // Commit before... nothing: the caller commits now.
+    let mut out = Vec::new();
+    txn.caller_decision(20, true, rolled_back(), &mut out)
+        .unwrap();
+    assert_eq!(txn.phase(), Phase::Committing);
+    assert_eq!(persisted(&out), vec![TxnState::Committing]);
+    assert_eq!(
+        sends(&out),
+        vec![(0, CommandKind::Commit, 1)],
+        "read-only b hears nothing"
+    );
+    // A decided commit is never rolled back.
+    assert_eq!(
+        txn.caller_decision(21, false, rolled_back(), &mut Vec::new()),
+        Err(EngineError::NotDecidable {
+            commit: false,
+            state: TxnState::Committing
+        })
+    );
+}
+
+#[test]
+fn the_caller_may_roll_back_while_preparing_but_not_commit() {
+    let (mut txn, _) = start(&["a", "b"]);
+    txn.caller_decides();
+    assert!(matches!(
+        txn.caller_decision(5, true, rolled_back(), &mut Vec::new()),
+        Err(EngineError::NotDecidable { commit: true, .. })
+    ));
+    let mut out = Vec::new();
+    txn.caller_decision(6, false, rolled_back(), &mut out)
+        .unwrap();
+    assert_eq!(txn.phase(), Phase::Aborting);
+    assert_eq!(
+        sends(&out),
+        vec![(0, CommandKind::Abort, 1), (1, CommandKind::Abort, 1)]
+    );
+    assert_eq!(txn.snapshot(7).reason, Some(rolled_back()));
+}
