@@ -5,6 +5,7 @@
 //!
 //! - [`proto`] (`txcoord-proto`): the wire contract (JSON messages, subjects, validation).
 //! - [`engine`] (`txcoord-engine`): the sans-IO state machines.
+//! - [`embedded`] (`txcoord-embedded`): the in-process coordinator on the same engine.
 //! - [`participant`], [`kvtable`], [`keyed`] (`txcoord-participant`): the SDK a service uses.
 //! - [`nats`] (`txcoord-nats`, plus what configuration adds): NATS plumbing.
 //! - [`natsserver`], [`rng`] (`txcoord-testkit`): a local nats-server launcher and a
@@ -23,6 +24,7 @@ pub mod coordinator;
 pub mod nats;
 pub mod scripted;
 
+pub use txcoord_embedded as embedded;
 pub use txcoord_engine as engine;
 pub use txcoord_participant as participant;
 pub use txcoord_participant::{keyed, kvtable};

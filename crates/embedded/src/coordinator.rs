@@ -1,0 +1,852 @@
+//! The coordinator: transactions in a sharded map, each with its own locks, each driven by
+//! the 2PC engine (`txcoord_engine::twopc::TwoPc`, the server's engine, with the caller
+//! deciding). The driver performs the engine's commands in order: a `Send` becomes a call
+//! on the participant (at most one call per branch and kind in flight: the engine's resends
+//! for restarted services would otherwise call a slow participant twice), timers run on
+//! tokio, and the records the engine persists are the transaction's state here (memory is
+//! this coordinator's log).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use tokio::sync::broadcast;
+use tokio::time::Instant;
+use txcoord_engine::twopc::TwoPc;
+use txcoord_engine::{Command, EngineConfig, Event, Timer};
+use txcoord_proto::{
+    CommandKind, Mode, ParticipantCommand, ParticipantReply, Reason, ReplyOutcome, StepRequest,
+    TransactionRequest,
+};
+
+use crate::{Participant, PreparedResult, Registered, Resource, TxnError, TxnId, TxnState};
+
+/// How the coordinator behaves.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// How long prepare waits for every vote; a silent participant counts as a refusal.
+    pub prepare_timeout: Duration,
+    /// Participants and resources per transaction.
+    pub max_participants: usize,
+    /// Unfinished transactions at once.
+    pub max_concurrent: usize,
+    /// A transaction left active (or prepared and undecided) this long is rolled back.
+    pub orphan_timeout: Duration,
+    /// First delay before a failed commit or rollback call is tried again (doubling).
+    pub retry_base: Duration,
+    /// Longest delay between tries.
+    pub retry_cap: Duration,
+    /// How long `commit_transaction` and `rollback_transaction` wait for every
+    /// confirmation before they return (the coordinator goes on retrying after).
+    pub commit_patience: Duration,
+    /// How long a finished transaction's state stays readable.
+    pub keep_finished: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            prepare_timeout: Duration::from_secs(5),
+            max_participants: 100,
+            max_concurrent: 1000,
+            orphan_timeout: Duration::from_secs(60),
+            retry_base: Duration::from_millis(50),
+            retry_cap: Duration::from_secs(2),
+            commit_patience: Duration::from_secs(5),
+            keep_finished: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A state change of one transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TxnEvent {
+    /// The transaction.
+    pub txn: TxnId,
+    /// Its new state.
+    pub state: TxnState,
+    /// Why (a refusal, a timeout, an orphan, a stuck participant).
+    pub reason: Option<String>,
+}
+
+/// Follows every transaction's state changes ([`TransactionCoordinator::subscribe`]).
+pub struct Events {
+    rx: broadcast::Receiver<TxnEvent>,
+    missed: u64,
+}
+
+impl Events {
+    /// The next change; `None` once the coordinator is gone. A subscriber too slow to keep
+    /// up skips the changes it missed ([`Events::missed`] counts them).
+    pub async fn next(&mut self) -> Option<TxnEvent> {
+        loop {
+            match self.rx.recv().await {
+                Ok(ev) => return Some(ev),
+                Err(broadcast::error::RecvError::Lagged(n)) => self.missed += n,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
+
+    /// Changes skipped because this subscriber fell behind.
+    pub fn missed(&self) -> u64 {
+        self.missed
+    }
+}
+
+enum Branch {
+    Participant(Arc<dyn Participant>),
+    Resource(Arc<dyn Resource>),
+}
+
+impl Branch {
+    fn ptr(&self) -> *const () {
+        match self {
+            Branch::Participant(p) => Arc::as_ptr(p) as *const (),
+            Branch::Resource(r) => Arc::as_ptr(r) as *const (),
+        }
+    }
+}
+
+struct Entry {
+    label: String,
+    id: Option<String>,
+    branch: Arc<Branch>,
+}
+
+struct Status {
+    state: TxnState,
+    why: Option<String>,
+    orphaned: bool,
+    touched: Instant,
+    finished: Option<Instant>,
+}
+
+#[derive(Default)]
+struct Work {
+    branches: Vec<Entry>,
+    engine: Option<TwoPc>,
+    /// When each armed engine timer fires, in engine milliseconds.
+    timers: BTreeMap<Timer, u64>,
+    last_error: Option<String>,
+}
+
+struct Txn {
+    id: TxnId,
+    status: Mutex<Status>,
+    work: tokio::sync::Mutex<Work>,
+    counted: AtomicBool,
+}
+
+const SHARDS: usize = 64;
+
+struct Inner {
+    cfg: Config,
+    shards: Vec<Mutex<HashMap<TxnId, Arc<Txn>>>>,
+    hasher: RandomState,
+    unfinished: AtomicUsize,
+    events: broadcast::Sender<TxnEvent>,
+    epoch: std::time::Instant,
+    reaper: AtomicBool,
+}
+
+/// An in-process transaction coordinator. Cheap to clone (all clones are one coordinator).
+#[derive(Clone)]
+pub struct TransactionCoordinator {
+    inner: Arc<Inner>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl TransactionCoordinator {
+    /// A coordinator with `cfg`, its state in memory.
+    pub fn new(cfg: Config) -> TransactionCoordinator {
+        let (events, _) = broadcast::channel(4096);
+        let coord = TransactionCoordinator {
+            inner: Arc::new(Inner {
+                cfg,
+                shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+                hasher: RandomState::new(),
+                unfinished: AtomicUsize::new(0),
+                events,
+                epoch: std::time::Instant::now(),
+                reaper: AtomicBool::new(false),
+            }),
+        };
+        coord.ensure_reaper();
+        coord
+    }
+
+    /// Begins a transaction: `Active`, ready for participants and resources.
+    pub fn begin_transaction(&self) -> Result<TxnId, TxnError> {
+        self.ensure_reaper();
+        let max = self.inner.cfg.max_concurrent;
+        if self
+            .inner
+            .unfinished
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_err()
+        {
+            return Err(TxnError::TooManyConcurrent { max });
+        }
+        let id = TxnId(uuid::Uuid::new_v4());
+        let txn = Arc::new(Txn {
+            id,
+            status: Mutex::new(Status {
+                state: TxnState::Active,
+                why: None,
+                orphaned: false,
+                touched: Instant::now(),
+                finished: None,
+            }),
+            work: tokio::sync::Mutex::new(Work::default()),
+            counted: AtomicBool::new(true),
+        });
+        lock(self.inner.shard(&id)).insert(id, txn);
+        self.inner.changed(id, TxnState::Active, None);
+        Ok(id)
+    }
+
+    /// Adds a participant to an active transaction. The same participant again (the same
+    /// `Arc`, or the same [`Participant::id`]) is a no-op that says so.
+    pub fn register_participant(
+        &self,
+        txn: TxnId,
+        participant: Arc<dyn Participant>,
+    ) -> Result<Registered, TxnError> {
+        let id = participant.id();
+        self.add(
+            txn,
+            Branch::Participant(participant),
+            id,
+            "register a participant in",
+        )
+    }
+
+    /// Enlists a resource in an active transaction (its [`Resource::enlisted`] runs now).
+    pub fn enlist_resource(
+        &self,
+        txn: TxnId,
+        resource: Arc<dyn Resource>,
+    ) -> Result<Registered, TxnError> {
+        let id = resource.id();
+        let added = self.add(
+            txn,
+            Branch::Resource(resource.clone()),
+            id,
+            "enlist a resource in",
+        )?;
+        if added == Registered::Added {
+            resource.enlisted(txn);
+        }
+        Ok(added)
+    }
+
+    fn add(
+        &self,
+        txn: TxnId,
+        branch: Branch,
+        id: Option<String>,
+        operation: &'static str,
+    ) -> Result<Registered, TxnError> {
+        let t = self.inner.get(txn)?;
+        self.inner.check_active(&t, operation)?;
+        // A prepare in progress holds the work: the transaction is no longer active.
+        let Ok(mut work) = t.work.try_lock() else {
+            return Err(self.inner.illegal(&t, operation));
+        };
+        self.inner.check_active(&t, operation)?;
+        let ptr = branch.ptr();
+        if work
+            .branches
+            .iter()
+            .any(|e| e.branch.ptr() == ptr || (id.is_some() && e.id == id))
+        {
+            return Ok(Registered::AlreadyRegistered);
+        }
+        let max = self.inner.cfg.max_participants;
+        if work.branches.len() >= max {
+            return Err(TxnError::TooManyParticipants { txn, max });
+        }
+        let n = work.branches.len();
+        let label = id.clone().unwrap_or_else(|| match branch {
+            Branch::Participant(_) => format!("participant-{n}"),
+            Branch::Resource(_) => format!("resource-{n}"),
+        });
+        work.branches.push(Entry {
+            label,
+            id,
+            branch: Arc::new(branch),
+        });
+        lock(&t.status).touched = Instant::now();
+        Ok(Registered::Added)
+    }
+
+    /// Phase 1: asks every participant and resource to prepare. `Ok` only when every vote
+    /// is ready or read-only (the transaction is then `Prepared`); a refusal or the prepare
+    /// timeout rolls it back, and the error names who.
+    pub async fn prepare_transaction(&self, txn: TxnId) -> Result<(), TxnError> {
+        let t = self.inner.get(txn)?;
+        let mut work = t.work.lock().await;
+        self.inner.check_active(&t, "prepare")?;
+        if work.branches.is_empty() {
+            // Nothing to ask: prepared at once.
+            self.inner.set(&t, TxnState::Prepared, None);
+            return Ok(());
+        }
+        let request = TransactionRequest {
+            txn_id: Some(txn.to_string()),
+            mode: Mode::TwoPc,
+            steps: work
+                .branches
+                .iter()
+                .map(|e| StepRequest {
+                    service: e.label.clone(),
+                    action: "prepare".into(),
+                    payload: serde_json::Value::Null,
+                    compensate: None,
+                    timeout_ms: None,
+                })
+                .collect(),
+            timeout_ms: None,
+            metadata: None,
+        };
+        let mut out = Vec::new();
+        let mut engine = TwoPc::start(
+            txn.to_string(),
+            &request,
+            None,
+            String::new(),
+            self.inner.engine_config(),
+            self.inner.now_ms(),
+            &mut out,
+        );
+        engine.caller_decides();
+        work.engine = Some(engine);
+        let state = self
+            .inner
+            .drive(&t, &mut work, out, |s| s != TxnState::Preparing, None)
+            .await;
+        if state == TxnState::Prepared {
+            lock(&t.status).touched = Instant::now();
+            return Ok(());
+        }
+        // Refused or timed out: the rollback is decided; see it through (within patience).
+        let reason = work.engine.as_ref().and_then(|e| e.snapshot(0).reason);
+        let patience = Instant::now() + self.inner.cfg.commit_patience;
+        let state = self
+            .inner
+            .drive(
+                &t,
+                &mut work,
+                Vec::new(),
+                TxnState::is_final,
+                Some(patience),
+            )
+            .await;
+        if !state.is_final() {
+            self.inner.finish_in_background(t.clone());
+        }
+        Err(match reason {
+            Some(Reason::VoteAbort {
+                service, message, ..
+            }) => TxnError::PrepareRefused {
+                txn,
+                participant: service,
+                reason: message,
+            },
+            Some(Reason::Timeout { services, .. }) => TxnError::PrepareTimedOut {
+                txn,
+                participants: services,
+                timeout: self.inner.cfg.prepare_timeout,
+            },
+            other => TxnError::PrepareRefused {
+                txn,
+                participant: "?".into(),
+                reason: format!("{other:?}"),
+            },
+        })
+    }
+
+    /// Phase 2: commits a prepared transaction. Waits up to [`Config::commit_patience`] for
+    /// every confirmation; past that the decision stands, [`TxnError::CommitStuck`] names
+    /// who has not confirmed, and the coordinator keeps retrying. Committing again waits
+    /// again; a committed transaction commits again as a no-op.
+    pub async fn commit_transaction(&self, txn: TxnId) -> Result<(), TxnError> {
+        let t = self.inner.get(txn)?;
+        let mut work = t.work.lock().await;
+        let state = lock(&t.status).state;
+        let out = match state {
+            TxnState::Committed => return Ok(()),
+            TxnState::Committing => Vec::new(),
+            TxnState::Prepared => {
+                let Some(engine) = work.engine.as_mut() else {
+                    // Nothing was asked to prepare: nothing to commit.
+                    self.inner.set(&t, TxnState::Committed, None);
+                    return Ok(());
+                };
+                let mut out = Vec::new();
+                let now = self.inner.now_ms();
+                if let Err(e) = engine.caller_decision(now, true, rolled_back(""), &mut out) {
+                    tracing::warn!(%txn, error = %e, "commit refused by the engine");
+                    return Err(self.inner.illegal(&t, "commit"));
+                }
+                out
+            }
+            _ => return Err(self.inner.illegal(&t, "commit")),
+        };
+        let patience = Instant::now() + self.inner.cfg.commit_patience;
+        let state = self
+            .inner
+            .drive(&t, &mut work, out, TxnState::is_final, Some(patience))
+            .await;
+        if state == TxnState::Committed {
+            return Ok(());
+        }
+        let stuck = TxnError::CommitStuck {
+            txn,
+            participants: pending_labels(&work),
+            last_error: work.last_error.clone().unwrap_or_default(),
+        };
+        drop(work);
+        self.inner.finish_in_background(t);
+        Err(stuck)
+    }
+
+    /// Rolls back a transaction any time before a commit decision (active, or prepared).
+    /// Rolling back a rolled-back transaction is a no-op; a committing or committed one is
+    /// an error (rolling it back would break atomicity).
+    pub async fn rollback_transaction(&self, txn: TxnId) -> Result<(), TxnError> {
+        let t = self.inner.get(txn)?;
+        let mut work = t.work.lock().await;
+        self.inner
+            .rollback_locked(&t, &mut work, "rolled back by the caller")
+            .await
+    }
+
+    /// The transaction's state; `None` for an unknown (or long finished) transaction.
+    pub fn get_transaction_state(&self, txn: TxnId) -> Option<TxnState> {
+        let t = self.inner.get(txn).ok()?;
+        Some(lock(&t.status).state)
+    }
+
+    /// Why the transaction is where it is (a refusal, a timeout, an orphan rollback, a
+    /// participant that has not confirmed), if anything needs saying.
+    pub fn transaction_reason(&self, txn: TxnId) -> Option<String> {
+        let t = self.inner.get(txn).ok()?;
+        lock(&t.status).why.clone()
+    }
+
+    /// Unfinished transactions.
+    pub fn unfinished(&self) -> usize {
+        self.inner.unfinished.load(Ordering::Acquire)
+    }
+
+    /// Follows every transaction's state changes from now on.
+    pub fn subscribe(&self) -> Events {
+        Events {
+            rx: self.inner.events.subscribe(),
+            missed: 0,
+        }
+    }
+
+    /// Starts the orphan reaper once, on the current tokio runtime if there is one (else at
+    /// the next call made on one).
+    fn ensure_reaper(&self) {
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.inner.reaper.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let weak = Arc::downgrade(&self.inner);
+        let every = (self.inner.cfg.orphan_timeout / 4)
+            .min(self.inner.cfg.keep_finished / 4)
+            .clamp(Duration::from_millis(5), Duration::from_secs(1));
+        handle.spawn(reap(weak, every));
+    }
+}
+
+fn rolled_back(message: &str) -> Reason {
+    Reason::RolledBack {
+        message: message.to_string(),
+    }
+}
+
+/// The labels of the branches that owe a phase-2 confirmation.
+fn pending_labels(work: &Work) -> Vec<String> {
+    let Some(engine) = &work.engine else {
+        return Vec::new();
+    };
+    let snap = engine.snapshot(0);
+    snap.steps
+        .iter()
+        .filter(|s| !s.done && s.vote == Some(txcoord_proto::Vote::Ready))
+        .filter_map(|s| work.branches.get(s.step).map(|e| e.label.clone()))
+        .collect()
+}
+
+/// Every so often: rolls back orphans (active, or prepared and undecided, and left alone
+/// longer than the orphan timeout) and forgets transactions finished long enough ago.
+async fn reap(inner: Weak<Inner>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        let now = Instant::now();
+        let mut orphans = Vec::new();
+        for shard in &inner.shards {
+            let mut map = lock(shard);
+            map.retain(|_, t| {
+                let s = lock(&t.status);
+                s.finished
+                    .is_none_or(|f| now.duration_since(f) <= inner.cfg.keep_finished)
+            });
+            for t in map.values() {
+                let s = lock(&t.status);
+                if matches!(s.state, TxnState::Active | TxnState::Prepared)
+                    && now.duration_since(s.touched) > inner.cfg.orphan_timeout
+                {
+                    orphans.push(t.clone());
+                }
+            }
+        }
+        for t in orphans {
+            let inner = inner.clone();
+            tokio::spawn(async move {
+                // Someone is working on it right now: not an orphan.
+                let Ok(mut work) = t.work.try_lock() else {
+                    return;
+                };
+                let after = inner.cfg.orphan_timeout;
+                lock(&t.status).orphaned = true;
+                let why = format!(
+                    "orphaned: neither prepared, committed nor rolled back within {after:?}; rolled back by the coordinator"
+                );
+                tracing::warn!(txn = %t.id, "{why}");
+                let _ = inner.rollback_locked(&t, &mut work, &why).await;
+            });
+        }
+    }
+}
+
+type Call = BoxFuture<'static, (usize, CommandKind, Result<ParticipantReply, String>)>;
+
+impl Inner {
+    fn shard(&self, id: &TxnId) -> &Mutex<HashMap<TxnId, Arc<Txn>>> {
+        &self.shards[(self.hasher.hash_one(id) as usize) % SHARDS]
+    }
+
+    fn get(&self, id: TxnId) -> Result<Arc<Txn>, TxnError> {
+        lock(self.shard(&id))
+            .get(&id)
+            .cloned()
+            .ok_or(TxnError::UnknownTransaction(id))
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn engine_config(&self) -> EngineConfig {
+        let ms = |d: Duration| d.as_millis().min(u64::MAX as u128) as u64;
+        EngineConfig {
+            default_timeout_ms: ms(self.cfg.prepare_timeout).max(1),
+            retry_base_ms: ms(self.cfg.retry_base).max(1),
+            retry_cap_ms: ms(self.cfg.retry_cap).max(1),
+            stuck_after_ms: ms(self.cfg.commit_patience).max(1),
+            execute_attempts: 1,
+            compensation_attempts: 1,
+        }
+    }
+
+    fn illegal(&self, t: &Txn, operation: &'static str) -> TxnError {
+        let s = lock(&t.status);
+        if s.orphaned {
+            return TxnError::Orphaned {
+                txn: t.id,
+                after: self.cfg.orphan_timeout,
+            };
+        }
+        TxnError::IllegalState {
+            txn: t.id,
+            operation,
+            state: s.state,
+        }
+    }
+
+    fn check_active(&self, t: &Txn, operation: &'static str) -> Result<(), TxnError> {
+        if lock(&t.status).state == TxnState::Active {
+            Ok(())
+        } else {
+            Err(self.illegal(t, operation))
+        }
+    }
+
+    /// Sets the state, tells the subscribers and `tracing`, and counts a finish once.
+    fn set(&self, t: &Txn, state: TxnState, why: Option<String>) {
+        {
+            let mut s = lock(&t.status);
+            if s.state == state && (why.is_none() || s.why == why) {
+                return;
+            }
+            s.state = state;
+            if why.is_some() {
+                s.why = why.clone();
+            }
+            if state.is_final() {
+                s.finished = Some(Instant::now());
+            }
+        }
+        if state.is_final() && t.counted.swap(false, Ordering::AcqRel) {
+            self.unfinished.fetch_sub(1, Ordering::AcqRel);
+        }
+        self.changed(t.id, state, why);
+    }
+
+    fn changed(&self, txn: TxnId, state: TxnState, reason: Option<String>) {
+        tracing::info!(%txn, ?state, reason = reason.as_deref().unwrap_or(""), "transaction state");
+        let _ = self.events.send(TxnEvent { txn, state, reason });
+    }
+
+    async fn rollback_locked(
+        &self,
+        t: &Arc<Txn>,
+        work: &mut Work,
+        why: &str,
+    ) -> Result<(), TxnError> {
+        let state = lock(&t.status).state;
+        let out = match state {
+            TxnState::Aborted => return Ok(()),
+            TxnState::Aborting => Vec::new(),
+            TxnState::Active | TxnState::Prepared if work.engine.is_none() => {
+                // Never asked to prepare: each is told to roll back, once, best effort.
+                self.set(t, TxnState::Aborting, Some(why.to_string()));
+                let calls = work.branches.iter().map(|e| {
+                    let b = e.branch.clone();
+                    let txn = t.id;
+                    async move {
+                        match &*b {
+                            Branch::Participant(p) => p.rollback(txn).await,
+                            Branch::Resource(r) => r.rollback(txn).await,
+                        }
+                    }
+                });
+                for (e, r) in work
+                    .branches
+                    .iter()
+                    .zip(futures::future::join_all(calls).await)
+                {
+                    if let Err(err) = r {
+                        tracing::warn!(txn = %t.id, participant = %e.label, error = %err, "rollback of a branch that never prepared failed");
+                    }
+                }
+                self.set(t, TxnState::Aborted, Some(why.to_string()));
+                return Ok(());
+            }
+            TxnState::Prepared => {
+                let Some(engine) = work.engine.as_mut() else {
+                    return Err(self.illegal(t, "roll back"));
+                };
+                let mut out = Vec::new();
+                if engine
+                    .caller_decision(self.now_ms(), false, rolled_back(why), &mut out)
+                    .is_err()
+                {
+                    return Err(self.illegal(t, "roll back"));
+                }
+                out
+            }
+            _ => return Err(self.illegal(t, "roll back")),
+        };
+        let patience = Instant::now() + self.cfg.commit_patience;
+        let state = self
+            .drive(t, work, out, TxnState::is_final, Some(patience))
+            .await;
+        if state == TxnState::Aborted {
+            return Ok(());
+        }
+        let stuck = TxnError::RollbackStuck {
+            txn: t.id,
+            participants: pending_labels(work),
+            last_error: work.last_error.clone().unwrap_or_default(),
+        };
+        Err(stuck)
+    }
+
+    /// Keeps driving a decided transaction until every participant confirmed.
+    fn finish_in_background(self: &Arc<Self>, t: Arc<Txn>) {
+        let inner = self.clone();
+        tokio::spawn(async move {
+            let mut work = t.work.lock().await;
+            inner
+                .drive(&t, &mut work, Vec::new(), TxnState::is_final, None)
+                .await;
+        });
+    }
+
+    /// Performs the engine's commands and feeds it the participants' answers and its
+    /// timers until `stop(state)`, `patience` passes, or nothing more can happen.
+    async fn drive(
+        &self,
+        t: &Txn,
+        work: &mut Work,
+        mut out: Vec<Command>,
+        stop: impl Fn(TxnState) -> bool,
+        patience: Option<Instant>,
+    ) -> TxnState {
+        let mut calls: FuturesUnordered<Call> = FuturesUnordered::new();
+        let mut in_flight: HashSet<(usize, CommandKind)> = HashSet::new();
+        loop {
+            for cmd in std::mem::take(&mut out) {
+                match cmd {
+                    Command::Persist { event, .. } | Command::Announce { event, .. } => {
+                        let why = event.reason.as_ref().map(describe).or_else(|| {
+                            event
+                                .stuck
+                                .then(|| format!("stuck: waiting for {:?}", pending_labels(work)))
+                        });
+                        self.set(t, state_of(event.state), why);
+                    }
+                    Command::Send(cmd) => {
+                        if in_flight.insert((cmd.step, cmd.kind))
+                            && let Some(e) = work.branches.get(cmd.step)
+                        {
+                            calls.push(call(e.branch.clone(), e.label.clone(), t.id, cmd));
+                        }
+                    }
+                    Command::SetTimer { timer, at_ms } => {
+                        work.timers.insert(timer, at_ms);
+                    }
+                    Command::CancelTimer(timer) => {
+                        work.timers.remove(&timer);
+                    }
+                    Command::Finished => work.timers.clear(),
+                }
+            }
+            let Some(engine) = work.engine.as_mut() else {
+                return lock(&t.status).state;
+            };
+            let state = state_of(engine.state());
+            // Not every change is a record (the wait in Prepared is not).
+            self.set(t, state, None);
+            if stop(state) || (calls.is_empty() && work.timers.is_empty()) {
+                return state;
+            }
+            let next = work
+                .timers
+                .iter()
+                .min_by_key(|(_, at)| **at)
+                .map(|(t, at)| (*t, *at));
+            let wake = next.map(|(_, at)| {
+                let now = self.now_ms();
+                Instant::now() + Duration::from_millis(at.saturating_sub(now))
+            });
+            tokio::select! {
+                Some((step, kind, result)) = calls.next(), if !calls.is_empty() => {
+                    in_flight.remove(&(step, kind));
+                    match result {
+                        Ok(reply) => {
+                            let _ = engine.handle(self.now_ms(), Event::Reply(reply), &mut out);
+                        }
+                        // Not confirmed: the engine's next round sends it again.
+                        Err(e) => work.last_error = Some(e),
+                    }
+                }
+                _ = sleep_until(wake), if wake.is_some() => {
+                    if let Some((timer, _)) = next {
+                        work.timers.remove(&timer);
+                        let _ = engine.handle(self.now_ms(), Event::Timer(timer), &mut out);
+                    }
+                }
+                _ = sleep_until(patience), if patience.is_some() => return state,
+            }
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One participant or resource call, answered as the engine's reply to `cmd`; `Err` when a
+/// commit or rollback failed (it is sent again).
+fn call(branch: Arc<Branch>, label: String, txn: TxnId, cmd: ParticipantCommand) -> Call {
+    Box::pin(async move {
+        let (step, kind) = (cmd.step, cmd.kind);
+        let answer: Result<(ReplyOutcome, Option<String>), String> = match (&*branch, kind) {
+            (Branch::Participant(p), CommandKind::Prepare) => Ok(match p.prepare(txn).await {
+                PreparedResult::Ready => (ReplyOutcome::Ready, None),
+                PreparedResult::ReadOnly => (ReplyOutcome::ReadOnly, None),
+                PreparedResult::Aborted(why) => (ReplyOutcome::Abort, Some(why)),
+            }),
+            (Branch::Resource(r), CommandKind::Prepare) => Ok(match r.prepare(txn).await {
+                Ok(true) => (ReplyOutcome::Ready, None),
+                Ok(false) => (
+                    ReplyOutcome::Abort,
+                    Some("conflict: the resource cannot prepare".into()),
+                ),
+                Err(e) => (ReplyOutcome::Abort, Some(e)),
+            }),
+            (Branch::Participant(p), CommandKind::Commit) => {
+                p.commit(txn).await.map(|()| (ReplyOutcome::Done, None))
+            }
+            (Branch::Resource(r), CommandKind::Commit) => {
+                r.commit(txn).await.map(|()| (ReplyOutcome::Done, None))
+            }
+            (Branch::Participant(p), _) => {
+                p.rollback(txn).await.map(|()| (ReplyOutcome::Done, None))
+            }
+            (Branch::Resource(r), _) => r.rollback(txn).await.map(|()| (ReplyOutcome::Done, None)),
+        };
+        let result = answer
+            .map(|(outcome, reason)| ParticipantReply {
+                txn_id: cmd.txn_id.clone(),
+                service: label.clone(),
+                step,
+                kind,
+                outcome,
+                reason,
+                attempt: cmd.attempt,
+                retryable: None,
+                token: None,
+            })
+            .map_err(|e| format!("{label}: {e}"));
+        (step, kind, result)
+    })
+}
+
+fn state_of(s: txcoord_proto::TxnState) -> TxnState {
+    use txcoord_proto::TxnState as W;
+    match s {
+        W::Prepared => TxnState::Prepared,
+        W::Committing => TxnState::Committing,
+        W::Committed => TxnState::Committed,
+        W::Aborting => TxnState::Aborting,
+        W::Aborted => TxnState::Aborted,
+        _ => TxnState::Preparing,
+    }
+}
+
+fn describe(r: &Reason) -> String {
+    match r {
+        Reason::VoteAbort {
+            service, message, ..
+        } => format!("{service} refused to prepare: {message}"),
+        Reason::Timeout { services, .. } => format!("no vote in time from {services:?}"),
+        Reason::RolledBack { message } => message.clone(),
+        other => format!("{other:?}"),
+    }
+}
