@@ -46,6 +46,21 @@ pub struct Config {
     pub commit_patience: Duration,
     /// How long a finished transaction's state stays readable.
     pub keep_finished: Duration,
+    /// Where decisions are kept: in memory (the default), or in a file that survives the
+    /// process ([`TransactionCoordinator::open`] resumes what it holds).
+    pub log: Log,
+}
+
+/// Where the coordinator keeps its decisions.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Log {
+    /// In memory: a crash loses the transactions in flight (their participants roll back
+    /// what they hold on their own terms).
+    #[default]
+    Memory,
+    /// A JSON Lines file: each decision is appended and fsynced before any participant
+    /// hears it, each finish appended, and the file compacted when mostly finished.
+    File(std::path::PathBuf),
 }
 
 impl Default for Config {
@@ -59,6 +74,7 @@ impl Default for Config {
             retry_cap: Duration::from_secs(2),
             commit_patience: Duration::from_secs(5),
             keep_finished: Duration::from_secs(60),
+            log: Log::Memory,
         }
     }
 }
@@ -153,6 +169,10 @@ struct Inner {
     events: broadcast::Sender<TxnEvent>,
     epoch: std::time::Instant,
     reaper: AtomicBool,
+    /// The durable log, with `Log::File`.
+    log: Option<Mutex<crate::log::DecisionLog>>,
+    /// Why the log could not be opened (every `begin_transaction` then says so).
+    log_error: Option<crate::LogError>,
 }
 
 /// An in-process transaction coordinator. Cheap to clone (all clones are one coordinator).
@@ -166,8 +186,22 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl TransactionCoordinator {
-    /// A coordinator with `cfg`, its state in memory.
+    /// A coordinator with `cfg`. With `Log::File`, decisions the file holds from before
+    /// stay in it, unresumed: use [`TransactionCoordinator::open`] to resume them. A log
+    /// that cannot be opened makes every `begin_transaction` fail with the reason.
     pub fn new(cfg: Config) -> TransactionCoordinator {
+        let (log, log_error) = match &cfg.log {
+            Log::Memory => (None, None),
+            Log::File(path) => match crate::log::DecisionLog::open(path) {
+                Ok((log, unfinished)) => {
+                    if !unfinished.is_empty() {
+                        tracing::warn!(path = %path.display(), count = unfinished.len(), "the log holds unfinished decisions; open the coordinator with its participants to resume them");
+                    }
+                    (Some(Mutex::new(log)), None)
+                }
+                Err(e) => (None, Some(e)),
+            },
+        };
         let (events, _) = broadcast::channel(4096);
         let coord = TransactionCoordinator {
             inner: Arc::new(Inner {
@@ -178,15 +212,56 @@ impl TransactionCoordinator {
                 events,
                 epoch: std::time::Instant::now(),
                 reaper: AtomicBool::new(false),
+                log,
+                log_error,
             }),
         };
         coord.ensure_reaper();
         coord
     }
 
+    /// Opens a coordinator on `cfg`'s file log and resumes every decided, unfinished
+    /// transaction in it: each decision is sent again to its participants, found among
+    /// `participants` by [`Participant::id`] (a participant must have an id to be
+    /// re-attached). Returns the coordinator and the resumed transactions.
+    pub async fn open(
+        cfg: Config,
+        participants: Vec<Arc<dyn Participant>>,
+    ) -> Result<(TransactionCoordinator, Vec<TxnId>), TxnError> {
+        let Log::File(path) = &cfg.log else {
+            return Ok((TransactionCoordinator::new(cfg), Vec::new()));
+        };
+        let (_, unfinished) = crate::log::DecisionLog::open(path)?;
+        let by_id: HashMap<String, Arc<dyn Participant>> = participants
+            .into_iter()
+            .filter_map(|p| p.id().map(|id| (id, p)))
+            .collect();
+        for u in &unfinished {
+            if let Some(missing) = u.participants.iter().find(|p| !by_id.contains_key(*p)) {
+                return Err(TxnError::MissingParticipant {
+                    txn: u.txn,
+                    participant: missing.clone(),
+                });
+            }
+        }
+        let coord = TransactionCoordinator::new(cfg);
+        if let Some(e) = &coord.inner.log_error {
+            return Err(e.clone().into());
+        }
+        let mut resumed = Vec::new();
+        for u in unfinished {
+            coord.inner.resume(&u, &by_id)?;
+            resumed.push(u.txn);
+        }
+        Ok((coord, resumed))
+    }
+
     /// Begins a transaction: `Active`, ready for participants and resources.
     pub fn begin_transaction(&self) -> Result<TxnId, TxnError> {
         self.ensure_reaper();
+        if let Some(e) = &self.inner.log_error {
+            return Err(e.clone().into());
+        }
         let max = self.inner.cfg.max_concurrent;
         if self
             .inner
@@ -685,13 +760,139 @@ impl Inner {
 
     /// Keeps driving a decided transaction until every participant confirmed.
     fn finish_in_background(self: &Arc<Self>, t: Arc<Txn>) {
+        self.finish_with(t, Vec::new());
+    }
+
+    fn finish_with(self: &Arc<Self>, t: Arc<Txn>, out: Vec<Command>) {
         let inner = self.clone();
         tokio::spawn(async move {
             let mut work = t.work.lock().await;
             inner
-                .drive(&t, &mut work, Vec::new(), TxnState::is_final, None)
+                .drive(&t, &mut work, out, TxnState::is_final, None)
                 .await;
         });
+    }
+
+    /// Rebuilds a decided transaction from its log record, on the engine (as the server
+    /// recovers one), and finishes it in the background.
+    fn resume(
+        self: &Arc<Self>,
+        u: &crate::log::Unfinished,
+        by_id: &HashMap<String, Arc<dyn Participant>>,
+    ) -> Result<(), TxnError> {
+        use txcoord_proto::{StepStatus, TransactionEvent, TxnState as W, Vote};
+        let steps: Vec<StepStatus> = u
+            .participants
+            .iter()
+            .enumerate()
+            .map(|(i, id)| StepStatus {
+                step: i,
+                service: id.clone(),
+                action: "prepare".into(),
+                vote: Some(Vote::Ready),
+                done: false,
+                prepare_attempt: 1,
+                decision_attempt: 1,
+                payload: Some(serde_json::Value::Null),
+                saga: None,
+                compensate: None,
+                timeout_ms: None,
+            })
+            .collect();
+        let record = |state| TransactionEvent {
+            txn_id: u.txn.to_string(),
+            state,
+            mode: Mode::TwoPc,
+            steps: steps.clone(),
+            timestamp_ms: 0,
+            reason: None,
+            stuck: false,
+            timeout_ms: None,
+            metadata: None,
+            submit_seq: None,
+            current_step: None,
+            cause: None,
+        };
+        let decided = if u.commit { W::Committing } else { W::Aborting };
+        let mut out = Vec::new();
+        let engine = TwoPc::recover(
+            &record(W::Accepted),
+            &record(decided),
+            String::new(),
+            self.engine_config(),
+            self.now_ms(),
+            &mut out,
+        )
+        .map_err(|e| {
+            TxnError::Log(crate::LogError::Corrupt {
+                path: String::new(),
+                line: 0,
+                message: format!("{} cannot be resumed: {e}", u.txn),
+            })
+        })?;
+        let branches = u
+            .participants
+            .iter()
+            .filter_map(|id| {
+                by_id.get(id).map(|p| Entry {
+                    label: id.clone(),
+                    id: Some(id.clone()),
+                    branch: Arc::new(Branch::Participant(p.clone())),
+                })
+            })
+            .collect();
+        let state = if u.commit {
+            TxnState::Committing
+        } else {
+            TxnState::Aborting
+        };
+        let t = Arc::new(Txn {
+            id: u.txn,
+            status: Mutex::new(Status {
+                state,
+                why: Some("resumed from the log".into()),
+                orphaned: false,
+                touched: Instant::now(),
+                finished: None,
+            }),
+            work: tokio::sync::Mutex::new(Work {
+                branches,
+                engine: Some(engine),
+                ..Work::default()
+            }),
+            counted: AtomicBool::new(true),
+        });
+        self.unfinished.fetch_add(1, Ordering::AcqRel);
+        lock(self.shard(&u.txn)).insert(u.txn, t.clone());
+        tracing::info!(txn = %u.txn, commit = u.commit, "resuming a decided transaction from the log");
+        self.changed(u.txn, state, Some("resumed from the log".into()));
+        self.finish_with(t, out);
+        Ok(())
+    }
+
+    /// With a file log: the decision, durable before any participant hears it.
+    fn log_decision(&self, t: &Txn, work: &Work, commit: bool) -> Result<(), crate::LogError> {
+        let Some(log) = &self.log else {
+            return Ok(());
+        };
+        let ready = work
+            .engine
+            .as_ref()
+            .map(|e| e.snapshot(0).steps)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|s| s.vote == Some(txcoord_proto::Vote::Ready))
+            .filter_map(|s| work.branches.get(s.step).map(|e| e.label.clone()))
+            .collect();
+        lock(log).decided(t.id, commit, ready)
+    }
+
+    fn log_finished(&self, t: &Txn) {
+        if let Some(log) = &self.log
+            && let Err(e) = lock(log).finished(t.id)
+        {
+            tracing::warn!(txn = %t.id, error = %e, "cannot record a finished transaction; a restart sends its decision again");
+        }
     }
 
     /// Performs the engine's commands and feeds it the participants' answers and its
@@ -707,9 +908,38 @@ impl Inner {
         let mut calls: FuturesUnordered<Call> = FuturesUnordered::new();
         let mut in_flight: HashSet<(usize, CommandKind)> = HashSet::new();
         loop {
-            for cmd in std::mem::take(&mut out) {
+            let mut queue: std::collections::VecDeque<Command> = std::mem::take(&mut out).into();
+            while let Some(cmd) = queue.pop_front() {
                 match cmd {
+                    Command::Persist { msg_id, event } if msg_id.ends_with(".decided") => {
+                        let commit = event.state == txcoord_proto::TxnState::Committing;
+                        if let Err(e) = self.log_decision(t, work, commit) {
+                            // Not durable, so nobody may hear it: the engine decides anew
+                            // (a commit becomes an abort) or the transaction stops here.
+                            tracing::error!(txn = %t.id, error = %e, "the decision could not be logged");
+                            let mut again = Vec::new();
+                            let Some(engine) = work.engine.as_mut() else {
+                                return lock(&t.status).state;
+                            };
+                            let refusal = engine.log_refused(
+                                self.now_ms(),
+                                &msg_id,
+                                &e.to_string(),
+                                &mut again,
+                            );
+                            if refusal != txcoord_engine::Refusal::Replanned {
+                                return lock(&t.status).state;
+                            }
+                            queue = again.into();
+                            continue;
+                        }
+                        let why = event.reason.as_ref().map(describe);
+                        self.set(t, state_of(event.state), why);
+                    }
                     Command::Persist { event, .. } | Command::Announce { event, .. } => {
+                        if event.state.is_terminal() {
+                            self.log_finished(t);
+                        }
                         let why = event.reason.as_ref().map(describe).or_else(|| {
                             event
                                 .stuck

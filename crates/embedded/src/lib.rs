@@ -23,6 +23,10 @@
 //! - No global lock on the hot path: transactions live in a sharded map, each with its own
 //!   lock.
 //!
+//! - Decisions are in memory, or with [`Log::File`] in a JSON Lines file, fsynced before
+//!   phase 2; [`TransactionCoordinator::open`] resumes the decided, unfinished ones with
+//!   participants re-attached by [`Participant::id`].
+//!
 //! [`Versioned`] is a resource with optimistic concurrency done right: the version is read
 //! at enlist, validated **and reserved** at prepare, applied at commit.
 
@@ -30,9 +34,11 @@
 #![warn(missing_docs)]
 
 mod coordinator;
+mod log;
 mod versioned;
 
-pub use coordinator::{Config, Events, TransactionCoordinator, TxnEvent};
+pub use coordinator::{Config, Events, Log, TransactionCoordinator, TxnEvent};
+pub use log::LogError;
 pub use versioned::Versioned;
 
 use std::fmt;
@@ -208,6 +214,18 @@ pub enum TxnError {
         participants: Vec<String>,
         /// The last error one of them returned.
         last_error: String,
+    },
+    /// The durable log (`Log::File`) could not be opened, read or written.
+    #[error("{0}")]
+    Log(#[from] LogError),
+    /// A decided transaction in the log names a participant the reopened coordinator was
+    /// not given (participants are re-attached by [`Participant::id`]).
+    #[error("transaction {txn} in the log needs participant {participant:?}, which was not given")]
+    MissingParticipant {
+        /// The transaction.
+        txn: TxnId,
+        /// The participant's id.
+        participant: String,
     },
     /// The coordinator rolled the transaction back: it was orphaned (begun and left alone
     /// longer than [`Config::orphan_timeout`]).

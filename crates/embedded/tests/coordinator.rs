@@ -488,3 +488,83 @@ async fn two_transactions_that_read_one_version_cannot_both_commit() {
     coord.commit_transaction(t1).await.unwrap();
     assert_eq!(stock.get(), (9, 1), "one decrement: no lost update");
 }
+
+#[test]
+fn a_decision_in_the_file_log_survives_a_crash_and_is_carried_out_on_reopen() {
+    let dir = std::env::temp_dir().join(format!("txcoord-embedded-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = Config {
+        log: txcoord_embedded::Log::File(dir.join("decisions.jsonl")),
+        ..fast()
+    };
+    // First process: the ledger cannot commit; the process dies with the commit decided.
+    let crashed = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (ok, ledger) = (Probe::named("orders"), Probe::named("ledger"));
+    ledger.commit_failures.store(u32::MAX, Ordering::Release);
+    let id = crashed.block_on(async {
+        let coord = TransactionCoordinator::new(cfg.clone());
+        let id = coord.begin_transaction().unwrap();
+        coord.register_participant(id, ok.clone()).unwrap();
+        coord.register_participant(id, ledger.clone()).unwrap();
+        coord.prepare_transaction(id).await.unwrap();
+        let e = coord.commit_transaction(id).await.unwrap_err();
+        assert!(matches!(e, TxnError::CommitStuck { .. }), "{e}");
+        id
+    });
+    // Like kill -9: every task of that process is gone, retries included.
+    drop(crashed);
+    assert!(ok.count("commit") >= 1);
+
+    // Second process: given the participants by id, it carries the decision out.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // Without the ledger it cannot resume, and says which participant is missing.
+        let e = TransactionCoordinator::open(cfg.clone(), vec![Probe::named("orders")])
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(
+            e,
+            TxnError::MissingParticipant {
+                txn: id,
+                participant: "ledger".into()
+            }
+        );
+        let ledger2 = Probe::named("ledger");
+        let orders2 = Probe::named("orders");
+        let (coord, resumed) =
+            TransactionCoordinator::open(cfg.clone(), vec![orders2.clone(), ledger2.clone()])
+                .await
+                .unwrap();
+        assert_eq!(resumed, vec![id]);
+        for _ in 0..300 {
+            if coord.get_transaction_state(id) == Some(TxnState::Committed) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(coord.get_transaction_state(id), Some(TxnState::Committed));
+        assert_eq!(ledger2.count("commit"), 1, "the decision, carried out");
+        assert_eq!(ledger2.count("rollback") + orders2.count("rollback"), 0);
+    });
+    drop(rt);
+    // Finished: a third process has nothing to resume.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let resumed = rt.block_on(async {
+        TransactionCoordinator::open(cfg.clone(), Vec::new())
+            .await
+            .unwrap()
+            .1
+    });
+    assert!(resumed.is_empty(), "{resumed:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
