@@ -94,6 +94,13 @@ pub struct TxnEvent {
 pub struct Events {
     rx: broadcast::Receiver<TxnEvent>,
     missed: u64,
+    subscribers: Arc<AtomicUsize>,
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        self.subscribers.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Events {
@@ -167,6 +174,8 @@ struct Inner {
     hasher: RandomState,
     unfinished: AtomicUsize,
     events: broadcast::Sender<TxnEvent>,
+    /// Live [`Events`]: with none, a state change sends nothing (the channel has a lock).
+    subscribers: Arc<AtomicUsize>,
     epoch: std::time::Instant,
     reaper: AtomicBool,
     /// The durable log, with `Log::File`.
@@ -210,6 +219,7 @@ impl TransactionCoordinator {
                 hasher: RandomState::new(),
                 unfinished: AtomicUsize::new(0),
                 events,
+                subscribers: Arc::new(AtomicUsize::new(0)),
                 epoch: std::time::Instant::now(),
                 reaper: AtomicBool::new(false),
                 log,
@@ -528,9 +538,11 @@ impl TransactionCoordinator {
 
     /// Follows every transaction's state changes from now on.
     pub fn subscribe(&self) -> Events {
+        self.inner.subscribers.fetch_add(1, Ordering::AcqRel);
         Events {
             rx: self.inner.events.subscribe(),
             missed: 0,
+            subscribers: self.inner.subscribers.clone(),
         }
     }
 
@@ -689,8 +701,10 @@ impl Inner {
     }
 
     fn changed(&self, txn: TxnId, state: TxnState, reason: Option<String>) {
-        tracing::info!(%txn, ?state, reason = reason.as_deref().unwrap_or(""), "transaction state");
-        let _ = self.events.send(TxnEvent { txn, state, reason });
+        tracing::debug!(%txn, ?state, reason = reason.as_deref().unwrap_or(""), "transaction state");
+        if self.subscribers.load(Ordering::Acquire) > 0 {
+            let _ = self.events.send(TxnEvent { txn, state, reason });
+        }
     }
 
     async fn rollback_locked(
