@@ -995,8 +995,23 @@ impl Inner {
                 let now = self.now_ms();
                 Instant::now() + Duration::from_millis(at.saturating_sub(now))
             });
-            tokio::select! {
-                Some((step, kind, result)) = calls.next(), if !calls.is_empty() => {
+            // A call that is already answered (in process, most are) is taken without
+            // arming any timer: the timer wheel is shared by every transaction.
+            let ready = if calls.is_empty() {
+                None
+            } else {
+                futures::FutureExt::now_or_never(calls.next()).flatten()
+            };
+            let answered = match ready {
+                Some(done) => Some(done),
+                None => tokio::select! {
+                    Some(done) = calls.next(), if !calls.is_empty() => Some(done),
+                    _ = sleep_until(wake), if wake.is_some() => None,
+                    _ = sleep_until(patience), if patience.is_some() => return state,
+                },
+            };
+            match answered {
+                Some((step, kind, result)) => {
                     in_flight.remove(&(step, kind));
                     match result {
                         Ok(reply) => {
@@ -1006,13 +1021,12 @@ impl Inner {
                         Err(e) => work.last_error = Some(e),
                     }
                 }
-                _ = sleep_until(wake), if wake.is_some() => {
+                None => {
                     if let Some((timer, _)) = next {
                         work.timers.remove(&timer);
                         let _ = engine.handle(self.now_ms(), Event::Timer(timer), &mut out);
                     }
                 }
-                _ = sleep_until(patience), if patience.is_some() => return state,
             }
         }
     }
