@@ -73,7 +73,7 @@ impl Default for Config {
             retry_base: Duration::from_millis(50),
             retry_cap: Duration::from_secs(2),
             commit_patience: Duration::from_secs(5),
-            keep_finished: Duration::from_secs(60),
+            keep_finished: Duration::from_secs(10),
             log: Log::Memory,
         }
     }
@@ -157,6 +157,8 @@ struct Work {
     /// When each armed engine timer fires, in engine milliseconds.
     timers: BTreeMap<Timer, u64>,
     last_error: Option<String>,
+    /// Why it ended, kept when the engine is let go.
+    ended_because: Option<Reason>,
 }
 
 struct Txn {
@@ -426,7 +428,10 @@ impl TransactionCoordinator {
             return Ok(());
         }
         // Refused or timed out: the rollback is decided; see it through (within patience).
-        let reason = work.engine.as_ref().and_then(|e| e.snapshot(0).reason);
+        let reason = match &work.engine {
+            Some(e) => e.snapshot(0).reason,
+            None => work.ended_because.clone(),
+        };
         let patience = Instant::now() + self.inner.cfg.commit_patience;
         let state = self
             .inner
@@ -983,6 +988,15 @@ impl Inner {
             let state = state_of(engine.state());
             // Not every change is a record (the wait in Prepared is not).
             self.set(t, state, None);
+            if state.is_final() {
+                work.ended_because = engine.snapshot(0).reason;
+                // Only the state stays readable (for `keep_finished`): the branches and the
+                // engine go now, so a busy coordinator holds little per finished transaction.
+                work.engine = None;
+                work.branches = Vec::new();
+                work.timers.clear();
+                return state;
+            }
             if stop(state) || (calls.is_empty() && work.timers.is_empty()) {
                 return state;
             }

@@ -16,6 +16,9 @@
 //!   rollback** (that would commit some participants and roll back others): a commit that
 //!   keeps failing returns [`TxnError::CommitStuck`], naming the participants, while the
 //!   coordinator goes on retrying in the background.
+//! - Operations on one transaction take turns: a `rollback_transaction` called while its
+//!   `prepare_transaction` runs waits for the prepare to end (at the latest the prepare
+//!   timeout), then rolls back.
 //! - A transaction neither prepared, committed nor rolled back within
 //!   [`Config::orphan_timeout`] is rolled back by the coordinator, and its state says why.
 //! - Every state change is a `tracing` event with the txn id, and [`TransactionCoordinator::subscribe`]
