@@ -398,7 +398,8 @@ impl TransactionCoordinator {
                 .iter()
                 .map(|e| StepRequest {
                     service: e.label.clone(),
-                    action: "prepare".into(),
+                    // The engine copies the action into every command; nothing reads it.
+                    action: String::new(),
                     payload: serde_json::Value::Null,
                     compensate: None,
                     timeout_ms: None,
@@ -418,6 +419,8 @@ impl TransactionCoordinator {
             &mut out,
         );
         engine.caller_decides();
+        // Memory (or the decision file) is this coordinator's log: records need only the state.
+        engine.lean_records();
         work.engine = Some(engine);
         let state = self
             .inner
@@ -834,7 +837,7 @@ impl Inner {
         };
         let decided = if u.commit { W::Committing } else { W::Aborting };
         let mut out = Vec::new();
-        let engine = TwoPc::recover(
+        let mut engine = TwoPc::recover(
             &record(W::Accepted),
             &record(decided),
             String::new(),
@@ -849,6 +852,7 @@ impl Inner {
                 message: format!("{} cannot be resumed: {e}", u.txn),
             })
         })?;
+        engine.lean_records();
         let branches = u
             .participants
             .iter()
@@ -1057,7 +1061,13 @@ async fn sleep_until(at: Option<Instant>) {
 /// commit or rollback failed (it is sent again).
 fn call(branch: Arc<Branch>, label: String, txn: TxnId, cmd: ParticipantCommand) -> Call {
     Box::pin(async move {
-        let (step, kind) = (cmd.step, cmd.kind);
+        let ParticipantCommand {
+            txn_id,
+            step,
+            kind,
+            attempt,
+            ..
+        } = cmd;
         let answer: Result<(ReplyOutcome, Option<String>), String> = match (&*branch, kind) {
             (Branch::Participant(p), CommandKind::Prepare) => Ok(match p.prepare(txn).await {
                 PreparedResult::Ready => (ReplyOutcome::Ready, None),
@@ -1083,19 +1093,20 @@ fn call(branch: Arc<Branch>, label: String, txn: TxnId, cmd: ParticipantCommand)
             }
             (Branch::Resource(r), _) => r.rollback(txn).await.map(|()| (ReplyOutcome::Done, None)),
         };
-        let result = answer
-            .map(|(outcome, reason)| ParticipantReply {
-                txn_id: cmd.txn_id.clone(),
-                service: label.clone(),
+        let result = match answer {
+            Ok((outcome, reason)) => Ok(ParticipantReply {
+                txn_id,
+                service: label,
                 step,
                 kind,
                 outcome,
                 reason,
-                attempt: cmd.attempt,
+                attempt,
                 retryable: None,
                 token: None,
-            })
-            .map_err(|e| format!("{label}: {e}"));
+            }),
+            Err(e) => Err(format!("{label}: {e}")),
+        };
         (step, kind, result)
     })
 }

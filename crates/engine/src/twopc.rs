@@ -241,6 +241,8 @@ pub struct TwoPc {
     rows: u32,
     /// When every vote is ready, wait in `Prepared` for [`TwoPc::caller_decision`].
     caller_decides: bool,
+    /// Records carry only what changes the state (see [`TwoPc::lean_records`]).
+    lean: bool,
 }
 
 impl TwoPc {
@@ -287,6 +289,7 @@ impl TwoPc {
             compact: false,
             rows: 1 << Row::Start as u32,
             caller_decides: false,
+            lean: false,
         };
         out.push(Command::Persist {
             msg_id: format!("{}.accepted", txn.txn_id),
@@ -361,6 +364,7 @@ impl TwoPc {
                 || matches!(last.reason, Some(Reason::LogRefused { .. })),
             rows: 0,
             caller_decides: false,
+            lean: false,
         };
         match last.state {
             TxnState::Accepted | TxnState::Preparing => {
@@ -425,6 +429,36 @@ impl TwoPc {
     /// (the embedded coordinator's prepare/commit split). Call it right after `start`.
     pub fn caller_decides(&mut self) {
         self.caller_decides = true;
+    }
+
+    /// From now on the records the engine asks to persist carry only the state, the reason
+    /// and the stuck flag (no steps, no metadata), for a runtime whose log keeps nothing
+    /// else: the embedded coordinator, which reads the state of each and takes anything
+    /// more from [`TwoPc::snapshot`] when it needs it. Recovery needs full records, so the
+    /// server never sets this.
+    pub fn lean_records(&mut self) {
+        self.lean = true;
+    }
+
+    /// What a `Persist` or `Announce` carries: the full event, or a lean one.
+    fn record(&self, state: TxnState, now: u64) -> TransactionEvent {
+        if !self.lean {
+            return self.event(state, now, false);
+        }
+        TransactionEvent {
+            txn_id: self.txn_id.clone(),
+            state,
+            mode: Mode::TwoPc,
+            steps: Vec::new(),
+            timestamp_ms: now,
+            reason: self.reason.clone(),
+            stuck: self.stuck,
+            timeout_ms: None,
+            metadata: None,
+            submit_seq: None,
+            current_step: None,
+            cause: None,
+        }
     }
 
     /// The caller's decision: `commit` from `Prepared`, or roll back (with `reason`) any time
@@ -665,7 +699,7 @@ impl TwoPc {
                 self.stuck = true;
                 out.push(Command::Announce {
                     msg_id: format!("{}.stuck", self.txn_id),
-                    event: self.snapshot(now),
+                    event: self.record(self.phase.state(), now),
                 });
             }
             // A timer armed for a phase that is over: stale, nothing to do.
@@ -695,7 +729,7 @@ impl TwoPc {
         }
         out.push(Command::Persist {
             msg_id: format!("{}.decided", self.txn_id),
-            event: self.snapshot(now),
+            event: self.record(self.phase.state(), now),
         });
         for i in targets {
             out.push(Command::Send(self.command(i, self.phase2_kind())));
@@ -721,7 +755,7 @@ impl TwoPc {
         let round = self.max_attempt(|b| b.decision_attempt);
         out.push(Command::Persist {
             msg_id: format!("{}.{}.r{round}", self.txn_id, self.phase2_kind().as_str()),
-            event: self.snapshot(now),
+            event: self.record(self.phase.state(), now),
         });
         for i in targets {
             out.push(Command::Send(self.command(i, self.phase2_kind())));
@@ -745,7 +779,7 @@ impl TwoPc {
         });
         out.push(Command::Persist {
             msg_id: format!("{}.final", self.txn_id),
-            event: self.snapshot(now),
+            event: self.record(self.phase.state(), now),
         });
         for timer in [
             Timer::PrepareTimeout,
@@ -786,7 +820,7 @@ impl TwoPc {
         let round = self.max_attempt(|b| b.prepare_attempt);
         out.push(Command::Persist {
             msg_id: format!("{}.prepare.r{round}", self.txn_id),
-            event: self.event(TxnState::Preparing, now, false),
+            event: self.record(TxnState::Preparing, now),
         });
         for i in silent {
             out.push(Command::Send(self.command(i, CommandKind::Prepare)));

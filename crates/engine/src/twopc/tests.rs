@@ -679,3 +679,17 @@ fn the_caller_may_roll_back_while_preparing_but_not_commit() {
     );
     assert_eq!(txn.snapshot(7).reason, Some(rolled_back()));
 }
+
+#[test]
+fn lean_records_carry_the_state_and_the_snapshot_stays_whole() {
+    let (mut txn, _) = start(&["a", "b"]);
+    txn.lean_records();
+    let mut out = Vec::new();
+    txn.handle(10, vote(0, "a", ReplyOutcome::Abort), &mut out)
+        .unwrap();
+    let decision = record(&out, TxnState::Aborting);
+    assert!(decision.steps.is_empty() && decision.metadata.is_none());
+    assert!(matches!(decision.reason, Some(Reason::VoteAbort { .. })));
+    // Status and anything else that needs the steps reads the snapshot.
+    assert_eq!(txn.snapshot(11).steps.len(), 2);
+}
