@@ -170,9 +170,20 @@ struct Txn {
 
 const SHARDS: usize = 64;
 
+/// One shard of the transaction map. Unfinished and finished transactions are kept apart,
+/// so the reaper looks at the few unfinished ones for orphans and expires finished ones
+/// from the front of a queue, instead of walking every transaction it still remembers.
+#[derive(Default)]
+struct Shard {
+    live: HashMap<TxnId, Arc<Txn>>,
+    done: HashMap<TxnId, Arc<Txn>>,
+    /// When each finished transaction is forgotten, oldest first.
+    expiry: std::collections::VecDeque<(Instant, TxnId)>,
+}
+
 struct Inner {
     cfg: Config,
-    shards: Vec<Mutex<HashMap<TxnId, Arc<Txn>>>>,
+    shards: Vec<Mutex<Shard>>,
     hasher: RandomState,
     unfinished: AtomicUsize,
     events: broadcast::Sender<TxnEvent>,
@@ -217,7 +228,7 @@ impl TransactionCoordinator {
         let coord = TransactionCoordinator {
             inner: Arc::new(Inner {
                 cfg,
-                shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+                shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
                 hasher: RandomState::new(),
                 unfinished: AtomicUsize::new(0),
                 events,
@@ -298,7 +309,7 @@ impl TransactionCoordinator {
             work: tokio::sync::Mutex::new(Work::default()),
             counted: AtomicBool::new(true),
         });
-        lock(self.inner.shard(&id)).insert(id, txn);
+        lock(self.inner.shard(&id)).live.insert(id, txn);
         self.inner.changed(id, TxnState::Active, None);
         Ok(id)
     }
@@ -600,13 +611,13 @@ async fn reap(inner: Weak<Inner>, every: Duration) {
         let now = Instant::now();
         let mut orphans = Vec::new();
         for shard in &inner.shards {
-            let mut map = lock(shard);
-            map.retain(|_, t| {
-                let s = lock(&t.status);
-                s.finished
-                    .is_none_or(|f| now.duration_since(f) <= inner.cfg.keep_finished)
-            });
-            for t in map.values() {
+            let mut sh = lock(shard);
+            while sh.expiry.front().is_some_and(|(at, _)| *at <= now) {
+                if let Some((_, id)) = sh.expiry.pop_front() {
+                    sh.done.remove(&id);
+                }
+            }
+            for t in sh.live.values() {
                 let s = lock(&t.status);
                 if matches!(s.state, TxnState::Active | TxnState::Prepared)
                     && now.duration_since(s.touched) > inner.cfg.orphan_timeout
@@ -637,13 +648,15 @@ async fn reap(inner: Weak<Inner>, every: Duration) {
 type Call = BoxFuture<'static, (usize, CommandKind, Result<ParticipantReply, String>)>;
 
 impl Inner {
-    fn shard(&self, id: &TxnId) -> &Mutex<HashMap<TxnId, Arc<Txn>>> {
+    fn shard(&self, id: &TxnId) -> &Mutex<Shard> {
         &self.shards[(self.hasher.hash_one(id) as usize) % SHARDS]
     }
 
     fn get(&self, id: TxnId) -> Result<Arc<Txn>, TxnError> {
-        lock(self.shard(&id))
+        let sh = lock(self.shard(&id));
+        sh.live
             .get(&id)
+            .or_else(|| sh.done.get(&id))
             .cloned()
             .ok_or(TxnError::UnknownTransaction(id))
     }
@@ -704,6 +717,12 @@ impl Inner {
         }
         if state.is_final() && t.counted.swap(false, Ordering::AcqRel) {
             self.unfinished.fetch_sub(1, Ordering::AcqRel);
+            let mut sh = lock(self.shard(&t.id));
+            if let Some(done) = sh.live.remove(&t.id) {
+                sh.done.insert(t.id, done);
+                sh.expiry
+                    .push_back((Instant::now() + self.cfg.keep_finished, t.id));
+            }
         }
         self.changed(t.id, state, why);
     }
@@ -886,7 +905,7 @@ impl Inner {
             counted: AtomicBool::new(true),
         });
         self.unfinished.fetch_add(1, Ordering::AcqRel);
-        lock(self.shard(&u.txn)).insert(u.txn, t.clone());
+        lock(self.shard(&u.txn)).live.insert(u.txn, t.clone());
         tracing::info!(txn = %u.txn, commit = u.commit, "resuming a decided transaction from the log");
         self.changed(u.txn, state, Some("resumed from the log".into()));
         self.finish_with(t, out);

@@ -568,3 +568,27 @@ fn a_decision_in_the_file_log_survives_a_crash_and_is_carried_out_on_reopen() {
     assert!(resumed.is_empty(), "{resumed:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test]
+async fn a_finished_transaction_is_forgotten_after_keep_finished() {
+    let coord = TransactionCoordinator::new(Config {
+        keep_finished: Duration::from_millis(50),
+        ..fast()
+    });
+    let id = coord.begin_transaction().unwrap();
+    coord.register_participant(id, Probe::ready()).unwrap();
+    coord.prepare_transaction(id).await.unwrap();
+    coord.commit_transaction(id).await.unwrap();
+    assert_eq!(coord.get_transaction_state(id), Some(TxnState::Committed));
+    for _ in 0..100 {
+        if coord.get_transaction_state(id).is_none() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(coord.get_transaction_state(id), None);
+    assert_eq!(
+        coord.commit_transaction(id).await,
+        Err(TxnError::UnknownTransaction(id))
+    );
+}
