@@ -189,7 +189,8 @@ struct Inner {
     events: broadcast::Sender<TxnEvent>,
     /// Live [`Events`]: with none, a state change sends nothing (the channel has a lock).
     subscribers: Arc<AtomicUsize>,
-    epoch: std::time::Instant,
+    /// The engine's clock starts here (tokio's clock, so a test can pause and advance it).
+    epoch: Instant,
     reaper: AtomicBool,
     /// The durable log, with `Log::File`.
     log: Option<Mutex<crate::log::DecisionLog>>,
@@ -233,7 +234,7 @@ impl TransactionCoordinator {
                 unfinished: AtomicUsize::new(0),
                 events,
                 subscribers: Arc::new(AtomicUsize::new(0)),
-                epoch: std::time::Instant::now(),
+                epoch: Instant::now(),
                 reaper: AtomicBool::new(false),
                 log,
                 log_error,

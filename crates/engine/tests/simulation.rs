@@ -585,6 +585,7 @@ impl Sim {
         }
         // The caller decides once every vote is in (or rolls back before, now and then).
         let deciding: Vec<usize> = (0..self.drivers.len())
+            .filter(|_| self.caller.is_some())
             .filter(|&i| match self.drivers[i].engine.state() {
                 TxnState::Prepared => true,
                 TxnState::Preparing => self.chaos && self.rng.chance(2),
