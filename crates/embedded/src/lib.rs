@@ -230,9 +230,12 @@ pub enum TxnError {
         /// The participant's id.
         participant: String,
     },
-    /// The coordinator rolled the transaction back: it was orphaned (begun and left alone
-    /// longer than [`Config::orphan_timeout`]).
-    #[error("transaction {txn} was rolled back as an orphan: nothing happened to it for {after:?}")]
+    /// The coordinator rolled the transaction back: it was orphaned (neither prepared nor
+    /// ended within [`Config::orphan_timeout`] of its begin, or left prepared and undecided
+    /// that long).
+    #[error(
+        "transaction {txn} was rolled back as an orphan: not prepared, committed or rolled back within {after:?}"
+    )]
     Orphaned {
         /// The transaction.
         txn: TxnId,
