@@ -11,6 +11,7 @@ use txcoord::proto::{
 
 fn request(mode: Mode, n: usize) -> TransactionRequest {
     TransactionRequest {
+        lock_ts: None,
         txn_id: Some("bench".into()),
         mode,
         steps: (0..n)
@@ -29,6 +30,7 @@ fn request(mode: Mode, n: usize) -> TransactionRequest {
 
 fn reply(step: usize, kind: CommandKind, outcome: ReplyOutcome) -> Event {
     Event::Reply(ParticipantReply {
+        conflict: None,
         txn_id: "bench".into(),
         service: format!("s{step}"),
         step,

@@ -418,6 +418,7 @@ impl Config {
     /// The engine's settings.
     pub fn engine(&self) -> EngineConfig {
         EngineConfig {
+            deadlock: txcoord_proto::DeadlockPolicy::Detect,
             default_timeout_ms: self.prepare_timeout_ms,
             retry_base_ms: self.retry_base_ms,
             retry_cap_ms: self.retry_cap_ms,

@@ -528,6 +528,7 @@ fn report(
                 format!("{service}: compensation failing")
             }
             Some(Reason::Timeout { services, .. }) => format!("timeout ({})", services.join(", ")),
+            Some(Reason::Deadlock { how, .. }) => format!("deadlock ({how})"),
             Some(Reason::InvalidRequest { .. }) => "invalid request".into(),
             Some(Reason::LogRefused { .. }) => "log refused a record".into(),
             Some(Reason::RolledBack { .. }) => "rolled back".into(),

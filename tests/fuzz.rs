@@ -158,6 +158,7 @@ proptest! {
         let key = ReplyKey::random();
         let s = Subjects::new("txn");
         let reply = ParticipantReply {
+            conflict: None,
             txn_id: txn.clone(),
             service: service.clone(),
             step,

@@ -93,6 +93,8 @@ impl Harness {
     /// Sends one command and returns the participant's reply to it.
     async fn send(&mut self, txn: &str, kind: CommandKind, attempt: u32) -> ParticipantReply {
         let cmd = ParticipantCommand {
+            deadlock: None,
+            lock_ts: None,
             txn_id: txn.into(),
             service: "svc".into(),
             step: 0,

@@ -657,6 +657,7 @@ pub(crate) async fn reject(
     let now = now_ms();
     if let Some(id) = &txn_id {
         let event = TransactionEvent {
+            lock_ts: None,
             txn_id: id.clone(),
             state: TxnState::Rejected,
             mode: Mode::TwoPc,

@@ -164,6 +164,7 @@ mod tests {
 
     fn reply(token: Option<String>) -> ParticipantReply {
         ParticipantReply {
+            conflict: None,
             txn_id: "t1".into(),
             service: "pay".into(),
             step: 1,
@@ -253,6 +254,8 @@ mod tests {
         let key = ReplyKey::random();
         let s = Subjects::new("txn");
         let mut cmd = ParticipantCommand {
+            deadlock: None,
+            lock_ts: None,
             txn_id: "t1".into(),
             service: "pay".into(),
             step: 1,

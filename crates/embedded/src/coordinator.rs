@@ -422,6 +422,7 @@ impl TransactionCoordinator {
             return Ok(());
         }
         let request = TransactionRequest {
+            lock_ts: None,
             txn_id: Some(txn.to_string()),
             mode: Mode::TwoPc,
             steps: work
@@ -692,6 +693,7 @@ impl Inner {
     fn engine_config(&self) -> EngineConfig {
         let ms = |d: Duration| d.as_millis().min(u64::MAX as u128) as u64;
         EngineConfig {
+            deadlock: txcoord_proto::DeadlockPolicy::Detect,
             default_timeout_ms: ms(self.cfg.prepare_timeout).max(1),
             retry_base_ms: ms(self.cfg.retry_base).max(1),
             retry_cap_ms: ms(self.cfg.retry_cap).max(1),
@@ -862,6 +864,7 @@ impl Inner {
             })
             .collect();
         let record = |state| TransactionEvent {
+            lock_ts: None,
             txn_id: u.txn.to_string(),
             state,
             mode: Mode::TwoPc,
@@ -1158,6 +1161,7 @@ fn call(branch: Arc<Branch>, txn: TxnId, cmd: ParticipantCommand) -> Call {
         };
         let result = match answer {
             Ok((outcome, reason)) => Ok(ParticipantReply {
+                conflict: None,
                 txn_id,
                 service,
                 step,

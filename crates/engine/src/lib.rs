@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod deadlock;
 pub mod saga;
 pub mod twopc;
 
@@ -150,6 +151,21 @@ impl Machine {
         match self {
             Machine::TwoPc(m) => m.log_refused(now, msg_id, message, out),
             Machine::Saga(m) => m.log_refused(now, msg_id, message, out),
+        }
+    }
+
+    /// The deadlock detector chose this transaction as a victim (see
+    /// [`twopc::TwoPc::deadlock_victim`]). Sagas hold no locks between steps and are never
+    /// victims.
+    pub fn deadlock_victim(
+        &mut self,
+        now: u64,
+        reason: txcoord_proto::Reason,
+        out: &mut Vec<Command>,
+    ) -> Result<(), twopc::EngineError> {
+        match self {
+            Machine::TwoPc(m) => m.deadlock_victim(now, reason, out),
+            Machine::Saga(m) => Err(twopc::EngineError::NotAVictim { state: m.state() }),
         }
     }
 }
@@ -297,6 +313,8 @@ pub struct EngineConfig {
     /// Saga: failed tries of a compensation before the saga is `failed` (it is still retried,
     /// at the longest backoff).
     pub compensation_attempts: u32,
+    /// How distributed deadlocks are dealt with (carried in every prepare).
+    pub deadlock: txcoord_proto::DeadlockPolicy,
 }
 
 impl Default for EngineConfig {
@@ -308,6 +326,7 @@ impl Default for EngineConfig {
             stuck_after_ms: 60_000,
             execute_attempts: 3,
             compensation_attempts: 5,
+            deadlock: txcoord_proto::DeadlockPolicy::Detect,
         }
     }
 }

@@ -663,6 +663,8 @@ impl Saga {
             } else {
                 None
             },
+            lock_ts: None,
+            deadlock: None,
             token: None,
         }
     }
@@ -732,6 +734,7 @@ impl Saga {
                 .collect(),
             timestamp_ms: now,
             reason: self.failing.clone().or_else(|| self.cause.clone()),
+            lock_ts: None,
             stuck: false,
             timeout_ms: Some(self.timeout_ms),
             metadata: self.metadata.clone(),

@@ -33,8 +33,8 @@ use serde_json::Value;
 
 use super::{Command, EngineConfig, Refusal, Timer, backoff_ms};
 use txcoord_proto::{
-    CommandKind, Mode, ParticipantCommand, ParticipantReply, Reason, ReplyOutcome, StepStatus,
-    TransactionEvent, TransactionRequest, TxnState, Vote,
+    CommandKind, DeadlockPolicy, LockConflict, Mode, ParticipantCommand, ParticipantReply, Reason,
+    ReplyOutcome, StepStatus, TransactionEvent, TransactionRequest, TxnState, Vote,
 };
 
 /// The rows of the transition table above, as the engine records them when they fire (see
@@ -75,11 +75,13 @@ pub enum Row {
     AwaitDecision,
     /// The caller's decision: commit (from Prepared) or roll back (any time before commit).
     CallerDecision,
+    /// Preparing, chosen as a deadlock victim: abort decided (reason `deadlock`).
+    DeadlockVictim,
 }
 
 impl Row {
     /// Every row.
-    pub const ALL: [Row; 17] = [
+    pub const ALL: [Row; 18] = [
         Row::Start,
         Row::VoteAbort,
         Row::AllVoted,
@@ -97,6 +99,7 @@ impl Row {
         Row::LogRefusedGiveUp,
         Row::AwaitDecision,
         Row::CallerDecision,
+        Row::DeadlockVictim,
     ];
 }
 
@@ -186,6 +189,12 @@ pub enum EngineError {
         /// The new vote.
         second: Vote,
     },
+    /// A deadlock victim must be undecided (collecting votes); this one is past that.
+    #[error("a transaction that is {state:?} cannot be a deadlock victim")]
+    NotAVictim {
+        /// The transaction's state.
+        state: TxnState,
+    },
 }
 
 /// Why a log could not be turned back into a running transaction.
@@ -243,6 +252,8 @@ pub struct TwoPc {
     caller_decides: bool,
     /// Records carry only what changes the state (see [`TwoPc::lean_records`]).
     lean: bool,
+    /// The transaction's age for deadlock prevention (Unix ms), in every command.
+    lock_ts: u64,
 }
 
 impl TwoPc {
@@ -290,6 +301,7 @@ impl TwoPc {
             rows: 1 << Row::Start as u32,
             caller_decides: false,
             lean: false,
+            lock_ts: request.lock_ts.unwrap_or(now),
         };
         out.push(Command::Persist {
             msg_id: format!("{}.accepted", txn.txn_id),
@@ -365,6 +377,7 @@ impl TwoPc {
             rows: 0,
             caller_decides: false,
             lean: false,
+            lock_ts: accepted.lock_ts.unwrap_or(accepted.timestamp_ms),
         };
         match last.state {
             TxnState::Accepted | TxnState::Preparing => {
@@ -458,6 +471,7 @@ impl TwoPc {
             submit_seq: None,
             current_step: None,
             cause: None,
+            lock_ts: None,
         }
     }
 
@@ -607,7 +621,7 @@ impl TwoPc {
         };
         match (self.phase, reply.kind, vote) {
             (Phase::Preparing, CommandKind::Prepare, Some(vote)) => {
-                self.on_vote(now, reply.step, vote, reply.reason, out)
+                self.on_vote(now, reply.step, vote, reply.reason, reply.conflict, out)
             }
             (Phase::Committing, CommandKind::Commit, None)
             | (Phase::Aborting, CommandKind::Abort, None) => {
@@ -633,6 +647,7 @@ impl TwoPc {
         step: usize,
         vote: Vote,
         reason: Option<String>,
+        conflict: Option<LockConflict>,
         out: &mut Vec<Command>,
     ) -> Result<(), EngineError> {
         let branch = &mut self.branches[step];
@@ -650,10 +665,23 @@ impl TwoPc {
         if vote == Vote::Abort {
             let service = branch.service.clone();
             self.hit(Row::VoteAbort);
-            let reason = Reason::VoteAbort {
-                service,
-                step,
-                message: reason.unwrap_or_else(|| "no reason given".into()),
+            let message = reason.unwrap_or_else(|| "no reason given".into());
+            let reason = match conflict {
+                // The participant's lock table refused a wait that could close a cycle.
+                Some(c) if c.policy != DeadlockPolicy::Detect => Reason::Deadlock {
+                    how: "prevented".into(),
+                    txns: std::iter::once(self.txn_id.clone())
+                        .chain(c.holders)
+                        .collect(),
+                    services: vec![service],
+                    resources: vec![c.resource],
+                    message,
+                },
+                _ => Reason::VoteAbort {
+                    service,
+                    step,
+                    message,
+                },
             };
             self.decide(Phase::Aborting, Some(reason), now, out);
         } else if self.branches.iter().all(|b| b.vote.is_some()) {
@@ -705,6 +733,30 @@ impl TwoPc {
             // A timer armed for a phase that is over: stale, nothing to do.
             _ => {}
         }
+    }
+
+    /// The deadlock detector chose this transaction as the victim of a cycle: abort it, as a
+    /// timeout would, with `reason` (a `deadlock` reason naming the cycle). Only while votes
+    /// are being collected: once anything is decided it is never a victim.
+    pub fn deadlock_victim(
+        &mut self,
+        now: u64,
+        reason: Reason,
+        out: &mut Vec<Command>,
+    ) -> Result<(), EngineError> {
+        if self.phase != Phase::Preparing {
+            return Err(EngineError::NotAVictim {
+                state: self.phase.state(),
+            });
+        }
+        self.hit(Row::DeadlockVictim);
+        self.decide(Phase::Aborting, Some(reason), now, out);
+        Ok(())
+    }
+
+    /// The transaction's age for deadlock prevention (Unix ms).
+    pub fn lock_ts(&self) -> u64 {
+        self.lock_ts
     }
 
     /// Records the decision durably, then tells the participants that need to hear it.
@@ -897,6 +949,8 @@ impl TwoPc {
             deadline_ms,
             compensate_action: None,
             token: None,
+            lock_ts: Some(self.lock_ts),
+            deadlock: (kind == CommandKind::Prepare).then_some(self.cfg.deadlock),
         }
     }
 
@@ -931,6 +985,7 @@ impl TwoPc {
             submit_seq: self.submit_seq,
             current_step: None,
             cause: None,
+            lock_ts: with_payload.then_some(self.lock_ts),
         };
         if self.compact {
             super::compact(&mut event);

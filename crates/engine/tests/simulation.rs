@@ -34,6 +34,7 @@ use txcoord_proto::{
 use txcoord_testkit::rng::XorShift;
 
 const CFG: EngineConfig = EngineConfig {
+    deadlock: txcoord_proto::DeadlockPolicy::Detect,
     default_timeout_ms: 1_000,
     retry_base_ms: 100,
     retry_cap_ms: 1_000,
@@ -128,6 +129,9 @@ impl Part {
                                 payload: cmd.payload.clone(),
                                 reason,
                                 updated_ms: now,
+                                conflict: None,
+                                locks: Vec::new(),
+                                lock_ts: None,
                             },
                         };
                         self.rec = Some(rec.clone());
@@ -213,6 +217,7 @@ struct Counts {
     redelivered: usize,
     stale: usize,
     refused: usize,
+    victims: usize,
 }
 
 struct Sim {
@@ -243,6 +248,7 @@ struct Sim {
 
 fn request(mode: Mode, n: usize) -> TransactionRequest {
     TransactionRequest {
+        lock_ts: None,
         txn_id: Some("t1".into()),
         mode,
         steps: (0..n)
@@ -595,6 +601,15 @@ impl Sim {
         if self.caller.is_some() && !deciding.is_empty() {
             choices.push(5);
         }
+        // The deadlock detector picks this transaction as a victim, at any moment (its
+        // report can be late): only an undecided one may abort for it.
+        if self.chaos
+            && self.mode() == Mode::TwoPc
+            && !self.drivers.is_empty()
+            && self.rng.chance(4)
+        {
+            choices.push(6);
+        }
         if choices.is_empty() {
             return false;
         }
@@ -652,6 +667,37 @@ impl Sim {
                     };
                     t.caller_decision(self.now, commit, reason, &mut out)
                         .unwrap_or_else(|e| panic!("caller decision refused: {e}"));
+                }
+                let id = self.drivers[i].id;
+                self.run(id, out);
+            }
+            6 => {
+                let i = self.rng.index(self.drivers.len());
+                let before = self.drivers[i].engine.state();
+                let reason = txcoord_proto::Reason::Deadlock {
+                    how: "detected".into(),
+                    txns: vec!["t".into(), "other".into()],
+                    services: vec!["s0".into(), "s1".into()],
+                    resources: vec!["r0".into(), "r1".into()],
+                    message: "simulated cycle".into(),
+                };
+                let mut out = Vec::new();
+                match self.drivers[i]
+                    .engine
+                    .deadlock_victim(self.now, reason, &mut out)
+                {
+                    Ok(()) => {
+                        assert_eq!(before, TxnState::Preparing, "a victim must be undecided");
+                        self.counts.victims += 1;
+                    }
+                    Err(_) => {
+                        assert_ne!(
+                            before,
+                            TxnState::Preparing,
+                            "an undecided one can be a victim"
+                        );
+                        assert!(out.is_empty(), "a refused victim changes nothing");
+                    }
                 }
                 let id = self.drivers[i].id;
                 self.run(id, out);
@@ -904,6 +950,7 @@ fn the_fixed_seeds_reach_every_row_of_both_tables_and_every_fault() {
             total.redelivered += sim.counts.redelivered;
             total.stale += sim.counts.stale;
             total.refused += sim.counts.refused;
+            total.victims += sim.counts.victims;
             *outcomes
                 .entry(format!("{:?}", sim.last_state()))
                 .or_default() += 1;
@@ -922,7 +969,8 @@ fn the_fixed_seeds_reach_every_row_of_both_tables_and_every_fault() {
                 && total.fenced > 50
                 && total.redelivered > 20
                 && total.stale > 20
-                && total.refused > 20,
+                && total.refused > 20
+                && (mode == Mode::Saga || total.victims > 20),
             "{mode:?}: {total:?}"
         );
         assert!(

@@ -32,7 +32,9 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use txcoord_proto::{CommandKind, ParticipantCommand, ParticipantReply, ReplyOutcome};
+use txcoord_proto::{
+    CommandKind, LockConflict, LockMode, ParticipantCommand, ParticipantReply, ReplyOutcome,
+};
 
 use crate::{ServiceError, StepResult, Vote};
 
@@ -79,6 +81,26 @@ pub struct BranchRecord {
     pub reason: Option<String>,
     /// Last change, Unix milliseconds.
     pub updated_ms: u64,
+    /// The lock conflict an abort vote came from, if it came from one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conflict: Option<LockConflict>,
+    /// What a prepared branch holds in the service's lock table (kept so that a restarted
+    /// service still holds it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub locks: Vec<HeldLock>,
+    /// The transaction's `lock_ts`, for the lock table's wait-die rule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_ts: Option<u64>,
+}
+
+/// One lock a branch holds: a named resource and how.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct HeldLock {
+    /// The resource's name (any string the service chooses: `account:alice`).
+    pub resource: String,
+    /// Shared or exclusive.
+    #[serde(default)]
+    pub mode: LockMode,
 }
 
 /// What a branch answers a command.
@@ -90,6 +112,8 @@ pub struct Answer {
     pub reason: Option<String>,
     /// Whether a failure may succeed when tried again (sagas).
     pub retryable: Option<bool>,
+    /// The lock conflict an abort vote came from.
+    pub conflict: Option<LockConflict>,
 }
 
 impl Answer {
@@ -99,6 +123,7 @@ impl Answer {
             outcome,
             reason: None,
             retryable: None,
+            conflict: None,
         }
     }
 
@@ -108,6 +133,7 @@ impl Answer {
             outcome,
             reason: Some(reason.into()),
             retryable: None,
+            conflict: None,
         }
     }
 
@@ -117,6 +143,7 @@ impl Answer {
             outcome: ReplyOutcome::Failed,
             reason: Some(reason.into()),
             retryable: Some(retryable),
+            conflict: None,
         }
     }
 
@@ -133,6 +160,7 @@ impl Answer {
             attempt: cmd.attempt,
             retryable: self.retryable,
             token: cmd.token.clone(),
+            conflict: self.conflict,
         }
     }
 }
@@ -383,6 +411,7 @@ fn vote_of(rec: &BranchRecord) -> Answer {
         BranchState::ReadOnly => Answer::of(ReplyOutcome::ReadOnly),
         BranchState::VotedAbort => Answer {
             reason: rec.reason.clone(),
+            conflict: rec.conflict.clone(),
             ..Answer::of(ReplyOutcome::Abort)
         },
         BranchState::Aborted => Answer::because(ReplyOutcome::Abort, "transaction already aborted"),

@@ -48,9 +48,11 @@
 pub mod barrier;
 pub mod keyed;
 pub mod kvtable;
+pub mod locks;
 
 use barrier::{Answer, Call, Facts, Plan, Returned, Settled, Write};
-pub use barrier::{BranchRecord, BranchState};
+pub use barrier::{BranchRecord, BranchState, HeldLock};
+pub use txcoord_proto::{DeadlockPolicy, LockMode};
 
 /// Sets up logging the way every txcoord process does: `TXCOORD_LOG` (a tracing filter) or
 /// `info,async_nats=warn`, on standard error, in colour only on a terminal.
@@ -79,8 +81,8 @@ use tracing::Instrument;
 
 use txcoord_nats::{Expect, NatsError, publish_durable};
 use txcoord_proto::{
-    CommandKind, MAX_NAME_LEN, ParticipantCommand, ReplyOutcome, Subjects, TxnState, is_token,
-    now_ms,
+    CommandKind, LockConflict, MAX_NAME_LEN, ParticipantCommand, ReplyOutcome, Subjects, TxnState,
+    is_token, now_ms,
 };
 
 /// What a service's `prepare` decides.
@@ -146,6 +148,15 @@ pub trait Participant: Send + Sync + 'static {
         _payload: &Value,
     ) -> impl Future<Output = Vote> + Send {
         async { Vote::Abort("this service does not take part in two-phase commit".into()) }
+    }
+    /// 2PC: the named resources this branch must hold from its prepare until its commit
+    /// or abort (see [`locks`]). The SDK takes them before it calls `prepare` (waiting its
+    /// turn, and reporting the wait to the coordinator, which breaks deadlocks across
+    /// services), keeps them in the branch's record, and releases them when the branch
+    /// ends. A prepare that cannot get them votes abort without `prepare` being called.
+    /// Default: none.
+    fn locks(&self, _txn: &TxnContext, _action: &str, _payload: &Value) -> Vec<HeldLock> {
+        Vec::new()
     }
     /// 2PC: makes the prepared change permanent.
     fn commit(&self, _txn: &TxnContext) -> impl Future<Output = Result<(), ServiceError>> + Send {
@@ -218,6 +229,10 @@ pub struct Options {
     /// decision in the log means keep waiting: a participant never decides on its own.
     /// `ZERO` turns this off.
     pub in_doubt_after: Duration,
+    /// How long a prepare waits for a resource another transaction holds before it votes
+    /// abort (never past the command's deadline). Under `wait-die` only an older
+    /// transaction waits; under `no-wait` none does.
+    pub lock_wait: Duration,
 }
 
 impl Default for Options {
@@ -231,6 +246,7 @@ impl Default for Options {
             ack_timeout: Duration::from_secs(1),
             finished_record_ttl: None,
             in_doubt_after: Duration::from_secs(10),
+            lock_wait: Duration::from_secs(10),
         }
     }
 }
@@ -305,6 +321,13 @@ struct Ctx<P> {
     violations: AtomicU64,
     /// The test hook set in `TXCOORD_FAILPOINT`, if any.
     failpoint: Option<Failpoint>,
+    /// What this process's prepared branches hold.
+    locks: locks::LockTable,
+    /// The newest prepare attempt and token of each branch that waits for a lock: its
+    /// edges carry them (a restarted coordinator resends with new tokens).
+    waiting_as: std::sync::Mutex<HashMap<String, (u32, Option<String>)>>,
+    /// Wait-for edges on their way to `<prefix>.waits`, in order.
+    edges: tokio::sync::mpsc::UnboundedSender<txcoord_proto::WaitEdge>,
 }
 
 /// The SDK's test hooks, named in `TXCOORD_FAILPOINT` (other values are the coordinator's).
@@ -370,6 +393,8 @@ pub async fn run<P: Participant>(
         return Err(SdkError::InvalidService(service.to_string()));
     }
     let subjects = Subjects::new(options.prefix.clone());
+    let (edges, edge_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(publish_edges(client.clone(), subjects.waits(), edge_rx));
     let js = txcoord_nats::jetstream(client, options.ack_timeout);
     let streams = txcoord_nats::ensure_streams(
         &js,
@@ -432,7 +457,12 @@ pub async fn run<P: Participant>(
         failpoint: std::env::var("TXCOORD_FAILPOINT")
             .ok()
             .and_then(|v| Failpoint::parse(&v)),
+        locks: Default::default(),
+        waiting_as: Default::default(),
+        edges,
     });
+    // Before any command is read: the prepared branches hold their locks again.
+    scan_prepared(&ctx).await;
     if !ctx.options.in_doubt_after.is_zero() {
         tokio::spawn(resolve_in_doubt(ctx.clone()));
     }
@@ -526,10 +556,38 @@ async fn handle<P: Participant>(ctx: &Ctx<P>, msg: &jetstream::Message) {
         let _ = msg.ack_with(jetstream::AckKind::Term).await;
         return;
     }
+    let branch = locks::BranchId {
+        txn_id: cmd.txn_id.clone(),
+        step: cmd.step,
+    };
+    match cmd.kind {
+        // A prepare waiting for a lock ends now: the transaction is over.
+        CommandKind::Abort if ctx.locks.cancel(&branch) => {
+            tracing::info!(txn_id = %cmd.txn_id, step = cmd.step, "abort ends the prepare's lock wait");
+        }
+        // A resend (a restarted coordinator's, with a new token) of a prepare still waiting
+        // for its lock: its edges carry the new token from now on.
+        CommandKind::Prepare => {
+            if let Some(seen) =
+                lock_std(&ctx.waiting_as).get_mut(&branch_key(&cmd.txn_id, cmd.step))
+                && cmd.attempt > seen.0
+            {
+                *seen = (cmd.attempt, cmd.token.clone());
+            }
+        }
+        _ => {}
+    }
     let _turn = ctx.branches.lock(&branch_key(&cmd.txn_id, cmd.step)).await;
     let span = tracing::info_span!("branch", txn_id = %cmd.txn_id, step = cmd.step, kind = cmd.kind.as_str());
     async {
-        match apply(ctx, &cmd).await {
+        let applied = apply(ctx, &cmd).await;
+        // Held only while prepared: a refusal, a read-only vote, an unrecorded prepare
+        // (it is run again) and a branch's end all let go.
+        let prepared = matches!(&applied, Ok(a) if cmd.kind == CommandKind::Prepare && a.outcome == ReplyOutcome::Ready);
+        if !prepared && matches!(cmd.kind, CommandKind::Prepare | CommandKind::Commit | CommandKind::Abort) {
+            ctx.locks.release(&branch);
+        }
+        match applied {
             Ok(outcome) => {
                 match (cmd.kind, outcome.outcome) {
                     (CommandKind::Prepare, ReplyOutcome::Ready) => {
@@ -569,7 +627,6 @@ async fn handle<P: Participant>(ctx: &Ctx<P>, msg: &jetstream::Message) {
 /// After a restart the prepared branches are found by one scan of the service's records.
 async fn resolve_in_doubt<P: Participant>(ctx: Arc<Ctx<P>>) {
     let after = ctx.options.in_doubt_after;
-    scan_prepared(&ctx).await;
     loop {
         tokio::time::sleep((after / 2).max(Duration::from_millis(100))).await;
         let due: Vec<InDoubt> = ctx
@@ -584,7 +641,8 @@ async fn resolve_in_doubt<P: Participant>(ctx: Arc<Ctx<P>>) {
     }
 }
 
-/// Finds the prepared branches stored before this process started.
+/// Finds the prepared branches stored before this process started: they wait for their
+/// decision (in doubt), and hold their locks again.
 async fn scan_prepared<P: Participant>(ctx: &Ctx<P>) {
     let mut keys = match ctx.store.kv.keys().await {
         Ok(k) => k,
@@ -606,6 +664,14 @@ async fn scan_prepared<P: Participant>(ctx: &Ctx<P>) {
             && rec.state == BranchState::Prepared
         {
             found += 1;
+            if !rec.locks.is_empty() {
+                let branch = locks::BranchId {
+                    txn_id: txn_id.clone(),
+                    step,
+                };
+                ctx.locks
+                    .grant(&branch, rec.lock_ts.unwrap_or(rec.updated_ms), &rec.locks);
+            }
             ctx.in_doubt().entry(key).or_insert(InDoubt {
                 txn_id,
                 step,
@@ -664,11 +730,17 @@ async fn resolve_one<P: Participant>(ctx: &Ctx<P>, branch: InDoubt) {
         deadline_ms: 0,
         compensate_action: None,
         token: None,
+        lock_ts: None,
+        deadlock: None,
     };
     let _turn = ctx.branches.lock(&branch_key(&cmd.txn_id, cmd.step)).await;
     match apply(ctx, &cmd).await {
         Ok(_) => {
             ctx.note(&cmd, None);
+            ctx.locks.release(&locks::BranchId {
+                txn_id: cmd.txn_id.clone(),
+                step: cmd.step,
+            });
             tracing::info!(txn_id = %cmd.txn_id, step = cmd.step, kind = kind.as_str(),
             "in-doubt branch resolved from the coordinator's log");
         }
@@ -871,6 +943,9 @@ fn record(
         payload: payload.clone(),
         reason,
         updated_ms: now_ms(),
+        conflict: None,
+        locks: Vec::new(),
+        lock_ts: None,
     }
 }
 
@@ -929,7 +1004,23 @@ async fn apply<P: Participant>(
             txn.action = rec.action.clone();
             txn.payload = rec.payload.clone();
         }
+        let mut conflict = None;
+        let mut held = Vec::new();
         let returned = match call {
+            Some(Call::Prepare) => {
+                let wanted = ctx.participant.locks(&txn, &cmd.action, &cmd.payload);
+                match take_locks(ctx, cmd, &wanted).await {
+                    Ok(()) => {
+                        held = wanted;
+                        perform(ctx, Call::Prepare, &txn, cmd).await
+                    }
+                    Err(c) => {
+                        let why = conflict_text(&c);
+                        conflict = Some(c);
+                        Returned::Voted(Vote::Abort(why))
+                    }
+                }
+            }
             Some(c) => perform(ctx, c, &txn, cmd).await,
             None => Returned::Nothing,
         };
@@ -961,7 +1052,13 @@ async fn apply<P: Participant>(
                 } else {
                     cmd.payload.clone()
                 };
-                let rec = record(state, &cmd.action, &payload, reason);
+                let mut rec = record(state, &cmd.action, &payload, reason);
+                if state == BranchState::Prepared {
+                    rec.locks = held;
+                    rec.lock_ts = cmd.lock_ts;
+                } else if state == BranchState::VotedAbort {
+                    rec.conflict = conflict;
+                }
                 if store(&ctx.store, &key, &rec, None).await? {
                     Some(rec)
                 } else {
@@ -984,6 +1081,97 @@ async fn apply<P: Participant>(
     Err(ApplyError::Store(
         "too many concurrent writers on one branch".into(),
     ))
+}
+
+fn lock_std<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A poisoned lock only means a task panicked mid-update; the map is still sound.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The abort reason of a lock refusal, for the client.
+fn conflict_text(c: &LockConflict) -> String {
+    let whom = c.holders.join(", ");
+    match c.policy {
+        DeadlockPolicy::Detect => {
+            format!("lock wait for {} ran out (held by {whom})", c.resource)
+        }
+        policy => format!(
+            "deadlock prevented ({}): {} is held by {whom}",
+            policy.as_str(),
+            c.resource
+        ),
+    }
+}
+
+/// Takes the locks a prepare needs in the service's lock table, reporting its waits on
+/// `<prefix>.waits` (see [`locks`]).
+async fn take_locks<P: Participant>(
+    ctx: &Ctx<P>,
+    cmd: &ParticipantCommand,
+    wanted: &[HeldLock],
+) -> Result<(), LockConflict> {
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    let key = branch_key(&cmd.txn_id, cmd.step);
+    lock_std(&ctx.waiting_as).insert(key.clone(), (cmd.attempt, cmd.token.clone()));
+    let ts = cmd.lock_ts.unwrap_or_else(now_ms);
+    let left = Duration::from_millis(cmd.deadline_ms.saturating_sub(now_ms()));
+    let wait = if cmd.deadline_ms == 0 {
+        ctx.options.lock_wait
+    } else {
+        ctx.options.lock_wait.min(left)
+    };
+    let report = |e: locks::EdgeChange| {
+        let (attempt, token) = lock_std(&ctx.waiting_as)
+            .get(&key)
+            .cloned()
+            .unwrap_or((cmd.attempt, cmd.token.clone()));
+        let _ = ctx.edges.send(txcoord_proto::WaitEdge {
+            waiter: cmd.txn_id.clone(),
+            waiter_step: cmd.step,
+            waiter_ts: ts,
+            holder: e.holder,
+            holder_ts: e.holder_ts,
+            resource: e.resource,
+            service: ctx.service.clone(),
+            attempt,
+            token,
+            withdrawn: e.withdrawn,
+        });
+    };
+    let branch = locks::BranchId {
+        txn_id: cmd.txn_id.clone(),
+        step: cmd.step,
+    };
+    let result = ctx
+        .locks
+        .acquire(
+            &branch,
+            ts,
+            wanted,
+            cmd.deadlock.unwrap_or_default(),
+            tokio::time::Instant::now() + wait,
+            &report,
+        )
+        .await;
+    lock_std(&ctx.waiting_as).remove(&key);
+    result
+}
+
+/// Publishes wait-for edges in the order the lock table reported them (core NATS: an edge
+/// lives only while it is refreshed, so a lost one is sent again within a second).
+async fn publish_edges(
+    client: async_nats::Client,
+    subject: String,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<txcoord_proto::WaitEdge>,
+) {
+    while let Some(edge) = rx.recv().await {
+        let body = Bytes::from(serde_json::to_vec(&edge).unwrap_or_default());
+        if let Err(e) = client.publish(subject.clone(), body).await {
+            tracing::debug!(error = %e, "wait-for edge not published; the next refresh sends it");
+        }
+    }
 }
 
 /// Calls the service.

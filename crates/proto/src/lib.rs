@@ -64,6 +64,101 @@ pub struct TransactionRequest {
     /// Opaque client data, echoed in every event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<Value>,
+    /// The transaction's age for deadlock prevention, in Unix milliseconds (older is
+    /// smaller); by default the time the coordinator accepted it. A client resubmitting a
+    /// transaction that a `wait-die` refusal ended passes the first one's `lock_ts` (from
+    /// its events), so the retry is older than before and cannot starve.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_ts: Option<u64>,
+}
+
+/// How the coordinator deals with distributed deadlocks between lock-holding branches
+/// (config key `deadlock`; carried in every prepare so the participant's lock table applies
+/// it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeadlockPolicy {
+    /// A prepare that finds its resource locked waits (up to its lock wait) and reports the
+    /// wait on `<prefix>.waits`; the coordinator finds cycles in the wait-for graph and
+    /// aborts the youngest undecided transaction of each.
+    #[default]
+    Detect,
+    /// An older transaction (smaller `lock_ts`) may wait for a younger holder; a younger
+    /// one refuses at once.
+    WaitDie,
+    /// Any conflict refuses at once.
+    NoWait,
+}
+
+impl DeadlockPolicy {
+    /// The name used in configuration and messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadlockPolicy::Detect => "detect",
+            DeadlockPolicy::WaitDie => "wait-die",
+            DeadlockPolicy::NoWait => "no-wait",
+        }
+    }
+}
+
+/// How a branch holds a named resource in a participant's lock table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LockMode {
+    /// With other shared holders.
+    Shared,
+    /// Alone.
+    #[default]
+    Exclusive,
+}
+
+/// A wait-for edge (`<prefix>.waits`): a prepare of `waiter` waits at `service` for
+/// `resource`, which `holder` holds (or waits for ahead of it). Published when the wait
+/// begins and again every second while it lasts (an edge not refreshed within the
+/// coordinator's TTL expires, so a crashed waiter leaves no ghost), and once more with
+/// `withdrawn` when it ends. Schema: `schemas/wait-edge.schema.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaitEdge {
+    /// The waiting transaction.
+    pub waiter: String,
+    /// Its step at `service`.
+    pub waiter_step: usize,
+    /// The waiter's `lock_ts`.
+    #[serde(default)]
+    pub waiter_ts: u64,
+    /// The transaction it waits for.
+    pub holder: String,
+    /// The holder's `lock_ts`, when known.
+    #[serde(default)]
+    pub holder_ts: u64,
+    /// The resource.
+    pub resource: String,
+    /// The service whose lock table this is.
+    pub service: String,
+    /// The waiting prepare's attempt.
+    #[serde(default)]
+    pub attempt: u32,
+    /// The waiting prepare's token, echoed: only the service that read the prepare knows
+    /// it, so nobody else can make a transaction look like it waits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// The wait ended (granted, refused or cancelled).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub withdrawn: bool,
+}
+
+/// Why a prepare refused for a lock: in the reply (and the branch's record) next to the
+/// abort reason, so the coordinator can say `deadlock` ("prevented") instead of a plain
+/// refusal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockConflict {
+    /// The resource.
+    pub resource: String,
+    /// The transactions holding it (or waiting for it ahead).
+    pub holders: Vec<String>,
+    /// The rule that refused: `wait-die` or `no-wait` (a prevention), or `detect` (the
+    /// lock wait ran out, or the wait was cancelled by the transaction's abort).
+    pub policy: DeadlockPolicy,
 }
 
 /// What a command asks a participant to do.
@@ -125,6 +220,13 @@ pub struct ParticipantCommand {
     /// Only someone who read the command knows it, so nobody else can answer for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// The transaction's age for deadlock prevention (see [`TransactionRequest::lock_ts`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_ts: Option<u64>,
+    /// On prepare: the coordinator's deadlock policy, for the participant's lock table
+    /// (absent: `detect`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadlock: Option<DeadlockPolicy>,
 }
 
 /// A participant's answer to a command.
@@ -168,6 +270,9 @@ pub struct ParticipantReply {
     /// The token of the command answered, echoed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// An abort vote caused by a lock conflict says which (see [`LockConflict`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conflict: Option<LockConflict>,
 }
 
 impl ParticipantReply {
@@ -281,6 +386,14 @@ impl Reason {
             | Reason::InvalidRequest { message, .. } => {
                 *message = cut_text(std::mem::take(message), max);
             }
+            Reason::Deadlock {
+                message, resources, ..
+            } => {
+                *message = cut_text(std::mem::take(message), max);
+                for r in resources {
+                    *r = cut_text(std::mem::take(r), max);
+                }
+            }
             Reason::Timeout { .. } => {}
         }
     }
@@ -329,6 +442,23 @@ pub enum Reason {
     /// and its records from then on leave out the client's metadata.
     LogRefused {
         /// The log's refusal.
+        message: String,
+    },
+    /// A distributed deadlock: the coordinator found a cycle of waits and aborted this
+    /// transaction, the youngest undecided one in it (`how`: `detected`); or a participant's
+    /// lock table refused a wait that could close one (`how`: `prevented`, under `wait-die`
+    /// or `no-wait`).
+    Deadlock {
+        /// `detected` or `prevented`.
+        how: String,
+        /// The transactions of the cycle in wait order, this one first (prevented: this one
+        /// and the holders it would have waited for).
+        txns: Vec<String>,
+        /// The service of each wait.
+        services: Vec<String>,
+        /// The resource of each wait.
+        resources: Vec<String>,
+        /// Said in words.
         message: String,
     },
     /// The caller rolled the transaction back before deciding commit (the embedded
@@ -458,6 +588,9 @@ pub struct TransactionEvent {
     /// Sagas: why compensation started, kept while `reason` says a compensation is failing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cause: Option<Reason>,
+    /// In the `accepted` record: the transaction's `lock_ts` when the request gave one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_ts: Option<u64>,
 }
 
 /// One step's part of a [`RequestShape`]: service, action, payload, compensation, timeout.
@@ -818,6 +951,11 @@ impl Subjects {
         &self.prefix
     }
 
+    /// Where participants report wait-for edges ([`WaitEdge`]): `<prefix>.waits`.
+    pub fn waits(&self) -> String {
+        format!("{}.waits", self.prefix)
+    }
+
     /// Where clients submit requests (as the anonymous client).
     pub fn submit(&self) -> String {
         format!("{}.submit", self.prefix)
@@ -1091,6 +1229,7 @@ mod tests {
     #[test]
     fn reply_msg_id_is_deterministic() {
         let r = ParticipantReply {
+            conflict: None,
             txn_id: "t".into(),
             service: "inv".into(),
             step: 2,

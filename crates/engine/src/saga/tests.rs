@@ -7,6 +7,7 @@ use super::*;
 use txcoord_proto::StepRequest;
 
 const CFG: EngineConfig = EngineConfig {
+    deadlock: txcoord_proto::DeadlockPolicy::Detect,
     default_timeout_ms: 1_000,
     retry_base_ms: 100,
     retry_cap_ms: 800,
@@ -17,6 +18,7 @@ const CFG: EngineConfig = EngineConfig {
 
 fn request(n: usize) -> TransactionRequest {
     TransactionRequest {
+        lock_ts: None,
         txn_id: Some("s1".into()),
         mode: Mode::Saga,
         steps: (0..n)
@@ -41,6 +43,7 @@ fn start(n: usize) -> (Saga, Vec<Command>) {
 
 fn reply(step: usize, kind: CommandKind, outcome: ReplyOutcome, retryable: Option<bool>) -> Event {
     Event::Reply(ParticipantReply {
+        conflict: None,
         txn_id: "s1".into(),
         service: format!("s{step}"),
         step,

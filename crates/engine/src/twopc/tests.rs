@@ -7,6 +7,7 @@ use super::*;
 use txcoord_proto::StepRequest;
 
 const CFG: EngineConfig = EngineConfig {
+    deadlock: txcoord_proto::DeadlockPolicy::Detect,
     default_timeout_ms: 1_000,
     retry_base_ms: 100,
     retry_cap_ms: 1_000,
@@ -17,6 +18,7 @@ const CFG: EngineConfig = EngineConfig {
 
 fn request(services: &[&str]) -> TransactionRequest {
     TransactionRequest {
+        lock_ts: None,
         txn_id: Some("t1".into()),
         mode: Mode::TwoPc,
         steps: services
@@ -50,6 +52,7 @@ fn start(services: &[&str]) -> (TwoPc, Vec<Command>) {
 
 fn reply(step: usize, service: &str, kind: CommandKind, outcome: ReplyOutcome) -> Event {
     Event::Reply(ParticipantReply {
+        conflict: None,
         txn_id: "t1".into(),
         service: service.into(),
         step,
@@ -692,4 +695,105 @@ fn lean_records_carry_the_state_and_the_snapshot_stays_whole() {
     assert!(matches!(decision.reason, Some(Reason::VoteAbort { .. })));
     // Status and anything else that needs the steps reads the snapshot.
     assert_eq!(txn.snapshot(11).steps.len(), 2);
+}
+
+#[test]
+fn a_deadlock_victim_aborts_with_the_cycle_and_a_decided_one_is_never_a_victim() {
+    let (mut txn, out) = start(&["a", "b"]);
+    let Command::Send(cmd) = &out[2] else {
+        panic!("{:?}", out[2])
+    };
+    assert_eq!(cmd.lock_ts, Some(0), "the accepted time, in every command");
+    assert_eq!(cmd.deadlock, Some(txcoord_proto::DeadlockPolicy::Detect));
+    assert_eq!(record(&out, TxnState::Accepted).lock_ts, Some(0));
+    let mut out = Vec::new();
+    txn.handle(10, vote(0, "a", ReplyOutcome::Ready), &mut out)
+        .unwrap();
+    let cycle = Reason::Deadlock {
+        how: "detected".into(),
+        txns: vec!["t1".into(), "t2".into()],
+        services: vec!["b".into(), "a".into()],
+        resources: vec!["bob".into(), "alice".into()],
+        message: "cycle".into(),
+    };
+    let mut out = Vec::new();
+    txn.deadlock_victim(20, cycle.clone(), &mut out).unwrap();
+    assert_eq!(txn.phase(), Phase::Aborting);
+    assert_eq!(record(&out, TxnState::Aborting).reason, Some(cycle.clone()));
+    // The abort goes to both: the one that voted ready, and the one still waiting.
+    assert_eq!(
+        sends(&out),
+        vec![(0, CommandKind::Abort, 1), (1, CommandKind::Abort, 1)]
+    );
+    assert!(txn.rows_hit().any(|r| r == Row::DeadlockVictim));
+    // Once decided, never a victim (again, or for the first time).
+    let mut out = Vec::new();
+    assert!(matches!(
+        txn.deadlock_victim(30, cycle.clone(), &mut out),
+        Err(EngineError::NotAVictim { .. })
+    ));
+    assert!(out.is_empty());
+    let (mut txn, _) = start(&["a"]);
+    txn.handle(10, vote(0, "a", ReplyOutcome::Ready), &mut Vec::new())
+        .unwrap();
+    assert_eq!(txn.phase(), Phase::Committing);
+    assert!(txn.deadlock_victim(20, cycle, &mut out).is_err());
+    assert!(out.is_empty(), "a committing transaction is left alone");
+}
+
+#[test]
+fn a_prevented_wait_aborts_with_reason_deadlock_prevented() {
+    let (mut txn, _) = start(&["a", "b"]);
+    let mut refusal = match vote(1, "b", ReplyOutcome::Abort) {
+        Event::Reply(r) => r,
+        _ => unreachable!(),
+    };
+    refusal.reason = Some("deadlock prevented (wait-die): bob is held by t0".into());
+    refusal.conflict = Some(txcoord_proto::LockConflict {
+        resource: "bob".into(),
+        holders: vec!["t0".into()],
+        policy: txcoord_proto::DeadlockPolicy::WaitDie,
+    });
+    let mut out = Vec::new();
+    txn.handle(10, Event::Reply(refusal.clone()), &mut out)
+        .unwrap();
+    match &txn.snapshot(10).reason {
+        Some(Reason::Deadlock {
+            how,
+            txns,
+            resources,
+            services,
+            ..
+        }) => {
+            assert_eq!(how, "prevented");
+            assert_eq!(txns, &vec!["t1".to_string(), "t0".to_string()]);
+            assert_eq!(resources, &vec!["bob".to_string()]);
+            assert_eq!(services, &vec!["b".to_string()]);
+        }
+        other => panic!("{other:?}"),
+    }
+    // A lock wait that only ran out (detect) is a plain refusal.
+    let (mut txn, _) = start(&["a", "b"]);
+    refusal.conflict = Some(txcoord_proto::LockConflict {
+        policy: txcoord_proto::DeadlockPolicy::Detect,
+        ..refusal.conflict.clone().unwrap()
+    });
+    txn.handle(10, Event::Reply(refusal), &mut Vec::new())
+        .unwrap();
+    assert!(matches!(
+        txn.snapshot(10).reason,
+        Some(Reason::VoteAbort { .. })
+    ));
+}
+
+#[test]
+fn a_request_lock_ts_is_kept_and_survives_recovery() {
+    let mut req = request(&["a"]);
+    req.lock_ts = Some(42);
+    let mut out = Vec::new();
+    let txn = TwoPc::start("t1".into(), &req, None, "r".into(), CFG, 500, &mut out);
+    assert_eq!(txn.lock_ts(), 42);
+    let accepted = record(&out, TxnState::Accepted).clone();
+    let back = TwoPc::recover(&accepted, &accepted, "r".into(), CFG, 900, &mut Vec::new()).unwrap();
+    assert_eq!(back.lock_ts(), 42);
 }

@@ -17,6 +17,9 @@ fn rec(state: BranchState) -> BranchRecord {
         payload: serde_json::json!({"sku": "apple"}),
         reason: (state == S::VotedAbort).then(|| "out of stock".into()),
         updated_ms: 1,
+        conflict: None,
+        locks: Vec::new(),
+        lock_ts: None,
     }
 }
 
