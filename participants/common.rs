@@ -46,6 +46,15 @@ pub struct Args {
     /// Commands handled at once.
     #[arg(long, default_value_t = 256)]
     pub concurrency: usize,
+    /// Lock each step's record exclusively from prepare until commit or abort, in the
+    /// SDK's lock table (an account while a charge is held, a stock line while a
+    /// reservation is): a second transaction on the same record waits its turn, and waits
+    /// that form a cycle across services are broken by the coordinator.
+    #[arg(long, env = "TXCOORD_LOCK_RECORDS")]
+    pub lock_records: bool,
+    /// How long a prepare waits for a locked record before it votes abort.
+    #[arg(long, default_value_t = 10_000)]
+    pub lock_wait_ms: u64,
 }
 
 impl Args {
@@ -100,6 +109,72 @@ async fn shutdown() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+/// The payload fields that name a step's record, in the example services.
+const RECORD_FIELDS: [&str; 3] = ["account", "sku", "order_id"];
+
+/// A service whose steps lock their record ([`Args::lock_records`]): the record a step's
+/// payload names is locked exclusively as `<service>:<key>`, and so is every name in the
+/// payload's `"locks"` list (other things the step must hold alone).
+pub struct Locking<P> {
+    inner: P,
+    lock: bool,
+}
+
+impl<P: Participant> Participant for Locking<P> {
+    fn locks(
+        &self,
+        txn: &TxnContext,
+        _action: &str,
+        payload: &Value,
+    ) -> Vec<txcoord_participant::HeldLock> {
+        if !self.lock {
+            return Vec::new();
+        }
+        // The step's record, and any other names the payload lists in "locks".
+        let extra = payload
+            .get("locks")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str);
+        RECORD_FIELDS
+            .iter()
+            .find_map(|f| payload.get(*f).and_then(Value::as_str))
+            .into_iter()
+            .chain(extra)
+            .map(|key| txcoord_participant::HeldLock {
+                resource: format!("{}:{key}", txn.service),
+                mode: txcoord_participant::LockMode::Exclusive,
+            })
+            .collect()
+    }
+    async fn prepare(
+        &self,
+        txn: &TxnContext,
+        action: &str,
+        payload: &Value,
+    ) -> txcoord_participant::Vote {
+        self.inner.prepare(txn, action, payload).await
+    }
+    async fn commit(&self, txn: &TxnContext) -> Result<(), txcoord_participant::ServiceError> {
+        self.inner.commit(txn).await
+    }
+    async fn abort(&self, txn: &TxnContext) -> Result<(), txcoord_participant::ServiceError> {
+        self.inner.abort(txn).await
+    }
+    async fn execute(
+        &self,
+        txn: &TxnContext,
+        action: &str,
+        payload: &Value,
+    ) -> txcoord_participant::StepResult {
+        self.inner.execute(txn, action, payload).await
+    }
+    async fn compensate(&self, txn: &TxnContext) -> Result<(), txcoord_participant::ServiceError> {
+        self.inner.compensate(txn).await
     }
 }
 
@@ -159,8 +234,13 @@ where
         max_concurrent: args.concurrency,
         replicas: cfg.stream_replicas,
         in_doubt_after: Duration::from_millis(cfg.in_doubt_after_ms),
+        lock_wait: Duration::from_millis(args.lock_wait_ms),
         ..Default::default()
     };
-    txcoord_participant::run(nc, service, make(table), options, shutdown()).await?;
+    let participant = Locking {
+        inner: make(table),
+        lock: args.lock_records,
+    };
+    txcoord_participant::run(nc, service, participant, options, shutdown()).await?;
     Ok(())
 }

@@ -13,7 +13,8 @@
 //! - A **service** may read only its own commands (its durable consumer on the command
 //!   stream, and its acks), publish only its own replies (`<prefix>.reply.<service>.>`), use
 //!   its own KV buckets (`txp_<service>`, the SDK's branch records, and `<service>_data`,
-//!   where the example services keep theirs) and read the log for in-doubt branches. It may
+//!   where the example services keep theirs), report its lock waits (`<prefix>.waits`) and
+//!   read the log for in-doubt branches. It may
 //!   not read another service's commands, so it never learns their tokens, and may not
 //!   publish on another service's reply subject.
 //!
@@ -186,6 +187,9 @@ pub fn generate(
     for svc in services {
         let mut publish = vec![
             format!("{prefix}.reply.{svc}.>"),
+            // Wait-for edges of its lock table (each carries the waiting prepare's token,
+            // so a service can only say its own prepares wait).
+            format!("{prefix}.waits"),
             "$JS.API.INFO".into(),
             format!("$JS.API.CONSUMER.MSG.NEXT.{cmd}.{svc}"),
             format!("$JS.ACK.{cmd}.{svc}.>"),

@@ -140,6 +140,15 @@ pub struct Config {
     /// gather writes instead of waking across threads for each message, which measured
     /// 40% less CPU per transaction. More threads give a multi-threaded runtime.
     pub worker_threads: usize,
+    /// How distributed deadlocks between lock-holding participants are dealt with:
+    /// `detect` (the default: participants report their waits on `<prefix>.waits`, and the
+    /// coordinator aborts the youngest undecided transaction of each cycle), `wait-die` (an
+    /// older transaction waits for a younger one, a younger one refuses at once) or
+    /// `no-wait` (any conflict refuses at once). Carried in every prepare.
+    pub deadlock: crate::proto::DeadlockPolicy,
+    /// How long a reported wait-for edge lives without a refresh (participants refresh
+    /// every second), so a waiter that died leaves no ghost edge.
+    pub deadlock_edge_ttl_ms: u64,
 }
 
 impl Default for Config {
@@ -178,6 +187,8 @@ impl Default for Config {
             accept_untokened_replies: false,
             api_reply_prefixes: vec!["_INBOX".into()],
             worker_threads: 1,
+            deadlock: crate::proto::DeadlockPolicy::Detect,
+            deadlock_edge_ttl_ms: 5_000,
         }
     }
 }
@@ -272,6 +283,15 @@ impl Config {
             return Err(invalid(
                 "api_reply_prefixes",
                 "must list at least one non-empty subject prefix (client inboxes start with _INBOX)",
+            ));
+        }
+        if self.deadlock_edge_ttl_ms < 2_000 {
+            return Err(invalid(
+                "deadlock_edge_ttl_ms",
+                format!(
+                    "{} is too short: at least 2000 (participants refresh their waits every second)",
+                    self.deadlock_edge_ttl_ms
+                ),
             ));
         }
         if self.submit_ack_wait_ms < 500 {
@@ -418,7 +438,7 @@ impl Config {
     /// The engine's settings.
     pub fn engine(&self) -> EngineConfig {
         EngineConfig {
-            deadlock: txcoord_proto::DeadlockPolicy::Detect,
+            deadlock: self.deadlock,
             default_timeout_ms: self.prepare_timeout_ms,
             retry_base_ms: self.retry_base_ms,
             retry_cap_ms: self.retry_cap_ms,

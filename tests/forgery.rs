@@ -15,13 +15,7 @@ use txcoord::participant::BranchState;
 use txcoord::proto::{CommandKind, ParticipantCommand, Reason, TxnState};
 
 async fn stats(sys: &System) -> Value {
-    let reply = sys
-        .nc
-        .request("$SRV.STATS.txcoord", "".into())
-        .await
-        .expect("stats");
-    let v: Value = serde_json::from_slice(&reply.payload).unwrap();
-    v["endpoints"][0]["data"].clone()
+    sys.stats().await
 }
 
 /// Waits (up to 10 s) until the coordinator's counter `key` is at least `at_least`.

@@ -11,6 +11,7 @@
 
 pub mod api;
 pub mod checkpoint;
+pub mod deadlock;
 pub mod lease;
 pub mod limits;
 pub mod prometheus;
@@ -99,6 +100,10 @@ pub struct Metrics {
     held_back: AtomicU64,
     foreign_log_messages: AtomicU64,
     log_refusals: AtomicU64,
+    /// Deadlock victims chosen.
+    pub deadlocks: AtomicU64,
+    /// Wait-for edges refused.
+    pub rejected_edges: AtomicU64,
 }
 
 impl Metrics {
@@ -146,6 +151,8 @@ impl Metrics {
             "held_back": self.held_back.load(Ordering::Relaxed),
             "foreign_log_messages": self.foreign_log_messages.load(Ordering::Relaxed),
             "log_refusals": self.log_refusals.load(Ordering::Relaxed),
+            "deadlocks": self.deadlocks.load(Ordering::Relaxed),
+            "rejected_edges": self.rejected_edges.load(Ordering::Relaxed),
             "in_flight": in_flight,
         })
     }
@@ -191,6 +198,8 @@ pub struct Shared {
     pub service_limits: Arc<limits::Shares>,
     /// Each client's share of the running transactions.
     pub client_limits: Arc<limits::Shares>,
+    /// The deadlock detector's inbox: transactions report their decisions there.
+    pub detector: mpsc::UnboundedSender<deadlock::DetectorMsg>,
 }
 
 /// Test hooks, chosen with `TXCOORD_FAILPOINT`, that put the coordinator where a test needs
@@ -274,7 +283,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     };
     tracing::info!(holder = %lease.holder, "lease held");
     let (fenced, mut fenced_rx) = mpsc::unbounded_channel::<(String, u64)>();
+    let (detector, detector_rx) = mpsc::unbounded_channel();
+    // Subscribed before recovery, so the waits of resumed transactions are heard.
+    let waits = client.subscribe(cfg.subjects().waits()).await?;
     let shared = Arc::new(Shared {
+        detector,
         fenced,
         lease: lease.handle(),
         inflight: Arc::default(),
@@ -310,6 +323,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             }
         }
     });
+    tokio::spawn(deadlock::run(
+        shared.clone(),
+        waits,
+        detector_rx,
+        Duration::from_millis(cfg.deadlock_edge_ttl_ms),
+    ));
     let (recovered, scanned) = recover(&shared, from).await?;
     tracing::info!(recovered, scanned, from = ?from, "recovery done");
     if let Some(store) = state {

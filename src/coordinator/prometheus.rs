@@ -59,6 +59,16 @@ pub fn render(shared: &Shared) -> String {
             "API requests not answered because their reply subject is not an inbox.",
         ),
         (
+            "txcoord_deadlocks_total",
+            "deadlocks",
+            "Deadlock victims chosen: cycles of waits across services broken by an abort.",
+        ),
+        (
+            "txcoord_rejected_edges_total",
+            "rejected_edges",
+            "Wait-for edges refused: malformed, or without the token of a prepare sent.",
+        ),
+        (
             "txcoord_held_back_total",
             "held_back",
             "Submissions handed back to wait because a service was at its in-flight share.",

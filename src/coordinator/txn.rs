@@ -36,6 +36,8 @@ pub enum TxnMsg {
     Reply(ParticipantReply),
     /// A status query: answer with a snapshot.
     Status(oneshot::Sender<TransactionEvent>),
+    /// The deadlock detector chose this transaction as the victim of this cycle.
+    Deadlock(crate::engine::deadlock::Cycle),
     /// JetStream stored a command this transaction sent.
     Stored {
         /// The step.
@@ -166,6 +168,9 @@ pub async fn drive(
     };
     drop(own);
     let mut stopped = driver.perform(&mut engine, commands).await.err();
+    // The detector hears once when this transaction leaves the vote: from then on it is
+    // never a victim, and its waits are gone.
+    let mut undecided = matches!(engine.state(), TxnState::Accepted | TxnState::Preparing);
     if stopped.is_none() && !driver.finished {
         loop {
             let next = driver
@@ -194,6 +199,15 @@ pub async fn drive(
                     Some(TxnMsg::Stored { step, kind, attempt }) => {
                         let _ = engine.handle(now_ms(), Event::Stored { step, kind, attempt }, &mut out);
                     }
+                    Some(TxnMsg::Deadlock(cycle)) => {
+                        match engine.deadlock_victim(now_ms(), cycle.reason(), &mut out) {
+                            Ok(()) => tracing::warn!(cycle = ?cycle.txns, "aborted as the victim of a deadlock"),
+                            Err(e) => {
+                                tracing::info!(error = %e, "not a deadlock victim");
+                                let _ = shared.detector.send(super::deadlock::DetectorMsg::NotAVictim(txn_id.clone(), cycle));
+                            }
+                        }
+                    }
                     None => break,
                 },
                 _ = tokio::time::sleep_until(sleep_until), if next.is_some() => {
@@ -207,12 +221,23 @@ pub async fn drive(
                 stopped = Some(stop);
                 break;
             }
+            if undecided && !matches!(engine.state(), TxnState::Accepted | TxnState::Preparing) {
+                undecided = false;
+                let _ = shared
+                    .detector
+                    .send(super::deadlock::DetectorMsg::Decided(txn_id.clone()));
+            }
             if driver.finished {
                 break;
             }
         }
     }
     shared.router.remove(&txn_id);
+    if undecided {
+        let _ = shared
+            .detector
+            .send(super::deadlock::DetectorMsg::Decided(txn_id.clone()));
+    }
     match (stopped, driver.accepted_seq) {
         // Someone else wrote this transaction's log. Act only on what the log says: recovery
         // (the one path that resumes a transaction) reads it again and resumes it if it is

@@ -216,6 +216,18 @@ impl System {
         self.participants.push((name.to_string(), p));
     }
 
+    /// The coordinator's counters (`$SRV.STATS.txcoord`).
+    #[allow(dead_code)]
+    pub async fn stats(&self) -> Value {
+        let reply = self
+            .nc
+            .request("$SRV.STATS.txcoord", "".into())
+            .await
+            .expect("stats");
+        let v: Value = serde_json::from_slice(&reply.payload).expect("stats JSON");
+        v["endpoints"][0]["data"].clone()
+    }
+
     /// A service's record, as JSON.
     pub async fn record(&self, bucket: &str, key: &str) -> Option<Value> {
         let js = async_nats::jetstream::new(self.nc.clone());

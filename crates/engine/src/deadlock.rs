@@ -34,6 +34,7 @@ pub struct EdgeKey {
 #[derive(Debug, Clone)]
 struct Edge {
     expires_ms: u64,
+    since_ms: u64,
 }
 
 /// A cycle of waits, starting with the victim: `txns[i]` waits for `txns[i + 1]` (and the
@@ -46,6 +47,8 @@ pub struct Cycle {
     pub services: Vec<String>,
     /// The resource of each wait.
     pub resources: Vec<String>,
+    /// When the cycle formed: the latest start of its waits (Unix ms, as reported).
+    pub formed_ms: u64,
 }
 
 impl Cycle {
@@ -72,6 +75,7 @@ impl Cycle {
                 self.txns.len(),
                 waits.join("; ")
             ),
+            formed_ms: (self.formed_ms > 0).then_some(self.formed_ms),
         }
     }
 }
@@ -162,7 +166,17 @@ impl WaitGraph {
             .insert(key.clone());
         // A refresh can close a cycle too: the first report of one of its edges may have
         // been lost, or its victim turned out decided.
-        self.edges.insert(key.clone(), Edge { expires_ms });
+        let since_ms = match self.edges.get(&key) {
+            Some(e) => e.since_ms,
+            None => edge.since_ms,
+        };
+        self.edges.insert(
+            key.clone(),
+            Edge {
+                expires_ms,
+                since_ms,
+            },
+        );
         self.victims_through(now, &key)
     }
 
@@ -180,10 +194,14 @@ impl WaitGraph {
 
     /// The transaction is decided (or gone): it is never a victim, and its edges go.
     pub fn decided(&mut self, now: u64, txn: &str) {
-        self.decided.insert(
-            txn.to_string(),
-            now.saturating_add(self.ttl_ms.saturating_mul(REMEMBER_TTLS)),
-        );
+        // Remembered (so that a late refresh of its waits adds nothing) only if it took part:
+        // the runtime reports every transaction's decision.
+        if self.ts.contains_key(txn) || self.chosen.contains_key(txn) {
+            self.decided.insert(
+                txn.to_string(),
+                now.saturating_add(self.ttl_ms.saturating_mul(REMEMBER_TTLS)),
+            );
+        }
         self.chosen.remove(txn);
         let touching: Vec<EdgeKey> = self
             .edges
@@ -308,6 +326,11 @@ impl WaitGraph {
             txns: rotated.iter().map(|e| e.waiter.clone()).collect(),
             services: rotated.iter().map(|e| e.service.clone()).collect(),
             resources: rotated.iter().map(|e| e.resource.clone()).collect(),
+            formed_ms: rotated
+                .iter()
+                .filter_map(|e| self.edges.get(e).map(|x| x.since_ms))
+                .max()
+                .unwrap_or(0),
         };
         let txn = cycle.txns[0].clone();
         self.chosen.insert(

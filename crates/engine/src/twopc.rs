@@ -676,6 +676,7 @@ impl TwoPc {
                     services: vec![service],
                     resources: vec![c.resource],
                     message,
+                    formed_ms: None,
                 },
                 _ => Reason::VoteAbort {
                     service,

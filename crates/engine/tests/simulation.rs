@@ -680,6 +680,7 @@ impl Sim {
                     services: vec!["s0".into(), "s1".into()],
                     resources: vec!["r0".into(), "r1".into()],
                     message: "simulated cycle".into(),
+                    formed_ms: None,
                 };
                 let mut out = Vec::new();
                 match self.drivers[i]

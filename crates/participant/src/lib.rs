@@ -1116,6 +1116,7 @@ async fn take_locks<P: Participant>(
     let key = branch_key(&cmd.txn_id, cmd.step);
     lock_std(&ctx.waiting_as).insert(key.clone(), (cmd.attempt, cmd.token.clone()));
     let ts = cmd.lock_ts.unwrap_or_else(now_ms);
+    let since_ms = now_ms();
     let left = Duration::from_millis(cmd.deadline_ms.saturating_sub(now_ms()));
     let wait = if cmd.deadline_ms == 0 {
         ctx.options.lock_wait
@@ -1138,6 +1139,7 @@ async fn take_locks<P: Participant>(
             attempt,
             token,
             withdrawn: e.withdrawn,
+            since_ms,
         });
     };
     let branch = locks::BranchId {

@@ -145,6 +145,9 @@ pub struct WaitEdge {
     /// The wait ended (granted, refused or cancelled).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub withdrawn: bool,
+    /// When the wait began, Unix milliseconds (a cycle forms when its last wait begins).
+    #[serde(default)]
+    pub since_ms: u64,
 }
 
 /// Why a prepare refused for a lock: in the reply (and the branch's record) next to the
@@ -460,6 +463,9 @@ pub enum Reason {
         resources: Vec<String>,
         /// Said in words.
         message: String,
+        /// Detected: when the cycle formed (its last wait began), Unix milliseconds.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        formed_ms: Option<u64>,
     },
     /// The caller rolled the transaction back before deciding commit (the embedded
     /// coordinator's `rollback_transaction`).

@@ -22,6 +22,7 @@ fn edge(waiter: &str, holder: &str, waiter_ts: u64, holder_ts: u64) -> WaitEdge 
         attempt: 1,
         token: None,
         withdrawn: false,
+        since_ms: 0,
     }
 }
 

@@ -715,6 +715,7 @@ fn a_deadlock_victim_aborts_with_the_cycle_and_a_decided_one_is_never_a_victim()
         services: vec!["b".into(), "a".into()],
         resources: vec!["bob".into(), "alice".into()],
         message: "cycle".into(),
+        formed_ms: None,
     };
     let mut out = Vec::new();
     txn.deadlock_victim(20, cycle.clone(), &mut out).unwrap();
