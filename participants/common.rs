@@ -55,6 +55,11 @@ pub struct Args {
     /// How long a prepare waits for a locked record before it votes abort.
     #[arg(long, default_value_t = 10_000)]
     pub lock_wait_ms: u64,
+    /// Chaos: hold each command up to this many milliseconds before handling it, as a
+    /// network with jitter would (the deadlock demo uses it so that concurrent transfers
+    /// reach the two banks in different orders).
+    #[arg(long, default_value_t = 0)]
+    pub jitter_ms: u64,
 }
 
 impl Args {
@@ -235,6 +240,7 @@ where
         replicas: cfg.stream_replicas,
         in_doubt_after: Duration::from_millis(cfg.in_doubt_after_ms),
         lock_wait: Duration::from_millis(args.lock_wait_ms),
+        jitter: Duration::from_millis(args.jitter_ms),
         ..Default::default()
     };
     let participant = Locking {

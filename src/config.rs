@@ -149,6 +149,10 @@ pub struct Config {
     /// How long a reported wait-for edge lives without a refresh (participants refresh
     /// every second), so a waiter that died leaves no ghost edge.
     pub deadlock_edge_ttl_ms: u64,
+    /// Run the deadlock detector (on by default). Off, cycles of waits under `detect` last
+    /// until the prepare timeout, as they would without txcoord's help (the deadlock demo
+    /// shows the difference).
+    pub deadlock_detection: bool,
 }
 
 impl Default for Config {
@@ -189,6 +193,7 @@ impl Default for Config {
             worker_threads: 1,
             deadlock: crate::proto::DeadlockPolicy::Detect,
             deadlock_edge_ttl_ms: 5_000,
+            deadlock_detection: true,
         }
     }
 }

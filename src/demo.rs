@@ -46,6 +46,13 @@ pub struct DemoArgs {
     /// the card, create the order, compensating newest first when a step fails).
     #[arg(long, default_value = "2pc", value_parser = ["2pc", "saga"])]
     pub mode: String,
+    /// What to run: `orders` (the order demo) or `deadlock` (transfers both ways between two
+    /// lock-holding banks, with detection, with wait-die and with timeouts only).
+    #[arg(long, default_value = "orders", value_parser = ["orders", "deadlock"])]
+    pub scenario: String,
+    /// `--scenario deadlock`: transfers per run (a third of them without detection).
+    #[arg(long, default_value_t = 240)]
+    pub transfers: usize,
 }
 
 const STOCK: &[(&str, u64, u64)] = &[
@@ -324,6 +331,16 @@ pub async fn run(
     nats_url: Option<String>,
     cfg: &txcoord::config::Config,
 ) -> anyhow::Result<bool> {
+    if args.scenario == "deadlock" {
+        // It starts its own nats-server, so that its three runs cannot disturb anyone's.
+        if args.external || args.kill_coordinator {
+            bail!(
+                "--scenario deadlock starts its own nats-server and processes: drop --external and --kill-coordinator"
+            );
+        }
+        return crate::deadlock_demo::run(args.transfers, args.seed, args.nats_server.as_deref())
+            .await;
+    }
     let tmp;
     let dir: PathBuf = match &args.data_dir {
         Some(d) => {

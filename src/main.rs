@@ -14,6 +14,7 @@ use txcoord::proto::TxnState;
 
 mod bench;
 mod chaos;
+mod deadlock_demo;
 mod demo;
 mod procs;
 

@@ -42,7 +42,13 @@ fn txn(id: &str, steps: Vec<Value>) -> Value {
 
 async fn bank(sys: &mut System, name: &str, accounts: &[&str], env: &[(&str, &str)]) {
     // Waits as long as the prepare timeout: here only a deadlock's victim ends one early.
-    let mut args = vec!["--service", name, "--lock-records", "--lock-wait-ms", TIMEOUT_MS];
+    let mut args = vec![
+        "--service",
+        name,
+        "--lock-records",
+        "--lock-wait-ms",
+        TIMEOUT_MS,
+    ];
     let seeds: Vec<String> = accounts.iter().map(|a| format!("{a}=100")).collect();
     for s in &seeds {
         args.extend(["--seed", s.as_str()]);
@@ -430,4 +436,40 @@ async fn no_wait_refuses_any_conflict_at_once() {
     assert_eq!(txns, vec!["nw-second", "nw-first"]);
     let _gatekeeper = open_gates(&sys);
     assert_eq!(outcome(&sys, "nw-first").await.state, TxnState::Committed);
+}
+
+/// `txcoord demo --scenario deadlock`: the three runs, and its verdict.
+#[test]
+fn the_deadlock_demo_shows_detection_prevention_and_timeouts_and_keeps_its_invariants() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_txcoord"))
+        .args(["demo", "--scenario", "deadlock", "--transfers", "60"])
+        .env("TXCOORD_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("invariants OK"), "{stdout}");
+    let row = |label: &str| -> Vec<String> {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(label))
+            .unwrap_or_else(|| panic!("no {label} row in {stdout}"))
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    // policy, transfers, committed, deadlock, prevented, timeout, ...
+    let detect = row("detect");
+    assert_eq!(detect[1], detect[2], "every transfer committed: {detect:?}");
+    assert!(detect[3].parse::<u64>().unwrap() > 0, "{detect:?}");
+    assert_eq!(detect[5], "0", "no timeouts with detection: {detect:?}");
+    let wait_die = row("wait-die");
+    assert!(wait_die[4].parse::<u64>().unwrap() > 0, "{wait_die:?}");
+    let off = row("timeouts");
+    // "timeouts only": the label is two words.
+    assert!(off[6].parse::<u64>().unwrap() > 0, "timeouts without detection: {off:?}");
 }

@@ -323,12 +323,19 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             }
         }
     });
-    tokio::spawn(deadlock::run(
-        shared.clone(),
-        waits,
-        detector_rx,
-        Duration::from_millis(cfg.deadlock_edge_ttl_ms),
-    ));
+    if cfg.deadlock_detection {
+        tokio::spawn(deadlock::run(
+            shared.clone(),
+            waits,
+            detector_rx,
+            Duration::from_millis(cfg.deadlock_edge_ttl_ms),
+        ));
+    } else {
+        tracing::warn!(
+            "deadlock detection is off: cycles of lock waits last until the prepare timeout"
+        );
+        drop((waits, detector_rx));
+    }
     let (recovered, scanned) = recover(&shared, from).await?;
     tracing::info!(recovered, scanned, from = ?from, "recovery done");
     if let Some(store) = state {

@@ -233,6 +233,10 @@ pub struct Options {
     /// abort (never past the command's deadline). Under `wait-die` only an older
     /// transaction waits; under `no-wait` none does.
     pub lock_wait: Duration,
+    /// Chaos: hold each command for a random time up to this before handling it, as a
+    /// network with jitter does (commands of concurrent transactions then reach services in
+    /// different orders, which is how cycles of lock waits form). Zero, the default: none.
+    pub jitter: Duration,
 }
 
 impl Default for Options {
@@ -247,6 +251,7 @@ impl Default for Options {
             finished_record_ttl: None,
             in_doubt_after: Duration::from_secs(10),
             lock_wait: Duration::from_secs(10),
+            jitter: Duration::ZERO,
         }
     }
 }
@@ -555,6 +560,13 @@ async fn handle<P: Participant>(ctx: &Ctx<P>, msg: &jetstream::Message) {
         tracing::warn!(service = %cmd.service, "command for another service terminated");
         let _ = msg.ack_with(jetstream::AckKind::Term).await;
         return;
+    }
+    if !ctx.options.jitter.is_zero() {
+        use std::hash::BuildHasher;
+        // A fresh RandomState draws new keys: a random number per command.
+        let r = std::collections::hash_map::RandomState::new().hash_one(&cmd.txn_id);
+        let ms = r % (ctx.options.jitter.as_millis() as u64 + 1);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     let branch = locks::BranchId {
         txn_id: cmd.txn_id.clone(),
