@@ -471,5 +471,8 @@ fn the_deadlock_demo_shows_detection_prevention_and_timeouts_and_keeps_its_invar
     assert!(wait_die[4].parse::<u64>().unwrap() > 0, "{wait_die:?}");
     let off = row("timeouts");
     // "timeouts only": the label is two words.
-    assert!(off[6].parse::<u64>().unwrap() > 0, "timeouts without detection: {off:?}");
+    assert!(
+        off[6].parse::<u64>().unwrap() > 0,
+        "timeouts without detection: {off:?}"
+    );
 }
