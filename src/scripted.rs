@@ -5,7 +5,9 @@
 //! Payload fields, all optional:
 //! - 2PC: `vote` (`ready`, the default, `read_only` or `abort`), `reason` (the abort text),
 //!   `reason_repeat` (the reason that many times over: a huge reason, for tests of bounded
-//!   records), `delay_ms` (sleep before voting).
+//!   records), `delay_ms` (sleep before voting), `locks` (names to hold exclusively in the
+//!   SDK's lock table from prepare to commit or abort), `commit_fail_times` (the first N
+//!   commits fail, and are retried).
 //! - Sagas: `execute` (`done`, the default; `fail`; `fail_retryable`; `flaky`, which fails
 //!   retryably `fail_times` times and then succeeds), `reason`, `delay_ms` (sleep before
 //!   executing), `compensate_fail_times` (the first N compensations fail),
@@ -76,6 +78,25 @@ impl Scripted {
 }
 
 impl Participant for Scripted {
+    fn locks(
+        &self,
+        _txn: &TxnContext,
+        _action: &str,
+        payload: &Value,
+    ) -> Vec<crate::participant::HeldLock> {
+        payload
+            .get("locks")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .map(|name| crate::participant::HeldLock {
+                resource: name.to_string(),
+                mode: crate::participant::LockMode::Exclusive,
+            })
+            .collect()
+    }
+
     async fn prepare(&self, txn: &TxnContext, _action: &str, payload: &Value) -> Vote {
         self.delay(payload).await;
         let vote = match payload.get("vote").and_then(Value::as_str) {
@@ -109,6 +130,15 @@ impl Participant for Scripted {
     }
 
     async fn commit(&self, txn: &TxnContext) -> Result<(), ServiceError> {
+        let times = txn
+            .payload
+            .get("commit_fail_times")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        if self.fail_again(txn, "commit", times) {
+            eprintln!("COMMIT FAILED txn_id={} step={}", txn.txn_id, txn.step);
+            return Err(ServiceError("scripted commit failure".into()));
+        }
         tracing::debug!(txn_id = %txn.txn_id, "commit");
         Ok(())
     }

@@ -476,3 +476,33 @@ fn the_deadlock_demo_shows_detection_prevention_and_timeouts_and_keeps_its_invar
         "timeouts without detection: {off:?}"
     );
 }
+
+/// A branch whose commit fails (and is retried) is still prepared: it keeps its locks
+/// until the commit goes through, then lets go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_branch_keeps_its_locks_while_its_commit_is_retried() {
+    let sys = System::start(&["s"], &[("TXCOORD_DEADLOCK", "no-wait")]).await;
+    let holder = json!({"service": "s", "action": "act",
+        "payload": {"locks": ["r"], "commit_fail_times": 3}});
+    sys.submit(&txn("kl-holder", vec![holder]), "kl-holder")
+        .await;
+    sys.participant_log("s")
+        .wait_for("COMMIT FAILED txn_id=kl-holder", Duration::from_secs(20))
+        .await;
+    let contender = json!({"service": "s", "action": "act", "payload": {"locks": ["r"]}});
+    sys.submit(
+        &txn("kl-contender", vec![contender.clone()]),
+        "kl-contender",
+    )
+    .await;
+    let refused = outcome(&sys, "kl-contender").await;
+    let (how, txns, _, resources) = deadlock_of(&refused);
+    assert_eq!(how, "prevented");
+    assert_eq!(txns, vec!["kl-contender", "kl-holder"], "r is still held");
+    assert_eq!(resources, vec!["r"]);
+    assert_eq!(outcome(&sys, "kl-holder").await.state, TxnState::Committed);
+    // Committed: r is free.
+    sys.submit(&txn("kl-after", vec![contender]), "kl-after")
+        .await;
+    assert_eq!(outcome(&sys, "kl-after").await.state, TxnState::Committed);
+}

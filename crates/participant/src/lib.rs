@@ -593,10 +593,16 @@ async fn handle<P: Participant>(ctx: &Ctx<P>, msg: &jetstream::Message) {
     let span = tracing::info_span!("branch", txn_id = %cmd.txn_id, step = cmd.step, kind = cmd.kind.as_str());
     async {
         let applied = apply(ctx, &cmd).await;
-        // Held only while prepared: a refusal, a read-only vote, an unrecorded prepare
-        // (it is run again) and a branch's end all let go.
-        let prepared = matches!(&applied, Ok(a) if cmd.kind == CommandKind::Prepare && a.outcome == ReplyOutcome::Ready);
-        if !prepared && matches!(cmd.kind, CommandKind::Prepare | CommandKind::Commit | CommandKind::Abort) {
+        // Locks are held while the branch may be prepared: a refusal, a read-only vote and
+        // the branch's end (commit or abort applied) let go. A command that failed lets go
+        // of nothing: the branch may be prepared (a commit to retry, a redelivered prepare
+        // that could not read its record), and its redelivery or its abort settles it.
+        let ends = match (&applied, cmd.kind) {
+            (Ok(a), CommandKind::Prepare) => a.outcome != ReplyOutcome::Ready,
+            (Ok(_), CommandKind::Commit | CommandKind::Abort) => true,
+            _ => false,
+        };
+        if ends {
             ctx.locks.release(&branch);
         }
         match applied {
