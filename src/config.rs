@@ -153,6 +153,9 @@ pub struct Config {
     /// until the prepare timeout, as they would without txcoord's help (the deadlock demo
     /// shows the difference).
     pub deadlock_detection: bool,
+    /// `txcoord http-bridge`: the HTTP services it joins to transactions, by service name
+    /// (`[http_services.<name>]`, with at least `url`).
+    pub http_services: std::collections::BTreeMap<String, txcoord_http::HttpServiceConfig>,
 }
 
 impl Default for Config {
@@ -194,6 +197,7 @@ impl Default for Config {
             deadlock: crate::proto::DeadlockPolicy::Detect,
             deadlock_edge_ttl_ms: 5_000,
             deadlock_detection: true,
+            http_services: Default::default(),
         }
     }
 }

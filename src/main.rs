@@ -91,6 +91,13 @@ enum Cmd {
         #[arg(long, default_value = "txcoord-auth")]
         out: PathBuf,
     },
+    /// Join the HTTP services of `[http_services.<name>]` to transactions: one SDK
+    /// participant per service, forwarding each command to `POST {url}/<kind>`.
+    HttpBridge {
+        /// Commands handled at once, per service.
+        #[arg(long, default_value_t = 256)]
+        concurrency: usize,
+    },
     /// Run the built-in scripted participant (each step's payload says how it votes).
     Participant {
         /// The service name to serve.
@@ -247,6 +254,53 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<ExitCode> {
                 .submitting_as(&cfg.submit_as);
             let ev = client.status(&txn_id).await?;
             println!("{}", serde_json::to_string(&ev)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::HttpBridge { concurrency } => {
+            if cfg.http_services.is_empty() {
+                anyhow::bail!(
+                    "no HTTP services: add [http_services.<name>] with a url to the configuration"
+                );
+            }
+            let mut bridges = Vec::new();
+            for (name, svc) in &cfg.http_services {
+                let participant = txcoord_http::HttpParticipant::new(name, svc.clone())?;
+                let nc = txcoord::nats::connect_config(&cfg, &format!("txcoord-http-{name}"), true)
+                    .await?;
+                let options = txcoord::participant::Options {
+                    prefix: cfg.subject_prefix.clone(),
+                    max_concurrent: concurrency,
+                    replicas: cfg.stream_replicas,
+                    in_doubt_after: Duration::from_millis(cfg.in_doubt_after_ms),
+                    ..Default::default()
+                };
+                let name = name.clone();
+                bridges.push(tokio::spawn(async move {
+                    let r = txcoord::participant::run(
+                        nc,
+                        &name,
+                        participant,
+                        options,
+                        shutdown_signal(),
+                    )
+                    .await;
+                    (name, r)
+                }));
+            }
+            println!(
+                "http-bridge ready: {}",
+                cfg.http_services
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            for b in bridges {
+                let (name, r) = b.await?;
+                if let Err(e) = r {
+                    anyhow::bail!("http service {name}: {e}");
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Participant {

@@ -16,7 +16,8 @@ at abort. The branch's state and every answer live in one SQLite file, written i
 transaction with the effect, so a restart loses nothing and repeats nothing.
 
 Test knobs in the payload: "refuse" (a reason: answer 409), "fail_times" (answer 503 that
-many times per key first), "delay_ms" (sleep before answering), "malformed" ("not_json",
+many times per key first), "delay_ms" (sleep before answering), "commit_delay_ms" (sleep
+before answering a commit only), "read_only" (vote read-only), "malformed" ("not_json",
 "huge", "redirect", "content_type": a broken answer, for the bridge's error handling).
 
 GET /shipments returns every booking with how many times its commit was applied.
@@ -89,7 +90,7 @@ class Handler(BaseHTTPRequestHandler):
         if not key:
             return self.answer(400, {"error": "no Idempotency-Key header"})
         payload = req.get("payload") or {}
-        delay = payload.get("delay_ms")
+        delay = payload.get("delay_ms") or (payload.get("commit_delay_ms") if kind == "commit" else 0)
         if delay:
             time.sleep(delay / 1000.0)
         broken = payload.get("malformed")

@@ -113,6 +113,9 @@ pub struct TxnContext {
     pub attempt: u32,
     /// Sagas, on compensate: the compensating action the request named, if any.
     pub compensate_action: Option<String>,
+    /// Unix milliseconds after which the coordinator no longer waits for this prepare or
+    /// execute (0 on commit, abort and compensate: those are waited for until confirmed).
+    pub deadline_ms: u64,
 }
 
 /// What a saga step's `execute` did.
@@ -990,6 +993,7 @@ async fn apply<P: Participant>(
         payload: cmd.payload.clone(),
         attempt: cmd.attempt,
         compensate_action: cmd.compensate_action.clone(),
+        deadline_ms: cmd.deadline_ms,
     };
     for _ in 0..16 {
         let current = load(&ctx.store.kv, &key).await?;

@@ -1,0 +1,248 @@
+//! HTTP participants with real processes: the `shipping` service (Python, standard library
+//! only, an SQLite store; `participants/http/shipping.py`) on a loopback port, joined to
+//! transactions by `txcoord http-bridge`. Shown: a commit; a 409 refusal with its reason;
+//! 503 twice then 200; a service slower than the prepare timeout (timeout names it);
+//! malformed answers (not JSON, a huge body, a redirect, a wrong content type) each a clear
+//! refusal, never a yes; the service killed after voting and restarted (its commit applied
+//! exactly once); the bridge killed mid-commit and restarted (the commit completes, once).
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{Proc, System, python};
+use serde_json::{Value, json};
+use txcoord::proto::{Reason, TransactionEvent, TxnState};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+struct Http {
+    sys: System,
+    shipping: Proc,
+    bridge: Proc,
+    port: u16,
+}
+
+fn shipping(dir: &Path, port: u16) -> Proc {
+    let script = format!(
+        "{}/participants/http/shipping.py",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let db = dir.join("shipping.sqlite").display().to_string();
+    Proc::spawn_bin(
+        &python(),
+        dir,
+        "shipping",
+        &[script.as_str(), "--port", &port.to_string(), "--db", &db],
+        &[],
+    )
+}
+
+fn bridge(sys: &System, config: &Path) -> Proc {
+    let url = sys.nats.url();
+    Proc::spawn(
+        sys.dir.path(),
+        "bridge",
+        &["http-bridge", "--config", &config.display().to_string()],
+        &[("TXCOORD_NATS_URL", url.as_str())],
+    )
+}
+
+async fn start() -> Http {
+    let sys = System::start(&["a"], &[]).await;
+    let port = free_port();
+    let shipping = shipping(sys.dir.path(), port);
+    shipping
+        .wait_for("shipping ready", Duration::from_secs(20))
+        .await;
+    let config = sys.dir.path().join("bridge.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[http_services.shipping]\nurl = \"http://127.0.0.1:{port}\"\ntimeout_ms = 3000\nretry_base_ms = 50\nretry_cap_ms = 500\n"
+        ),
+    )
+    .unwrap();
+    let bridge = bridge(&sys, &config);
+    bridge
+        .wait_for("participant ready", Duration::from_secs(30))
+        .await;
+    Http {
+        sys,
+        shipping,
+        bridge,
+        port,
+    }
+}
+
+fn order(id: &str, shipping: Value) -> Value {
+    json!({"txn_id": id, "mode": "2pc", "steps": [
+        {"service": "a", "action": "act", "payload": {}},
+        {"service": "shipping", "action": "ship", "payload": shipping},
+    ]})
+}
+
+async fn shipments(port: u16) -> Vec<Value> {
+    reqwest::get(format!("http://127.0.0.1:{port}/shipments"))
+        .await
+        .expect("GET /shipments")
+        .json::<Vec<Value>>()
+        .await
+        .expect("JSON")
+}
+
+async fn shipment(port: u16, txn: &str) -> Option<Value> {
+    shipments(port)
+        .await
+        .into_iter()
+        .find(|s| s["branch"] == format!("{txn}:1"))
+}
+
+fn refusal(ev: &TransactionEvent) -> String {
+    match &ev.reason {
+        Some(Reason::VoteAbort {
+            service, message, ..
+        }) => {
+            assert_eq!(service, "shipping");
+            message.clone()
+        }
+        other => panic!("{} ended {:?}: {other:?}", ev.txn_id, ev.state),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_a_refusal_and_a_service_that_answers_503_twice() {
+    let h = start().await;
+    let ok = h.sys.run(order("h-ok", json!({"order_id": "o1"}))).await;
+    assert_eq!(ok.state, TxnState::Committed, "{ok:?}");
+    let s = shipment(h.port, "h-ok").await.expect("booked");
+    assert_eq!(s["state"], "shipped");
+    assert_eq!(s["commits"], 1);
+
+    let no = h
+        .sys
+        .run(order(
+            "h-409",
+            json!({"order_id": "o2", "refuse": "no courier for this address"}),
+        ))
+        .await;
+    assert_eq!(no.state, TxnState::Aborted);
+    assert_eq!(refusal(&no), "no courier for this address");
+
+    let flaky = h
+        .sys
+        .run(order("h-503", json!({"order_id": "o3", "fail_times": 2})))
+        .await;
+    assert_eq!(flaky.state, TxnState::Committed, "{flaky:?}");
+    assert_eq!(shipment(h.port, "h-503").await.unwrap()["commits"], 1);
+
+    let ro = h
+        .sys
+        .run(order("h-ro", json!({"order_id": "o4", "read_only": true})))
+        .await;
+    assert_eq!(ro.state, TxnState::Committed);
+    assert_eq!(ro.steps[1].vote, Some(txcoord::proto::Vote::ReadOnly));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_slower_than_the_prepare_timeout_is_named_by_the_timeout() {
+    let h = start().await;
+    let mut req = order("h-slow", json!({"order_id": "o5", "delay_ms": 4000}));
+    req["timeout_ms"] = json!(1500);
+    let ev = h.sys.run(req).await;
+    assert_eq!(ev.state, TxnState::Aborted);
+    match &ev.reason {
+        Some(Reason::Timeout { services, .. }) => assert_eq!(services, &vec!["shipping"]),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_answers_are_clear_refusals_never_a_yes() {
+    let h = start().await;
+    for (knob, says) in [
+        ("not_json", "not JSON"),
+        ("huge", "a body over 65536 bytes"),
+        ("redirect", "redirects are not followed"),
+        ("content_type", "not application/json"),
+    ] {
+        let id = format!("h-bad-{knob}");
+        let ev = h
+            .sys
+            .run(order(&id, json!({"order_id": id, "malformed": knob})))
+            .await;
+        assert_eq!(ev.state, TxnState::Aborted, "{knob}: {ev:?}");
+        let why = refusal(&ev);
+        assert!(why.contains(says), "{knob}: {why}");
+        assert!(
+            why.starts_with("shipping: prepare answered"),
+            "{knob}: {why}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_killed_after_voting_gets_its_commit_exactly_once_when_back() {
+    let mut h = start().await;
+    // The other step votes late, so the shipping vote is in before the decision.
+    let req = json!({"txn_id": "h-kill-svc", "mode": "2pc", "steps": [
+        {"service": "a", "action": "act", "payload": {"delay_ms": 1500}},
+        {"service": "shipping", "action": "ship", "payload": {"order_id": "o6"}},
+    ]});
+    h.sys.submit(&req, "h-kill-svc").await;
+    let start = Instant::now();
+    while shipment(h.port, "h-kill-svc").await.is_none() {
+        assert!(start.elapsed() < Duration::from_secs(10), "never prepared");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    h.shipping.kill9();
+    // The decision is commit; the bridge cannot reach the service and keeps trying.
+    h.sys
+        .wait_state("h-kill-svc", |e| e.state == TxnState::Committing)
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    h.shipping.restart();
+    let ev = h
+        .sys
+        .wait_state("h-kill-svc", |e| e.state.is_terminal())
+        .await;
+    assert_eq!(ev.state, TxnState::Committed);
+    let s = shipment(h.port, "h-kill-svc").await.unwrap();
+    assert_eq!(s["state"], "shipped");
+    assert_eq!(s["commits"], 1, "applied exactly once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bridge_killed_mid_commit_finishes_it_after_a_restart() {
+    let mut h = start().await;
+    h.sys
+        .submit(
+            &order(
+                "h-kill-br",
+                json!({"order_id": "o7", "commit_delay_ms": 1500}),
+            ),
+            "h-kill-br",
+        )
+        .await;
+    h.sys
+        .wait_state("h-kill-br", |e| e.state == TxnState::Committing)
+        .await;
+    // The commit is on its way to the service (which takes 1.5 s to answer): kill the bridge.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    h.bridge.kill9();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    h.bridge.restart();
+    let ev = h
+        .sys
+        .wait_state("h-kill-br", |e| e.state.is_terminal())
+        .await;
+    assert_eq!(ev.state, TxnState::Committed);
+    let s = shipment(h.port, "h-kill-br").await.unwrap();
+    assert_eq!(s["commits"], 1, "the repeated commit answered from its key");
+}
