@@ -156,6 +156,9 @@ pub struct Config {
     /// `txcoord http-bridge`: the HTTP services it joins to transactions, by service name
     /// (`[http_services.<name>]`, with at least `url`).
     pub http_services: std::collections::BTreeMap<String, txcoord_http::HttpServiceConfig>,
+    /// Where `txcoord serve` serves the HTTP front door (`POST /v1/transactions`, `GET
+    /// /v1/transactions/{id}`), as `host:port`; empty (the default): nowhere.
+    pub http_listen: String,
 }
 
 impl Default for Config {
@@ -198,6 +201,7 @@ impl Default for Config {
             deadlock_edge_ttl_ms: 5_000,
             deadlock_detection: true,
             http_services: Default::default(),
+            http_listen: String::new(),
         }
     }
 }

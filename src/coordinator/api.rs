@@ -37,6 +37,8 @@ const QUEUE: &str = "q";
 /// The running API; dropping it stops the endpoints.
 pub struct ApiHandle {
     tasks: Vec<JoinHandle<()>>,
+    /// The one outcome waiter the API's executes use (the HTTP front door uses it too).
+    pub outcomes: Outcomes,
 }
 
 impl Drop for ApiHandle {
@@ -204,7 +206,7 @@ pub async fn start(
             }
         }));
     }
-    Ok(ApiHandle { tasks })
+    Ok(ApiHandle { tasks, outcomes })
 }
 
 /// Whether `reply` may receive an API answer: it starts with one of `prefixes` (as
@@ -264,23 +266,8 @@ async fn handle_execute(outcomes: Outcomes, shared: Arc<Shared>, req: Req) {
     // are recorded and rejected exactly like any other submission.
     let (txn_id, body, timeout_ms) = match (parsed.result, parsed.txn_id) {
         (Ok(mut request), _) => {
-            // An id the client chose may be taken: by this very request (a retry, answered
-            // with its outcome below) or by another one, which is an error, not its outcome.
-            if let Some(id) = &request.txn_id
-                && let Ok(Some((first, _))) = first_record(&shared, id).await
-                && !RequestShape::of_request(&request).matches(&RequestShape::of_accepted(&first))
-            {
-                let state = last_event(&shared, id)
-                    .await
-                    .map(|e| format!("{:?}", e.state).to_lowercase())
-                    .unwrap_or_else(|| "unknown".into());
-                return respond(
-                    &req,
-                    error_body(format!(
-                        "txn_id {id} is taken by another request, which is {state}; this request was not run"
-                    )),
-                )
-                .await;
+            if let Some(why) = taken(&shared, &request).await {
+                return respond(&req, error_body(why)).await;
             }
             let id = request
                 .txn_id
@@ -298,43 +285,88 @@ async fn handle_execute(outcomes: Outcomes, shared: Arc<Shared>, req: Req) {
         ),
         (Err(e), None) => return respond(&req, error_body(e.to_string())).await,
     };
-    // Waiting starts before the publish, so the outcome cannot slip past.
-    let watch = outcomes.watch(&txn_id);
-    if let Err(e) = publish_durable(
-        &shared.js,
-        &submit,
-        &txn_id,
-        body,
-        Expect::default(),
-        Some(5),
-    )
-    .await
+    let body = match publish_and_wait(&outcomes, &shared, &submit, &txn_id, body, Some(timeout_ms))
+        .await
     {
-        return respond(&req, error_body(format!("submission not accepted: {e}"))).await;
+        Ran::Event(ev) => to_bytes(&*ev),
+        Ran::Accepted => error_body(format!("no outcome for {txn_id}")),
+        Ran::NoOutcome(wait) => error_body(format!(
+            "no outcome for {txn_id} within {wait:?}; ask txn.api.status later"
+        )),
+        Ran::NotAccepted(e) => error_body(format!("submission not accepted: {e}")),
+    };
+    respond(&req, body).await
+}
+
+/// Why a valid request may not run: its txn_id is taken by another request (a retry of the
+/// same request is not: it is answered with its outcome).
+pub(crate) async fn taken(
+    shared: &Shared,
+    request: &crate::proto::TransactionRequest,
+) -> Option<String> {
+    let id = request.txn_id.as_ref()?;
+    let Ok(Some((first, _))) = first_record(shared, id).await else {
+        return None;
+    };
+    if RequestShape::of_request(request).matches(&RequestShape::of_accepted(&first)) {
+        return None;
     }
+    let state = last_event(shared, id)
+        .await
+        .map(|e| format!("{:?}", e.state).to_lowercase())
+        .unwrap_or_else(|| "unknown".into());
+    Some(format!(
+        "txn_id {id} is taken by another request, which is {state}; this request was not run"
+    ))
+}
+
+/// How a submission went.
+pub(crate) enum Ran {
+    /// The final event (a resubmission's recorded one), or, when no outcome came in time,
+    /// the latest state the log has.
+    Event(Box<TransactionEvent>),
+    /// In the submit stream; not waited for.
+    Accepted,
+    /// Waited this long, and the log has nothing yet.
+    NoOutcome(Duration),
+    /// JetStream did not take it.
+    NotAccepted(String),
+}
+
+/// Publishes a submission (idempotently: its txn_id is its message id) and, with
+/// `wait_for` (the request's prepare timeout), waits for its outcome.
+pub(crate) async fn publish_and_wait(
+    outcomes: &Outcomes,
+    shared: &Shared,
+    submit: &str,
+    txn_id: &str,
+    body: Bytes,
+    wait_for: Option<u64>,
+) -> Ran {
+    // Waiting starts before the publish, so the outcome cannot slip past.
+    let watch = outcomes.watch(txn_id);
+    if let Err(e) =
+        publish_durable(&shared.js, submit, txn_id, body, Expect::default(), Some(5)).await
+    {
+        return Ran::NotAccepted(e.to_string());
+    }
+    let Some(timeout_ms) = wait_for else {
+        return Ran::Accepted;
+    };
     // Already finished (a resubmission): the recorded outcome is the answer.
-    if let Some(ev) = last_event(&shared, &txn_id).await
+    if let Some(ev) = last_event(shared, txn_id).await
         && ev.state.is_outcome()
     {
-        return respond(&req, to_bytes(&ev)).await;
+        return Ran::Event(Box::new(ev));
     }
     let wait = Duration::from_millis(timeout_ms.saturating_add(30_000));
-    let answer = match watch.outcome(wait).await {
-        Ok(ev) => Some(ev),
+    match watch.outcome(wait).await {
+        Ok(ev) => Ran::Event(Box::new(ev)),
         // No outcome in time: the latest state the log has, if any.
-        Err(_) => last_event(&shared, &txn_id).await,
-    };
-    match answer {
-        Some(ev) => respond(&req, to_bytes(&ev)).await,
-        None => {
-            respond(
-                &req,
-                error_body(format!(
-                    "no outcome for {txn_id} within {wait:?}; ask txn.api.status later"
-                )),
-            )
-            .await
-        }
+        Err(_) => match last_event(shared, txn_id).await {
+            Some(ev) => Ran::Event(Box::new(ev)),
+            None => Ran::NoOutcome(wait),
+        },
     }
 }
 

@@ -12,6 +12,7 @@
 pub mod api;
 pub mod checkpoint;
 pub mod deadlock;
+pub mod http;
 pub mod lease;
 pub mod limits;
 pub mod prometheus;
@@ -71,6 +72,14 @@ pub enum CoordinatorError {
     /// The metrics endpoint could not listen.
     #[error("metrics_listen {addr}: {source}")]
     Metrics {
+        /// The address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The HTTP front door could not listen.
+    #[error("http_listen {addr}: {source}")]
+    Http {
         /// The address.
         addr: String,
         /// Why.
@@ -268,6 +277,22 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let subjects = cfg.subjects();
     let streams = ensure_streams(&js, &subjects, &crate::nats::stream_settings(&cfg)).await?;
     let mut shutdown = std::pin::pin!(shutdown);
+    // The front door listens from now on, answering 503 until this coordinator is active.
+    let (front_door, ready) = tokio::sync::watch::channel(None);
+    if !cfg.http_listen.is_empty() {
+        let listener = tokio::net::TcpListener::bind(&cfg.http_listen)
+            .await
+            .map_err(|source| CoordinatorError::Http {
+                addr: cfg.http_listen.clone(),
+                source,
+            })?;
+        tracing::info!(addr = %cfg.http_listen, "HTTP front door at /v1/transactions");
+        tokio::spawn(async move {
+            if let Err(e) = http::serve(listener, ready).await {
+                tracing::error!(error = %e, "the HTTP front door stopped");
+            }
+        });
+    }
     let lease = match lease::acquire(
         &js,
         &cfg.subject_prefix,
@@ -351,6 +376,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let replies = reply_consumer(&shared).await?;
     let submissions = submit_consumer(&shared).await?;
     let api = api::start(client.clone(), shared.clone()).await?;
+    let _ = front_door.send(Some(http::Active {
+        shared: shared.clone(),
+        outcomes: api.outcomes.clone(),
+    }));
     if !cfg.metrics_listen.is_empty() {
         let listener = tokio::net::TcpListener::bind(&cfg.metrics_listen)
             .await
