@@ -56,6 +56,12 @@ async fn get(base: &str, id: &str) -> (u16, Value) {
 }
 
 fn assert_error(status: u16, body: &Value, want: u16, kind: &str) {
+    common::check(
+        &common::validator("api-error"),
+        "api-error",
+        "the front door",
+        body,
+    );
     assert_eq!(status, want, "{body}");
     assert_eq!(body["status"], want, "{body}");
     assert_eq!(body["kind"], kind, "{body}");
