@@ -210,6 +210,17 @@ fn main() -> ExitCode {
     }
 }
 
+/// The SDK's settings for a participant this binary runs, from the configuration.
+fn sdk_options(cfg: &Config, concurrency: usize) -> txcoord::participant::Options {
+    txcoord::participant::Options {
+        prefix: cfg.subject_prefix.clone(),
+        max_concurrent: concurrency,
+        replicas: cfg.stream_replicas,
+        in_doubt_after: Duration::from_millis(cfg.in_doubt_after_ms),
+        ..Default::default()
+    }
+}
+
 async fn run(cli: Cli, cfg: Config) -> anyhow::Result<ExitCode> {
     match cli.command {
         Cmd::Bench(args) => {
@@ -267,13 +278,7 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<ExitCode> {
                 let participant = txcoord_http::HttpParticipant::new(name, svc.clone())?;
                 let nc = txcoord::nats::connect_config(&cfg, &format!("txcoord-http-{name}"), true)
                     .await?;
-                let options = txcoord::participant::Options {
-                    prefix: cfg.subject_prefix.clone(),
-                    max_concurrent: concurrency,
-                    replicas: cfg.stream_replicas,
-                    in_doubt_after: Duration::from_millis(cfg.in_doubt_after_ms),
-                    ..Default::default()
-                };
+                let options = sdk_options(&cfg, concurrency);
                 let name = name.clone();
                 bridges.push(tokio::spawn(async move {
                     let r = txcoord::participant::run(
@@ -317,12 +322,8 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<ExitCode> {
             )
             .await?;
             let options = txcoord::participant::Options {
-                prefix: cfg.subject_prefix.clone(),
-                max_concurrent: concurrency,
-                replicas: cfg.stream_replicas,
-                in_doubt_after: Duration::from_millis(cfg.in_doubt_after_ms),
                 finished_record_ttl: finished_record_ttl_secs.map(Duration::from_secs),
-                ..Default::default()
+                ..sdk_options(&cfg, concurrency)
             };
             let mut p = txcoord::scripted::Scripted::new(Duration::from_millis(delay_ms));
             if quiet {

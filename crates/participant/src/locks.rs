@@ -173,6 +173,16 @@ impl Resource {
     }
 }
 
+/// The edge to `holder` (its txn id and `lock_ts`) for `resource`.
+fn edge(holder: &(String, u64), resource: &str, withdrawn: bool) -> EdgeChange {
+    EdgeChange {
+        holder: holder.0.clone(),
+        holder_ts: holder.1,
+        resource: resource.to_string(),
+        withdrawn,
+    }
+}
+
 /// What a branch asks for: deduplicated (exclusive wins) and in name order.
 fn normalized(locks: &[HeldLock]) -> Vec<HeldLock> {
     let mut by_name: std::collections::BTreeMap<&str, LockMode> = Default::default();
@@ -321,21 +331,11 @@ impl LockTable {
                     .unwrap_or_default()
             };
             for gone in reported.iter().filter(|r| !blockers.contains(r)) {
-                report(EdgeChange {
-                    holder: gone.0.clone(),
-                    holder_ts: gone.1,
-                    resource: lock.resource.clone(),
-                    withdrawn: true,
-                });
+                report(edge(gone, &lock.resource, true));
             }
             // Every current edge, new or not: a repeat refreshes it at the coordinator.
             for b in &blockers {
-                report(EdgeChange {
-                    holder: b.0.clone(),
-                    holder_ts: b.1,
-                    resource: lock.resource.clone(),
-                    withdrawn: false,
-                });
+                report(edge(b, &lock.resource, false));
             }
             reported = blockers;
             tokio::select! {
@@ -345,12 +345,7 @@ impl LockTable {
             }
         };
         for gone in &reported {
-            report(EdgeChange {
-                holder: gone.0.clone(),
-                holder_ts: gone.1,
-                resource: lock.resource.clone(),
-                withdrawn: true,
-            });
+            report(edge(gone, &lock.resource, true));
         }
         let mut guard = self.table();
         let t = &mut *guard;

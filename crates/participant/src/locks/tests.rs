@@ -44,19 +44,25 @@ fn later(ms: u64) -> Instant {
 
 const NEVER: fn(EdgeChange) = |_| {};
 
+/// Takes `locks` for `txn`'s step 0 (age `ts`), waiting at most `ms`, reporting nowhere.
+async fn take(
+    t: &LockTable,
+    txn: &str,
+    ts: u64,
+    locks: &[HeldLock],
+    policy: DeadlockPolicy,
+    ms: u64,
+) -> Result<(), txcoord_proto::LockConflict> {
+    t.acquire(&b(txn), ts, locks, policy, later(ms), &NEVER)
+        .await
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_free_resource_is_granted_and_released() {
     let t = LockTable::default();
-    t.acquire(
-        &b("t1"),
-        1,
-        &x("alice"),
-        DeadlockPolicy::Detect,
-        later(10),
-        &NEVER,
-    )
-    .await
-    .unwrap();
+    take(&t, "t1", 1, &x("alice"), DeadlockPolicy::Detect, 10)
+        .await
+        .unwrap();
     assert_eq!(t.holders("alice"), vec![(b("t1"), LockMode::Exclusive)]);
     t.release(&b("t1"));
     assert!(t.holders("alice").is_empty());
@@ -78,15 +84,7 @@ async fn shared_holders_share_and_exclusive_waits_for_them() {
         .unwrap();
     }
     assert_eq!(t.holders("seat").len(), 2);
-    let err = t
-        .acquire(
-            &b("t3"),
-            1,
-            &x("seat"),
-            DeadlockPolicy::Detect,
-            later(100),
-            &NEVER,
-        )
+    let err = take(&t, "t3", 1, &x("seat"), DeadlockPolicy::Detect, 100)
         .await
         .unwrap_err();
     let mut holders = err.holders.clone();
@@ -98,16 +96,9 @@ async fn shared_holders_share_and_exclusive_waits_for_them() {
 #[tokio::test(start_paused = true)]
 async fn a_waiter_gets_the_lock_when_the_holder_releases_and_reports_then_withdraws_its_edge() {
     let t = Arc::new(LockTable::default());
-    t.acquire(
-        &b("t1"),
-        1,
-        &x("alice"),
-        DeadlockPolicy::Detect,
-        later(10),
-        &NEVER,
-    )
-    .await
-    .unwrap();
+    take(&t, "t1", 1, &x("alice"), DeadlockPolicy::Detect, 10)
+        .await
+        .unwrap();
     let (log, report) = recorder();
     let t2 = t.clone();
     let waiter = tokio::spawn(async move {
@@ -148,16 +139,9 @@ async fn a_waiter_gets_the_lock_when_the_holder_releases_and_reports_then_withdr
 #[tokio::test(start_paused = true)]
 async fn waiters_are_served_first_come_first_served() {
     let t = Arc::new(LockTable::default());
-    t.acquire(
-        &b("t0"),
-        0,
-        &x("r"),
-        DeadlockPolicy::Detect,
-        later(10),
-        &NEVER,
-    )
-    .await
-    .unwrap();
+    take(&t, "t0", 0, &x("r"), DeadlockPolicy::Detect, 10)
+        .await
+        .unwrap();
     let order = Arc::new(Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
     for (i, txn) in ["t1", "t2", "t3"].into_iter().enumerate() {
@@ -190,39 +174,17 @@ async fn waiters_are_served_first_come_first_served() {
 #[tokio::test(start_paused = true)]
 async fn a_new_shared_request_queues_behind_a_waiting_exclusive_one() {
     let t = Arc::new(LockTable::default());
-    t.acquire(
-        &b("t1"),
-        1,
-        &s("r"),
-        DeadlockPolicy::Detect,
-        later(10),
-        &NEVER,
-    )
-    .await
-    .unwrap();
-    let t2 = t.clone();
-    let writer = tokio::spawn(async move {
-        t2.acquire(
-            &b("t2"),
-            2,
-            &x("r"),
-            DeadlockPolicy::Detect,
-            later(60_000),
-            &NEVER,
-        )
+    take(&t, "t1", 1, &s("r"), DeadlockPolicy::Detect, 10)
         .await
-    });
+        .unwrap();
+    let t2 = t.clone();
+    let writer =
+        tokio::spawn(
+            async move { take(&t2, "t2", 2, &x("r"), DeadlockPolicy::Detect, 60_000).await },
+        );
     tokio::time::sleep(Duration::from_millis(5)).await;
     // No overtaking the writer, or a stream of readers would starve it.
-    let err = t
-        .acquire(
-            &b("t3"),
-            3,
-            &s("r"),
-            DeadlockPolicy::Detect,
-            later(50),
-            &NEVER,
-        )
+    let err = take(&t, "t3", 3, &s("r"), DeadlockPolicy::Detect, 50)
         .await
         .unwrap_err();
     assert_eq!(err.holders, vec!["t2".to_string()]);
@@ -237,16 +199,9 @@ async fn branches_of_one_transaction_do_not_block_each_other() {
         txn_id: "t1".into(),
         step: 1,
     };
-    t.acquire(
-        &b("t1"),
-        1,
-        &x("r"),
-        DeadlockPolicy::NoWait,
-        later(10),
-        &NEVER,
-    )
-    .await
-    .unwrap();
+    take(&t, "t1", 1, &x("r"), DeadlockPolicy::NoWait, 10)
+        .await
+        .unwrap();
     t.acquire(
         &other_step,
         1,
@@ -258,42 +213,20 @@ async fn branches_of_one_transaction_do_not_block_each_other() {
     .await
     .unwrap();
     // And asking again for what one holds is a no-op.
-    t.acquire(
-        &b("t1"),
-        1,
-        &x("r"),
-        DeadlockPolicy::NoWait,
-        later(10),
-        &NEVER,
-    )
-    .await
-    .unwrap();
+    take(&t, "t1", 1, &x("r"), DeadlockPolicy::NoWait, 10)
+        .await
+        .unwrap();
     assert_eq!(t.holders("r").len(), 2);
 }
 
 #[tokio::test(start_paused = true)]
 async fn no_wait_refuses_any_conflict_at_once() {
     let t = LockTable::default();
-    t.acquire(
-        &b("young"),
-        9,
-        &x("r"),
-        DeadlockPolicy::NoWait,
-        later(10),
-        &NEVER,
-    )
-    .await
-    .unwrap();
+    take(&t, "young", 9, &x("r"), DeadlockPolicy::NoWait, 10)
+        .await
+        .unwrap();
     let started = Instant::now();
-    let err = t
-        .acquire(
-            &b("old"),
-            1,
-            &x("r"),
-            DeadlockPolicy::NoWait,
-            later(60_000),
-            &NEVER,
-        )
+    let err = take(&t, "old", 1, &x("r"), DeadlockPolicy::NoWait, 60_000)
         .await
         .unwrap_err();
     assert_eq!(started.elapsed(), Duration::ZERO);
@@ -304,67 +237,30 @@ async fn no_wait_refuses_any_conflict_at_once() {
 #[tokio::test(start_paused = true)]
 async fn wait_die_lets_the_older_wait_and_the_younger_die() {
     let t = Arc::new(LockTable::default());
-    t.acquire(
-        &b("mid"),
-        5,
-        &x("r"),
-        DeadlockPolicy::WaitDie,
-        later(10),
-        &NEVER,
-    )
-    .await
-    .unwrap();
+    take(&t, "mid", 5, &x("r"), DeadlockPolicy::WaitDie, 10)
+        .await
+        .unwrap();
     // Younger than the holder: refused at once.
-    let err = t
-        .acquire(
-            &b("young"),
-            9,
-            &x("r"),
-            DeadlockPolicy::WaitDie,
-            later(60_000),
-            &NEVER,
-        )
+    let err = take(&t, "young", 9, &x("r"), DeadlockPolicy::WaitDie, 60_000)
         .await
         .unwrap_err();
     assert_eq!(err.policy, DeadlockPolicy::WaitDie);
     // Older: waits, and gets it.
     let t2 = t.clone();
-    let old = tokio::spawn(async move {
-        t2.acquire(
-            &b("old"),
-            1,
-            &x("r"),
-            DeadlockPolicy::WaitDie,
-            later(60_000),
-            &NEVER,
-        )
-        .await
-    });
+    let old =
+        tokio::spawn(
+            async move { take(&t2, "old", 1, &x("r"), DeadlockPolicy::WaitDie, 60_000).await },
+        );
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(t.waiting(), 1);
     t.release(&b("mid"));
     old.await.unwrap().unwrap();
     // Equal timestamps are ordered by txn id, so two never both wait for each other.
     t.release(&b("old"));
-    t.acquire(
-        &b("a"),
-        7,
-        &x("q"),
-        DeadlockPolicy::WaitDie,
-        later(10),
-        &NEVER,
-    )
-    .await
-    .unwrap();
-    let err = t
-        .acquire(
-            &b("b"),
-            7,
-            &x("q"),
-            DeadlockPolicy::WaitDie,
-            later(10),
-            &NEVER,
-        )
+    take(&t, "a", 7, &x("q"), DeadlockPolicy::WaitDie, 10)
+        .await
+        .unwrap();
+    let err = take(&t, "b", 7, &x("q"), DeadlockPolicy::WaitDie, 10)
         .await
         .unwrap_err();
     assert_eq!(err.holders, vec!["a".to_string()]);
@@ -373,28 +269,14 @@ async fn wait_die_lets_the_older_wait_and_the_younger_die() {
 #[tokio::test(start_paused = true)]
 async fn a_cancelled_wait_refuses_and_leaves_the_queue() {
     let t = Arc::new(LockTable::default());
-    t.acquire(
-        &b("t1"),
-        1,
-        &x("r"),
-        DeadlockPolicy::Detect,
-        later(10),
-        &NEVER,
-    )
-    .await
-    .unwrap();
-    let t2 = t.clone();
-    let waiter = tokio::spawn(async move {
-        t2.acquire(
-            &b("t2"),
-            2,
-            &x("r"),
-            DeadlockPolicy::Detect,
-            later(60_000),
-            &NEVER,
-        )
+    take(&t, "t1", 1, &x("r"), DeadlockPolicy::Detect, 10)
         .await
-    });
+        .unwrap();
+    let t2 = t.clone();
+    let waiter =
+        tokio::spawn(
+            async move { take(&t2, "t2", 2, &x("r"), DeadlockPolicy::Detect, 60_000).await },
+        );
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert!(t.cancel(&b("t2")));
     assert!(waiter.await.unwrap().is_err());
@@ -410,28 +292,14 @@ async fn a_cancelled_wait_refuses_and_leaves_the_queue() {
 #[tokio::test(start_paused = true)]
 async fn a_refusal_releases_what_the_same_prepare_already_took() {
     let t = LockTable::default();
-    t.acquire(
-        &b("t1"),
-        1,
-        &x("b"),
-        DeadlockPolicy::NoWait,
-        later(10),
-        &NEVER,
-    )
-    .await
-    .unwrap();
+    take(&t, "t1", 1, &x("b"), DeadlockPolicy::NoWait, 10)
+        .await
+        .unwrap();
     let mut both = x("a");
     both.extend(x("b"));
-    t.acquire(
-        &b("t2"),
-        2,
-        &both,
-        DeadlockPolicy::NoWait,
-        later(10),
-        &NEVER,
-    )
-    .await
-    .unwrap_err();
+    take(&t, "t2", 2, &both, DeadlockPolicy::NoWait, 10)
+        .await
+        .unwrap_err();
     assert!(
         t.holders("a").is_empty(),
         "a was taken first, then given back"
@@ -442,15 +310,7 @@ async fn a_refusal_releases_what_the_same_prepare_already_took() {
 async fn restored_locks_block_like_taken_ones() {
     let t = LockTable::default();
     t.grant(&b("prepared-before-restart"), 1, &x("alice"));
-    let err = t
-        .acquire(
-            &b("t2"),
-            2,
-            &x("alice"),
-            DeadlockPolicy::NoWait,
-            later(10),
-            &NEVER,
-        )
+    let err = take(&t, "t2", 2, &x("alice"), DeadlockPolicy::NoWait, 10)
         .await
         .unwrap_err();
     assert_eq!(err.holders, vec!["prepared-before-restart".to_string()]);
@@ -459,28 +319,14 @@ async fn restored_locks_block_like_taken_ones() {
 #[tokio::test(start_paused = true)]
 async fn a_waiter_reports_the_waiters_ahead_of_it_too() {
     let t = Arc::new(LockTable::default());
-    t.acquire(
-        &b("t1"),
-        1,
-        &x("r"),
-        DeadlockPolicy::Detect,
-        later(10),
-        &NEVER,
-    )
-    .await
-    .unwrap();
-    let t2 = t.clone();
-    let _first = tokio::spawn(async move {
-        t2.acquire(
-            &b("t2"),
-            2,
-            &x("r"),
-            DeadlockPolicy::Detect,
-            later(60_000),
-            &NEVER,
-        )
+    take(&t, "t1", 1, &x("r"), DeadlockPolicy::Detect, 10)
         .await
-    });
+        .unwrap();
+    let t2 = t.clone();
+    let _first =
+        tokio::spawn(
+            async move { take(&t2, "t2", 2, &x("r"), DeadlockPolicy::Detect, 60_000).await },
+        );
     tokio::time::sleep(Duration::from_millis(5)).await;
     let (log, report) = recorder();
     let t3 = t.clone();
