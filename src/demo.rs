@@ -53,6 +53,14 @@ pub struct DemoArgs {
     /// `--scenario deadlock`: transfers per run (a third of them without detection).
     #[arg(long, default_value_t = 240)]
     pub transfers: usize,
+    /// Leave out the fourth step, shipping (an HTTP service joined by `txcoord
+    /// http-bridge`; it needs Python 3: TXCOORD_PYTHON, else python3).
+    #[arg(long)]
+    pub no_shipping: bool,
+    /// With --external: the shipping service's URL (its GET /shipments is read for the
+    /// invariants); without it an external run has no shipping step.
+    #[arg(long)]
+    pub shipping_url: Option<String>,
 }
 
 const STOCK: &[(&str, u64, u64)] = &[
@@ -90,7 +98,7 @@ struct Order {
     amount: u64,
 }
 
-fn generate(n: usize, seed: u64, prefix_id: &str, saga: bool) -> Vec<Order> {
+fn generate(n: usize, seed: u64, prefix_id: &str, saga: bool, shipping: bool) -> Vec<Order> {
     let mut rng = XorShift::new(seed.wrapping_mul(0x9E3779B97F4A7C15));
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
@@ -136,7 +144,7 @@ fn generate(n: usize, seed: u64, prefix_id: &str, saga: bool) -> Vec<Order> {
         }
         let order =
             json!({"order_id": order_id, "account": account, "items": [{"sku": sku, "qty": qty}]});
-        let request = if saga {
+        let mut request = if saga {
             // A saga step has its own timeout: the slow payment times out and is compensated
             // (it may have charged), then the stock is put back.
             let mut pay_step = json!({"service": "payment", "action": "charge", "payload": pay});
@@ -166,6 +174,15 @@ fn generate(n: usize, seed: u64, prefix_id: &str, saga: bool) -> Vec<Order> {
                 ],
             })
         };
+        // The fourth step: shipping, over HTTP.
+        if shipping && let Some(steps) = request["steps"].as_array_mut() {
+            let mut ship =
+                json!({"service": "shipping", "action": "ship", "payload": {"order_id": order_id}});
+            if saga {
+                ship["compensate"] = json!("cancel");
+            }
+            steps.push(ship);
+        }
         out.push(Order {
             request,
             sku,
@@ -243,7 +260,7 @@ async fn start_cluster(
     nats_url: Option<String>,
     dir: &std::path::Path,
     run_id: &str,
-) -> anyhow::Result<(Cluster, String, String, String)> {
+) -> anyhow::Result<(Cluster, String, String, String, Option<String>)> {
     let mut cluster = Cluster {
         server: None,
         coordinator: None,
@@ -256,7 +273,13 @@ async fn start_cluster(
         if args.kill_coordinator {
             bail!("--kill-coordinator needs a coordinator the demo started; drop --external");
         }
-        return Ok((cluster, url, "txn".into(), String::new()));
+        return Ok((
+            cluster,
+            url,
+            "txn".into(),
+            String::new(),
+            args.shipping_url.clone(),
+        ));
     }
     let (url, prefix, suffix) = match nats_url {
         // Someone else's server: keep this run's subjects and buckets apart.
@@ -319,7 +342,116 @@ async fn start_cluster(
             dir.join(format!("{name}.log")),
         )?);
     }
-    Ok((cluster, url, prefix, suffix))
+    let shipping = if args.no_shipping {
+        None
+    } else {
+        Some(start_shipping(&mut cluster, &url, &prefix, dir)?)
+    };
+    Ok((cluster, url, prefix, suffix, shipping))
+}
+
+/// Starts the shipping service (Python, HTTP) and the bridge that joins it; returns its URL.
+fn start_shipping(
+    cluster: &mut Cluster,
+    url: &str,
+    prefix: &str,
+    dir: &std::path::Path,
+) -> anyhow::Result<String> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/participants/http/shipping.py");
+    if !std::path::Path::new(script).is_file() {
+        bail!("{script} not found (the demo runs it from the source tree); pass --no-shipping");
+    }
+    let python = std::env::var("TXCOORD_PYTHON").unwrap_or_else(|_| "python3".into());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .context("finding a free port for shipping")?
+        .port();
+    let base = format!("http://127.0.0.1:{port}");
+    cluster.services.push(crate::procs::spawn(
+        "shipping",
+        vec![
+            python,
+            script.into(),
+            "--port".into(),
+            port.to_string(),
+            "--db".into(),
+            dir.join("shipping.sqlite").display().to_string(),
+        ],
+        dir.join("shipping.log"),
+    )?);
+    let me = std::env::current_exe()?.display().to_string();
+    cluster.services.push(crate::procs::spawn(
+        "http-bridge",
+        vec![
+            me,
+            "--nats-url".into(),
+            url.into(),
+            "--prefix".into(),
+            prefix.into(),
+            "http-bridge".into(),
+            "--service".into(),
+            format!("shipping={base}"),
+        ],
+        dir.join("http-bridge.log"),
+    )?);
+    Ok(base)
+}
+
+/// Every shipment the shipping service knows, by branch (`<txn_id>:<step>`).
+async fn shipments(base: &str) -> anyhow::Result<BTreeMap<String, (String, u64)>> {
+    let rows: Vec<Value> = reqwest::get(format!("{base}/shipments"))
+        .await
+        .with_context(|| format!("GET {base}/shipments"))?
+        .json()
+        .await
+        .with_context(|| format!("GET {base}/shipments: not JSON"))?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            (
+                r["branch"].as_str().unwrap_or_default().to_string(),
+                (
+                    r["state"].as_str().unwrap_or_default().to_string(),
+                    r["commits"].as_u64().unwrap_or(0),
+                ),
+            )
+        })
+        .collect())
+}
+
+/// Shipping's invariants: every order that went through was shipped exactly once; none
+/// that did not was shipped or is still held.
+fn check_shipping(
+    shipped: &BTreeMap<String, (String, u64)>,
+    orders: &[Order],
+    committed: &[&Order],
+) -> Vec<String> {
+    let mut broken = Vec::new();
+    let ok: HashSet<&str> = committed
+        .iter()
+        .filter_map(|o| o.request["txn_id"].as_str())
+        .collect();
+    for o in orders {
+        let id = o.request["txn_id"].as_str().unwrap_or_default();
+        let Some(step) = o.request["steps"]
+            .as_array()
+            .map(|s| s.len().saturating_sub(1))
+        else {
+            continue;
+        };
+        let rec = shipped.get(&format!("{id}:{step}"));
+        match (ok.contains(id), rec) {
+            (true, Some((state, 1))) if state == "shipped" => {}
+            (true, other) => {
+                broken.push(format!("{id} went through but its shipment is {other:?}"))
+            }
+            (false, Some((state, _))) if state == "shipped" || state == "held" => broken.push(
+                format!("{id} did not go through but its shipment is {state}"),
+            ),
+            (false, _) => {}
+        }
+    }
+    broken
 }
 
 /// Runs the demo; `Ok(true)` when every invariant holds.
@@ -353,7 +485,8 @@ pub async fn run(
         }
     };
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
-    let (mut cluster, url, prefix, suffix) = start_cluster(&args, nats_url, &dir, &run_id).await?;
+    let (mut cluster, url, prefix, suffix, shipping) =
+        start_cluster(&args, nats_url, &dir, &run_id).await?;
     eprintln!("txcoord demo: NATS at {url}, logs in {}", dir.display());
 
     // Ready means: the coordinator's micro service answers (it registers after recovery) and
@@ -369,7 +502,11 @@ pub async fn run(
         .context("coordinator not ready")?;
     let subjects = txcoord::proto::Subjects::new(prefix.clone());
     let js = txcoord::nats::jetstream(nc.clone(), Duration::from_secs(2));
-    for name in ["inventory", "payment", "order"] {
+    let names: Vec<&str> = ["inventory", "payment", "order"]
+        .into_iter()
+        .chain(shipping.is_some().then_some("shipping"))
+        .collect();
+    for name in names {
         wait_consumer(
             &js,
             &subjects.command_stream(),
@@ -397,7 +534,13 @@ pub async fn run(
     let client = txcoord::client::Client::new(nc.clone(), &prefix)
         .await?
         .submitting_as(submit_as);
-    let orders = generate(args.orders, args.seed, &run_id, args.mode == "saga");
+    let orders = generate(
+        args.orders,
+        args.seed,
+        &run_id,
+        args.mode == "saga",
+        shipping.is_some(),
+    );
     let requests: Vec<Value> = orders.iter().map(|o| o.request.clone()).collect();
     let bar = indicatif::ProgressBar::new(orders.len() as u64);
     bar.set_style(
@@ -489,13 +632,33 @@ pub async fn run(
         );
     }
     let mut broken = check(&before, &after, &committed, &run_id);
+    if let Some(base) = &shipping {
+        // Phase-2 confirmations may still be on their way to the HTTP service.
+        let settle = Instant::now();
+        loop {
+            let shipped = shipments(base).await?;
+            let found = check_shipping(&shipped, &orders, &committed);
+            if found.is_empty() || settle.elapsed() > Duration::from_secs(30) {
+                let n = shipped.values().filter(|(s, _)| s == "shipped").count();
+                println!("shipping: {n} shipped (over HTTP, through txcoord http-bridge)");
+                broken.extend(found);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
     if unfinished > 0 {
         broken.insert(0, format!("{unfinished} orders reached no outcome"));
     }
     println!();
     if broken.is_empty() {
         println!(
-            "invariants: OK (stock = remaining + sold; money = balances + charged; every confirmed order has its reservation and charge; orders that did not go through left nothing; nothing held)"
+            "invariants: OK (stock = remaining + sold; money = balances + charged; every confirmed order has its reservation and charge{}; orders that did not go through left nothing; nothing held)",
+            if shipping.is_some() {
+                " and was shipped once"
+            } else {
+                ""
+            }
         );
     } else {
         println!("invariants: BROKEN");

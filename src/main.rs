@@ -97,6 +97,10 @@ enum Cmd {
         /// Commands handled at once, per service.
         #[arg(long, default_value_t = 256)]
         concurrency: usize,
+        /// An HTTP service as NAME=URL (repeatable), with the default settings; it adds to
+        /// (or sets the url of) `[http_services.<name>]`.
+        #[arg(long = "service", value_name = "NAME=URL")]
+        services: Vec<String>,
     },
     /// Run the built-in scripted participant (each step's payload says how it votes).
     Participant {
@@ -267,10 +271,20 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<ExitCode> {
             println!("{}", serde_json::to_string(&ev)?);
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::HttpBridge { concurrency } => {
+        Cmd::HttpBridge {
+            concurrency,
+            services,
+        } => {
+            let mut cfg = cfg;
+            for s in services {
+                let Some((name, url)) = s.split_once('=') else {
+                    anyhow::bail!("--service {s:?}: expected NAME=URL");
+                };
+                cfg.http_services.entry(name.to_string()).or_default().url = url.to_string();
+            }
             if cfg.http_services.is_empty() {
                 anyhow::bail!(
-                    "no HTTP services: add [http_services.<name>] with a url to the configuration"
+                    "no HTTP services: add [http_services.<name>] with a url to the configuration, or --service NAME=URL"
                 );
             }
             let mut bridges = Vec::new();

@@ -161,6 +161,22 @@ async fn a_service_slower_than_the_prepare_timeout_is_named_by_the_timeout() {
         Some(Reason::Timeout { services, .. }) => assert_eq!(services, &vec!["shipping"]),
         other => panic!("{other:?}"),
     }
+    // The late prepare holds nothing: the bridge told the service to abort when it gave up
+    // on the answer, and the service's abort-before-prepare rule refused the prepare.
+    let start = Instant::now();
+    loop {
+        let s = shipment(h.port, "h-slow").await;
+        if s.as_ref().is_some_and(|s| s["state"] == "released")
+            && start.elapsed() > Duration::from_secs(3)
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "the shipment is {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,7 +4,7 @@
 
 The contract it implements (README, "HTTP participants"):
 
-- POST {base}/prepare, /commit, /abort with a JSON body
+- POST {base}/prepare, /commit, /abort (2PC) and /execute, /compensate (sagas) with a JSON body
   {txn_id, step, action, payload, attempt, deadline_ms}.
 - Every call carries `Idempotency-Key: <txn_id>:<step>:<kind>`: the key is the barrier. A
   call whose key was seen is answered with the stored answer and does nothing again.
@@ -12,7 +12,7 @@ The contract it implements (README, "HTTP participants"):
   commit and abort answer 200 (or 410 when there is nothing left to do).
 
 A shipment is booked for `payload.order_id` at prepare (held), shipped at commit, released
-at abort. The branch's state and every answer live in one SQLite file, written in one
+at abort; in a saga, execute ships it and compensate cancels it. The branch's state and every answer live in one SQLite file, written in one
 transaction with the effect, so a restart loses nothing and repeats nothing.
 
 Test knobs in the payload: "refuse" (a reason: answer 409), "fail_times" (answer 503 that
@@ -53,6 +53,8 @@ def open_db(path):
 
 class Handler(BaseHTTPRequestHandler):
     db = None
+    # Keep-alive: the bridge reuses its connections (every answer has a Content-Length).
+    protocol_version = "HTTP/1.1"
 
     def log_message(self, fmt, *args):
         sys.stderr.write("shipping: " + (fmt % args) + "\n")
@@ -79,7 +81,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         kind = self.path.strip("/").split("/")[-1]
-        if kind not in ("prepare", "commit", "abort"):
+        if kind not in ("prepare", "commit", "abort", "execute", "compensate"):
             return self.answer(404, {"error": f"no such path {self.path}"})
         try:
             length = int(self.headers.get("Content-Length", "0"))
@@ -103,7 +105,7 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Location", self.path)
             self.send_header("Content-Length", "0")
             self.end_headers()
-            return
+            return None
         if broken == "content_type":
             return self.answer(200, b"ready", "text/plain")
         with LOCK:
@@ -133,7 +135,29 @@ class Handler(BaseHTTPRequestHandler):
         try:
             row = db.execute("SELECT state FROM shipments WHERE branch = ?", (branch,)).fetchone()
             state = row[0] if row else None
-            if kind == "prepare":
+            if kind == "execute":
+                # Saga: book and ship at once; a compensation cancels it.
+                if payload.get("refuse"):
+                    status, body = 409, {"reason": payload["refuse"]}
+                elif state == "cancelled":
+                    status, body = 409, {"reason": "compensated before it executed"}
+                else:
+                    if state is None:
+                        db.execute(
+                            "INSERT INTO shipments (branch, order_id, state, commits) VALUES (?, ?, 'shipped', 1)",
+                            (branch, str(payload.get("order_id", ""))),
+                        )
+                    status, body = 200, {}
+            elif kind == "compensate":
+                if state == "shipped":
+                    db.execute("UPDATE shipments SET state = 'cancelled' WHERE branch = ?", (branch,))
+                elif state is None:
+                    db.execute(
+                        "INSERT INTO shipments (branch, order_id, state) VALUES (?, '', 'cancelled')",
+                        (branch,),
+                    )
+                status, body = 200, {}
+            elif kind == "prepare":
                 if payload.get("refuse"):
                     status, body = 409, {"reason": payload["refuse"]}
                 elif payload.get("read_only"):

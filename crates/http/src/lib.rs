@@ -390,6 +390,22 @@ enum Ended {
     Broken(String),
 }
 
+impl HttpParticipant {
+    /// After a prepare that got no clear answer (none in time, or a malformed one) the
+    /// service may still have applied it: it is told to abort (its abort-before-prepare
+    /// rule covers a prepare that arrives later). Best effort: the vote is abort anyway.
+    async fn release_unknown(&self, txn: &TxnContext) {
+        let abort = TxnContext {
+            deadline_ms: 0,
+            ..txn.clone()
+        };
+        if let Err(e) = self.until_confirmed("abort", &abort).await {
+            tracing::warn!(service = %self.name, txn_id = %txn.txn_id, step = txn.step, error = %e,
+                "abort after an unanswered prepare not confirmed; the coordinator's abort follows");
+        }
+    }
+}
+
 impl Participant for HttpParticipant {
     async fn prepare(&self, txn: &TxnContext, _action: &str, _payload: &Value) -> Vote {
         match self.until_deadline("prepare", txn).await {
@@ -398,11 +414,17 @@ impl Participant for HttpParticipant {
             }
             Ok(_) => Vote::Ready,
             Err(Ended::Refused(r)) => Vote::Abort(r),
-            Err(Ended::Unreachable(last)) => Vote::Abort(format!(
-                "{}: no answer before the deadline ({last})",
-                self.name
-            )),
-            Err(Ended::Broken(m)) => Vote::Abort(format!("{}: {m}", self.name)),
+            Err(Ended::Unreachable(last)) => {
+                self.release_unknown(txn).await;
+                Vote::Abort(format!(
+                    "{}: no answer before the deadline ({last})",
+                    self.name
+                ))
+            }
+            Err(Ended::Broken(m)) => {
+                self.release_unknown(txn).await;
+                Vote::Abort(format!("{}: {m}", self.name))
+            }
         }
     }
 
