@@ -53,6 +53,10 @@ pub struct BenchArgs {
     /// Also measure the raw JetStream ceiling on the same server.
     #[arg(long)]
     pub ceiling: bool,
+    /// The participants are HTTP services (a built-in no-op HTTP server, one path per
+    /// service) joined by `txcoord http-bridge`, instead of NATS participants.
+    #[arg(long)]
+    pub http: bool,
     /// Messages the ceiling measurement publishes and reads back.
     #[arg(long, default_value_t = 50_000)]
     pub ceiling_messages: usize,
@@ -139,16 +143,46 @@ async fn setup(
             common("serve"),
             dir.join("coordinator.log"),
         )?];
-        for s in &services {
-            let mut cmd = common("participant");
-            cmd.extend([
-                "--service".into(),
-                s.clone(),
-                "--concurrency".into(),
-                "1024".into(),
-                "--quiet".into(),
-            ]);
-            procs.push(crate::procs::spawn(s, cmd, dir.join(format!("{s}.log")))?);
+        if args.http {
+            // One no-op HTTP server answers every service on its own path; one bridge
+            // joins them all.
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .context("finding a free port")?
+                .port();
+            procs.push(crate::procs::spawn(
+                "http-noop",
+                vec![
+                    me.clone(),
+                    "http-noop".into(),
+                    "--port".into(),
+                    port.to_string(),
+                ],
+                dir.join("http-noop.log"),
+            )?);
+            let mut cmd = common("http-bridge");
+            cmd.extend(["--concurrency".into(), "1024".into()]);
+            for s in &services {
+                cmd.push("--service".into());
+                cmd.push(format!("{s}=http://127.0.0.1:{port}/{s}"));
+            }
+            procs.push(crate::procs::spawn(
+                "http-bridge",
+                cmd,
+                dir.join("http-bridge.log"),
+            )?);
+        } else {
+            for s in &services {
+                let mut cmd = common("participant");
+                cmd.extend([
+                    "--service".into(),
+                    s.clone(),
+                    "--concurrency".into(),
+                    "1024".into(),
+                    "--quiet".into(),
+                ]);
+                procs.push(crate::procs::spawn(s, cmd, dir.join(format!("{s}.log")))?);
+            }
         }
         return Ok(Setup {
             _server: server,
@@ -560,6 +594,7 @@ pub async fn run(args: BenchArgs, nats_url: Option<String>) -> anyhow::Result<()
         "concurrency": args.concurrency,
         "payload_bytes": args.payload_bytes,
         "abort_fraction": args.abort_fraction,
+        "http": args.http,
         "sync_always": args.sync_always,
         "cluster": args.cluster,
         "stream_replicas": replicas,
@@ -583,9 +618,10 @@ pub async fn run(args: BenchArgs, nats_url: Option<String>) -> anyhow::Result<()
         println!("{report}");
     } else {
         println!(
-            "txcoord bench: {} x{} participants, {} clients, {}-byte payloads, abort {:.0}%{}",
+            "txcoord bench: {} x{} {}participants, {} clients, {}-byte payloads, abort {:.0}%{}",
             args.mode,
             args.participants,
+            if args.http { "HTTP " } else { "" },
             args.concurrency,
             args.payload_bytes,
             args.abort_fraction * 100.0,

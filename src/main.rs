@@ -102,6 +102,14 @@ enum Cmd {
         #[arg(long = "service", value_name = "NAME=URL")]
         services: Vec<String>,
     },
+    /// A no-op HTTP participant for `txcoord bench --http`: `POST /<service>/<kind>` answers
+    /// 200, or 409 when the payload says `"vote": "abort"` (or `"execute": "fail"`).
+    #[command(hide = true)]
+    HttpNoop {
+        /// The port on 127.0.0.1.
+        #[arg(long)]
+        port: u16,
+    },
     /// Run the built-in scripted participant (each step's payload says how it votes).
     Participant {
         /// The service name to serve.
@@ -269,6 +277,29 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<ExitCode> {
                 .submitting_as(&cfg.submit_as);
             let ev = client.status(&txn_id).await?;
             println!("{}", serde_json::to_string(&ev)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::HttpNoop { port } => {
+            let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+            println!("http-noop ready on 127.0.0.1:{port}");
+            let app = axum::Router::new().route(
+                "/{service}/{kind}",
+                axum::routing::post(|body: axum::Json<serde_json::Value>| async move {
+                    let p = &body.0["payload"];
+                    if p["vote"] == "abort" || p["execute"] == "fail" {
+                        (
+                            axum::http::StatusCode::CONFLICT,
+                            axum::Json(serde_json::json!({"reason": "scripted abort"})),
+                        )
+                    } else {
+                        (
+                            axum::http::StatusCode::OK,
+                            axum::Json(serde_json::json!({})),
+                        )
+                    }
+                }),
+            );
+            axum::serve(listener, app).await?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::HttpBridge {

@@ -84,3 +84,27 @@ fn a_short_bench_on_a_three_node_cluster_runs_with_r3_streams() {
     assert_eq!(r["committed"].as_u64(), Some(100), "{r}");
     assert_eq!(r["stream_replicas"].as_u64(), Some(3), "{r}");
 }
+
+#[test]
+fn a_short_bench_with_http_participants_commits_and_aborts_through_the_bridge() {
+    let r = bench(&[
+        "--http",
+        "--count",
+        "200",
+        "--concurrency",
+        "8",
+        "--participants",
+        "3",
+        "--abort-fraction",
+        "0.25",
+        "--json",
+    ]);
+    assert_eq!(r["http"], true, "{r}");
+    assert_eq!(r["transactions"].as_u64().unwrap(), 200, "{r}");
+    let (ok, bad) = (
+        r["committed"].as_u64().unwrap(),
+        r["aborted"].as_u64().unwrap(),
+    );
+    assert!(ok > 0 && bad > 0, "409 refusals abort, 200s commit: {r}");
+    assert_eq!(ok + bad, 200, "{r}");
+}
