@@ -146,10 +146,7 @@ async fn setup(
         if args.http {
             // One no-op HTTP server answers every service on its own path; one bridge
             // joins them all.
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .context("finding a free port")?
-                .port();
+            let port = crate::procs::free_port()?;
             procs.push(crate::procs::spawn(
                 "http-noop",
                 vec![

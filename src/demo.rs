@@ -362,10 +362,7 @@ fn start_shipping(
         bail!("{script} not found (the demo runs it from the source tree); pass --no-shipping");
     }
     let python = std::env::var("TXCOORD_PYTHON").unwrap_or_else(|_| "python3".into());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .context("finding a free port for shipping")?
-        .port();
+    let port = crate::procs::free_port()?;
     let base = format!("http://127.0.0.1:{port}");
     cluster.services.push(crate::procs::spawn(
         "shipping",

@@ -62,6 +62,8 @@ async fn start(policy: &str) -> System {
         &[
             ("TXCOORD_PREPARE_TIMEOUT_MS", TIMEOUT_MS),
             ("TXCOORD_DEADLOCK", policy),
+            // The shortest edge TTL allowed: a dead waiter's edge is gone in 2 s.
+            ("TXCOORD_DEADLOCK_EDGE_TTL_MS", "2000"),
         ],
     )
     .await
@@ -277,8 +279,8 @@ async fn a_service_killed_while_it_waits_leaves_no_phantom_deadlock_and_keeps_it
     two_way(&sys, "kw-t1", "kw-t2").await;
     // t2 waits at bank-a for alice; its edge t2 -> t1 is at the coordinator. bank-a dies.
     sys.participant("bank-a").kill9();
-    // Longer than the edge TTL (5 s): the dead waiter's edge expires.
-    tokio::time::sleep(Duration::from_secs(7)).await;
+    // Longer than the edge TTL (2 s here): the dead waiter's edge expires.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     // t1 now waits for bob, held by t2: with the ghost edge this would look like a cycle.
     let _gatekeeper = open_gates(&sys);
     tokio::time::sleep(Duration::from_secs(3)).await;

@@ -370,6 +370,20 @@ pub(crate) async fn publish_and_wait(
     }
 }
 
+/// A transaction's latest state: a running one's engine snapshot (every vote so far), else
+/// the last record of its log; `None` for an unknown one.
+pub(crate) async fn current_state(shared: &Shared, txn_id: &str) -> Option<TransactionEvent> {
+    if let Some(tx) = shared.router.get(txn_id) {
+        let (otx, orx) = oneshot::channel();
+        if tx.send(TxnMsg::Status(otx)).await.is_ok()
+            && let Ok(Ok(ev)) = tokio::time::timeout(Duration::from_secs(2), orx).await
+        {
+            return Some(ev);
+        }
+    }
+    last_event(shared, txn_id).await
+}
+
 /// The last recorded event of a transaction, if any.
 pub async fn last_event(shared: &Shared, txn_id: &str) -> Option<TransactionEvent> {
     crate::client::last_record_of(&shared.streams.events, &shared.subjects, txn_id).await
@@ -395,15 +409,7 @@ async fn handle_status(shared: Arc<Shared>, req: Req) {
         )
         .await;
     }
-    if let Some(tx) = shared.router.get(&query.txn_id) {
-        let (otx, orx) = oneshot::channel();
-        if tx.send(TxnMsg::Status(otx)).await.is_ok()
-            && let Ok(Ok(ev)) = tokio::time::timeout(Duration::from_secs(2), orx).await
-        {
-            return respond(&req, to_bytes(&ev)).await;
-        }
-    }
-    match last_event(&shared, &query.txn_id).await {
+    match current_state(&shared, &query.txn_id).await {
         Some(ev) => respond(&req, to_bytes(&ev)).await,
         None => respond(&req, error_body(format!("unknown txn_id {}", query.txn_id))).await,
     }

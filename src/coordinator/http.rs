@@ -10,7 +10,6 @@
 //! (a load balancer's health check sends clients to the active one).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
@@ -21,8 +20,8 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use super::Shared;
-use super::api::{Ran, last_event, publish_and_wait, taken};
-use super::txn::{TxnMsg, to_bytes};
+use super::api::{Ran, current_state, publish_and_wait, taken};
+use super::txn::to_bytes;
 use crate::client::Outcomes;
 use crate::proto::{MAX_TXN_ID_LEN, RequestError, is_token, parse_request};
 
@@ -216,17 +215,7 @@ async fn status(State(ready): State<Readiness>, Path(id): Path<String>) -> Respo
             Some("txn_id".into()),
         );
     }
-    let shared = &active.shared;
-    // A running transaction answers with its engine's snapshot (every vote so far).
-    if let Some(tx) = shared.router.get(&id) {
-        let (otx, orx) = tokio::sync::oneshot::channel();
-        if tx.send(TxnMsg::Status(otx)).await.is_ok()
-            && let Ok(Ok(ev)) = tokio::time::timeout(Duration::from_secs(2), orx).await
-        {
-            return event_response(StatusCode::OK, to_bytes(&ev));
-        }
-    }
-    match last_event(shared, &id).await {
+    match current_state(&active.shared, &id).await {
         Some(ev) => event_response(StatusCode::OK, to_bytes(&ev)),
         None => error(
             StatusCode::NOT_FOUND,
