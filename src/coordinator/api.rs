@@ -206,7 +206,34 @@ pub async fn start(
             }
         }));
     }
+    confirm_subscriptions(&client).await?;
     Ok(ApiHandle { tasks, outcomes })
+}
+
+/// Waits until the server has processed every subscription this connection sent so far, so
+/// that "ready" means a request sent now finds its responder. `subscribe` only queues the
+/// SUB and `flush` only writes it to the socket; a message that this connection publishes
+/// to itself comes back only after the server has read everything before it, in order.
+async fn confirm_subscriptions(client: &async_nats::Client) -> Result<(), CoordinatorError> {
+    let not_confirmed = |e: String| CoordinatorError::ApiNotConfirmed(e);
+    let inbox = client.new_inbox();
+    let mut echo = client
+        .subscribe(inbox.clone())
+        .await
+        .map_err(|e| not_confirmed(e.to_string()))?;
+    client
+        .publish(inbox, Bytes::new())
+        .await
+        .map_err(|e| not_confirmed(e.to_string()))?;
+    client
+        .flush()
+        .await
+        .map_err(|e| not_confirmed(e.to_string()))?;
+    match tokio::time::timeout(Duration::from_secs(30), echo.next()).await {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(not_confirmed("the connection closed".into())),
+        Err(_) => Err(not_confirmed("no echo within 30 s".into())),
+    }
 }
 
 /// Whether `reply` may receive an API answer: it starts with one of `prefixes` (as

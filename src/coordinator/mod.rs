@@ -88,6 +88,12 @@ pub enum CoordinatorError {
     /// `TXCOORD_FAILPOINT` names no failpoint.
     #[error("{0}")]
     Failpoint(String),
+    /// The server did not echo a message after the API's subscriptions, so they may not be
+    /// in place.
+    #[error(
+        "cannot start the txcoord micro service: the server did not confirm its subscriptions ({0})"
+    )]
+    ApiNotConfirmed(String),
     /// Another coordinator took the lease, or it expired while this one was cut off.
     #[error("this coordinator lost its lease and stopped; restart it to recover from the log")]
     LeaseLost,
