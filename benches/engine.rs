@@ -16,6 +16,7 @@ fn request(mode: Mode, n: usize) -> TransactionRequest {
         mode,
         steps: (0..n)
             .map(|i| StepRequest {
+                url: None,
                 service: format!("s{i}"),
                 action: "noop".into(),
                 payload: json!({"pad": "x".repeat(64)}),

@@ -159,6 +159,15 @@ pub struct Config {
     /// Where `txcoord serve` serves the HTTP front door (`POST /v1/transactions`, `GET
     /// /v1/transactions/{id}`), as `host:port`; empty (the default): nowhere.
     pub http_listen: String,
+    /// Base URLs under which a request step may name its HTTP service by a URL
+    /// (`steps[].url`): same scheme, host and port, and a path at or below the entry's at a
+    /// segment boundary. Empty (the default): no step may. The coordinator refuses any other
+    /// URL step, and `txcoord http-bridge` checks every command's URL again. In the
+    /// environment, `TXCOORD_HTTP_ALLOW` is a comma-separated list.
+    pub http_allow: Vec<String>,
+    /// The service that runs URL steps (a step with a `url` and no `service` is given this
+    /// one): `txcoord http-bridge` serves it when `http_allow` is set.
+    pub http_url_service: String,
 }
 
 impl Default for Config {
@@ -202,6 +211,8 @@ impl Default for Config {
             deadlock_detection: true,
             http_services: Default::default(),
             http_listen: String::new(),
+            http_allow: Vec::new(),
+            http_url_service: "http".into(),
         }
     }
 }
@@ -216,15 +227,15 @@ pub enum ConfigError {
     #[error("invalid configuration: {field}: {message}")]
     Invalid {
         /// The field, as written in `txcoord.toml`.
-        field: &'static str,
+        field: String,
         /// What is wrong with it.
         message: String,
     },
 }
 
-fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
-        field,
+        field: field.into(),
         message: message.into(),
     }
 }
@@ -253,6 +264,8 @@ impl Config {
                 .prefix_separator("_")
                 .separator("__")
                 .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("http_allow")
                 .source(Some(vars)),
         );
         let cfg: Config = builder.build()?.try_deserialize()?;
@@ -296,6 +309,27 @@ impl Config {
             return Err(invalid(
                 "api_reply_prefixes",
                 "must list at least one non-empty subject prefix (client inboxes start with _INBOX)",
+            ));
+        }
+        if let Err((i, e)) = txcoord_http::UrlAllowList::new(&self.http_allow) {
+            return Err(invalid(format!("http_allow[{i}]"), e.to_string()));
+        }
+        if !crate::proto::is_token(&self.http_url_service, crate::proto::MAX_NAME_LEN) {
+            return Err(invalid(
+                "http_url_service",
+                format!(
+                    "{:?} is not a service name: 1 to 64 characters of A-Z, a-z, 0-9, '_' or '-'",
+                    self.http_url_service
+                ),
+            ));
+        }
+        if !self.http_allow.is_empty() && self.http_services.contains_key(&self.http_url_service) {
+            return Err(invalid(
+                format!("http_services.{}", self.http_url_service),
+                format!(
+                    "{0:?} is http_url_service, the service that runs URL steps; name this HTTP service otherwise or set http_url_service",
+                    self.http_url_service
+                ),
             ));
         }
         if self.deadlock_edge_ttl_ms < 2_000 {
@@ -493,6 +527,21 @@ mod tests {
                 "nats.creds_file",
             ),
             (Box::new(|c| c.nats_url = "".into()), "nats_url"),
+            (
+                Box::new(|c| c.http_allow = vec!["https://ok.test".into(), "ftp://x".into()]),
+                "http_allow[1]",
+            ),
+            (
+                Box::new(|c| c.http_url_service = "a.b".into()),
+                "http_url_service",
+            ),
+            (
+                Box::new(|c| {
+                    c.http_allow = vec!["https://ok.test".into()];
+                    c.http_services.insert("http".into(), Default::default());
+                }),
+                "http_services.http",
+            ),
         ];
         for (mutate, field) in cases {
             let mut c = Config::default();

@@ -92,7 +92,9 @@ enum Cmd {
         out: PathBuf,
     },
     /// Join the HTTP services of `[http_services.<name>]` to transactions: one SDK
-    /// participant per service, forwarding each command to `POST {url}/<kind>`.
+    /// participant per service, forwarding each command to `POST {url}/<kind>`; with
+    /// `http_allow` set, also the service `http_url_service`, which runs the steps that name
+    /// their HTTP service by a URL under that list.
     HttpBridge {
         /// Commands handled at once, per service.
         #[arg(long, default_value_t = 256)]
@@ -313,18 +315,33 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<ExitCode> {
                 };
                 cfg.http_services.entry(name.to_string()).or_default().url = url.to_string();
             }
-            if cfg.http_services.is_empty() {
+            cfg.validate()?;
+            if cfg.http_services.is_empty() && cfg.http_allow.is_empty() {
                 anyhow::bail!(
-                    "no HTTP services: add [http_services.<name>] with a url to the configuration, or --service NAME=URL"
+                    "no HTTP services: add [http_services.<name>] with a url to the configuration, or --service NAME=URL, or http_allow for steps named by URL"
                 );
             }
-            let mut bridges = Vec::new();
+            let mut participants = Vec::new();
             for (name, svc) in &cfg.http_services {
-                let participant = txcoord_http::HttpParticipant::new(name, svc.clone())?;
+                participants.push((
+                    name.clone(),
+                    txcoord_http::HttpParticipant::new(name, svc.clone())?,
+                ));
+            }
+            if !cfg.http_allow.is_empty() {
+                let allow = txcoord_http::UrlAllowList::new(&cfg.http_allow)
+                    .map_err(|(i, e)| anyhow::anyhow!("http_allow[{i}]: {e}"))?;
+                participants.push((
+                    cfg.http_url_service.clone(),
+                    txcoord_http::HttpParticipant::for_urls(&cfg.http_url_service, allow)?,
+                ));
+            }
+            let names: Vec<String> = participants.iter().map(|(n, _)| n.clone()).collect();
+            let mut bridges = Vec::new();
+            for (name, participant) in participants {
                 let nc = txcoord::nats::connect_config(&cfg, &format!("txcoord-http-{name}"), true)
                     .await?;
                 let options = sdk_options(&cfg, concurrency);
-                let name = name.clone();
                 bridges.push(tokio::spawn(async move {
                     let r = txcoord::participant::run(
                         nc,
@@ -337,14 +354,7 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<ExitCode> {
                     (name, r)
                 }));
             }
-            println!(
-                "http-bridge ready: {}",
-                cfg.http_services
-                    .keys()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
+            println!("http-bridge ready: {}", names.join(", "));
             for b in bridges {
                 let (name, r) = b.await?;
                 if let Err(e) = r {

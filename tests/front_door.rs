@@ -12,10 +12,7 @@ use common::{Proc, System};
 use serde_json::{Value, json};
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    txcoord::natsserver::free_port().expect("a free port")
 }
 
 async fn start() -> (System, String) {
@@ -127,6 +124,11 @@ async fn every_error_has_its_status_and_one_shape() {
             .is_some_and(|p| p.contains("steps[0]")),
         "{body}"
     );
+    // A step named by a URL that no http_allow entry covers (this one has none).
+    let by_url = json!({"steps": [{"url": "http://10.0.0.1/ship", "action": "ship"}]});
+    let (status, body) = post(&base, "", &by_url).await;
+    assert_error(status, &body, 400, "invalid_request");
+    assert_eq!(body["path"], "steps[0].url", "{body}");
     let resp = reqwest::Client::new()
         .post(format!("{base}/v1/transactions"))
         .header("Content-Type", "application/json")

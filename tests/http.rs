@@ -16,10 +16,7 @@ use serde_json::{Value, json};
 use txcoord::proto::{Reason, TransactionEvent, TxnState};
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    txcoord::natsserver::free_port().expect("a free port")
 }
 
 struct Http {
@@ -261,4 +258,144 @@ async fn the_bridge_killed_mid_commit_finishes_it_after_a_restart() {
     assert_eq!(ev.state, TxnState::Committed);
     let s = shipment(h.port, "h-kill-br").await.unwrap();
     assert_eq!(s["commits"], 1, "the repeated commit answered from its key");
+}
+
+/// A coordinator and a bridge that allow URL steps under `http://127.0.0.1:{port}/eu` only.
+async fn start_with_allow_list() -> Http {
+    let port = free_port();
+    let allow = format!("http://127.0.0.1:{port}/eu");
+    let sys = System::start(&["a"], &[("TXCOORD_HTTP_ALLOW", allow.as_str())]).await;
+    let shipping = shipping(sys.dir.path(), port);
+    shipping
+        .wait_for("shipping ready", Duration::from_secs(20))
+        .await;
+    // No [http_services]: the bridge runs only the URL service.
+    let config = sys.dir.path().join("bridge.toml");
+    std::fs::write(&config, format!("http_allow = [\"{allow}\"]\n")).unwrap();
+    let bridge = bridge(&sys, &config);
+    bridge
+        .wait_for("participant ready", Duration::from_secs(30))
+        .await;
+    Http {
+        sys,
+        shipping,
+        bridge,
+        port,
+    }
+}
+
+fn by_url(id: &str, url: &str) -> Value {
+    json!({"txn_id": id, "steps": [
+        {"service": "a", "action": "act", "payload": {}},
+        {"url": url, "action": "ship", "payload": {"order_id": id}},
+    ]})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steps_named_by_url_run_only_under_the_allow_list() {
+    let h = start_with_allow_list().await;
+    let port = h.port;
+    // Under the entry (a path below it, a trailing slash): runs, by the URL service.
+    let ok = h
+        .sys
+        .run(by_url(
+            "u-ok",
+            &format!("http://127.0.0.1:{port}/eu/central/"),
+        ))
+        .await;
+    assert_eq!(ok.state, TxnState::Committed, "{ok:?}");
+    assert_eq!(ok.steps[1].service, "http");
+    assert_eq!(
+        ok.steps[1].url.as_deref(),
+        Some(format!("http://127.0.0.1:{port}/eu/central").as_str()),
+        "the URL's normal form is what runs"
+    );
+    common::check(
+        &common::validator("transaction-event"),
+        "transaction-event",
+        "a URL step's outcome",
+        &serde_json::to_value(&ok).unwrap(),
+    );
+    let s = shipment(port, "u-ok")
+        .await
+        .expect("booked through the URL");
+    assert_eq!(s["state"], "shipped");
+    assert_eq!(s["commits"], 1);
+
+    // Outside it: refused at submission, naming the step's url; nothing reaches a service.
+    for (id, url) in [
+        ("u-other", format!("http://127.0.0.1:{port}/us")),
+        ("u-prefix", format!("http://127.0.0.1:{port}/europe")),
+        ("u-dots", format!("http://127.0.0.1:{port}/eu/../us")),
+        ("u-host", "http://localhost.evil.test/eu".to_string()),
+        ("u-creds", format!("http://x:y@127.0.0.1:{port}/eu")),
+    ] {
+        h.sys.submit(&by_url(id, &url), id).await;
+        let ev = h.sys.wait_state(id, |e| e.state.is_terminal()).await;
+        assert_eq!(ev.state, TxnState::Rejected, "{id}: {ev:?}");
+        let Some(Reason::InvalidRequest { message, path }) = &ev.reason else {
+            panic!("{id}: {ev:?}")
+        };
+        assert_eq!(path.as_deref(), Some("steps[1].url"), "{id}: {message}");
+        assert!(message.contains(&url), "{id}: {message}");
+        assert!(
+            shipment(port, id).await.is_none(),
+            "{id} reached the service"
+        );
+    }
+
+    // A command forged on the bus with a URL outside the list: the bridge checks again and
+    // votes abort without sending anything.
+    let js = async_nats::jetstream::new(h.sys.nc.clone());
+    let forged = json!({
+        "txn_id": "u-forged", "service": "http", "step": 0, "kind": "prepare",
+        "action": "ship", "payload": {"order_id": "u-forged"},
+        "reply_to": "txn.reply.http.u-forged", "attempt": 1,
+        "deadline_ms": txcoord::proto::now_ms() + 10_000,
+        "url": format!("http://127.0.0.1:{port}/us"),
+    });
+    common::check(
+        &common::validator("participant-command"),
+        "participant-command",
+        "a command with a url",
+        &forged,
+    );
+    js.publish("txn.cmd.http.u-forged", forged.to_string().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    h.sys
+        .wait_branch(
+            "http",
+            "u-forged",
+            0,
+            txcoord::participant::BranchState::VotedAbort,
+        )
+        .await;
+    let rec = h.sys.branch("http", "u-forged", 0).await.unwrap();
+    let reason = rec.reason.unwrap_or_default();
+    assert!(
+        reason.contains("not under any entry of http_allow"),
+        "{reason}"
+    );
+    assert!(
+        shipments(port)
+            .await
+            .iter()
+            .all(|s| s["branch"] != "u-forged:0")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_without_an_allow_list_refuses_every_url_step() {
+    let sys = System::start(&["a"], &[]).await;
+    let id = "u-none";
+    sys.submit(&by_url(id, "http://127.0.0.1:9/eu"), id).await;
+    let ev = sys.wait_state(id, |e| e.state.is_terminal()).await;
+    let Some(Reason::InvalidRequest { message, path }) = &ev.reason else {
+        panic!("{ev:?}")
+    };
+    assert_eq!(path.as_deref(), Some("steps[1].url"));
+    assert!(message.contains("http_allow is empty"), "{message}");
 }

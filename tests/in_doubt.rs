@@ -87,6 +87,7 @@ async fn an_undecided_branch_keeps_waiting_and_never_decides_alone() {
 /// Publishes a command as a coordinator would.
 async fn forge(sys: &System, id: &str, kind: CommandKind) {
     let cmd = ParticipantCommand {
+        url: None,
         deadlock: None,
         lock_ts: None,
         txn_id: id.into(),

@@ -93,6 +93,7 @@ impl Harness {
     /// Sends one command and returns the participant's reply to it.
     async fn send(&mut self, txn: &str, kind: CommandKind, attempt: u32) -> ParticipantReply {
         let cmd = ParticipantCommand {
+            url: None,
             deadlock: None,
             lock_ts: None,
             txn_id: txn.into(),

@@ -26,7 +26,6 @@ use crate::client::Outcomes;
 use crate::nats::{Expect, publish_durable};
 use crate::proto::{
     ApiError, MAX_TXN_ID_LEN, RequestShape, StatusRequest, TransactionEvent, is_token,
-    parse_request,
 };
 
 /// The micro service's name.
@@ -288,7 +287,7 @@ async fn handle_execute(outcomes: Outcomes, shared: Arc<Shared>, req: Req) {
         Some(name) => shared.subjects.submit_as(name),
         None => shared.subjects.submit(),
     };
-    let parsed = parse_request(&req.message.payload, &shared.limits);
+    let parsed = shared.parse_request(&req.message.payload);
     // Invalid requests still go through the submit stream when they carry a txn_id, so they
     // are recorded and rejected exactly like any other submission.
     let (txn_id, body, timeout_ms) = match (parsed.result, parsed.txn_id) {

@@ -23,7 +23,7 @@ use super::Shared;
 use super::api::{Ran, current_state, publish_and_wait, taken};
 use super::txn::to_bytes;
 use crate::client::Outcomes;
-use crate::proto::{MAX_TXN_ID_LEN, RequestError, is_token, parse_request};
+use crate::proto::{MAX_TXN_ID_LEN, RequestError, is_token};
 
 /// What the front door needs once this coordinator is active.
 #[derive(Clone)]
@@ -133,7 +133,7 @@ async fn submit(
             .get("prefer")
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.split(',').any(|p| p.trim() == "wait"));
-    let mut request = match parse_request(&bytes, &shared.limits).result {
+    let mut request = match shared.parse_request(&bytes).result {
         Ok(r) => r,
         Err(RequestError::Invalid { path, message }) => {
             return error(

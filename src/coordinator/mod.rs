@@ -36,8 +36,8 @@ use crate::engine::Machine;
 use crate::engine::twopc::RecoverError;
 use crate::nats::{Expect, NatsError, Streams, ensure_streams, publish_durable};
 use crate::proto::{
-    Mode, ParticipantReply, Reason, RequestError, RequestLimits, Subjects, SubmitError,
-    TransactionEvent, TxnState, now_ms, parse_request,
+    Mode, Parsed, ParticipantReply, Reason, RequestError, RequestLimits, Subjects, SubmitError,
+    TransactionEvent, TransactionRequest, TxnState, now_ms, parse_request,
 };
 use txn::{Begin, Router, TxnMsg, to_bytes};
 
@@ -66,6 +66,9 @@ pub enum CoordinatorError {
     /// The API's outcome waiter could not start.
     #[error("cannot start the txcoord micro service: {0}")]
     ApiOutcomes(#[from] crate::client::ClientError),
+    /// An entry of `http_allow` is not a usable base URL.
+    #[error("invalid configuration: http_allow[{0}]: {1}")]
+    HttpAllow(usize, txcoord_http::UrlError),
     /// The lease could not be taken.
     #[error(transparent)]
     Lease(#[from] lease::LeaseError),
@@ -215,6 +218,45 @@ pub struct Shared {
     pub client_limits: Arc<limits::Shares>,
     /// The deadlock detector's inbox: transactions report their decisions there.
     pub detector: mpsc::UnboundedSender<deadlock::DetectorMsg>,
+    /// `http_allow`: where a URL step may point.
+    pub url_allow: txcoord_http::UrlAllowList,
+    /// `http_url_service`: the service that runs URL steps.
+    pub url_service: String,
+}
+
+impl Shared {
+    /// Parses and validates an untrusted submission, as every way in (the submit stream,
+    /// the NATS API, the HTTP front door) must: the request rules of
+    /// [`parse_request`], then each URL step against `http_allow` (the step keeps the URL's
+    /// normal form, and gets `http_url_service` when it names no service).
+    pub fn parse_request(&self, bytes: &[u8]) -> Parsed {
+        let mut parsed = parse_request(bytes, &self.limits);
+        if let Ok(request) = &mut parsed.result
+            && let Err(e) = self.check_urls(request)
+        {
+            parsed.result = Err(e);
+        }
+        parsed
+    }
+
+    fn check_urls(&self, request: &mut TransactionRequest) -> Result<(), RequestError> {
+        for (i, step) in request.steps.iter_mut().enumerate() {
+            let Some(url) = &step.url else { continue };
+            let normal = self.url_allow.check(url).map_err(|e| {
+                let hint = if self.url_allow.is_empty() {
+                    " (http_allow is empty: this coordinator runs no URL steps)"
+                } else {
+                    ""
+                };
+                RequestError::invalid(format!("steps[{i}].url"), format!("{e}{hint}"))
+            })?;
+            step.url = Some(normal);
+            if step.service.is_empty() {
+                step.service = self.url_service.clone();
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Test hooks, chosen with `TXCOORD_FAILPOINT`, that put the coordinator where a test needs
@@ -336,6 +378,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         accept_untokened_replies: cfg.accept_untokened_replies,
         api_reply_prefixes: cfg.api_reply_prefixes.clone(),
         service_limits: limits::Shares::new(cfg.max_in_flight_per_service),
+        url_allow: txcoord_http::UrlAllowList::new(&cfg.http_allow)
+            .map_err(|(i, e)| CoordinatorError::HttpAllow(i, e))?,
+        url_service: cfg.http_url_service.clone(),
         client_limits: limits::Shares::new(cfg.max_in_flight_per_client),
     });
 
@@ -617,7 +662,7 @@ async fn submission(
         std::future::pending::<()>().await;
     }
     let seq = msg.info().map(|i| i.stream_sequence).ok();
-    let parsed = parse_request(&msg.payload, &shared.limits);
+    let parsed = shared.parse_request(&msg.payload);
     let request = match parsed.result {
         Ok(r) => r,
         Err(e) => {

@@ -254,6 +254,7 @@ mod tests {
         let key = ReplyKey::random();
         let s = Subjects::new("txn");
         let mut cmd = ParticipantCommand {
+            url: None,
             deadlock: None,
             lock_ts: None,
             txn_id: "t1".into(),

@@ -429,6 +429,7 @@ impl TransactionCoordinator {
                 .branches
                 .iter()
                 .map(|e| StepRequest {
+                    url: None,
                     service: e.label.clone(),
                     // The engine copies the action into every command; nothing reads it.
                     action: String::new(),
@@ -850,6 +851,7 @@ impl Inner {
             .iter()
             .enumerate()
             .map(|(i, id)| StepStatus {
+                url: None,
                 step: i,
                 service: id.clone(),
                 action: "prepare".into(),

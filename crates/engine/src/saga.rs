@@ -103,6 +103,7 @@ pub enum Phase {
 #[derive(Debug, Clone, PartialEq)]
 struct Step {
     service: String,
+    url: Option<String>,
     action: String,
     payload: Value,
     compensate: Option<String>,
@@ -151,6 +152,7 @@ impl Saga {
             .iter()
             .map(|s| Step {
                 service: s.service.clone(),
+                url: s.url.clone(),
                 action: s.action.clone(),
                 payload: s.payload.clone(),
                 compensate: s.compensate.clone(),
@@ -221,6 +223,7 @@ impl Saga {
                 });
                 Step {
                     service: a.service.clone(),
+                    url: a.url.clone(),
                     action: a.action.clone(),
                     payload: a.payload.clone().unwrap_or(Value::Null),
                     compensate: a.compensate.clone(),
@@ -666,6 +669,7 @@ impl Saga {
             lock_ts: None,
             deadlock: None,
             token: None,
+            url: s.url.clone(),
         }
     }
 
@@ -716,6 +720,7 @@ impl Saga {
                 .map(|(i, s)| StepStatus {
                     step: i,
                     service: s.service.clone(),
+                    url: s.url.clone(),
                     action: s.action.clone(),
                     vote: None,
                     done: matches!(s.state, SagaStepState::Done | SagaStepState::Compensated),

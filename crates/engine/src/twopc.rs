@@ -213,6 +213,7 @@ pub use super::Event;
 #[derive(Debug, Clone, PartialEq)]
 struct Branch {
     service: String,
+    url: Option<String>,
     action: String,
     payload: Value,
     vote: Option<Vote>,
@@ -273,6 +274,7 @@ impl TwoPc {
             .iter()
             .map(|s| Branch {
                 service: s.service.clone(),
+                url: s.url.clone(),
                 action: s.action.clone(),
                 payload: s.payload.clone(),
                 vote: None,
@@ -347,6 +349,7 @@ impl TwoPc {
             .zip(&last.steps)
             .map(|(a, l)| Branch {
                 service: a.service.clone(),
+                url: a.url.clone(),
                 action: a.action.clone(),
                 payload: a.payload.clone().unwrap_or(Value::Null),
                 vote: l.vote,
@@ -952,6 +955,7 @@ impl TwoPc {
             token: None,
             lock_ts: Some(self.lock_ts),
             deadlock: (kind == CommandKind::Prepare).then_some(self.cfg.deadlock),
+            url: b.url.clone(),
         }
     }
 
@@ -967,6 +971,7 @@ impl TwoPc {
                 .map(|(i, b)| StepStatus {
                     step: i,
                     service: b.service.clone(),
+                    url: b.url.clone(),
                     action: b.action.clone(),
                     vote: b.vote,
                     done: b.done,

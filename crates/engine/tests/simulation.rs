@@ -124,6 +124,7 @@ impl Part {
                                 ..r.clone()
                             },
                             _ => BranchRecord {
+                                url: None,
                                 state,
                                 action: cmd.action.clone(),
                                 payload: cmd.payload.clone(),
@@ -253,6 +254,7 @@ fn request(mode: Mode, n: usize) -> TransactionRequest {
         mode,
         steps: (0..n)
             .map(|i| StepRequest {
+                url: None,
                 service: format!("s{i}"),
                 action: "act".into(),
                 payload: json!({"i": i}),

@@ -17,9 +17,19 @@
 //! status, a body that is not JSON, a wrong content type, a body over the limit) is a clear
 //! error: a prepare votes abort saying what the service answered, a commit is retried and
 //! logged. Nothing else is ever read as a vote.
+//!
+//! A request step may also name its HTTP service by a URL (`steps[].url`) instead of a
+//! service name: [`HttpParticipant::for_urls`] serves those, sending each command to the
+//! URL it carries only when the URL falls under the [`UrlAllowList`] (`http_allow`), with
+//! the default settings and none of the configured headers (a client chooses the URL, so no
+//! credential goes to it).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+
+mod allow;
+
+pub use allow::{UrlAllowList, UrlError};
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -144,9 +154,17 @@ fn header_value(raw: &str) -> Result<String, String> {
 /// An HTTP service as a participant.
 pub struct HttpParticipant {
     name: String,
-    base: String,
+    target: Target,
     cfg: HttpServiceConfig,
     client: reqwest::Client,
+}
+
+/// Where commands go.
+enum Target {
+    /// One configured service: `{base}/prepare` and so on.
+    Fixed(String),
+    /// The URL each command carries, when the list allows it.
+    Urls(UrlAllowList),
 }
 
 impl HttpParticipant {
@@ -201,10 +219,45 @@ impl HttpParticipant {
         })?;
         Ok(HttpParticipant {
             name: name.into(),
-            base: cfg.url.trim_end_matches('/').to_string(),
+            target: Target::Fixed(cfg.url.trim_end_matches('/').to_string()),
             cfg,
             client,
         })
+    }
+
+    /// The bridge service `name` for steps that name their HTTP service by a URL: each
+    /// command goes to the URL it carries, only if `allow` allows it, with the default
+    /// settings and no added headers.
+    pub fn for_urls(name: &str, allow: UrlAllowList) -> Result<HttpParticipant, BridgeError> {
+        let cfg = HttpServiceConfig::default();
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_millis(cfg.timeout_ms))
+            .build()
+            .map_err(|e| BridgeError::Client {
+                service: name.into(),
+                message: e.to_string(),
+            })?;
+        Ok(HttpParticipant {
+            name: name.into(),
+            target: Target::Urls(allow),
+            cfg,
+            client,
+        })
+    }
+
+    /// The base URL for the branch's commands, or why there is none.
+    fn base(&self, txn: &TxnContext) -> Result<String, String> {
+        match &self.target {
+            Target::Fixed(base) => Ok(base.clone()),
+            Target::Urls(allow) => match &txn.url {
+                None => Err(format!(
+                    "{} runs only steps named by a URL, and the command carries none",
+                    self.name
+                )),
+                Some(url) => allow.check(url).map_err(|e| format!("{}: {e}", self.name)),
+            },
+        }
     }
 
     fn backoff(&self, attempt: u32) -> Duration {
@@ -221,6 +274,10 @@ impl HttpParticipant {
 
     /// One request of `kind` for the branch, waiting no longer than `limit`.
     async fn call(&self, kind: &str, txn: &TxnContext, limit: Option<Duration>) -> Answer {
+        let base = match self.base(txn) {
+            Ok(base) => base,
+            Err(why) => return Answer::Broken(why),
+        };
         let body = json!({
             "txn_id": txn.txn_id,
             "step": txn.step,
@@ -231,7 +288,7 @@ impl HttpParticipant {
         });
         let mut req = self
             .client
-            .post(format!("{}/{kind}", self.base))
+            .post(format!("{base}/{kind}"))
             .header(
                 "Idempotency-Key",
                 format!("{}:{}:{kind}", txn.txn_id, txn.step),
@@ -246,7 +303,7 @@ impl HttpParticipant {
         let mut resp = match req.send().await {
             Ok(r) => r,
             Err(e) if e.is_timeout() => return Answer::Retry(format!("{kind} timed out")),
-            Err(e) => return Answer::Retry(format!("{kind}: cannot reach {}: {e}", self.base)),
+            Err(e) => return Answer::Retry(format!("{kind}: cannot reach {base}: {e}")),
         };
         let status = resp.status();
         let json_type = resp
@@ -408,6 +465,10 @@ impl HttpParticipant {
 
 impl Participant for HttpParticipant {
     async fn prepare(&self, txn: &TxnContext, _action: &str, _payload: &Value) -> Vote {
+        // Nothing is sent to a URL the list refuses, so there is nothing to release either.
+        if let Err(why) = self.base(txn) {
+            return Vote::Abort(why);
+        }
         match self.until_deadline("prepare", txn).await {
             Ok(Some(v)) if v.get("vote").and_then(Value::as_str) == Some("read_only") => {
                 Vote::ReadOnly
@@ -437,6 +498,12 @@ impl Participant for HttpParticipant {
     }
 
     async fn execute(&self, txn: &TxnContext, _action: &str, _payload: &Value) -> StepResult {
+        if let Err(why) = self.base(txn) {
+            return StepResult::Failed {
+                reason: why,
+                retryable: false,
+            };
+        }
         match self.until_deadline("execute", txn).await {
             Ok(_) => StepResult::Done,
             Err(Ended::Refused(r)) => StepResult::Failed {

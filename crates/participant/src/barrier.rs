@@ -91,6 +91,9 @@ pub struct BranchRecord {
     /// The transaction's `lock_ts`, for the lock table's wait-die rule.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lock_ts: Option<u64>,
+    /// The step's URL, when the request named its HTTP service by one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
 }
 
 /// One lock a branch holds: a named resource and how.

@@ -116,6 +116,9 @@ pub struct TxnContext {
     /// Unix milliseconds after which the coordinator no longer waits for this prepare or
     /// execute (0 on commit, abort and compensate: those are waited for until confirmed).
     pub deadline_ms: u64,
+    /// The step's URL, when the request named its HTTP service by one (also on commit and
+    /// abort: taken from the prepare's record when there is one).
+    pub url: Option<String>,
 }
 
 /// What a saga step's `execute` did.
@@ -753,6 +756,7 @@ async fn resolve_one<P: Participant>(ctx: &Ctx<P>, branch: InDoubt) {
         token: None,
         lock_ts: None,
         deadlock: None,
+        url: None,
     };
     let _turn = ctx.branches.lock(&branch_key(&cmd.txn_id, cmd.step)).await;
     match apply(ctx, &cmd).await {
@@ -967,6 +971,7 @@ fn record(
         conflict: None,
         locks: Vec::new(),
         lock_ts: None,
+        url: None,
     }
 }
 
@@ -994,6 +999,7 @@ async fn apply<P: Participant>(
         attempt: cmd.attempt,
         compensate_action: cmd.compensate_action.clone(),
         deadline_ms: cmd.deadline_ms,
+        url: cmd.url.clone(),
     };
     for _ in 0..16 {
         let current = load(&ctx.store.kv, &key).await?;
@@ -1025,6 +1031,9 @@ async fn apply<P: Participant>(
         if let (Some((rec, _)), Some(Call::Commit | Call::Abort)) = (&current, call) {
             txn.action = rec.action.clone();
             txn.payload = rec.payload.clone();
+            if rec.url.is_some() {
+                txn.url = rec.url.clone();
+            }
         }
         let mut conflict = None;
         let mut held = Vec::new();
@@ -1075,6 +1084,7 @@ async fn apply<P: Participant>(
                     cmd.payload.clone()
                 };
                 let mut rec = record(state, &cmd.action, &payload, reason);
+                rec.url = cmd.url.clone();
                 if state == BranchState::Prepared {
                     rec.locks = held;
                     rec.lock_ts = cmd.lock_ts;

@@ -32,8 +32,16 @@ pub enum Mode {
 /// One branch of a transaction, as a client asks for it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepRequest {
-    /// The service that runs this step; becomes a subject token.
+    /// The service that runs this step; becomes a subject token. May be left out when `url`
+    /// is given: the coordinator's `http_url_service` (the bridge that runs URL steps) then
+    /// runs it.
+    #[serde(default)]
     pub service: String,
+    /// An HTTP service named by its base URL instead of by a service name. The coordinator
+    /// accepts it only when it matches an entry of its `http_allow` list (no open relay to
+    /// arbitrary hosts), and `txcoord http-bridge` checks it again before each request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
     /// What the service is asked to do (`reserve`, `charge`, ...).
     pub action: String,
     /// Free-form input for the service.
@@ -230,6 +238,10 @@ pub struct ParticipantCommand {
     /// (absent: `detect`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadlock: Option<DeadlockPolicy>,
+    /// The step's URL, when the request named its HTTP service by one
+    /// ([`StepRequest::url`]); on every command of the branch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
 }
 
 /// A participant's answer to a command.
@@ -490,6 +502,9 @@ pub struct StepStatus {
     pub step: usize,
     /// Its service.
     pub service: String,
+    /// The HTTP service's base URL, when the request named it by one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
     /// Its action.
     pub action: String,
     /// The vote, once received.
@@ -599,10 +614,18 @@ pub struct TransactionEvent {
     pub lock_ts: Option<u64>,
 }
 
-/// One step's part of a [`RequestShape`]: service, action, payload, compensation, timeout.
-type StepShape = (String, String, Value, Option<String>, Option<u64>);
+/// One step's part of a [`RequestShape`]: service, URL, action, payload, compensation,
+/// timeout.
+type StepShape = (
+    String,
+    Option<String>,
+    String,
+    Value,
+    Option<String>,
+    Option<u64>,
+);
 
-/// What makes two requests the same transaction: mode, steps (service, action, payload,
+/// What makes two requests the same transaction: mode, steps (service, URL, action, payload,
 /// compensation, step timeout), timeout and metadata. A resubmission of the same request
 /// under a taken txn_id is a retry; any other is a reused id.
 #[derive(Debug, PartialEq)]
@@ -624,6 +647,7 @@ impl RequestShape {
                 .map(|s| {
                     (
                         s.service.clone(),
+                        s.url.clone(),
                         s.action.clone(),
                         s.payload.clone(),
                         s.compensate.clone(),
@@ -646,6 +670,7 @@ impl RequestShape {
                 .map(|s| {
                     (
                         s.service.clone(),
+                        s.url.clone(),
                         s.action.clone(),
                         s.payload.clone().unwrap_or(Value::Null),
                         s.compensate.clone(),
@@ -754,7 +779,8 @@ impl RequestError {
         }
     }
 
-    fn invalid(path: impl Into<String>, message: impl Into<String>) -> Self {
+    /// A request that breaks a rule at `path` (JSON-path-like: `steps[1].url`).
+    pub fn invalid(path: impl Into<String>, message: impl Into<String>) -> Self {
         RequestError::Invalid {
             path: path.into(),
             message: message.into(),
@@ -843,6 +869,45 @@ fn request_from_value(
     Ok(request)
 }
 
+/// Longest step URL accepted.
+pub const MAX_URL_LEN: usize = 2048;
+
+/// The shape a step's URL must have before any allow-list is asked: `http://` or
+/// `https://`, no longer than [`MAX_URL_LEN`], no spaces or control characters, no
+/// credentials, query or fragment (a base URL: commands go to `{url}/prepare` and so on).
+pub fn check_step_url(url: &str) -> Result<(), String> {
+    if url.len() > MAX_URL_LEN {
+        return Err(format!(
+            "url is {} bytes, over the limit of {MAX_URL_LEN}",
+            url.len()
+        ));
+    }
+    let Some(rest) = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+    else {
+        return Err(format!("url {url:?} must start with http:// or https://"));
+    };
+    if url.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(format!("url {url:?} has spaces or control characters"));
+    }
+    let authority = rest.split('/').next().unwrap_or_default();
+    if authority.is_empty() {
+        return Err(format!("url {url:?} names no host"));
+    }
+    if authority.contains('@') {
+        return Err(format!(
+            "url {url:?} carries credentials; put them in the bridge's configuration"
+        ));
+    }
+    if url.contains('?') || url.contains('#') {
+        return Err(format!(
+            "url {url:?} must be a base URL, without a query or a fragment"
+        ));
+    }
+    Ok(())
+}
+
 /// Checks the rules a well-typed request must still follow.
 pub fn validate_request(
     request: &TransactionRequest,
@@ -875,7 +940,12 @@ pub fn validate_request(
         ));
     }
     for (i, step) in request.steps.iter().enumerate() {
-        if !is_token(&step.service, MAX_NAME_LEN) {
+        if let Some(url) = &step.url {
+            check_step_url(url).map_err(|m| RequestError::invalid(format!("steps[{i}].url"), m))?;
+        }
+        // A URL step may leave its service to the coordinator's configuration.
+        let named_by_url = step.url.is_some() && step.service.is_empty();
+        if !named_by_url && !is_token(&step.service, MAX_NAME_LEN) {
             return Err(RequestError::invalid(
                 format!("steps[{i}].service"),
                 format!(

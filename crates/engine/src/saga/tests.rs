@@ -23,6 +23,7 @@ fn request(n: usize) -> TransactionRequest {
         mode: Mode::Saga,
         steps: (0..n)
             .map(|i| StepRequest {
+                url: None,
                 service: format!("s{i}"),
                 action: "do".into(),
                 payload: json!({"i": i}),

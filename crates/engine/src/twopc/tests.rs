@@ -24,6 +24,7 @@ fn request(services: &[&str]) -> TransactionRequest {
         steps: services
             .iter()
             .map(|s| StepRequest {
+                url: None,
                 service: (*s).into(),
                 action: "act".into(),
                 payload: json!({"for": s}),

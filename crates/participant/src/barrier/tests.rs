@@ -12,6 +12,7 @@ const NOW: Facts = Facts {
 
 fn rec(state: BranchState) -> BranchRecord {
     BranchRecord {
+        url: None,
         state,
         action: "reserve".into(),
         payload: serde_json::json!({"sku": "apple"}),
