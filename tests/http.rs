@@ -54,18 +54,24 @@ fn bridge(sys: &System, config: &Path) -> Proc {
 async fn start() -> Http {
     let sys = System::start(&["a"], &[]).await;
     let port = free_port();
+    with_shipping(
+        sys,
+        port,
+        &format!(
+            "[http_services.shipping]\nurl = \"http://127.0.0.1:{port}\"\ntimeout_ms = 3000\nretry_base_ms = 50\nretry_cap_ms = 500\n"
+        ),
+    )
+    .await
+}
+
+/// Starts shipping on `port` and a bridge with the configuration `bridge_toml`.
+async fn with_shipping(sys: System, port: u16, bridge_toml: &str) -> Http {
     let shipping = shipping(sys.dir.path(), port);
     shipping
         .wait_for("shipping ready", Duration::from_secs(20))
         .await;
     let config = sys.dir.path().join("bridge.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[http_services.shipping]\nurl = \"http://127.0.0.1:{port}\"\ntimeout_ms = 3000\nretry_base_ms = 50\nretry_cap_ms = 500\n"
-        ),
-    )
-    .unwrap();
+    std::fs::write(&config, bridge_toml).unwrap();
     let bridge = bridge(&sys, &config);
     bridge
         .wait_for("participant ready", Duration::from_secs(30))
@@ -265,23 +271,8 @@ async fn start_with_allow_list() -> Http {
     let port = free_port();
     let allow = format!("http://127.0.0.1:{port}/eu");
     let sys = System::start(&["a"], &[("TXCOORD_HTTP_ALLOW", allow.as_str())]).await;
-    let shipping = shipping(sys.dir.path(), port);
-    shipping
-        .wait_for("shipping ready", Duration::from_secs(20))
-        .await;
     // No [http_services]: the bridge runs only the URL service.
-    let config = sys.dir.path().join("bridge.toml");
-    std::fs::write(&config, format!("http_allow = [\"{allow}\"]\n")).unwrap();
-    let bridge = bridge(&sys, &config);
-    bridge
-        .wait_for("participant ready", Duration::from_secs(30))
-        .await;
-    Http {
-        sys,
-        shipping,
-        bridge,
-        port,
-    }
+    with_shipping(sys, port, &format!("http_allow = [\"{allow}\"]\n")).await
 }
 
 fn by_url(id: &str, url: &str) -> Value {
