@@ -75,10 +75,7 @@ pub async fn wait_consumer(
 
 /// A TCP port on 127.0.0.1 that was free a moment ago (for a child process to listen on).
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .context("finding a free port on 127.0.0.1")?
-        .port())
+    txcoord::natsserver::free_port().context("finding a free port on 127.0.0.1")
 }
 
 /// A sibling binary of this one (the services are built next to `txcoord`).

@@ -151,6 +151,14 @@ fn header_value(raw: &str) -> Result<String, String> {
     Ok(raw.to_string())
 }
 
+/// The settings every bridge's HTTP client has: no redirects (an answer the contract does
+/// not have: never followed) and the per-request timeout.
+fn client_builder(cfg: &HttpServiceConfig) -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_millis(cfg.timeout_ms.max(1)))
+}
+
 /// An HTTP service as a participant.
 pub struct HttpParticipant {
     name: String,
@@ -196,11 +204,7 @@ impl HttpParticipant {
                 reqwest::header::HeaderValue::from_str(&value).map_err(|e| bad(e.to_string()))?;
             headers.insert(hk, hv);
         }
-        let mut builder = reqwest::Client::builder()
-            .default_headers(headers)
-            // A redirect is an answer the contract does not have: never followed.
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(Duration::from_millis(cfg.timeout_ms.max(1)));
+        let mut builder = client_builder(&cfg).default_headers(headers);
         if let Some(path) = &cfg.tls_ca_file {
             let tls = |message: String| BridgeError::Tls {
                 service: name.into(),
@@ -230,9 +234,7 @@ impl HttpParticipant {
     /// settings and no added headers.
     pub fn for_urls(name: &str, allow: UrlAllowList) -> Result<HttpParticipant, BridgeError> {
         let cfg = HttpServiceConfig::default();
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(Duration::from_millis(cfg.timeout_ms))
+        let client = client_builder(&cfg)
             .build()
             .map_err(|e| BridgeError::Client {
                 service: name.into(),
