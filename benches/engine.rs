@@ -26,6 +26,7 @@ fn request(mode: Mode, n: usize) -> TransactionRequest {
             .collect(),
         timeout_ms: None,
         metadata: None,
+        traceparent: None,
     }
 }
 

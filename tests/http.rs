@@ -390,3 +390,138 @@ async fn a_coordinator_without_an_allow_list_refuses_every_url_step() {
     assert_eq!(path.as_deref(), Some("steps[1].url"));
     assert!(message.contains("http_allow is empty"), "{message}");
 }
+
+async fn traces(port: u16) -> Vec<(String, String)> {
+    reqwest::get(format!("http://127.0.0.1:{port}/traces"))
+        .await
+        .expect("GET /traces")
+        .json::<Vec<Value>>()
+        .await
+        .expect("JSON")
+        .into_iter()
+        .map(|t| {
+            (
+                t["key"].as_str().unwrap_or_default().to_string(),
+                t["traceparent"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The trace contexts shipping saw for `txn`'s branch, by command kind.
+async fn traced(port: u16, txn: &str) -> Vec<(String, String)> {
+    let prefix = format!("{txn}:1:");
+    traces(port)
+        .await
+        .into_iter()
+        .filter_map(|(k, t)| Some((k.strip_prefix(&prefix)?.to_string(), t)))
+        .collect()
+}
+
+fn pair(kind: &str, t: &str) -> (String, String) {
+    (kind.to_string(), t.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_traceparent_reaches_every_http_call_and_survives_a_coordinator_restart() {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let sys = System::start(
+        &["a"],
+        &[
+            ("TXCOORD_FAILPOINT", "after-decision"),
+            ("TXCOORD_HTTP_LISTEN", listen.as_str()),
+        ],
+    )
+    .await;
+    let port = free_port();
+    let mut h = with_shipping(
+        sys,
+        port,
+        &format!("[http_services.shipping]\nurl = \"http://127.0.0.1:{port}\"\n"),
+    )
+    .await;
+    let url = h.sys.nats.url();
+
+    // Submitted on NATS with the header; the coordinator stops right after deciding, so
+    // the commit comes from the one that recovers the transaction from its log.
+    let t1 = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("traceparent", t1);
+    let js = async_nats::jetstream::new(h.sys.nc.clone());
+    js.publish_with_headers(
+        "txn.submit",
+        headers,
+        serde_json::to_vec(&order("tp-nats", json!({"order_id": "t1"})))
+            .unwrap()
+            .into(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("stored");
+    h.sys
+        .coordinator
+        .wait_for(
+            "FAILPOINT after-decision txn_id=tp-nats",
+            Duration::from_secs(20),
+        )
+        .await;
+    h.sys.coordinator.kill9();
+    assert_eq!(traced(port, "tp-nats").await, vec![pair("prepare", t1)]);
+    h.sys.coordinator.restart_with(&[
+        ("TXCOORD_NATS_URL", url.as_str()),
+        ("TXCOORD_HTTP_LISTEN", listen.as_str()),
+    ]);
+    let ev = h.sys.wait_state("tp-nats", |e| e.state.is_terminal()).await;
+    assert_eq!(ev.state, TxnState::Committed, "{ev:?}");
+    let accepted = h.sys.client.history("tp-nats").await.remove(0);
+    assert_eq!(accepted.state, TxnState::Accepted);
+    assert_eq!(accepted.traceparent.as_deref(), Some(t1));
+    common::check(
+        &common::validator("transaction-event"),
+        "transaction-event",
+        "txn.events.tp-nats",
+        &serde_json::to_value(&accepted).unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while traced(port, "tp-nats").await.len() < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        traced(port, "tp-nats").await,
+        vec![pair("commit", t1), pair("prepare", t1)]
+    );
+
+    // The front door's header; an invalid header is ignored (W3C), an invalid body field
+    // is a 400 naming it.
+    h.sys
+        .coordinator
+        .wait_for("coordinator ready", Duration::from_secs(30))
+        .await;
+    let t2 = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+    let http = reqwest::Client::new();
+    let front = format!("http://{listen}/v1/transactions?wait=true");
+    for (id, header) in [("tp-http", t2), ("tp-bad-header", "00-not-a-trace")] {
+        let resp = http
+            .post(&front)
+            .header("traceparent", header)
+            .json(&order(id, json!({"order_id": id})))
+            .send()
+            .await
+            .expect("POST");
+        assert_eq!(resp.status().as_u16(), 200);
+        let ev: Value = resp.json().await.expect("the final event");
+        assert_eq!(ev["state"], "committed", "{ev}");
+    }
+    assert_eq!(
+        traced(port, "tp-http").await,
+        vec![pair("commit", t2), pair("prepare", t2)]
+    );
+    assert_eq!(traced(port, "tp-bad-header").await, vec![]);
+    let mut bad = order("tp-bad-body", json!({}));
+    bad["traceparent"] = json!("00-not-a-trace");
+    let resp = http.post(&front).json(&bad).send().await.expect("POST");
+    assert_eq!(resp.status().as_u16(), 400);
+    let body: Value = resp.json().await.expect("the error");
+    assert_eq!(body["path"], "traceparent", "{body}");
+}

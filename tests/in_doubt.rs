@@ -101,6 +101,7 @@ async fn forge(sys: &System, id: &str, kind: CommandKind) {
         deadline_ms: 0,
         compensate_action: None,
         token: None,
+        traceparent: None,
     };
     sys.publish_stored(format!("txn.cmd.a.{id}"), serde_json::to_vec(&cmd).unwrap())
         .await;

@@ -107,6 +107,7 @@ impl Harness {
             deadline_ms: 0,
             compensate_action: None,
             token: None,
+            traceparent: None,
         };
         let subject = self.subjects.command("svc", txn);
         let id = format!("{txn}.0.{}.{attempt}", kind.as_str());

@@ -20,7 +20,9 @@ many times per key first), "delay_ms" (sleep before answering), "commit_delay_ms
 before answering a commit only), "read_only" (vote read-only), "malformed" ("not_json",
 "huge", "redirect", "content_type": a broken answer, for the bridge's error handling).
 
-GET /shipments returns every booking with how many times its commit was applied.
+GET /shipments returns every booking with how many times its commit was applied; GET /traces
+returns the W3C `traceparent` header each idempotency key first arrived with (a tracing
+backend would start the call's span under it).
 
 Usage: shipping.py --port 8091 [--db shipping.sqlite] [--host 127.0.0.1]
 """
@@ -48,6 +50,7 @@ def open_db(path):
         " state TEXT, commits INTEGER DEFAULT 0)"
     )
     db.execute("CREATE TABLE IF NOT EXISTS failures (key TEXT PRIMARY KEY, n INTEGER)")
+    db.execute("CREATE TABLE IF NOT EXISTS traces (key TEXT PRIMARY KEY, traceparent TEXT)")
     return db
 
 
@@ -68,6 +71,12 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self):
+        if self.path == "/traces":
+            with LOCK:
+                rows = self.db.execute(
+                    "SELECT key, traceparent FROM traces ORDER BY key"
+                ).fetchall()
+            return self.answer(200, [{"key": k, "traceparent": t} for k, t in rows])
         if self.path != "/shipments":
             return self.answer(404, {"error": "no such path"})
         with LOCK:
@@ -109,6 +118,11 @@ class Handler(BaseHTTPRequestHandler):
         if broken == "content_type":
             return self.answer(200, b"ready", "text/plain")
         with LOCK:
+            trace = self.headers.get("traceparent")
+            if trace:
+                self.db.execute(
+                    "INSERT OR IGNORE INTO traces (key, traceparent) VALUES (?, ?)", (key, trace)
+                )
             seen = self.db.execute(
                 "SELECT status, body FROM answers WHERE key = ?", (key,)
             ).fetchone()

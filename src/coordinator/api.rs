@@ -287,7 +287,10 @@ async fn handle_execute(outcomes: Outcomes, shared: Arc<Shared>, req: Req) {
         Some(name) => shared.subjects.submit_as(name),
         None => shared.subjects.submit(),
     };
-    let parsed = shared.parse_request(&req.message.payload);
+    let parsed = shared.parse_request(
+        &req.message.payload,
+        super::nats_traceparent(req.message.headers.as_ref()),
+    );
     // Invalid requests still go through the submit stream when they carry a txn_id, so they
     // are recorded and rejected exactly like any other submission.
     let (txn_id, body, timeout_ms) = match (parsed.result, parsed.txn_id) {

@@ -133,7 +133,10 @@ async fn submit(
             .get("prefer")
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.split(',').any(|p| p.trim() == "wait"));
-    let mut request = match shared.parse_request(&bytes).result {
+    let traceparent = headers
+        .get(crate::proto::TRACEPARENT_HEADER)
+        .and_then(|v| v.to_str().ok());
+    let mut request = match shared.parse_request(&bytes, traceparent).result {
         Ok(r) => r,
         Err(RequestError::Invalid { path, message }) => {
             return error(

@@ -229,12 +229,20 @@ impl Shared {
     /// the NATS API, the HTTP front door) must: the request rules of
     /// [`parse_request`], then each URL step against `http_allow` (the step keeps the URL's
     /// normal form, and gets `http_url_service` when it names no service).
-    pub fn parse_request(&self, bytes: &[u8]) -> Parsed {
+    ///
+    /// `traceparent` is the submission's `traceparent` header (NATS or HTTP): a request
+    /// whose body names none takes it when it is a valid W3C trace context. An invalid
+    /// header is ignored, as the W3C recommendation asks (a body field must be valid).
+    pub fn parse_request(&self, bytes: &[u8], traceparent: Option<&str>) -> Parsed {
         let mut parsed = parse_request(bytes, &self.limits);
-        if let Ok(request) = &mut parsed.result
-            && let Err(e) = self.check_urls(request)
-        {
-            parsed.result = Err(e);
+        if let Ok(request) = &mut parsed.result {
+            if let Err(e) = self.check_urls(request) {
+                parsed.result = Err(e);
+            } else if request.traceparent.is_none() {
+                request.traceparent = traceparent
+                    .and_then(crate::proto::traceparent)
+                    .map(str::to_owned);
+            }
         }
         parsed
     }
@@ -257,6 +265,13 @@ impl Shared {
         }
         Ok(())
     }
+}
+
+/// The `traceparent` header of a NATS message, if it has one.
+pub(crate) fn nats_traceparent(headers: Option<&async_nats::HeaderMap>) -> Option<&str> {
+    headers?
+        .get(crate::proto::TRACEPARENT_HEADER)
+        .map(|v| v.as_str())
 }
 
 /// Test hooks, chosen with `TXCOORD_FAILPOINT`, that put the coordinator where a test needs
@@ -662,7 +677,7 @@ async fn submission(
         std::future::pending::<()>().await;
     }
     let seq = msg.info().map(|i| i.stream_sequence).ok();
-    let parsed = shared.parse_request(&msg.payload);
+    let parsed = shared.parse_request(&msg.payload, nats_traceparent(msg.headers.as_ref()));
     let request = match parsed.result {
         Ok(r) => r,
         Err(e) => {
@@ -779,6 +794,7 @@ pub(crate) async fn reject(
             submit_seq: seq,
             current_step: None,
             cause: None,
+            traceparent: None,
         };
         let subject = shared.subjects.events(id);
         let msg_id = format!("{id}.rejected.{}", seq.unwrap_or(0));

@@ -268,6 +268,7 @@ mod tests {
             deadline_ms: 0,
             compensate_action: None,
             token: None,
+            traceparent: None,
         };
         key.stamp(&s, &mut cmd);
         assert_eq!(cmd.reply_to, "txn.reply.pay.t1");

@@ -440,6 +440,7 @@ impl TransactionCoordinator {
                 .collect(),
             timeout_ms: None,
             metadata: None,
+            traceparent: None,
         };
         let mut out = Vec::with_capacity(work.branches.len() + 4);
         let mut engine = TwoPc::start(
@@ -879,6 +880,7 @@ impl Inner {
             submit_seq: None,
             current_step: None,
             cause: None,
+            traceparent: None,
         };
         let decided = if u.commit { W::Committing } else { W::Aborting };
         let mut out = Vec::new();

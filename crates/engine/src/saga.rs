@@ -134,6 +134,8 @@ pub struct Saga {
     compact: bool,
     /// The rows of the table this saga went through (a bit per [`Row`]).
     rows: u32,
+    /// The request's W3C trace context, in every command.
+    traceparent: Option<String>,
 }
 
 impl Saga {
@@ -177,6 +179,7 @@ impl Saga {
             failing: None,
             compact: false,
             rows: 1 << Row::Start as u32,
+            traceparent: request.traceparent.clone(),
         };
         saga.steps[0].state = SagaStepState::Executing;
         saga.steps[0].execute_attempt = 1;
@@ -264,6 +267,7 @@ impl Saga {
                     Some(Reason::LogRefused { .. })
                 ),
             rows: 1 << Row::Recover as u32,
+            traceparent: accepted.traceparent.clone(),
         };
         if saga.cursor >= saga.steps.len() {
             return Err(RecoverError::Inconsistent(format!(
@@ -670,6 +674,7 @@ impl Saga {
             deadlock: None,
             token: None,
             url: s.url.clone(),
+            traceparent: self.traceparent.clone(),
         }
     }
 
@@ -746,6 +751,7 @@ impl Saga {
             submit_seq: self.submit_seq,
             current_step: (!self.is_finished()).then_some(self.cursor),
             cause: self.failing.as_ref().and(self.cause.clone()),
+            traceparent: with_payload.then(|| self.traceparent.clone()).flatten(),
         };
         if self.compact {
             super::compact(&mut event);

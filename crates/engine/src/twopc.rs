@@ -255,6 +255,8 @@ pub struct TwoPc {
     lean: bool,
     /// The transaction's age for deadlock prevention (Unix ms), in every command.
     lock_ts: u64,
+    /// The request's W3C trace context, in every command.
+    traceparent: Option<String>,
 }
 
 impl TwoPc {
@@ -304,6 +306,7 @@ impl TwoPc {
             caller_decides: false,
             lean: false,
             lock_ts: request.lock_ts.unwrap_or(now),
+            traceparent: request.traceparent.clone(),
         };
         out.push(Command::Persist {
             msg_id: format!("{}.accepted", txn.txn_id),
@@ -381,6 +384,7 @@ impl TwoPc {
             caller_decides: false,
             lean: false,
             lock_ts: accepted.lock_ts.unwrap_or(accepted.timestamp_ms),
+            traceparent: accepted.traceparent.clone(),
         };
         match last.state {
             TxnState::Accepted | TxnState::Preparing => {
@@ -475,6 +479,7 @@ impl TwoPc {
             current_step: None,
             cause: None,
             lock_ts: None,
+            traceparent: None,
         }
     }
 
@@ -956,6 +961,7 @@ impl TwoPc {
             lock_ts: Some(self.lock_ts),
             deadlock: (kind == CommandKind::Prepare).then_some(self.cfg.deadlock),
             url: b.url.clone(),
+            traceparent: self.traceparent.clone(),
         }
     }
 
@@ -992,6 +998,7 @@ impl TwoPc {
             current_step: None,
             cause: None,
             lock_ts: with_payload.then_some(self.lock_ts),
+            traceparent: with_payload.then(|| self.traceparent.clone()).flatten(),
         };
         if self.compact {
             super::compact(&mut event);

@@ -264,6 +264,7 @@ fn request(mode: Mode, n: usize) -> TransactionRequest {
             .collect(),
         timeout_ms: None,
         metadata: Some(json!({"order": 7})),
+        traceparent: None,
     }
 }
 

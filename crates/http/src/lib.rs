@@ -6,8 +6,8 @@
 //!   with the JSON body `{txn_id, step, action, payload, attempt, deadline_ms}`;
 //! - headers `Idempotency-Key: <txn_id>:<step>:<kind>` (the service's barrier: a bridge that
 //!   restarted sends what is unconfirmed again), `Txcoord-Txn-Id`, `Txcoord-Step`,
-//!   `Txcoord-Deadline-Ms`, and the configured ones (an `Authorization` from a file or an
-//!   environment variable).
+//!   `Txcoord-Deadline-Ms`, `traceparent` when the transaction has a W3C trace context,
+//!   and the configured ones (an `Authorization` from a file or an environment variable).
 //!
 //! Answers: `200`/`204` yes (a prepare's body may say `{"vote": "read_only"}`); `409` on
 //! prepare or execute a refusal, with the body's `reason`; `202` or `425` "in progress, ask
@@ -299,6 +299,9 @@ impl HttpParticipant {
             .header("Txcoord-Step", txn.step.to_string())
             .header("Txcoord-Deadline-Ms", txn.deadline_ms.to_string())
             .json(&body);
+        if let Some(t) = &txn.traceparent {
+            req = req.header(txcoord_proto::TRACEPARENT_HEADER, t.as_str());
+        }
         if let Some(limit) = limit {
             req = req.timeout(limit.min(Duration::from_millis(self.cfg.timeout_ms.max(1))));
         }

@@ -119,6 +119,9 @@ pub struct TxnContext {
     /// The step's URL, when the request named its HTTP service by one (also on commit and
     /// abort: taken from the prepare's record when there is one).
     pub url: Option<String>,
+    /// The transaction's W3C trace context, when its request had one (the coordinator
+    /// sends it on every command).
+    pub traceparent: Option<String>,
 }
 
 /// What a saga step's `execute` did.
@@ -757,6 +760,7 @@ async fn resolve_one<P: Participant>(ctx: &Ctx<P>, branch: InDoubt) {
         lock_ts: None,
         deadlock: None,
         url: None,
+        traceparent: None,
     };
     let _turn = ctx.branches.lock(&branch_key(&cmd.txn_id, cmd.step)).await;
     match apply(ctx, &cmd).await {
@@ -1000,6 +1004,7 @@ async fn apply<P: Participant>(
         compensate_action: cmd.compensate_action.clone(),
         deadline_ms: cmd.deadline_ms,
         url: cmd.url.clone(),
+        traceparent: cmd.traceparent.clone(),
     };
     for _ in 0..16 {
         let current = load(&ctx.store.kv, &key).await?;

@@ -78,6 +78,46 @@ pub struct TransactionRequest {
     /// its events), so the retry is older than before and cannot starve.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lock_ts: Option<u64>,
+    /// The W3C trace context of the caller (`00-<trace-id>-<parent-id>-<flags>`), passed on
+    /// in every command and, by the HTTP bridge, as the `traceparent` header of every call.
+    /// The coordinator fills it from a valid `traceparent` header on the submission (a NATS
+    /// message header, or the front door's HTTP header) when the body has none. It is not
+    /// part of what makes two requests the same transaction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+}
+
+/// The header (NATS or HTTP) that carries a W3C trace context.
+pub const TRACEPARENT_HEADER: &str = "traceparent";
+
+/// The W3C trace context in `value`, when it is a valid `traceparent`
+/// (<https://www.w3.org/TR/trace-context/#traceparent-header>): version, 32 hex digits of
+/// trace id, 16 of parent id and 2 of flags, lowercase, dash-separated, with neither id all
+/// zeros and version `ff` refused. A later version may append fields after a dash: only
+/// the first 55 characters, the part this version defines, are kept.
+pub fn traceparent(value: &str) -> Option<&str> {
+    let value = value.trim();
+    let head = value.get(..55)?;
+    let rest = &value[55..];
+    let parts: Vec<&str> = head.split('-').collect();
+    let [version, trace, parent, flags] = parts[..] else {
+        return None;
+    };
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let zeros = |s: &str| s.bytes().all(|b| b == b'0');
+    let ok = hex(version, 2)
+        && version != "ff"
+        && hex(trace, 32)
+        && !zeros(trace)
+        && hex(parent, 16)
+        && !zeros(parent)
+        && hex(flags, 2)
+        && (rest.is_empty() || (version != "00" && rest.starts_with('-')));
+    ok.then_some(head)
 }
 
 /// How the coordinator deals with distributed deadlocks between lock-holding branches
@@ -242,6 +282,10 @@ pub struct ParticipantCommand {
     /// ([`StepRequest::url`]); on every command of the branch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    /// The transaction's W3C trace context, when its request had one
+    /// ([`TransactionRequest::traceparent`]); on every command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// A participant's answer to a command.
@@ -612,6 +656,10 @@ pub struct TransactionEvent {
     /// In the `accepted` record: the transaction's `lock_ts` when the request gave one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lock_ts: Option<u64>,
+    /// In the `accepted` record: the request's W3C trace context, so a recovered
+    /// transaction's commands carry it too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// One step's part of a [`RequestShape`]: service, URL, action, payload, compensation,
@@ -978,6 +1026,17 @@ pub fn validate_request(
             "metadata must be a JSON object",
         ));
     }
+    if let Some(t) = &request.traceparent
+        && traceparent(t) != Some(t.as_str())
+    {
+        return Err(RequestError::invalid(
+            "traceparent",
+            format!(
+                "traceparent {:?} is not a W3C trace context (00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>, lowercase, ids not all zeros)",
+                cut_text(t.clone(), 80)
+            ),
+        ));
+    }
     Ok(())
 }
 
@@ -1267,6 +1326,43 @@ mod tests {
         assert!(
             matches!(p.result, Err(RequestError::Invalid { ref path, .. }) if path == "txn_id")
         );
+    }
+
+    #[test]
+    fn traceparents_follow_the_w3c_format() {
+        let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(traceparent(good), Some(good));
+        assert_eq!(traceparent(&format!(" {good} ")), Some(good));
+        // A later version may add fields; only the defined part is kept.
+        let v1 = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-future";
+        assert_eq!(traceparent(v1), Some(&v1[..55]));
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00_4bf92f3577b34da6a3ce929d0e0e4736_00f067aa0ba902b7_01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0\u{e9}",
+        ] {
+            assert_eq!(traceparent(bad), None, "{bad:?}");
+        }
+        let req = |t: &str| {
+            parse(
+                serde_json::json!({"steps": [{"service": "a", "action": "b"}], "traceparent": t})
+                    .to_string()
+                    .as_str(),
+            )
+            .result
+        };
+        assert_eq!(req(good).map(|r| r.traceparent), Ok(Some(good.to_string())));
+        match req("00-nope") {
+            Err(RequestError::Invalid { path, .. }) => assert_eq!(path, "traceparent"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

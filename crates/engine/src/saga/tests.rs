@@ -33,6 +33,7 @@ fn request(n: usize) -> TransactionRequest {
             .collect(),
         timeout_ms: None,
         metadata: None,
+        traceparent: None,
     }
 }
 

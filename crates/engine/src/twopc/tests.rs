@@ -34,6 +34,7 @@ fn request(services: &[&str]) -> TransactionRequest {
             .collect(),
         timeout_ms: None,
         metadata: Some(json!({"k": 1})),
+        traceparent: None,
     }
 }
 
@@ -798,4 +799,45 @@ fn a_request_lock_ts_is_kept_and_survives_recovery() {
     let accepted = record(&out, TxnState::Accepted).clone();
     let back = TwoPc::recover(&accepted, &accepted, "r".into(), CFG, 900, &mut Vec::new()).unwrap();
     assert_eq!(back.lock_ts(), 42);
+}
+
+#[test]
+fn a_traceparent_rides_in_every_command_and_survives_recovery() {
+    let t = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let mut req = request(&["a", "b"]);
+    req.traceparent = Some(t.into());
+    let mut out = Vec::new();
+    let mut txn = TwoPc::start("t1".into(), &req, None, "r".into(), CFG, 0, &mut out);
+    let accepted = record(&out, TxnState::Accepted).clone();
+    assert_eq!(accepted.traceparent.as_deref(), Some(t));
+    txn.handle(1, vote(0, "a", ReplyOutcome::Ready), &mut out)
+        .unwrap();
+    txn.handle(1, vote(1, "b", ReplyOutcome::Ready), &mut out)
+        .unwrap();
+    // Only the accepted record keeps it: the later ones are not made bigger by it.
+    assert!(out.iter().all(|c| match c {
+        Command::Persist { event, .. } | Command::Announce { event, .. } =>
+            (event.state == TxnState::Accepted) == event.traceparent.is_some(),
+        _ => true,
+    }));
+    let decision = record(&out, TxnState::Committing).clone();
+    let mut after = Vec::new();
+    TwoPc::recover(&accepted, &decision, "r".into(), CFG, 50, &mut after).unwrap();
+    let commands: Vec<_> = out
+        .iter()
+        .chain(&after)
+        .filter_map(|c| match c {
+            Command::Send(command) => Some(command),
+            _ => None,
+        })
+        .collect();
+    assert!(commands.iter().any(|c| c.kind == CommandKind::Prepare));
+    assert!(
+        after
+            .iter()
+            .any(|c| matches!(c, Command::Send(command) if command.kind == CommandKind::Commit))
+    );
+    for c in commands {
+        assert_eq!(c.traceparent.as_deref(), Some(t), "{c:?}");
+    }
 }
