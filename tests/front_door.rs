@@ -2,7 +2,8 @@
 //! HTTP client: submit (202, or the final event with `?wait=true` or `Prefer: wait`), the
 //! status with every vote, a retry of the same request, and every error status: 400 with
 //! the JSON path, 404, 409 for a txn_id reused with another body, 413, and 503 from a
-//! standby that does not hold the lease.
+//! standby that does not hold the lease (and its answers once it takes over), and 503
+//! while NATS is down (a submission it could not store, a status it could not read).
 
 mod common;
 
@@ -16,16 +17,19 @@ fn free_port() -> u16 {
 }
 
 async fn start() -> (System, String) {
+    start_with(&[]).await
+}
+
+/// A coordinator with the front door, and `env` besides.
+async fn start_with(env: &[(&str, &str)]) -> (System, String) {
     let port = free_port().to_string();
     let listen = format!("127.0.0.1:{port}");
-    let sys = System::start(
-        &["a"],
-        &[
-            ("TXCOORD_HTTP_LISTEN", listen.as_str()),
-            ("TXCOORD_MAX_REQUEST_BYTES", "4096"),
-        ],
-    )
-    .await;
+    let mut all = vec![
+        ("TXCOORD_HTTP_LISTEN", listen.as_str()),
+        ("TXCOORD_MAX_REQUEST_BYTES", "4096"),
+    ];
+    all.extend_from_slice(env);
+    let sys = System::start(&["a"], &all).await;
     (sys, format!("http://{listen}"))
 }
 
@@ -176,8 +180,63 @@ async fn a_standby_answers_503_until_it_holds_the_lease() {
     standby
         .wait_for("HTTP front door", Duration::from_secs(30))
         .await;
-    let (status, body) = post(&format!("http://{listen}"), "", &one_step("fd-standby")).await;
+    let standby_base = format!("http://{listen}");
+    let (status, body) = post(&standby_base, "", &one_step("fd-standby")).await;
     assert_error(status, &body, 503, "unavailable");
-    let (status, body) = get(&format!("http://{listen}"), "fd-standby").await;
+    let (status, body) = get(&standby_base, "fd-standby").await;
     assert_error(status, &body, 503, "unavailable");
+    // The active one dies: once its lease runs out the standby takes over and answers.
+    let mut sys = sys;
+    sys.coordinator.kill9();
+    standby
+        .wait_for("coordinator ready", Duration::from_secs(30))
+        .await;
+    let (status, ev) = post(&standby_base, "?wait=true", &one_step("fd-standby")).await;
+    assert_eq!(status, 200, "{ev}");
+    assert_eq!(ev["state"], "committed", "{ev}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_nats_down_the_front_door_answers_503_and_a_retry_later_runs_once() {
+    // A lease that outlasts the outage: a coordinator cut off from NATS for longer than its
+    // lease stops (a restart recovers from the log), and this test is about the front door.
+    let (mut sys, base) = start_with(&[("TXCOORD_LEASE_TTL_MS", "60000")]).await;
+    let (status, ev) = post(&base, "?wait=true", &one_step("fd-before")).await;
+    assert_eq!(status, 200, "{ev}");
+    sys.nats.stop();
+    let (status, body) = post(&base, "?wait=true", &one_step("fd-down")).await;
+    assert_error(status, &body, 503, "unavailable");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not accepted by NATS")),
+        "{body}"
+    );
+    // A known transaction whose log cannot be read is not "unknown".
+    let (status, body) = get(&base, "fd-before").await;
+    assert_error(status, &body, 503, "unavailable");
+    sys.nats.restart().expect("nats-server back");
+    // The client's retry of the refused request, once NATS is back, runs it once.
+    let mut answer = (0, Value::Null);
+    for _ in 0..60 {
+        answer = post(&base, "?wait=true", &one_step("fd-down")).await;
+        if answer.0 != 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(answer.0, 200, "{}", answer.1);
+    assert_eq!(answer.1["state"], "committed", "{}", answer.1);
+    let history = sys.client.history("fd-down").await;
+    assert_eq!(
+        history
+            .iter()
+            .filter(|e| e.state == txcoord::proto::TxnState::Accepted)
+            .count(),
+        1,
+        "{history:?}"
+    );
+    let (status, ev) = get(&base, "fd-before").await;
+    assert_eq!(status, 200, "{ev}");
+    assert_eq!(ev["state"], "committed");
 }

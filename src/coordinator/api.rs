@@ -400,17 +400,24 @@ pub(crate) async fn publish_and_wait(
 }
 
 /// A transaction's latest state: a running one's engine snapshot (every vote so far), else
-/// the last record of its log; `None` for an unknown one.
-pub(crate) async fn current_state(shared: &Shared, txn_id: &str) -> Option<TransactionEvent> {
+/// the last record of its log; `Ok(None)` for an unknown one, `Err` (what went wrong) when
+/// the log could not be read, so an unreachable server is not taken for an unknown id.
+pub(crate) async fn current_state(
+    shared: &Shared,
+    txn_id: &str,
+) -> Result<Option<TransactionEvent>, String> {
     if let Some(tx) = shared.router.get(txn_id) {
         let (otx, orx) = oneshot::channel();
         if tx.send(TxnMsg::Status(otx)).await.is_ok()
             && let Ok(Ok(ev)) = tokio::time::timeout(Duration::from_secs(2), orx).await
         {
-            return Some(ev);
+            return Ok(Some(ev));
         }
     }
-    last_event(shared, txn_id).await
+    crate::client::log_tail(&shared.streams.events, &shared.subjects, txn_id)
+        .await
+        .map(|tail| tail.record.map(|r| r.event))
+        .map_err(|e| format!("the log of {txn_id} could not be read: {e}"))
 }
 
 /// The last recorded event of a transaction, if any.
@@ -439,8 +446,9 @@ async fn handle_status(shared: Arc<Shared>, req: Req) {
         .await;
     }
     match current_state(&shared, &query.txn_id).await {
-        Some(ev) => respond(&req, to_bytes(&ev)).await,
-        None => respond(&req, error_body(format!("unknown txn_id {}", query.txn_id))).await,
+        Ok(Some(ev)) => respond(&req, to_bytes(&ev)).await,
+        Ok(None) => respond(&req, error_body(format!("unknown txn_id {}", query.txn_id))).await,
+        Err(e) => respond(&req, error_body(e)).await,
     }
 }
 

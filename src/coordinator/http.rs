@@ -5,9 +5,11 @@
 //! Errors have one shape, `{"error": text, "status": code, "kind": name, "path"?: JSON
 //! path}`, with the status that fits: `400` (a bad request, with the path), `404` (unknown
 //! id), `409` (a txn_id taken by a different request), `413` (over `max_request_bytes`),
-//! `503` (this coordinator is not the lease holder yet, or NATS did not take the
-//! submission). The listener opens before the lease is taken, so a standby answers `503`
-//! (a load balancer's health check sends clients to the active one).
+//! `503` (this coordinator is not the lease holder yet or any more, NATS did not take the
+//! submission, or the log could not be read). The listener opens before the lease is taken,
+//! so a standby answers `503` (a load balancer's health check sends clients to the active
+//! one), and a coordinator that lost its lease or is shutting down answers `503` until its
+//! process ends.
 
 use std::sync::Arc;
 
@@ -219,12 +221,13 @@ async fn status(State(ready): State<Readiness>, Path(id): Path<String>) -> Respo
         );
     }
     match current_state(&active.shared, &id).await {
-        Some(ev) => event_response(StatusCode::OK, to_bytes(&ev)),
-        None => error(
+        Ok(Some(ev)) => event_response(StatusCode::OK, to_bytes(&ev)),
+        Ok(None) => error(
             StatusCode::NOT_FOUND,
             "not_found",
             format!("no transaction {id}"),
             None,
         ),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e, None),
     }
 }

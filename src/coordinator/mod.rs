@@ -467,6 +467,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         _ = run_replies(shared.clone(), replies) => { tracing::error!("reply loop ended"); false }
         _ = run_submissions(shared.clone(), submissions, permits) => { tracing::error!("submit loop ended"); false }
     };
+    // From here on the front door answers 503, as a standby's does: a client's load
+    // balancer moves on to the coordinator that holds the lease.
+    let _ = front_door.send(None);
     drop(api);
     if lost {
         return Err(CoordinatorError::LeaseLost);
