@@ -4,7 +4,8 @@
 //! 503 twice then 200; a service slower than the prepare timeout (timeout names it);
 //! malformed answers (not JSON, a huge body, a redirect, a wrong content type) each a clear
 //! refusal, never a yes; the service killed after voting and restarted (its commit applied
-//! exactly once); the bridge killed mid-commit and restarted (the commit completes, once).
+//! exactly once); the bridge killed mid-commit and restarted (the commit completes, once);
+//! HTTPS trusted through `tls_ca_file` only; the W3C `traceparent` on every call.
 
 mod common;
 
@@ -26,19 +27,17 @@ struct Http {
     port: u16,
 }
 
-fn shipping(dir: &Path, port: u16) -> Proc {
+/// The shipping service on `port`, with `extra` arguments (`--tls-cert`...).
+fn shipping(dir: &Path, port: u16, extra: &[&str]) -> Proc {
     let script = format!(
         "{}/participants/http/shipping.py",
         env!("CARGO_MANIFEST_DIR")
     );
     let db = dir.join("shipping.sqlite").display().to_string();
-    Proc::spawn_bin(
-        &python(),
-        dir,
-        "shipping",
-        &[script.as_str(), "--port", &port.to_string(), "--db", &db],
-        &[],
-    )
+    let port = port.to_string();
+    let mut args = vec![script.as_str(), "--port", &port, "--db", &db];
+    args.extend_from_slice(extra);
+    Proc::spawn_bin(&python(), dir, "shipping", &args, &[])
 }
 
 fn bridge(sys: &System, config: &Path) -> Proc {
@@ -57,6 +56,7 @@ async fn start() -> Http {
     with_shipping(
         sys,
         port,
+        &[],
         &format!(
             "[http_services.shipping]\nurl = \"http://127.0.0.1:{port}\"\ntimeout_ms = 3000\nretry_base_ms = 50\nretry_cap_ms = 500\n"
         ),
@@ -64,9 +64,10 @@ async fn start() -> Http {
     .await
 }
 
-/// Starts shipping on `port` and a bridge with the configuration `bridge_toml`.
-async fn with_shipping(sys: System, port: u16, bridge_toml: &str) -> Http {
-    let shipping = shipping(sys.dir.path(), port);
+/// Starts shipping on `port` (with `extra` arguments) and a bridge with the configuration
+/// `bridge_toml`.
+async fn with_shipping(sys: System, port: u16, extra: &[&str], bridge_toml: &str) -> Http {
+    let shipping = shipping(sys.dir.path(), port, extra);
     shipping
         .wait_for("shipping ready", Duration::from_secs(20))
         .await;
@@ -108,11 +109,16 @@ async fn shipment(port: u16, txn: &str) -> Option<Value> {
 }
 
 fn refusal(ev: &TransactionEvent) -> String {
+    refusal_by(ev, "shipping")
+}
+
+/// The reason `by` gave for refusing.
+fn refusal_by(ev: &TransactionEvent, by: &str) -> String {
     match &ev.reason {
         Some(Reason::VoteAbort {
             service, message, ..
         }) => {
-            assert_eq!(service, "shipping");
+            assert_eq!(service, by);
             message.clone()
         }
         other => panic!("{} ended {:?}: {other:?}", ev.txn_id, ev.state),
@@ -272,7 +278,7 @@ async fn start_with_allow_list() -> Http {
     let allow = format!("http://127.0.0.1:{port}/eu");
     let sys = System::start(&["a"], &[("TXCOORD_HTTP_ALLOW", allow.as_str())]).await;
     // No [http_services]: the bridge runs only the URL service.
-    with_shipping(sys, port, &format!("http_allow = [\"{allow}\"]\n")).await
+    with_shipping(sys, port, &[], &format!("http_allow = [\"{allow}\"]\n")).await
 }
 
 fn by_url(id: &str, url: &str) -> Value {
@@ -437,6 +443,7 @@ async fn a_traceparent_reaches_every_http_call_and_survives_a_coordinator_restar
     let mut h = with_shipping(
         sys,
         port,
+        &[],
         &format!("[http_services.shipping]\nurl = \"http://127.0.0.1:{port}\"\n"),
     )
     .await;
@@ -524,4 +531,96 @@ async fn a_traceparent_reaches_every_http_call_and_survives_a_coordinator_restar
     assert_eq!(resp.status().as_u16(), 400);
     let body: Value = resp.json().await.expect("the error");
     assert_eq!(body["path"], "traceparent", "{body}");
+}
+
+/// A test CA and a certificate it issued for 127.0.0.1, as PEM files in `dir`: the CA's,
+/// the server's chain and its key.
+fn test_pki(dir: &Path) -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "txcoord test CA");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let write = |name: &str, pem: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, pem).unwrap();
+        path.display().to_string()
+    };
+    (
+        write("ca.pem", ca.pem()),
+        write("cert.pem", cert.pem()),
+        write("key.pem", key.serialize_pem()),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_service_is_trusted_through_its_tls_ca_file_and_only_so() {
+    let sys = System::start(&["a"], &[]).await;
+    let (ca, cert, key) = test_pki(sys.dir.path());
+    let port = free_port();
+    // One HTTPS service under two names: with its CA, and with only the system's roots.
+    let h = with_shipping(
+        sys,
+        port,
+        &["--tls-cert", &cert, "--tls-key", &key],
+        &format!(
+            "[http_services.shipping]\nurl = \"https://127.0.0.1:{port}\"\ntls_ca_file = \"{ca}\"\n\
+             [http_services.stranger]\nurl = \"https://127.0.0.1:{port}\"\nretry_base_ms = 50\nretry_cap_ms = 200\n"
+        ),
+    )
+    .await;
+    let ok = h.sys.run(order("tls-ok", json!({"order_id": "t"}))).await;
+    assert_eq!(ok.state, TxnState::Committed, "{ok:?}");
+
+    let mut req = order("tls-unknown-ca", json!({"order_id": "u"}));
+    req["steps"][1]["service"] = json!("stranger");
+    req["timeout_ms"] = json!(1500);
+    let no = h.sys.run(req).await;
+    assert_eq!(no.state, TxnState::Aborted, "{no:?}");
+    // Refused at once, saying why: retrying does not change a certificate.
+    let why = refusal_by(&no, "stranger");
+    assert!(
+        why.contains("certificate the bridge does not trust") && why.contains("UnknownIssuer"),
+        "{why}"
+    );
+
+    // What the service recorded, over HTTPS with the CA: the trusted call only.
+    let pem = std::fs::read(&ca).unwrap();
+    let client = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&pem).unwrap()])
+        .build()
+        .unwrap();
+    let booked: Vec<Value> = client
+        .get(format!("https://127.0.0.1:{port}/shipments"))
+        .send()
+        .await
+        .expect("GET over HTTPS")
+        .json()
+        .await
+        .unwrap();
+    let branches: Vec<&str> = booked.iter().filter_map(|s| s["branch"].as_str()).collect();
+    assert_eq!(branches, vec!["tls-ok:1"], "{booked:?}");
+
+    // A CA file that cannot be read stops the bridge at start, naming the setting.
+    let bad = h.sys.dir.path().join("bad-bridge.toml");
+    std::fs::write(
+        &bad,
+        format!("[http_services.shipping]\nurl = \"https://127.0.0.1:{port}\"\ntls_ca_file = \"/nonexistent/ca.pem\"\n"),
+    )
+    .unwrap();
+    let mut broken = bridge(&h.sys, &bad);
+    let status = broken.wait_exit(Duration::from_secs(30)).await;
+    assert!(!status.success());
+    let log = broken.log_text();
+    assert!(
+        log.contains("http_services.shipping.tls_ca_file") && log.contains("/nonexistent/ca.pem"),
+        "{log}"
+    );
 }

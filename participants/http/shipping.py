@@ -25,11 +25,13 @@ returns the W3C `traceparent` header each idempotency key first arrived with (a 
 backend would start the call's span under it).
 
 Usage: shipping.py --port 8091 [--db shipping.sqlite] [--host 127.0.0.1]
+                   [--tls-cert cert.pem --tls-key key.pem]   (HTTPS)
 """
 
 import argparse
 import json
 import sqlite3
+import ssl
 import sys
 import threading
 import time
@@ -223,10 +225,18 @@ def main():
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8091)
     ap.add_argument("--db", default="shipping.sqlite")
+    ap.add_argument("--tls-cert", help="serve HTTPS with this PEM certificate chain")
+    ap.add_argument("--tls-key", help="the certificate's PEM private key")
     args = ap.parse_args()
     Handler.db = open_db(args.db)
     server = ThreadingHTTPServer((args.host, args.port), Handler)
-    print(f"shipping ready on http://{args.host}:{server.server_address[1]}", flush=True)
+    scheme = "http"
+    if args.tls_cert:
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(args.tls_cert, args.tls_key)
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
+        scheme = "https"
+    print(f"shipping ready on {scheme}://{args.host}:{server.server_address[1]}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -151,6 +151,41 @@ fn header_value(raw: &str) -> Result<String, String> {
     Ok(raw.to_string())
 }
 
+/// An error and each of its sources, `: `-separated (reqwest's own text leaves out why).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text = format!("{text}: {part}");
+        }
+        next = s.source();
+    }
+    text
+}
+
+/// Whether the TLS handshake failed on the server's certificate (unknown issuer, wrong
+/// name, expired...), somewhere in `e`'s sources. An `io::Error` hides the error it wraps
+/// from `source()` (it answers that error's source), so it is opened with `get_ref`: the
+/// connector wraps rustls's error in two of them.
+fn refused_certificate(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if matches!(
+            err.downcast_ref::<rustls::Error>(),
+            Some(rustls::Error::InvalidCertificate(_))
+        ) {
+            return true;
+        }
+        next = match err.downcast_ref::<std::io::Error>() {
+            Some(io) => io.get_ref().map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
+    }
+    false
+}
+
 /// The settings every bridge's HTTP client has: no redirects (an answer the contract does
 /// not have: never followed) and the per-request timeout.
 fn client_builder(cfg: &HttpServiceConfig) -> reqwest::ClientBuilder {
@@ -211,9 +246,15 @@ impl HttpParticipant {
                 message,
             };
             let pem = std::fs::read(path).map_err(|e| tls(format!("{}: {e}", path.display())))?;
-            for cert in
-                reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| tls(e.to_string()))?
-            {
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| tls(format!("{}: {e}", path.display())))?;
+            if certs.is_empty() {
+                return Err(tls(format!(
+                    "{}: no PEM certificate in the file",
+                    path.display()
+                )));
+            }
+            for cert in certs {
                 builder = builder.add_root_certificate(cert);
             }
         }
@@ -308,7 +349,17 @@ impl HttpParticipant {
         let mut resp = match req.send().await {
             Ok(r) => r,
             Err(e) if e.is_timeout() => return Answer::Retry(format!("{kind} timed out")),
-            Err(e) => return Answer::Retry(format!("{kind}: cannot reach {base}: {e}")),
+            // Trying again does not change a certificate: say so at once.
+            Err(e) if refused_certificate(&e) => {
+                return Answer::Broken(format!(
+                    "{kind}: {base} presented a certificate the bridge does not trust ({}); \
+                     is tls_ca_file set to its CA?",
+                    error_chain(&e)
+                ));
+            }
+            Err(e) => {
+                return Answer::Retry(format!("{kind}: cannot reach {base}: {}", error_chain(&e)));
+            }
         };
         let status = resp.status();
         let json_type = resp
