@@ -60,6 +60,10 @@ pub struct Args {
     /// reach the two banks in different orders).
     #[arg(long, default_value_t = 0)]
     pub jitter_ms: u64,
+    /// Read no command batches: the coordinator sends this service one message per
+    /// command.
+    #[arg(long, env = "TXCOORD_NO_BATCH")]
+    pub no_batch: bool,
 }
 
 impl Args {
@@ -241,6 +245,7 @@ where
         in_doubt_after: Duration::from_millis(cfg.in_doubt_after_ms),
         lock_wait: Duration::from_millis(args.lock_wait_ms),
         jitter: Duration::from_millis(args.jitter_ms),
+        batch: !args.no_batch,
         ..Default::default()
     };
     let participant = Locking {

@@ -168,6 +168,14 @@ pub struct Config {
     /// The service that runs URL steps (a step with a `url` and no `service` is given this
     /// one): `txcoord http-bridge` serves it when `http_allow` is set.
     pub http_url_service: String,
+    /// The most commands sent to one service in one message (a command batch), for
+    /// services whose replies say they read batches (the SDK's do). Batches fill while the
+    /// previous one is being stored, so they grow with the load and a lone command goes out
+    /// alone at once. 1 turns batching off; at most 512.
+    pub batch_max: usize,
+    /// How long a batch waits for more commands after its first, in microseconds. 0 (the
+    /// default): not at all, batches hold what queued while the last one was stored.
+    pub batch_linger_us: u64,
 }
 
 impl Default for Config {
@@ -213,6 +221,8 @@ impl Default for Config {
             http_listen: String::new(),
             http_allow: Vec::new(),
             http_url_service: "http".into(),
+            batch_max: 128,
+            batch_linger_us: 0,
         }
     }
 }
@@ -329,6 +339,25 @@ impl Config {
                 format!(
                     "{0:?} is http_url_service, the service that runs URL steps; name this HTTP service otherwise or set http_url_service",
                     self.http_url_service
+                ),
+            ));
+        }
+        if self.batch_max == 0 || self.batch_max > crate::proto::MAX_BATCH {
+            return Err(invalid(
+                "batch_max",
+                format!(
+                    "{} must be between 1 (no batches) and {}",
+                    self.batch_max,
+                    crate::proto::MAX_BATCH
+                ),
+            ));
+        }
+        if self.batch_linger_us > 100_000 {
+            return Err(invalid(
+                "batch_linger_us",
+                format!(
+                    "{} is more than 100000 (0.1 s): every batched command would wait that long",
+                    self.batch_linger_us
                 ),
             ));
         }

@@ -126,6 +126,10 @@ enum Cmd {
         /// Print no VOTED/EXECUTED/COMPENSATED line per command.
         #[arg(long)]
         quiet: bool,
+        /// Read no command batches (and say so on every reply): the coordinator then sends
+        /// this service one message per command, as to a raw-protocol participant.
+        #[arg(long)]
+        no_batch: bool,
         /// Keep records of finished branches this many seconds (0: forever). Default: the
         /// command stream's retention plus a day.
         #[arg(long)]
@@ -368,6 +372,7 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<ExitCode> {
             delay_ms,
             concurrency,
             quiet,
+            no_batch,
             finished_record_ttl_secs,
         } => {
             let nc = txcoord::nats::connect_config(
@@ -378,6 +383,7 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<ExitCode> {
             .await?;
             let options = txcoord::participant::Options {
                 finished_record_ttl: finished_record_ttl_secs.map(Duration::from_secs),
+                batch: !no_batch,
                 ..sdk_options(&cfg, concurrency)
             };
             let mut p = txcoord::scripted::Scripted::new(Duration::from_millis(delay_ms));

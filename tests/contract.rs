@@ -143,6 +143,8 @@ async fn every_emitted_message_matches_its_schema() {
     let event = validator("transaction-event");
     let command = validator("participant-command");
     let reply = validator("participant-reply");
+    let command_batch = validator("command-batch");
+    let reply_batch = validator("reply-batch");
     let error = validator("submit-error");
     let req_schema = validator("transaction-request");
     let api_error = validator("api-error");
@@ -173,9 +175,23 @@ async fn every_emitted_message_matches_its_schema() {
                     seen.insert("stuck".into());
                 }
             }
+            Some("cmd") if parts.get(3) == Some(&"batch") => {
+                check(&command_batch, "command-batch", subject, &msg);
+                for c in msg["commands"].as_array().unwrap() {
+                    seen.insert(format!("cmd:{}", c["kind"].as_str().unwrap()));
+                }
+                seen.insert("command-batch".into());
+            }
             Some("cmd") => {
                 check(&command, "participant-command", subject, &msg);
                 seen.insert(format!("cmd:{}", msg["kind"].as_str().unwrap()));
+            }
+            Some("reply") if parts.get(3) == Some(&"batch") => {
+                check(&reply_batch, "reply-batch", subject, &msg);
+                for r in msg["replies"].as_array().unwrap() {
+                    seen.insert(format!("reply:{}", r["outcome"].as_str().unwrap()));
+                }
+                seen.insert("reply-batch".into());
             }
             Some("reply") => {
                 check(&reply, "participant-reply", subject, &msg);

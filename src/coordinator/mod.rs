@@ -10,6 +10,7 @@
 //! ```
 
 pub mod api;
+pub mod batch;
 pub mod checkpoint;
 pub mod deadlock;
 pub mod http;
@@ -122,6 +123,10 @@ pub struct Metrics {
     pub deadlocks: AtomicU64,
     /// Wait-for edges refused.
     pub rejected_edges: AtomicU64,
+    /// Command batches sent.
+    pub command_batches: AtomicU64,
+    /// Commands sent in batches.
+    pub batched_commands: AtomicU64,
 }
 
 impl Metrics {
@@ -171,6 +176,8 @@ impl Metrics {
             "log_refusals": self.log_refusals.load(Ordering::Relaxed),
             "deadlocks": self.deadlocks.load(Ordering::Relaxed),
             "rejected_edges": self.rejected_edges.load(Ordering::Relaxed),
+            "command_batches": self.command_batches.load(Ordering::Relaxed),
+            "batched_commands": self.batched_commands.load(Ordering::Relaxed),
             "in_flight": in_flight,
         })
     }
@@ -222,6 +229,8 @@ pub struct Shared {
     pub url_allow: txcoord_http::UrlAllowList,
     /// `http_url_service`: the service that runs URL steps.
     pub url_service: String,
+    /// Command batches for the services that read them ([`batch`]).
+    pub batching: Arc<batch::Batching>,
 }
 
 impl Shared {
@@ -396,6 +405,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         url_allow: txcoord_http::UrlAllowList::new(&cfg.http_allow)
             .map_err(|(i, e)| CoordinatorError::HttpAllow(i, e))?,
         url_service: cfg.http_url_service.clone(),
+        batching: Arc::new(batch::Batching::new(batch::BatchSettings {
+            max: cfg.batch_max,
+            linger: Duration::from_micros(cfg.batch_linger_us),
+            max_bytes: client.server_info().max_payload.saturating_sub(LOG_RECORD_ROOM).max(64 * 1024),
+        })),
         client_limits: limits::Shares::new(cfg.max_in_flight_per_client),
     });
 
@@ -573,48 +587,77 @@ async fn run_replies(shared: Arc<Shared>, consumer: consumer::Consumer<consumer:
     each_message(consumer, REPLY_CONSUMER, |msg| {
         let shared = shared.clone();
         async move {
-            match serde_json::from_slice::<ParticipantReply>(&msg.payload) {
-                Ok(mut reply) => {
-                    if let Err(why) = replies::check(
-                        &shared.reply_key,
-                        &shared.subjects,
-                        &msg.subject,
-                        &reply,
-                        shared.accept_untokened_replies,
-                    ) {
-                        let n = shared.metrics.rejected_replies.fetch_add(1, Ordering::Relaxed) + 1;
-                        // NATS does not say which connection published a message; the
-                        // subject does, as far as the server's permissions restrict it.
-                        let sent_by = shared.subjects.reply_sender(&msg.subject);
-                        let msg_id = msg
-                            .headers
-                            .as_ref()
-                            .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
-                            .map(|v| v.as_str().to_string())
-                            .unwrap_or_default();
-                        let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-                        tracing::warn!(subject = %msg.subject, %sent_by, %msg_id, stream_seq = seq,
-                            txn_id = %reply.txn_id, claimed_service = %reply.service, step = reply.step,
-                            kind = reply.kind.as_str(), attempt = reply.attempt, reason = %why, total = n,
-                            "participant reply rejected");
-                        return;
+            let reads_batches = msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(crate::proto::BATCH_HEADER))
+                .is_some_and(|v| v.as_str() == "1");
+            if shared.subjects.reply_batch_service(&msg.subject).is_some() {
+                match serde_json::from_slice::<crate::proto::ReplyBatch>(&msg.payload) {
+                    Ok(batch) if batch.replies.len() <= crate::proto::MAX_BATCH => {
+                        for reply in batch.replies {
+                            take_reply(&shared, &msg, reply, reads_batches).await;
+                        }
                     }
-                    reply.reason = reply
-                        .reason
-                        .map(|r| replies::bound(r, replies::MAX_REASON_BYTES));
-                    match shared.router.get(&reply.txn_id) {
-                    Some(tx) => {
-                        let _ = tx.send(TxnMsg::Reply(reply)).await;
-                    }
-                    None => tracing::debug!(txn_id = %reply.txn_id, service = %reply.service,
-                        "reply for a transaction that is not running (finished or unknown); ignored"),
-                    }
+                    Ok(batch) => tracing::warn!(subject = %msg.subject, replies = batch.replies.len(),
+                        "reply batch over the limit of {} ignored", crate::proto::MAX_BATCH),
+                    Err(e) => tracing::warn!(subject = %msg.subject, error = %e, "malformed reply batch ignored"),
                 }
+                return;
+            }
+            match serde_json::from_slice::<ParticipantReply>(&msg.payload) {
+                Ok(reply) => take_reply(&shared, &msg, reply, reads_batches).await,
                 Err(e) => tracing::warn!(subject = %msg.subject, error = %e, "malformed participant reply ignored"),
             }
         }
     })
     .await
+}
+
+/// One reply, alone or from a batch: believed only if [`replies::check`] passes, then
+/// handed to its transaction. A believed reply also says whether its service reads
+/// command batches.
+async fn take_reply(
+    shared: &Shared,
+    msg: &jetstream::Message,
+    mut reply: ParticipantReply,
+    reads_batches: bool,
+) {
+    if let Err(why) = replies::check(
+        &shared.reply_key,
+        &shared.subjects,
+        &msg.subject,
+        &reply,
+        shared.accept_untokened_replies,
+    ) {
+        let n = shared.metrics.rejected_replies.fetch_add(1, Ordering::Relaxed) + 1;
+        // NATS does not say which connection published a message; the
+        // subject does, as far as the server's permissions restrict it.
+        let sent_by = shared.subjects.reply_sender(&msg.subject);
+        let msg_id = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+            .map(|v| v.as_str().to_string())
+            .unwrap_or_default();
+        let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+        tracing::warn!(subject = %msg.subject, %sent_by, %msg_id, stream_seq = seq,
+            txn_id = %reply.txn_id, claimed_service = %reply.service, step = reply.step,
+            kind = reply.kind.as_str(), attempt = reply.attempt, reason = %why, total = n,
+            "participant reply rejected");
+        return;
+    }
+    shared.batching.heard(&reply.service, reads_batches);
+    reply.reason = reply
+        .reason
+        .map(|r| replies::bound(r, replies::MAX_REASON_BYTES));
+    match shared.router.get(&reply.txn_id) {
+        Some(tx) => {
+            let _ = tx.send(TxnMsg::Reply(reply)).await;
+        }
+        None => tracing::debug!(txn_id = %reply.txn_id, service = %reply.service,
+            "reply for a transaction that is not running (finished or unknown); ignored"),
+    }
 }
 
 /// Pulls submissions only with permits in hand: at the in-flight limit nothing is pulled,

@@ -69,6 +69,16 @@ pub fn render(shared: &Shared) -> String {
             "Wait-for edges refused: malformed, or without the token of a prepare sent.",
         ),
         (
+            "txcoord_command_batches_total",
+            "command_batches",
+            "Command batches sent (many commands for one service in one message).",
+        ),
+        (
+            "txcoord_batched_commands_total",
+            "batched_commands",
+            "Commands sent inside command batches.",
+        ),
+        (
             "txcoord_held_back_total",
             "held_back",
             "Submissions handed back to wait because a service was at its in-flight share.",

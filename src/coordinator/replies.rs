@@ -3,7 +3,8 @@
 //!
 //! - its subject names the transaction it claims (`<prefix>.reply.<service>.<txn_id>`, or the
 //!   older `<prefix>.reply.<txn_id>`) and, in the per-service form, the service too, so that
-//!   NATS permissions can keep each service to its own replies;
+//!   NATS permissions can keep each service to its own replies; a reply in a batch
+//!   (`<prefix>.reply.<service>.batch.<id>`) must be the subject's service's;
 //! - it echoes the token of a command this coordinator sent. The token is a keyed hash
 //!   (BLAKE3) of the transaction, service, step, kind and attempt under a key this process
 //!   drew at random when it started: only someone who read that command can know it, so a
@@ -116,6 +117,11 @@ pub fn check(
             subject: subject.to_string(),
         })?;
     let matches = match rest.split_once('.') {
+        // A batch of one service's replies: each must be that service's (a txn_id has no
+        // dot, so this is never a transaction's own subject).
+        Some((service, _)) if subjects.reply_batch_service(subject).is_some() => {
+            service == reply.service
+        }
         Some((service, txn_id)) => service == reply.service && txn_id == reply.txn_id,
         None => rest == reply.txn_id,
     };

@@ -370,43 +370,15 @@ impl Driver {
                     let shared = self.shared.clone();
                     shared.reply_key.stamp(&shared.subjects, &mut cmd);
                     let own = self.own.clone();
-                    tokio::spawn(async move {
-                        let subject = shared.subjects.command(&cmd.service, &cmd.txn_id);
-                        let msg_id = format!(
-                            "{}.{}.{}.{}",
-                            cmd.txn_id,
-                            cmd.step,
-                            cmd.kind.as_str(),
-                            cmd.attempt
-                        );
-                        // Bounded: a lost prepare ends in the prepare timeout, a lost phase-2
-                        // command in the next resend round.
-                        match publish_durable(
-                            &shared.js,
-                            &subject,
-                            &msg_id,
-                            to_bytes(&cmd),
-                            Expect::default(),
-                            Some(8),
-                        )
-                        .await
-                        {
-                            Ok(_) => {
-                                if let Some(tx) = own.upgrade() {
-                                    let _ = tx
-                                        .send(TxnMsg::Stored {
-                                            step: cmd.step,
-                                            kind: cmd.kind,
-                                            attempt: cmd.attempt,
-                                        })
-                                        .await;
-                                }
-                            }
-                            Err(e) => {
-                                tracing::warn!(error = %e, service = %cmd.service, "command not sent; the next round or the timeout covers it")
-                            }
-                        }
-                    });
+                    if shared.batching.reads_batches(&cmd.service) {
+                        shared.batching.send(&shared, cmd, own);
+                    } else {
+                        tokio::spawn(async move {
+                            let body = to_bytes(&cmd);
+                            super::batch::publish_one(&shared.js, &shared.subjects, &cmd, body, &own)
+                                .await;
+                        });
+                    }
                 }
                 Command::SetTimer { timer, at_ms } => {
                     let delay = at_ms.saturating_sub(now_ms());

@@ -410,7 +410,28 @@ pub fn validator(name: &str) -> jsonschema::Validator {
     let path = format!("{}/schemas/{name}.schema.json", env!("CARGO_MANIFEST_DIR"));
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
     let schema: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
-    jsonschema::validator_for(&schema).unwrap_or_else(|e| panic!("{path}: {e}"))
+    jsonschema::options()
+        .with_retriever(LocalSchemas)
+        .build(&schema)
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// Resolves a schema's `$ref` to another of ours (`https://txcoord.dev/schemas/<file>`)
+/// from `schemas/`, never over the network.
+struct LocalSchemas;
+
+impl jsonschema::Retrieve for LocalSchemas {
+    fn retrieve(
+        &self,
+        uri: &jsonschema::Uri<String>,
+    ) -> Result<Value, Box<dyn std::error::Error + Send + Sync>> {
+        let file = uri
+            .as_str()
+            .strip_prefix("https://txcoord.dev/schemas/")
+            .ok_or_else(|| format!("{uri} is not one of txcoord's schemas"))?;
+        let path = format!("{}/schemas/{file}", env!("CARGO_MANIFEST_DIR"));
+        Ok(serde_json::from_str(&std::fs::read_to_string(path)?)?)
+    }
 }
 
 /// Asserts that `msg` (seen on `subject`) matches the schema `name`.

@@ -426,9 +426,24 @@ pub async fn publish_once(
     payload: Bytes,
     expect: Expect,
 ) -> Result<jetstream::publish::PublishAck, jetstream::context::PublishError> {
+    publish_once_with(js, subject, msg_id, &[], payload, expect).await
+}
+
+/// [`publish_once`] with extra headers.
+pub async fn publish_once_with(
+    js: &jetstream::Context,
+    subject: &str,
+    msg_id: &str,
+    headers: &[(&str, &str)],
+    payload: Bytes,
+    expect: Expect,
+) -> Result<jetstream::publish::PublishAck, jetstream::context::PublishError> {
     let mut msg = jetstream::message::PublishMessage::build()
         .payload(payload)
         .message_id(msg_id);
+    for (name, value) in headers {
+        msg = msg.header(*name, *value);
+    }
     if let Some(seq) = expect.last_subject_sequence {
         msg = msg.expected_last_subject_sequence(seq);
     }
@@ -446,11 +461,24 @@ pub async fn publish_durable(
     expect: Expect,
     max_attempts: Option<u32>,
 ) -> Result<jetstream::publish::PublishAck, NatsError> {
+    publish_durable_with(js, subject, msg_id, &[], payload, expect, max_attempts).await
+}
+
+/// [`publish_durable`] with extra headers.
+pub async fn publish_durable_with(
+    js: &jetstream::Context,
+    subject: &str,
+    msg_id: &str,
+    headers: &[(&str, &str)],
+    payload: Bytes,
+    expect: Expect,
+    max_attempts: Option<u32>,
+) -> Result<jetstream::publish::PublishAck, NatsError> {
     let mut delay = Duration::from_millis(50);
     let mut attempt = 0u32;
     loop {
         attempt += 1;
-        match publish_once(js, subject, msg_id, payload.clone(), expect).await {
+        match publish_once_with(js, subject, msg_id, headers, payload.clone(), expect).await {
             Ok(ack) => return Ok(ack),
             Err(e) if is_transient(&e) && max_attempts.is_none_or(|m| attempt < m) => {
                 if attempt == 3 || attempt.is_multiple_of(20) {

@@ -79,10 +79,10 @@ use serde_json::Value;
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
-use txcoord_nats::{Expect, NatsError, publish_durable};
+use txcoord_nats::{Expect, NatsError, publish_durable_with};
 use txcoord_proto::{
-    CommandKind, LockConflict, MAX_NAME_LEN, ParticipantCommand, ReplyOutcome, Subjects, TxnState,
-    is_token, now_ms,
+    BATCH_HEADER, CommandBatch, CommandKind, LockConflict, MAX_NAME_LEN, ParticipantCommand,
+    ParticipantReply, ReplyBatch, ReplyOutcome, Subjects, TxnState, is_token, now_ms,
 };
 
 /// What a service's `prepare` decides.
@@ -246,6 +246,11 @@ pub struct Options {
     /// network with jitter does (commands of concurrent transactions then reach services in
     /// different orders, which is how cycles of lock waits form). Zero, the default: none.
     pub jitter: Duration,
+    /// Read command batches (`<prefix>.cmd.<service>.batch.<id>`, many commands in one
+    /// message) and say so on every reply, so the coordinator sends this service batches;
+    /// the replies then go out in batches too. On by default; every instance of a service
+    /// must have the same setting (they share one consumer).
+    pub batch: bool,
 }
 
 impl Default for Options {
@@ -261,6 +266,7 @@ impl Default for Options {
             in_doubt_after: Duration::from_secs(10),
             lock_wait: Duration::from_secs(10),
             jitter: Duration::ZERO,
+            batch: true,
         }
     }
 }
@@ -557,6 +563,9 @@ async fn handle_alive<P: Participant>(
 }
 
 async fn handle<P: Participant>(ctx: &Ctx<P>, msg: &jetstream::Message) {
+    if let Some(id) = ctx.subjects.command_batch_id(&ctx.service, &msg.subject) {
+        return handle_batch(ctx, msg, id).await;
+    }
     let cmd: ParticipantCommand = match serde_json::from_slice(&msg.payload) {
         Ok(c) => c,
         Err(e) => {
@@ -570,6 +579,89 @@ async fn handle<P: Participant>(ctx: &Ctx<P>, msg: &jetstream::Message) {
         let _ = msg.ack_with(jetstream::AckKind::Term).await;
         return;
     }
+    match run_command(ctx, &cmd).await {
+        Ran::Answered(answer) => {
+            if send_reply(ctx, &cmd, answer).await {
+                if let Err(e) = msg.ack().await {
+                    tracing::debug!(error = %e, "command ack failed; the redelivery is answered from the record");
+                }
+            } else {
+                let _ = msg.ack_with(jetstream::AckKind::Nak(Some(ctx.options.retry_delay))).await;
+            }
+        }
+        // Redelivering it would only refuse it again.
+        Ran::Violation => {
+            let _ = msg.ack_with(jetstream::AckKind::Term).await;
+        }
+        Ran::Failed => {
+            let _ = msg.ack_with(jetstream::AckKind::Nak(Some(ctx.options.retry_delay))).await;
+        }
+    }
+}
+
+/// How one command went.
+enum Ran {
+    /// Applied (or answered from its record): this is the reply.
+    Answered(Answer),
+    /// Refused as a protocol violation: no reply, and never again.
+    Violation,
+    /// Failed for now (the store, the service): its redelivery tries again.
+    Failed,
+}
+
+/// A batch of commands ([`CommandBatch`]): each runs as it would alone, all at once; the
+/// replies of those that are done go out together, in one [`ReplyBatch`] per group that
+/// finished at the same moment (so a prepare waiting for a lock holds up nobody else's
+/// reply). The message is acked when every command is answered; if any failed for now it
+/// is delivered again, and the answered ones are then answered from their records.
+async fn handle_batch<P: Participant>(ctx: &Ctx<P>, msg: &jetstream::Message, id: &str) {
+    use futures::FutureExt;
+    let batch: CommandBatch = match serde_json::from_slice(&msg.payload) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(subject = %msg.subject, error = %e, "malformed command batch terminated");
+            let _ = msg.ack_with(jetstream::AckKind::Term).await;
+            return;
+        }
+    };
+    let mine = batch.commands.iter().filter(|c| {
+        let ok = c.service == ctx.service;
+        if !ok {
+            tracing::warn!(service = %c.service, txn_id = %c.txn_id, "command for another service in a batch skipped");
+        }
+        ok
+    });
+    let mut running: futures::stream::FuturesUnordered<_> = mine
+        .map(|cmd| async move { (cmd, run_command(ctx, cmd).await) })
+        .collect();
+    let mut again = false;
+    while let Some(first) = running.next().await {
+        let mut done = vec![first];
+        while let Some(Some(more)) = running.next().now_or_never() {
+            done.push(more);
+        }
+        let mut replies = Vec::with_capacity(done.len());
+        for (cmd, ran) in done {
+            match ran {
+                Ran::Answered(answer) => replies.push(answer.reply_to(cmd, &ctx.service)),
+                Ran::Violation => {}
+                Ran::Failed => again = true,
+            }
+        }
+        if !replies.is_empty() && !send_replies(ctx, id, replies).await {
+            again = true;
+        }
+    }
+    if again {
+        let _ = msg.ack_with(jetstream::AckKind::Nak(Some(ctx.options.retry_delay))).await;
+    } else if let Err(e) = msg.ack().await {
+        tracing::debug!(error = %e, "batch ack failed; the redelivery is answered from the records");
+    }
+}
+
+/// Runs one command under its branch's turn: the lock table's bookkeeping, the barrier's
+/// plan, what the in-doubt resolver must know. Replying is the caller's.
+async fn run_command<P: Participant>(ctx: &Ctx<P>, cmd: &ParticipantCommand) -> Ran {
     if !ctx.options.jitter.is_zero() {
         use std::hash::BuildHasher;
         // A fresh RandomState draws new keys: a random number per command.
@@ -601,7 +693,7 @@ async fn handle<P: Participant>(ctx: &Ctx<P>, msg: &jetstream::Message) {
     let _turn = ctx.branches.lock(&branch_key(&cmd.txn_id, cmd.step)).await;
     let span = tracing::info_span!("branch", txn_id = %cmd.txn_id, step = cmd.step, kind = cmd.kind.as_str());
     async {
-        let applied = apply(ctx, &cmd).await;
+        let applied = apply(ctx, cmd).await;
         // Locks are held while the branch may be prepared: a refusal, a read-only vote and
         // the branch's end (commit or abort applied) let go. A command that failed lets go
         // of nothing: the branch may be prepared (a commit to retry, a redelivered prepare
@@ -618,29 +710,22 @@ async fn handle<P: Participant>(ctx: &Ctx<P>, msg: &jetstream::Message) {
             Ok(outcome) => {
                 match (cmd.kind, outcome.outcome) {
                     (CommandKind::Prepare, ReplyOutcome::Ready) => {
-                        ctx.note(&cmd, Some(BranchState::Prepared))
+                        ctx.note(cmd, Some(BranchState::Prepared))
                     }
-                    (CommandKind::Commit | CommandKind::Abort, _) => ctx.note(&cmd, None),
+                    (CommandKind::Commit | CommandKind::Abort, _) => ctx.note(cmd, None),
                     _ => {}
                 }
-                if send_reply(ctx, &cmd, outcome).await {
-                    if let Err(e) = msg.ack().await {
-                        tracing::debug!(error = %e, "command ack failed; the redelivery is answered from the record");
-                    }
-                } else {
-                    let _ = msg.ack_with(jetstream::AckKind::Nak(Some(ctx.options.retry_delay))).await;
-                }
+                Ran::Answered(outcome)
             }
             Err(ApplyError::Violation(what)) => {
                 let n = ctx.violations.fetch_add(1, Ordering::Relaxed) + 1;
                 tracing::error!(violation = %what, attempt = cmd.attempt, total = n,
                     "PROTOCOL VIOLATION: command refused, not applied and not confirmed");
-                // Redelivering it would only refuse it again.
-                let _ = msg.ack_with(jetstream::AckKind::Term).await;
+                Ran::Violation
             }
             Err(e) => {
                 tracing::warn!(error = %e, "command failed, will be retried");
-                let _ = msg.ack_with(jetstream::AckKind::Nak(Some(ctx.options.retry_delay))).await;
+                Ran::Failed
             }
         }
     }
@@ -784,10 +869,22 @@ async fn send_reply<P>(ctx: &Ctx<P>, cmd: &ParticipantCommand, answer: Answer) -
     let body = Bytes::from(serde_json::to_vec(&reply).unwrap_or_default());
     // Retry through a NATS blip (a server restart takes a second or two): giving up early
     // would leave the command to its ack_wait redelivery, long after the prepare timeout.
-    match publish_durable(
+    publish_reply(ctx, &cmd.reply_to, &reply.msg_id(), body).await
+}
+
+/// Publishes a reply or a batch of them, saying with [`BATCH_HEADER`] whether this
+/// participant reads command batches.
+async fn publish_reply<P>(ctx: &Ctx<P>, subject: &str, msg_id: &str, body: Bytes) -> bool {
+    let headers: &[(&str, &str)] = if ctx.options.batch {
+        &[(BATCH_HEADER, "1")]
+    } else {
+        &[]
+    };
+    match publish_durable_with(
         &ctx.js,
-        &cmd.reply_to,
-        &reply.msg_id(),
+        subject,
+        msg_id,
+        headers,
         body,
         Expect::default(),
         Some(30),
@@ -800,6 +897,23 @@ async fn send_reply<P>(ctx: &Ctx<P>, cmd: &ParticipantCommand, answer: Answer) -
             false
         }
     }
+}
+
+/// The replies to some commands of batch `id`, in one message on
+/// `<prefix>.reply.<service>.batch.<id>`. Its message id is a hash of theirs, so the same
+/// replies again (a redelivered batch) are the same write.
+async fn send_replies<P>(ctx: &Ctx<P>, id: &str, replies: Vec<ParticipantReply>) -> bool {
+    // FNV-1a over the replies' own deterministic ids.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for r in &replies {
+        for b in r.msg_id().bytes().chain([b'\n']) {
+            hash = (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    let msg_id = format!("{}.batch.{id}.{}.{hash:016x}", ctx.service, replies.len());
+    let body = Bytes::from(serde_json::to_vec(&ReplyBatch { replies }).unwrap_or_default());
+    let subject = ctx.subjects.reply_batch(&ctx.service, id);
+    publish_reply(ctx, &subject, &msg_id, body).await
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -334,6 +334,35 @@ pub struct ParticipantReply {
     pub conflict: Option<LockConflict>,
 }
 
+/// Several commands for one service in one message, on
+/// `<prefix>.cmd.<service>.batch.<id>`: the batched form of the command contract. The
+/// coordinator sends it only to a service whose replies carry [`BATCH_HEADER`] (the SDK's
+/// do, unless its batching is off); every other service gets one message per command.
+/// Each command is the same as alone, with its own token and attempt; the service may
+/// answer them in one [`ReplyBatch`] or one by one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandBatch {
+    /// The commands, at most [`MAX_BATCH`], each for the service the subject names.
+    pub commands: Vec<ParticipantCommand>,
+}
+
+/// Several replies of one service in one message, on `<prefix>.reply.<service>.batch.<id>`.
+/// Each reply is checked as if it came alone (its token, its service: the subject's), so a
+/// batch can carry replies of any transactions the service was sent commands of.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplyBatch {
+    /// The replies, at most [`MAX_BATCH`].
+    pub replies: Vec<ParticipantReply>,
+}
+
+/// The most commands or replies one batch carries.
+pub const MAX_BATCH: usize = 512;
+
+/// The header with which a participant's reply (alone or a batch) says it reads
+/// [`CommandBatch`]es: value `1`. The coordinator sends a service batches from the first
+/// reply that says so until one that does not.
+pub const BATCH_HEADER: &str = "Txcoord-Batch";
+
 impl ParticipantReply {
     /// The deterministic `Nats-Msg-Id` of this reply:
     /// `<txn_id>.<service>.<step>.<kind>.<attempt>.<token>` (without `.<token>` when the
@@ -1116,6 +1145,36 @@ impl Subjects {
         format!("{}.cmd.{service}.{txn_id}", self.prefix)
     }
 
+    /// A batch of commands for one service ([`CommandBatch`]); `id` is one token.
+    pub fn command_batch(&self, service: &str, id: &str) -> String {
+        format!("{}.cmd.{service}.batch.{id}", self.prefix)
+    }
+
+    /// The batch id of a command batch's subject, when `subject` is one for `service`.
+    pub fn command_batch_id<'a>(&self, service: &str, subject: &'a str) -> Option<&'a str> {
+        subject
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(".cmd.")?
+            .strip_prefix(service)?
+            .strip_prefix(".batch.")
+    }
+
+    /// A batch of one service's replies ([`ReplyBatch`]); `id` is one token.
+    pub fn reply_batch(&self, service: &str, id: &str) -> String {
+        format!("{}.reply.{service}.batch.{id}", self.prefix)
+    }
+
+    /// The service whose reply batch `subject` is, if it is one (a txn_id has no dot, so a
+    /// batch subject is never a transaction's).
+    pub fn reply_batch_service<'a>(&self, subject: &'a str) -> Option<&'a str> {
+        let rest = subject
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(".reply.")?;
+        let (service, tail) = rest.split_once('.')?;
+        let id = tail.strip_prefix("batch.")?;
+        (is_token(service, MAX_NAME_LEN) && is_token(id, 128)).then_some(service)
+    }
+
     /// Every command for one service (its durable consumer's filter).
     pub fn commands_for(&self, service: &str) -> String {
         format!("{}.cmd.{service}.>", self.prefix)
@@ -1391,6 +1450,28 @@ mod tests {
             ..r
         };
         assert_eq!(tokened.msg_id(), "t.inv.2.commit.3.ab12");
+    }
+
+    #[test]
+    fn batch_subjects_never_look_like_a_transaction() {
+        let s = Subjects::new("txn");
+        let cmd = s.command_batch("inv", "r1-7");
+        assert_eq!(cmd, "txn.cmd.inv.batch.r1-7");
+        assert_eq!(s.command_batch_id("inv", &cmd), Some("r1-7"));
+        assert_eq!(s.command_batch_id("in", &cmd), None);
+        assert_eq!(s.command_batch_id("inv", "txn.cmd.inv.batch"), None);
+        assert_eq!(s.command_batch_id("inv", &s.command("inv", "batch")), None);
+        let reply = s.reply_batch("inv", "abc");
+        assert_eq!(s.reply_batch_service(&reply), Some("inv"));
+        for not_batch in [
+            s.reply_for("inv", "batch"),
+            s.reply_for("inv", "t1"),
+            "txn.reply.batch.x".to_string(),
+            "txn.reply.inv.batch.a.b".to_string(),
+            "other.reply.inv.batch.a".to_string(),
+        ] {
+            assert_eq!(s.reply_batch_service(&not_batch), None, "{not_batch}");
+        }
     }
 
     #[test]
