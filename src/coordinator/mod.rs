@@ -408,7 +408,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         batching: Arc::new(batch::Batching::new(batch::BatchSettings {
             max: cfg.batch_max,
             linger: Duration::from_micros(cfg.batch_linger_us),
-            max_bytes: client.server_info().max_payload.saturating_sub(LOG_RECORD_ROOM).max(64 * 1024),
+            max_bytes: client
+                .server_info()
+                .max_payload
+                .saturating_sub(LOG_RECORD_ROOM)
+                .max(64 * 1024),
         })),
         client_limits: limits::Shares::new(cfg.max_in_flight_per_client),
     });
@@ -630,7 +634,11 @@ async fn take_reply(
         &reply,
         shared.accept_untokened_replies,
     ) {
-        let n = shared.metrics.rejected_replies.fetch_add(1, Ordering::Relaxed) + 1;
+        let n = shared
+            .metrics
+            .rejected_replies
+            .fetch_add(1, Ordering::Relaxed)
+            + 1;
         // NATS does not say which connection published a message; the
         // subject does, as far as the server's permissions restrict it.
         let sent_by = shared.subjects.reply_sender(&msg.subject);

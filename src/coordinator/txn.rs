@@ -375,8 +375,14 @@ impl Driver {
                     } else {
                         tokio::spawn(async move {
                             let body = to_bytes(&cmd);
-                            super::batch::publish_one(&shared.js, &shared.subjects, &cmd, body, &own)
-                                .await;
+                            super::batch::publish_one(
+                                &shared.js,
+                                &shared.subjects,
+                                &cmd,
+                                body,
+                                &own,
+                            )
+                            .await;
                         });
                     }
                 }

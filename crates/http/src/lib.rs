@@ -179,7 +179,9 @@ fn refused_certificate(e: &(dyn std::error::Error + 'static)) -> bool {
             return true;
         }
         next = match err.downcast_ref::<std::io::Error>() {
-            Some(io) => io.get_ref().map(|inner| inner as &(dyn std::error::Error + 'static)),
+            Some(io) => io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static)),
             None => err.source(),
         };
     }

@@ -348,6 +348,8 @@ struct Ctx<P> {
     waiting_as: std::sync::Mutex<HashMap<String, (u32, Option<String>)>>,
     /// Wait-for edges on their way to `<prefix>.waits`, in order.
     edges: tokio::sync::mpsc::UnboundedSender<txcoord_proto::WaitEdge>,
+    /// [`Failpoint::LoseReplyBatch`] has lost its batch.
+    lost_reply_batch: std::sync::atomic::AtomicBool,
 }
 
 /// The SDK's test hooks, named in `TXCOORD_FAILPOINT` (other values are the coordinator's).
@@ -357,6 +359,9 @@ pub enum Failpoint {
     /// voted ready, or its `execute` succeeded, and before that is recorded, as a crash
     /// there does.
     ExitBeforeRecord,
+    /// `participant-lose-reply-batch`: the first reply batch this process sends is not
+    /// published (and its commands are acked), as if the message were lost on the way.
+    LoseReplyBatch,
 }
 
 impl Failpoint {
@@ -364,6 +369,7 @@ impl Failpoint {
     pub fn parse(value: &str) -> Option<Failpoint> {
         match value {
             "participant-exit-before-record" => Some(Failpoint::ExitBeforeRecord),
+            "participant-lose-reply-batch" => Some(Failpoint::LoseReplyBatch),
             _ => None,
         }
     }
@@ -480,6 +486,7 @@ pub async fn run<P: Participant>(
         locks: Default::default(),
         waiting_as: Default::default(),
         edges,
+        lost_reply_batch: Default::default(),
     });
     // Before any command is read: the prepared branches hold their locks again.
     scan_prepared(&ctx).await;
@@ -586,7 +593,9 @@ async fn handle<P: Participant>(ctx: &Ctx<P>, msg: &jetstream::Message) {
                     tracing::debug!(error = %e, "command ack failed; the redelivery is answered from the record");
                 }
             } else {
-                let _ = msg.ack_with(jetstream::AckKind::Nak(Some(ctx.options.retry_delay))).await;
+                let _ = msg
+                    .ack_with(jetstream::AckKind::Nak(Some(ctx.options.retry_delay)))
+                    .await;
             }
         }
         // Redelivering it would only refuse it again.
@@ -594,7 +603,9 @@ async fn handle<P: Participant>(ctx: &Ctx<P>, msg: &jetstream::Message) {
             let _ = msg.ack_with(jetstream::AckKind::Term).await;
         }
         Ran::Failed => {
-            let _ = msg.ack_with(jetstream::AckKind::Nak(Some(ctx.options.retry_delay))).await;
+            let _ = msg
+                .ack_with(jetstream::AckKind::Nak(Some(ctx.options.retry_delay)))
+                .await;
         }
     }
 }
@@ -653,7 +664,9 @@ async fn handle_batch<P: Participant>(ctx: &Ctx<P>, msg: &jetstream::Message, id
         }
     }
     if again {
-        let _ = msg.ack_with(jetstream::AckKind::Nak(Some(ctx.options.retry_delay))).await;
+        let _ = msg
+            .ack_with(jetstream::AckKind::Nak(Some(ctx.options.retry_delay)))
+            .await;
     } else if let Err(e) = msg.ack().await {
         tracing::debug!(error = %e, "batch ack failed; the redelivery is answered from the records");
     }
@@ -911,6 +924,16 @@ async fn send_replies<P>(ctx: &Ctx<P>, id: &str, replies: Vec<ParticipantReply>)
         }
     }
     let msg_id = format!("{}.batch.{id}.{}.{hash:016x}", ctx.service, replies.len());
+    if ctx.failpoint == Some(Failpoint::LoseReplyBatch)
+        && !ctx.lost_reply_batch.swap(true, Ordering::Relaxed)
+    {
+        let txns: Vec<&str> = replies.iter().map(|r| r.txn_id.as_str()).collect();
+        tracing::warn!(
+            ?txns,
+            "failpoint participant-lose-reply-batch: this reply batch is lost"
+        );
+        return true;
+    }
     let body = Bytes::from(serde_json::to_vec(&ReplyBatch { replies }).unwrap_or_default());
     let subject = ctx.subjects.reply_batch(&ctx.service, id);
     publish_reply(ctx, &subject, &msg_id, body).await
