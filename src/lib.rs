@@ -22,6 +22,7 @@ pub mod client;
 pub mod config;
 pub mod coordinator;
 pub mod nats;
+pub mod ops;
 pub mod scripted;
 
 pub use txcoord_embedded as embedded;

@@ -38,6 +38,69 @@ struct Cli {
     command: Cmd,
 }
 
+/// The filters of `list` and `watch`.
+#[derive(clap::Args, Debug, Default)]
+struct FilterArgs {
+    /// Only these latest states (repeatable, or comma separated): accepted, preparing,
+    /// committing, aborting, committed, aborted, rejected, executing, compensating,
+    /// completed, compensated, failed.
+    #[arg(long = "state", value_delimiter = ',')]
+    states: Vec<String>,
+    /// Only those flagged stuck.
+    #[arg(long)]
+    stuck: bool,
+    /// Only those whose latest record is older than this (90s, 5m, 2h, 1d).
+    #[arg(long)]
+    older_than: Option<String>,
+    /// Only those with a step of this service.
+    #[arg(long)]
+    service: Option<String>,
+    /// Only 2pc or saga.
+    #[arg(long, value_parser = ["2pc", "saga"])]
+    mode: Option<String>,
+    /// Only those whose latest record is this recent or newer: RFC 3339, a date, or a
+    /// duration ago (30m).
+    #[arg(long)]
+    since: Option<String>,
+    /// Only those whose latest record is this old or older (same forms as --since).
+    #[arg(long)]
+    until: Option<String>,
+}
+
+impl FilterArgs {
+    fn filter(&self) -> anyhow::Result<txcoord::ops::Filter> {
+        use txcoord::ops::time::{parse_duration, parse_time};
+        let now = txcoord::proto::now_ms();
+        let states = self
+            .states
+            .iter()
+            .map(|s| txcoord::ops::parse_state(s).map_err(|e| anyhow::anyhow!("--state: {e}")))
+            .collect::<anyhow::Result<_>>()?;
+        let time = |flag: &str, v: &Option<String>| -> anyhow::Result<Option<u64>> {
+            v.as_deref()
+                .map(|t| parse_time(t, now).map_err(|e| anyhow::anyhow!("--{flag}: {e}")))
+                .transpose()
+        };
+        Ok(txcoord::ops::Filter {
+            states,
+            stuck: self.stuck,
+            older_than: self
+                .older_than
+                .as_deref()
+                .map(|d| parse_duration(d).map_err(|e| anyhow::anyhow!("--older-than: {e}")))
+                .transpose()?,
+            service: self.service.clone(),
+            mode: match self.mode.as_deref() {
+                Some("saga") => Some(txcoord::proto::Mode::Saga),
+                Some(_) => Some(txcoord::proto::Mode::TwoPc),
+                None => None,
+            },
+            since_ms: time("since", &self.since)?,
+            until_ms: time("until", &self.until)?,
+        })
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the coordinator.
@@ -66,6 +129,41 @@ enum Cmd {
     Status {
         /// The transaction id.
         txn_id: String,
+    },
+    /// List transactions from the log (it works while no coordinator runs), newest first,
+    /// a page at a time; the filters apply to each transaction's latest state.
+    List {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Transactions per page.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Start below this log sequence (the `next page` a listing prints).
+        #[arg(long)]
+        before: Option<u64>,
+        /// Read at most this many log records for one page.
+        #[arg(long, default_value_t = 1_000_000)]
+        scan_max: u64,
+        /// One JSON object: the transactions' latest events and where the next page starts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The timeline of one transaction from its log: every record, each step's votes and
+    /// attempts, the reasons, and how long it took.
+    Show {
+        /// The transaction id.
+        txn_id: String,
+        /// Every record, as a JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Follow the log live: one line per new record that matches the filters.
+    Watch {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// One JSON event per line.
+        #[arg(long)]
+        json: bool,
     },
     /// Run the order demo end to end: nats-server (unless --nats-url), the coordinator, the
     /// inventory, payment and order services; place orders; print a summary; check invariants.
@@ -228,6 +326,24 @@ fn main() -> ExitCode {
     }
 }
 
+/// The log (the events stream) and the subjects, for the read-only operator commands. The
+/// stream is looked up, not created: an empty server has no log to read.
+async fn log_reader(
+    cfg: &Config,
+) -> anyhow::Result<(
+    async_nats::jetstream::stream::Stream,
+    txcoord::proto::Subjects,
+)> {
+    let nc = txcoord::nats::connect_config(cfg, "txcoord-cli", false).await?;
+    let subjects = txcoord::proto::Subjects::new(cfg.subject_prefix.clone());
+    let js = async_nats::jetstream::new(nc);
+    let events = js
+        .get_stream(subjects.events_stream())
+        .await
+        .with_context(|| format!("no log here: stream {} not found", subjects.events_stream()))?;
+    Ok((events, subjects))
+}
+
 /// The SDK's settings for a participant this binary runs, from the configuration.
 fn sdk_options(cfg: &Config, concurrency: usize) -> txcoord::participant::Options {
     txcoord::participant::Options {
@@ -283,6 +399,106 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<ExitCode> {
                 .submitting_as(&cfg.submit_as);
             let ev = client.status(&txn_id).await?;
             println!("{}", serde_json::to_string(&ev)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::List {
+            filter,
+            limit,
+            before,
+            scan_max,
+            json,
+        } => {
+            let filter = filter.filter()?;
+            anyhow::ensure!(limit > 0, "--limit must be at least 1");
+            let (events, subjects) = log_reader(&cfg).await?;
+            let page =
+                txcoord::ops::list(&events, &subjects, &filter, limit, before, scan_max.max(1))
+                    .await?;
+            if json {
+                let items: Vec<Value> = page
+                    .items
+                    .iter()
+                    .map(|l| serde_json::json!({"seq": l.seq, "event": l.event}))
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "transactions": items,
+                        "next_before": page.next_before,
+                        "scanned": page.scanned,
+                        "cut_short": page.cut_short,
+                    })
+                );
+            } else {
+                let now = txcoord::proto::now_ms();
+                for l in &page.items {
+                    println!("{}", txcoord::ops::list_line(&l.event, now));
+                }
+                if page.items.is_empty() {
+                    println!("no transaction matches ({} log records read)", page.scanned);
+                }
+                if let Some(b) = page.next_before {
+                    println!(
+                        "next page: --before {b}{}",
+                        if page.cut_short {
+                            " (this page stopped at --scan-max)"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Show { txn_id, json } => {
+            anyhow::ensure!(
+                txcoord::proto::is_token(&txn_id, txcoord::proto::MAX_TXN_ID_LEN),
+                "{txn_id:?} is not a valid txn_id"
+            );
+            let nc = txcoord::nats::connect_config(&cfg, "txcoord-cli", false).await?;
+            let client = txcoord::client::Client::new(nc, &cfg.subject_prefix).await?;
+            let history: Vec<_> = client
+                .history(&txn_id)
+                .await
+                .into_iter()
+                .filter(|e| e.txn_id == txn_id)
+                .collect();
+            if history.is_empty() {
+                eprintln!("no transaction {txn_id} in the log");
+                return Ok(ExitCode::from(1));
+            }
+            if json {
+                println!("{}", serde_json::to_string(&history)?);
+            } else {
+                print!("{}", txcoord::ops::timeline(&history));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Watch { filter, json } => {
+            let filter = filter.filter()?;
+            let nc = txcoord::nats::connect_config(&cfg, "txcoord-cli", false).await?;
+            let subjects = txcoord::proto::Subjects::new(cfg.subject_prefix.clone());
+            let mut sub = nc.subscribe(subjects.events_all()).await?;
+            nc.flush().await?;
+            eprintln!("watching {} (Ctrl-C to stop)", subjects.events_all());
+            use futures::StreamExt;
+            while let Some(msg) = sub.next().await {
+                let Ok(ev) =
+                    serde_json::from_slice::<txcoord::proto::TransactionEvent>(&msg.payload)
+                else {
+                    continue;
+                };
+                if subjects.events_txn(&msg.subject) != Some(ev.txn_id.as_str())
+                    || !filter.matches(&ev, txcoord::proto::now_ms())
+                {
+                    continue;
+                }
+                if json {
+                    println!("{}", serde_json::to_string(&ev)?);
+                } else {
+                    println!("{}", txcoord::ops::list_line(&ev, txcoord::proto::now_ms()));
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::HttpNoop { port } => {

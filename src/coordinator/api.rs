@@ -24,6 +24,7 @@ use super::txn::{TxnMsg, first_record, to_bytes};
 use super::{CoordinatorError, Shared};
 use crate::client::Outcomes;
 use crate::nats::{Expect, publish_durable};
+use crate::ops::time::rfc3339;
 use crate::proto::{
     ApiError, MAX_TXN_ID_LEN, RequestShape, StatusRequest, TransactionEvent, is_token,
 };
@@ -100,28 +101,6 @@ impl Instance {
             .collect();
         v
     }
-}
-
-/// RFC 3339 (UTC, seconds) for a Unix time in milliseconds.
-fn rfc3339(ms: u64) -> String {
-    let secs = ms / 1000;
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }
 
 /// Serves the micro protocol and the endpoints.
@@ -454,15 +433,7 @@ async fn handle_status(shared: Arc<Shared>, req: Req) {
 
 #[cfg(test)]
 mod tests {
-    use super::{reply_allowed, rfc3339};
-
-    #[test]
-    fn rfc3339_dates() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00Z");
-        assert_eq!(rfc3339(1_700_000_000_999), "2023-11-14T22:13:20Z");
-        assert_eq!(rfc3339(1_796_169_000_123), "2026-12-01T23:50:00Z");
-    }
+    use super::reply_allowed;
 
     #[test]
     fn only_inboxes_get_answers() {
