@@ -152,6 +152,11 @@ async fn send_batch(
     service: &str,
     mut batch: Vec<Queued>,
 ) {
+    // Queued while the lease was held; sent only while it still is (a standby that took
+    // over resends what its log says).
+    if shared.lease.ready().await.is_err() {
+        return;
+    }
     if batch.len() <= 1 {
         if let Some(q) = batch.pop() {
             send_alone(shared.clone(), q).await;

@@ -549,6 +549,11 @@ async fn handle_alive<P: Participant>(
 ) {
     let every = (ctx.options.ack_wait / 3).max(Duration::from_millis(100));
     let done = async {
+        // A batch takes a permit per command as each one starts (holding one for the whole
+        // batch would let batches wait on each other for permits).
+        if let Some(id) = ctx.subjects.command_batch_id(&ctx.service, &msg.subject) {
+            return handle_batch(ctx, msg, id, &permits).await;
+        }
         // Closed only when the SDK stops: the command is then left to its redelivery.
         let Ok(_permit) = permits.acquire().await else {
             return;
@@ -570,9 +575,6 @@ async fn handle_alive<P: Participant>(
 }
 
 async fn handle<P: Participant>(ctx: &Ctx<P>, msg: &jetstream::Message) {
-    if let Some(id) = ctx.subjects.command_batch_id(&ctx.service, &msg.subject) {
-        return handle_batch(ctx, msg, id).await;
-    }
     let cmd: ParticipantCommand = match serde_json::from_slice(&msg.payload) {
         Ok(c) => c,
         Err(e) => {
@@ -625,7 +627,12 @@ enum Ran {
 /// finished at the same moment (so a prepare waiting for a lock holds up nobody else's
 /// reply). The message is acked when every command is answered; if any failed for now it
 /// is delivered again, and the answered ones are then answered from their records.
-async fn handle_batch<P: Participant>(ctx: &Ctx<P>, msg: &jetstream::Message, id: &str) {
+async fn handle_batch<P: Participant>(
+    ctx: &Ctx<P>,
+    msg: &jetstream::Message,
+    id: &str,
+    permits: &Semaphore,
+) {
     use futures::FutureExt;
     let batch: CommandBatch = match serde_json::from_slice(&msg.payload) {
         Ok(b) => b,
@@ -643,7 +650,13 @@ async fn handle_batch<P: Participant>(ctx: &Ctx<P>, msg: &jetstream::Message, id
         ok
     });
     let mut running: futures::stream::FuturesUnordered<_> = mine
-        .map(|cmd| async move { (cmd, run_command(ctx, cmd).await) })
+        .map(|cmd| async move {
+            // Closed only when the SDK stops: the batch is then left to its redelivery.
+            let Ok(_permit) = permits.acquire().await else {
+                return (cmd, Ran::Failed);
+            };
+            (cmd, run_command(ctx, cmd).await)
+        })
         .collect();
     let mut again = false;
     while let Some(first) = running.next().await {
