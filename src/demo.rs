@@ -709,6 +709,7 @@ fn report(
             Some(Reason::InvalidRequest { .. }) => "invalid request".into(),
             Some(Reason::LogRefused { .. }) => "log refused a record".into(),
             Some(Reason::RolledBack { .. }) => "rolled back".into(),
+            Some(Reason::Operator { by, .. }) => format!("aborted by {by}"),
             None => format!("{:?}", ev.state),
         };
         *reasons.entry(key).or_default() += 1;

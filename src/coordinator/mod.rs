@@ -849,6 +849,7 @@ pub(crate) async fn reject(
             current_step: None,
             cause: None,
             traceparent: None,
+            resolved: None,
         };
         let subject = shared.subjects.events(id);
         let msg_id = format!("{id}.rejected.{}", seq.unwrap_or(0));

@@ -420,6 +420,7 @@ mod tests {
             cause: None,
             lock_ts: None,
             traceparent: None,
+            resolved: None,
         }
     }
 

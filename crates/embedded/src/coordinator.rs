@@ -881,6 +881,7 @@ impl Inner {
             current_step: None,
             cause: None,
             traceparent: None,
+            resolved: None,
         };
         let decided = if u.commit { W::Committing } else { W::Aborting };
         let mut out = Vec::new();

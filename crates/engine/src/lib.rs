@@ -19,7 +19,7 @@ pub mod saga;
 pub mod twopc;
 
 use txcoord_proto::{
-    CommandKind, Mode, ParticipantCommand, ParticipantReply, Reason, TransactionEvent,
+    CommandKind, Mode, ParticipantCommand, ParticipantReply, Reason, Resolution, TransactionEvent,
     TransactionRequest, TxnState,
 };
 
@@ -154,6 +154,53 @@ impl Machine {
         }
     }
 
+    /// Whether an operator's action would be carried out now, or the rule that refuses it
+    /// (the dry run of [`Machine::resolve`]).
+    pub fn check_resolve(&self, r: &Resolution) -> Result<(), ResolveRefused> {
+        match self {
+            Machine::TwoPc(m) => m.check_resolve(r),
+            Machine::Saga(m) => m.check_resolve(r),
+        }
+    }
+
+    /// Carries out an operator's action (`txcoord resolve`), or refuses it naming the rule
+    /// (refused, it changes nothing). The record that carries it out has `resolved` set: the
+    /// audit of who asked, what and why. The rules keep atomicity: an abort only while
+    /// nothing is decided; never a commit the votes did not decide; `mark-done` only for a
+    /// step of a decided transaction (which the operator applied by hand).
+    pub fn resolve(
+        &mut self,
+        now: u64,
+        r: &Resolution,
+        out: &mut Vec<Command>,
+    ) -> Result<(), ResolveRefused> {
+        self.check_resolve(r)?;
+        let start = out.len();
+        match self {
+            Machine::TwoPc(m) => m.resolve(now, r, out),
+            Machine::Saga(m) => m.resolve(now, r, out),
+        }
+        let audit = out[start..].iter_mut().find_map(|c| match c {
+            Command::Persist { event, .. } => Some(event),
+            _ => None,
+        });
+        match audit {
+            Some(event) => event.resolved = Some(r.clone()),
+            None => {
+                let mut event = self.snapshot(now);
+                event.resolved = Some(r.clone());
+                out.insert(
+                    start,
+                    Command::Persist {
+                        msg_id: format!("{}.resolve.{}", self.txn_id(), r.at_ms),
+                        event,
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// The deadlock detector chose this transaction as a victim (see
     /// [`twopc::TwoPc::deadlock_victim`]). Sagas hold no locks between steps and are never
     /// victims.
@@ -169,6 +216,19 @@ impl Machine {
         }
     }
 }
+
+/// A state's wire name (`committing`), for the words of a refusal.
+pub(crate) fn state_word(state: TxnState) -> String {
+    serde_json::to_value(state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_else(|| format!("{state:?}"))
+}
+
+/// Why an operator's action was refused: the rule that applies, in words.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ResolveRefused(pub String);
 
 /// One row of either engine's transition table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

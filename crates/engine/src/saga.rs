@@ -19,6 +19,9 @@
 //! | Executing(i) | log refused a record                        | Compensating  | compact from now on; compensate what executed (or may have), reason `log_refused` |
 //! | any other    | log refused a record                        | same          | compact from now on; the runtime writes the record again compacted |
 //! | any          | log refused a compact record                | same          | none: the runtime stops; a restart resumes |
+//! | Executing/Compensating | operator: retry-now (a command out) | same          | as the retry timer, at once |
+//! | Executing    | operator: abort                             | Compensating  | the current step counts as maybe executed; reason `operator` |
+//! | Compensating | operator: mark-done (the step being compensated) | Compensating or Compensated | the step counts as compensated; the next one |
 //!
 //! Every command is preceded by a persisted record of the progress so far, so a restarted
 //! coordinator continues from where the log says: forward if compensation has not started,
@@ -27,10 +30,11 @@
 use serde_json::Value;
 
 use super::twopc::{EngineError, RecoverError};
-use super::{Command, EngineConfig, Event, Refusal, Timer, backoff_ms};
+use super::{Command, EngineConfig, Event, Refusal, ResolveRefused, Timer, backoff_ms};
 use txcoord_proto::{
-    CommandKind, Mode, ParticipantCommand, ParticipantReply, Reason, ReplyOutcome, SagaStep,
-    SagaStepState, StepStatus, TransactionEvent, TransactionRequest, TxnState,
+    CommandKind, Mode, ParticipantCommand, ParticipantReply, Reason, ReplyOutcome, Resolution,
+    ResolveAction, SagaStep, SagaStepState, StepStatus, TransactionEvent, TransactionRequest,
+    TxnState,
 };
 
 /// The rows of the transition table above, as the engine records them when they fire (see
@@ -65,11 +69,13 @@ pub enum Row {
     LogRefusedRedo,
     /// The log refused a compact record: stop.
     LogRefusedGiveUp,
+    /// An operator's action (`txcoord resolve`) carried out.
+    Resolve,
 }
 
 impl Row {
     /// Every row.
-    pub const ALL: [Row; 14] = [
+    pub const ALL: [Row; 15] = [
         Row::Start,
         Row::StepDone,
         Row::RetryableFailure,
@@ -84,6 +90,7 @@ impl Row {
         Row::LogRefusedForward,
         Row::LogRefusedRedo,
         Row::LogRefusedGiveUp,
+        Row::Resolve,
     ];
 }
 
@@ -502,6 +509,78 @@ impl Saga {
         }
     }
 
+    /// Whether an operator's action applies now (see [`super::Machine::resolve`]): retry-now
+    /// while a step's command is out; abort while executing (it compensates); mark-done for
+    /// the step being compensated (the operator undid it by hand).
+    pub fn check_resolve(&self, r: &Resolution) -> Result<(), ResolveRefused> {
+        let refuse = |why: String| Err(ResolveRefused(why));
+        let state = super::state_word(self.state());
+        let current = self.steps[self.cursor].state;
+        match (r.action, self.phase) {
+            (_, Phase::Completed | Phase::Compensated) => {
+                refuse(format!("it is {state}: nothing is left to do"))
+            }
+            (ResolveAction::RetryNow, _)
+                if matches!(
+                    current,
+                    SagaStepState::Executing | SagaStepState::Compensating
+                ) =>
+            {
+                Ok(())
+            }
+            (ResolveAction::RetryNow, _) => refuse(format!(
+                "step {} has no command out; the saga moves on by itself",
+                self.cursor
+            )),
+            (ResolveAction::Abort, Phase::Executing) => Ok(()),
+            (ResolveAction::Abort, _) => refuse(format!(
+                "it is {state}: compensation has begun already (retry-now resends it; mark-done --step {} counts a compensation you did by hand)",
+                self.cursor
+            )),
+            (ResolveAction::MarkDone, Phase::Executing) => refuse(
+                "it is executing: mark-done in a saga is for the step being compensated, after you undid it by hand (abort starts the compensation)".into(),
+            ),
+            (ResolveAction::MarkDone, _) => match r.step {
+                None => refuse("mark-done needs the step (--step N)".into()),
+                Some(s) if s == self.cursor && current == SagaStepState::Compensating => Ok(()),
+                Some(s) => refuse(format!(
+                    "step {s} is not the one being compensated (that is step {})",
+                    self.cursor
+                )),
+            },
+        }
+    }
+
+    /// Carries out an operator's action once [`Saga::check_resolve`] allowed it.
+    pub(crate) fn resolve(&mut self, now: u64, r: &Resolution, out: &mut Vec<Command>) {
+        self.hit(Row::Resolve);
+        match r.action {
+            ResolveAction::RetryNow => {
+                out.push(Command::CancelTimer(Timer::StepRetry));
+                self.resend(now, out);
+            }
+            ResolveAction::Abort => {
+                // The step being executed may have run: it is compensated too.
+                let s = &mut self.steps[self.cursor];
+                if s.state == SagaStepState::Executing {
+                    s.state = SagaStepState::Uncertain;
+                }
+                let reason = Reason::Operator {
+                    by: r.by.clone(),
+                    message: r.reason.clone(),
+                };
+                self.begin_compensation(reason, now, out);
+            }
+            ResolveAction::MarkDone => {
+                self.steps[self.cursor].state = SagaStepState::Compensated;
+                self.failing = None;
+                out.push(Command::CancelTimer(Timer::StepTimeout));
+                out.push(Command::CancelTimer(Timer::StepRetry));
+                self.next_compensation(now, out);
+            }
+        }
+    }
+
     fn compensation_failed(&mut self, message: String, now: u64, out: &mut Vec<Command>) {
         out.push(Command::CancelTimer(Timer::StepTimeout));
         let s = &mut self.steps[self.cursor];
@@ -752,6 +831,7 @@ impl Saga {
             current_step: (!self.is_finished()).then_some(self.cursor),
             cause: self.failing.as_ref().and(self.cause.clone()),
             traceparent: with_payload.then(|| self.traceparent.clone()).flatten(),
+            resolved: None,
         };
         if self.compact {
             super::compact(&mut event);

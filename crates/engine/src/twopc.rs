@@ -19,6 +19,14 @@
 //! | Preparing, or Committing whose decision record was refused | log refused a record | Aborting | compact from now on; as a vote abort, reason `log_refused` |
 //! | any other  | log refused a record                    | same        | compact from now on; the runtime writes the record again compacted |
 //! | any        | log refused a compact record            | same        | none: the runtime stops; a restart resumes   |
+//! | Preparing  | operator: retry-now                     | Preparing   | as halfway to the deadline, at once          |
+//! | Committing/Aborting | operator: retry-now             | same        | as the retry timer, at once                  |
+//! | Preparing/Prepared | operator: abort                  | Aborting    | as a vote abort, reason `operator`           |
+//! | Committing/Aborting | operator: mark-done step N      | same, or Committed/Aborted when N was the last | Persist(record) or Persist(final) |
+//!
+//! Every other operator action is refused naming the rule (an abort once commit is
+//! decided, a mark-done before a decision...), and the record an allowed one writes
+//! carries it (`resolved`: who, what, why).
 //!
 //! Presumed abort: a commit is over only when every ready participant confirmed it, but an
 //! abort is over once each abort command is confirmed *or* durably stored in the command
@@ -31,10 +39,11 @@
 
 use serde_json::Value;
 
-use super::{Command, EngineConfig, Refusal, Timer, backoff_ms};
+use super::{Command, EngineConfig, Refusal, ResolveRefused, Timer, backoff_ms};
 use txcoord_proto::{
     CommandKind, DeadlockPolicy, LockConflict, Mode, ParticipantCommand, ParticipantReply, Reason,
-    ReplyOutcome, StepStatus, TransactionEvent, TransactionRequest, TxnState, Vote,
+    ReplyOutcome, Resolution, ResolveAction, StepStatus, TransactionEvent, TransactionRequest,
+    TxnState, Vote,
 };
 
 /// The rows of the transition table above, as the engine records them when they fire (see
@@ -77,11 +86,13 @@ pub enum Row {
     CallerDecision,
     /// Preparing, chosen as a deadlock victim: abort decided (reason `deadlock`).
     DeadlockVictim,
+    /// An operator's action (`txcoord resolve`) carried out.
+    Resolve,
 }
 
 impl Row {
     /// Every row.
-    pub const ALL: [Row; 18] = [
+    pub const ALL: [Row; 19] = [
         Row::Start,
         Row::VoteAbort,
         Row::AllVoted,
@@ -100,6 +111,7 @@ impl Row {
         Row::AwaitDecision,
         Row::CallerDecision,
         Row::DeadlockVictim,
+        Row::Resolve,
     ];
 }
 
@@ -480,6 +492,7 @@ impl TwoPc {
             cause: None,
             lock_ts: None,
             traceparent: None,
+            resolved: None,
         }
     }
 
@@ -763,6 +776,96 @@ impl TwoPc {
         Ok(())
     }
 
+    /// Whether an operator's action applies now (see [`super::Machine::resolve`]).
+    pub fn check_resolve(&self, r: &Resolution) -> Result<(), ResolveRefused> {
+        let refuse = |why: String| Err(ResolveRefused(why));
+        let state = super::state_word(self.phase.state());
+        match (r.action, self.phase) {
+            (_, Phase::Committed | Phase::Aborted) => {
+                refuse(format!("it is {state}: nothing is left to do"))
+            }
+            (ResolveAction::RetryNow, Phase::Preparing) => {
+                if self.branches.iter().any(|b| b.vote.is_none()) {
+                    Ok(())
+                } else {
+                    refuse("every step has voted; the decision follows".into())
+                }
+            }
+            (ResolveAction::RetryNow, Phase::Prepared) => refuse(
+                "every vote is in and its caller decides: there is nothing to resend".into(),
+            ),
+            (ResolveAction::RetryNow, _) => Ok(()),
+            (ResolveAction::Abort, Phase::Preparing | Phase::Prepared) => Ok(()),
+            (ResolveAction::Abort, Phase::Committing) => refuse(
+                "the commit decision is durable and participants may have committed: an abort now would break atomicity (fix a step that cannot commit by hand, then mark-done --step N)".into(),
+            ),
+            (ResolveAction::Abort, _) => refuse(
+                "it is aborting already (retry-now resends the abort; mark-done counts a step you aborted by hand)".into(),
+            ),
+            (ResolveAction::MarkDone, Phase::Preparing | Phase::Prepared) => refuse(format!(
+                "it is {state}: nothing is decided, and mark-done is only for a step of a decided transaction (abort it, or retry-now)"
+            )),
+            (ResolveAction::MarkDone, _) => {
+                let Some(step) = r.step else {
+                    return refuse("mark-done needs the step (--step N)".into());
+                };
+                if step >= self.branches.len() {
+                    return refuse(format!(
+                        "there is no step {step}: the transaction has {} steps",
+                        self.branches.len()
+                    ));
+                }
+                if self.pending().any(|i| i == step) {
+                    Ok(())
+                } else {
+                    let b = &self.branches[step];
+                    let why = if b.done {
+                        "it confirmed already".to_string()
+                    } else {
+                        match b.vote {
+                            Some(Vote::ReadOnly) => "it voted read-only".into(),
+                            Some(Vote::Abort) => "it refused, so it holds nothing".into(),
+                            _ => "its abort is durably queued for it".into(),
+                        }
+                    };
+                    refuse(format!("step {step} owes nothing: {why}"))
+                }
+            }
+        }
+    }
+
+    /// Carries out an operator's action once [`TwoPc::check_resolve`] allowed it.
+    pub(crate) fn resolve(&mut self, now: u64, r: &Resolution, out: &mut Vec<Command>) {
+        self.hit(Row::Resolve);
+        match (r.action, self.phase) {
+            (ResolveAction::RetryNow, Phase::Preparing) => self.nudge_prepares(now, out),
+            (ResolveAction::RetryNow, _) => {
+                out.push(Command::CancelTimer(Timer::Phase2Retry));
+                self.resend_round(now, out);
+            }
+            (ResolveAction::Abort, _) => {
+                let reason = Reason::Operator {
+                    by: r.by.clone(),
+                    message: r.reason.clone(),
+                };
+                self.decide(Phase::Aborting, Some(reason), now, out);
+            }
+            (ResolveAction::MarkDone, _) => {
+                if let Some(b) = r.step.and_then(|s| self.branches.get_mut(s)) {
+                    b.done = true;
+                }
+                if self.pending().next().is_none() {
+                    self.finish(now, out);
+                } else {
+                    out.push(Command::Persist {
+                        msg_id: format!("{}.resolve.{}", self.txn_id, r.at_ms),
+                        event: self.record(self.phase.state(), now),
+                    });
+                }
+            }
+        }
+    }
+
     /// The transaction's age for deadlock prevention (Unix ms).
     pub fn lock_ts(&self) -> u64 {
         self.lock_ts
@@ -999,6 +1102,7 @@ impl TwoPc {
             cause: None,
             lock_ts: with_payload.then_some(self.lock_ts),
             traceparent: with_payload.then(|| self.traceparent.clone()).flatten(),
+            resolved: None,
         };
         if self.compact {
             super::compact(&mut event);

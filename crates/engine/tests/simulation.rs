@@ -28,8 +28,8 @@ use txcoord_participant::barrier::{
 };
 use txcoord_participant::{ServiceError, StepResult};
 use txcoord_proto::{
-    CommandKind, Mode, ParticipantCommand, ParticipantReply, StepRequest, TransactionEvent,
-    TransactionRequest, TxnState,
+    CommandKind, Mode, ParticipantCommand, ParticipantReply, Resolution, ResolveAction,
+    StepRequest, TransactionEvent, TransactionRequest, TxnState,
 };
 use txcoord_testkit::rng::XorShift;
 
@@ -219,6 +219,7 @@ struct Counts {
     stale: usize,
     refused: usize,
     victims: usize,
+    resolved: usize,
 }
 
 struct Sim {
@@ -613,6 +614,10 @@ impl Sim {
         {
             choices.push(6);
         }
+        // An operator resolves it (`txcoord resolve`), whatever it is doing.
+        if self.chaos && !self.drivers.is_empty() && self.rng.chance(15) {
+            choices.push(7);
+        }
         if choices.is_empty() {
             return false;
         }
@@ -706,6 +711,53 @@ impl Sim {
                 let id = self.drivers[i].id;
                 self.run(id, out);
             }
+            7 => {
+                let i = self.rng.index(self.drivers.len());
+                let action = [
+                    ResolveAction::RetryNow,
+                    ResolveAction::Abort,
+                    ResolveAction::MarkDone,
+                ][self.rng.index(3)];
+                let r = Resolution {
+                    action,
+                    step: Some(self.rng.index(self.parts.len())),
+                    reason: "simulated operator".into(),
+                    by: "sim".into(),
+                    at_ms: self.now,
+                };
+                let before = self.drivers[i].engine.state();
+                let allowed = self.drivers[i].engine.check_resolve(&r).is_ok();
+                // Mark-done: the operator first does that step's part by hand.
+                if allowed && action == ResolveAction::MarkDone {
+                    self.fix_by_hand(r.step.unwrap_or(0), before);
+                }
+                let mut out = Vec::new();
+                match self.drivers[i].engine.resolve(self.now, &r, &mut out) {
+                    Ok(()) => {
+                        assert!(allowed, "check_resolve and resolve disagree");
+                        if action == ResolveAction::Abort {
+                            assert!(
+                                matches!(
+                                    before,
+                                    TxnState::Preparing | TxnState::Prepared | TxnState::Executing
+                                ),
+                                "an abort only before anything is decided, not in {before:?}"
+                            );
+                        }
+                        assert!(
+                            out.iter().any(|c| matches!(c, Command::Persist { event, .. } if event.resolved.as_ref() == Some(&r))),
+                            "no audit record: {out:?}"
+                        );
+                        self.counts.resolved += 1;
+                    }
+                    Err(_) => {
+                        assert!(!allowed, "check_resolve and resolve disagree");
+                        assert!(out.is_empty(), "a refused resolve changes nothing");
+                    }
+                }
+                let id = self.drivers[i].id;
+                self.run(id, out);
+            }
             4 => {
                 let with: Vec<usize> = (0..self.drivers.len())
                     .filter(|&i| !self.drivers[i].stored.is_empty())
@@ -748,6 +800,61 @@ impl Sim {
             },
         }
         true
+    }
+
+    /// What an operator does by hand before `mark-done --step N`: the step's part of the
+    /// decision (2PC: commit or abort; a saga: undo the step), as its service would.
+    fn fix_by_hand(&mut self, step: usize, state: TxnState) {
+        let kind = match state {
+            TxnState::Committing => CommandKind::Commit,
+            TxnState::Aborting => CommandKind::Abort,
+            _ => {
+                // A saga step being compensated: undone by hand, recorded as compensated.
+                let p = &mut self.parts[step];
+                p.applied = false;
+                p.rec = Some(match p.rec.take() {
+                    Some(r) => BranchRecord {
+                        state: BranchState::Compensated,
+                        ..r
+                    },
+                    None => BranchRecord {
+                        url: None,
+                        state: BranchState::CompensatedBeforeExecute,
+                        action: String::new(),
+                        payload: serde_json::Value::Null,
+                        reason: None,
+                        updated_ms: self.now,
+                        conflict: None,
+                        locks: Vec::new(),
+                        lock_ts: None,
+                    },
+                });
+                return;
+            }
+        };
+        let s = &self.request.steps[step];
+        let cmd = ParticipantCommand {
+            txn_id: "t".into(),
+            service: s.service.clone(),
+            step,
+            kind,
+            action: s.action.clone(),
+            payload: s.payload.clone(),
+            reply_to: String::new(),
+            attempt: 0,
+            deadline_ms: 0,
+            compensate_action: None,
+            token: None,
+            lock_ts: None,
+            deadlock: None,
+            url: None,
+            traceparent: None,
+        };
+        let now = self.now;
+        assert!(
+            self.parts[step].apply(&cmd, now).is_some(),
+            "the fix by hand failed"
+        );
     }
 
     /// 2PC: never a commit at one participant and an abort at another.
@@ -955,6 +1062,7 @@ fn the_fixed_seeds_reach_every_row_of_both_tables_and_every_fault() {
             total.stale += sim.counts.stale;
             total.refused += sim.counts.refused;
             total.victims += sim.counts.victims;
+            total.resolved += sim.counts.resolved;
             *outcomes
                 .entry(format!("{:?}", sim.last_state()))
                 .or_default() += 1;
@@ -974,7 +1082,8 @@ fn the_fixed_seeds_reach_every_row_of_both_tables_and_every_fault() {
                 && total.redelivered > 20
                 && total.stale > 20
                 && total.refused > 20
-                && (mode == Mode::Saga || total.victims > 20),
+                && (mode == Mode::Saga || total.victims > 20)
+                && total.resolved > 20,
             "{mode:?}: {total:?}"
         );
         assert!(

@@ -471,6 +471,7 @@ impl Reason {
             | Reason::CompensationFailed { message, .. }
             | Reason::LogRefused { message }
             | Reason::RolledBack { message }
+            | Reason::Operator { message, .. }
             | Reason::InvalidRequest { message, .. } => {
                 *message = cut_text(std::mem::take(message), max);
             }
@@ -566,7 +567,74 @@ pub enum Reason {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         path: Option<String>,
     },
+    /// An operator aborted it before anything was decided (`txcoord resolve <id> abort`).
+    Operator {
+        /// Who asked.
+        by: String,
+        /// Why, in their words.
+        message: String,
+    },
 }
+
+/// What an operator asks the active coordinator to do to one transaction
+/// (`txcoord resolve`, `<prefix>.api.resolve`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ResolveAction {
+    /// Resend now what is unanswered (prepares to the silent steps, the decision to the
+    /// unconfirmed, a saga's current command) instead of waiting for the next retry.
+    RetryNow,
+    /// Abort: only while nothing is decided (a saga: while it executes, it compensates).
+    Abort,
+    /// The operator applied one step's part by hand: count it as confirmed. Only for a
+    /// decided transaction (2PC: committing or aborting; a saga: the step being compensated).
+    MarkDone,
+}
+
+impl ResolveAction {
+    /// The name used on the command line and the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResolveAction::RetryNow => "retry-now",
+            ResolveAction::Abort => "abort",
+            ResolveAction::MarkDone => "mark-done",
+        }
+    }
+}
+
+/// An operator's action on a transaction, as asked and as recorded (the audit): the record
+/// that carries it out has it in [`TransactionEvent::resolved`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resolution {
+    /// What to do.
+    pub action: ResolveAction,
+    /// `mark-done`: the step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<usize>,
+    /// Why, in the operator's words (required).
+    pub reason: String,
+    /// Who asked (the CLI sends `--by`, or the user and host it runs as).
+    pub by: String,
+    /// When it was asked, Unix milliseconds (set by the coordinator).
+    #[serde(default)]
+    pub at_ms: u64,
+}
+
+/// The request body of `<prefix>.api.resolve`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResolveRequest {
+    /// The transaction.
+    pub txn_id: String,
+    /// What to do, by whom and why.
+    #[serde(flatten)]
+    pub resolution: Resolution,
+    /// Only check the rules: change nothing, say what would happen.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// The longest `reason` or `by` a resolve request may carry.
+pub const MAX_RESOLVE_TEXT: usize = 1024;
 
 /// One step as seen in an event.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -689,6 +757,10 @@ pub struct TransactionEvent {
     /// transaction's commands carry it too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+    /// On the record that carries out an operator's action: the action, who asked, why
+    /// and when (the audit record).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved: Option<Resolution>,
 }
 
 /// One step's part of a [`RequestShape`]: service, URL, action, payload, compensation,

@@ -841,3 +841,93 @@ fn a_traceparent_rides_in_every_command_and_survives_recovery() {
         assert_eq!(c.traceparent.as_deref(), Some(t), "{c:?}");
     }
 }
+
+fn operator(
+    action: txcoord_proto::ResolveAction,
+    step: Option<usize>,
+) -> txcoord_proto::Resolution {
+    txcoord_proto::Resolution {
+        action,
+        step,
+        reason: "ticket 42".into(),
+        by: "ana".into(),
+        at_ms: 77,
+    }
+}
+
+#[test]
+fn an_operator_aborts_only_before_the_decision_and_the_record_says_who() {
+    use txcoord_proto::ResolveAction::{Abort, MarkDone, RetryNow};
+    let (txn, _) = start(&["a", "b"]);
+    let mut m = crate::Machine::TwoPc(txn);
+    // Undecided: mark-done has nothing to count.
+    let e = m.check_resolve(&operator(MarkDone, Some(0))).unwrap_err();
+    assert!(e.0.contains("nothing is decided"), "{e}");
+    let mut out = Vec::new();
+    m.resolve(5, &operator(Abort, None), &mut out).unwrap();
+    assert_eq!(m.state(), TxnState::Aborting);
+    let decided = record(&out, TxnState::Aborting);
+    assert_eq!(
+        decided.reason,
+        Some(Reason::Operator {
+            by: "ana".into(),
+            message: "ticket 42".into()
+        })
+    );
+    assert_eq!(decided.resolved, Some(operator(Abort, None)));
+    assert_eq!(
+        sends(&out),
+        vec![(0, CommandKind::Abort, 1), (1, CommandKind::Abort, 1)]
+    );
+    // Aborting already: a second abort is refused; retry-now resends.
+    let mut none = Vec::new();
+    let e = m.resolve(6, &operator(Abort, None), &mut none).unwrap_err();
+    assert!(e.0.contains("aborting already"), "{e}");
+    assert!(none.is_empty(), "a refusal changes nothing");
+    let mut out = Vec::new();
+    m.resolve(7, &operator(RetryNow, None), &mut out).unwrap();
+    assert_eq!(
+        sends(&out),
+        vec![(0, CommandKind::Abort, 2), (1, CommandKind::Abort, 2)]
+    );
+}
+
+#[test]
+fn once_commit_is_decided_no_abort_and_mark_done_counts_a_step_fixed_by_hand() {
+    use txcoord_proto::ResolveAction::{Abort, MarkDone};
+    let (mut txn, _) = start(&["a", "b", "c"]);
+    let mut out = Vec::new();
+    txn.handle(1, vote(0, "a", ReplyOutcome::Ready), &mut out)
+        .unwrap();
+    txn.handle(1, vote(1, "b", ReplyOutcome::ReadOnly), &mut out)
+        .unwrap();
+    txn.handle(1, vote(2, "c", ReplyOutcome::Ready), &mut out)
+        .unwrap();
+    let mut m = crate::Machine::TwoPc(txn);
+    assert_eq!(m.state(), TxnState::Committing);
+    let e = m.check_resolve(&operator(Abort, None)).unwrap_err();
+    assert!(e.0.contains("break atomicity"), "{e}");
+    let e = m.check_resolve(&operator(MarkDone, Some(1))).unwrap_err();
+    assert!(
+        e.0.contains("step 1 owes nothing: it voted read-only"),
+        "{e}"
+    );
+    let e = m.check_resolve(&operator(MarkDone, None)).unwrap_err();
+    assert!(e.0.contains("--step"), "{e}");
+    let e = m.check_resolve(&operator(MarkDone, Some(9))).unwrap_err();
+    assert!(e.0.contains("no step 9"), "{e}");
+    // a confirms; c's service was fixed by hand.
+    let mut out = Vec::new();
+    m.handle(2, done(0, "a", CommandKind::Commit), &mut out)
+        .unwrap();
+    let mut out = Vec::new();
+    m.resolve(3, &operator(MarkDone, Some(2)), &mut out)
+        .unwrap();
+    assert_eq!(m.state(), TxnState::Committed);
+    let fin = record(&out, TxnState::Committed);
+    assert_eq!(fin.resolved, Some(operator(MarkDone, Some(2))));
+    assert!(fin.steps[2].done);
+    assert!(out.contains(&Command::Finished));
+    let e = m.check_resolve(&operator(MarkDone, Some(2))).unwrap_err();
+    assert!(e.0.contains("committed: nothing is left"), "{e}");
+}
