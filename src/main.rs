@@ -157,6 +157,37 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Ask the active coordinator to act on a transaction: `resolve <id> retry-now`,
+    /// `resolve <id> abort --reason TEXT`, `resolve <id> mark-done --step N --reason TEXT`;
+    /// or on every stuck one: `resolve --all-stuck <action> --reason TEXT`. The rules keep
+    /// atomicity (an abort only before a decision is durable; mark-done only for a step of
+    /// a decided transaction, fixed by hand) and a refusal names the rule. The record that
+    /// carries it out names who asked and why. Exit 0 if every action was carried out (or,
+    /// with --dry-run, would be), 1 if any was refused, 2 on error.
+    Resolve {
+        /// `<txn_id> <action>`, or only `<action>` with --all-stuck; the action is
+        /// retry-now, abort or mark-done.
+        #[arg(num_args = 1..=2, required = true)]
+        args: Vec<String>,
+        /// mark-done: the step the operator applied by hand.
+        #[arg(long)]
+        step: Option<usize>,
+        /// Why (required: it goes into the audit record).
+        #[arg(long)]
+        reason: String,
+        /// Who asks (default: the user and host this runs as).
+        #[arg(long)]
+        by: Option<String>,
+        /// Every transaction flagged stuck (from the log), instead of one.
+        #[arg(long)]
+        all_stuck: bool,
+        /// Check the rules and say what would happen; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print each answer as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Follow the log live: one line per new record that matches the filters.
     Watch {
         #[command(flatten)]
@@ -326,6 +357,20 @@ fn main() -> ExitCode {
     }
 }
 
+/// Who runs this command, for an operator action's audit record: `user@host`.
+fn whoami() -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".into());
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown-host".into());
+    format!("{user}@{host}")
+}
+
 /// The log (the events stream) and the subjects, for the read-only operator commands. The
 /// stream is looked up, not created: an empty server has no log to read.
 async fn log_reader(
@@ -473,6 +518,107 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<ExitCode> {
                 print!("{}", txcoord::ops::timeline(&history));
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Resolve {
+            args,
+            step,
+            reason,
+            by,
+            all_stuck,
+            dry_run,
+            json,
+        } => {
+            let (ids, action) = match (all_stuck, args.as_slice()) {
+                (true, [action]) => (None, action.clone()),
+                (false, [id, action]) => (Some(vec![id.clone()]), action.clone()),
+                (true, _) => anyhow::bail!(
+                    "with --all-stuck, give only the action: resolve --all-stuck retry-now --reason ..."
+                ),
+                (false, _) => anyhow::bail!(
+                    "give the transaction and the action: resolve <txn_id> retry-now|abort|mark-done --reason ..."
+                ),
+            };
+            let action: txcoord::proto::ResolveAction =
+                serde_json::from_value(Value::String(action.clone())).map_err(|_| {
+                    anyhow::anyhow!("{action:?} is not an action: retry-now, abort or mark-done")
+                })?;
+            let ids = match ids {
+                Some(ids) => ids,
+                None => {
+                    let (events, subjects) = log_reader(&cfg).await?;
+                    let filter = txcoord::ops::Filter {
+                        stuck: true,
+                        ..Default::default()
+                    };
+                    let mut all = Vec::new();
+                    let mut before = None;
+                    loop {
+                        let page =
+                            txcoord::ops::list(&events, &subjects, &filter, 500, before, u64::MAX)
+                                .await?;
+                        all.extend(page.items.into_iter().map(|l| l.event.txn_id));
+                        match page.next_before {
+                            Some(b) => before = Some(b),
+                            None => break,
+                        }
+                    }
+                    if all.is_empty() {
+                        println!("no transaction is flagged stuck");
+                    }
+                    all
+                }
+            };
+            let nc = txcoord::nats::connect_config(&cfg, "txcoord-cli", false).await?;
+            let subject = txcoord::proto::Subjects::new(cfg.subject_prefix.clone()).api("resolve");
+            let by = by.unwrap_or_else(whoami);
+            let mut refused = 0;
+            for txn_id in ids {
+                let request = txcoord::proto::ResolveRequest {
+                    txn_id: txn_id.clone(),
+                    resolution: txcoord::proto::Resolution {
+                        action,
+                        step,
+                        reason: reason.clone(),
+                        by: by.clone(),
+                        at_ms: 0,
+                    },
+                    dry_run,
+                };
+                let reply = tokio::time::timeout(
+                    Duration::from_secs(35),
+                    nc.request(subject.clone(), serde_json::to_vec(&request)?.into()),
+                )
+                .await
+                .map_err(|_| {
+                    anyhow::anyhow!("no answer from the coordinator on {subject} within 35 s")
+                })?
+                .with_context(|| {
+                    format!("asking the coordinator on {subject} (is one running?)")
+                })?;
+                let v: Value = serde_json::from_slice(&reply.payload).with_context(|| {
+                    format!("the coordinator's answer on {subject} is not JSON")
+                })?;
+                if json {
+                    println!("{v}");
+                }
+                if let Some(e) = v.get("error").and_then(Value::as_str) {
+                    refused += 1;
+                    if !json {
+                        println!("{txn_id}: {} refused: {e}", action.as_str());
+                    }
+                } else if !json {
+                    let state = v["state"].as_str().unwrap_or("?");
+                    if dry_run {
+                        println!(
+                            "{txn_id}: {} would be carried out (it is {state}; dry run, nothing changed)",
+                            action.as_str()
+                        );
+                    } else {
+                        println!("{txn_id}: {} carried out; it is {state}", action.as_str());
+                    }
+                }
+            }
+            Ok(ExitCode::from(if refused > 0 { 1 } else { 0 }))
         }
         Cmd::Watch { filter, json } => {
             let filter = filter.filter()?;

@@ -13,12 +13,7 @@ use serde_json::{Value, json};
 use txcoord::proto::TxnState;
 
 fn cli(sys: &System, args: &[&str]) -> Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_txcoord"))
-        .args(args)
-        .env("TXCOORD_NATS_URL", sys.nats.url())
-        .env("TXCOORD_LOG", "error")
-        .output()
-        .expect("txcoord runs")
+    sys.cli(args)
 }
 
 fn stdout(o: &Output) -> String {

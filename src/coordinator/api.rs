@@ -115,6 +115,7 @@ pub async fn start(
         endpoints: vec![
             ("execute", shared.subjects.api("execute"), AtomicU64::new(0)),
             ("status", shared.subjects.api("status"), AtomicU64::new(0)),
+            ("resolve", shared.subjects.api("resolve"), AtomicU64::new(0)),
             (
                 "execute_as",
                 shared.subjects.api_execute_as("*"),
@@ -166,6 +167,7 @@ pub async fn start(
         let (client, shared, instance) = (client.clone(), shared.clone(), instance.clone());
         let outcomes = outcomes.clone();
         let execute = matches!(*name, "execute" | "execute_as");
+        let resolve = *name == "resolve";
         tasks.push(tokio::spawn(async move {
             while let Some(message) = sub.next().await {
                 instance.endpoints[index].2.fetch_add(1, Ordering::Relaxed);
@@ -178,6 +180,8 @@ pub async fn start(
                 }
                 if execute {
                     tokio::spawn(handle_execute(outcomes.clone(), shared.clone(), req));
+                } else if resolve {
+                    tokio::spawn(handle_resolve(shared.clone(), req));
                 } else {
                     tokio::spawn(handle_status(shared.clone(), req));
                 }
@@ -402,6 +406,73 @@ pub(crate) async fn current_state(
 /// The last recorded event of a transaction, if any.
 pub async fn last_event(shared: &Shared, txn_id: &str) -> Option<TransactionEvent> {
     crate::client::last_record_of(&shared.streams.events, &shared.subjects, txn_id).await
+}
+
+/// `<prefix>.api.resolve`: an operator's action on one transaction, carried out by the
+/// engine that runs it (the active coordinator), which answers once the record that
+/// carries it (with the audit) is durable, or with the rule that refuses it.
+async fn handle_resolve(shared: Arc<Shared>, req: Req) {
+    let answer = resolve(&shared, &req.message.payload).await;
+    let body = match answer {
+        Ok(v) => Bytes::from(v.to_string()),
+        Err(e) => error_body(e),
+    };
+    respond(&req, body).await
+}
+
+async fn resolve(shared: &Shared, payload: &[u8]) -> Result<serde_json::Value, String> {
+    use crate::proto::{MAX_RESOLVE_TEXT, ResolveRequest};
+    let mut q: ResolveRequest = serde_json::from_slice(payload).map_err(|e| {
+        format!(
+            "resolve request must be {{\"txn_id\", \"action\": \"retry-now\"|\"abort\"|\"mark-done\", \"step\"?, \"reason\", \"by\", \"dry_run\"?}}: {e}"
+        )
+    })?;
+    if !is_token(&q.txn_id, MAX_TXN_ID_LEN) {
+        return Err(format!("txn_id {:?} is not a valid id", q.txn_id));
+    }
+    let r = &mut q.resolution;
+    for (field, text) in [("reason", &r.reason), ("by", &r.by)] {
+        if text.trim().is_empty() || text.len() > MAX_RESOLVE_TEXT {
+            return Err(format!(
+                "{field} must say something, in at most {MAX_RESOLVE_TEXT} bytes (the audit record keeps it)"
+            ));
+        }
+    }
+    r.at_ms = crate::proto::now_ms();
+    let Some(tx) = shared.router.get(&q.txn_id) else {
+        return Err(match last_event(shared, &q.txn_id).await {
+            Some(ev) if ev.state.is_terminal() => format!(
+                "{} is {}: nothing is left to do",
+                q.txn_id,
+                crate::ops::state_name(ev.state)
+            ),
+            Some(ev) => format!(
+                "{} ({}) is not running on this coordinator: it resumes when the coordinator holding the lease recovers it; ask that one",
+                q.txn_id,
+                crate::ops::state_name(ev.state)
+            ),
+            None => format!("unknown txn_id {}", q.txn_id),
+        });
+    };
+    let (answer, rx) = oneshot::channel();
+    tx.send(TxnMsg::Resolve {
+        resolution: q.resolution.clone(),
+        dry_run: q.dry_run,
+        answer,
+    })
+    .await
+    .map_err(|_| format!("{} finished meanwhile", q.txn_id))?;
+    let ev = tokio::time::timeout(Duration::from_secs(30), rx)
+        .await
+        .map_err(|_| "no answer within 30 s; look at the transaction's log".to_string())?
+        .map_err(|_| format!("{} finished meanwhile", q.txn_id))??;
+    Ok(json!({
+        "txn_id": q.txn_id,
+        "resolved": q.resolution,
+        "dry_run": q.dry_run,
+        "state": ev.state,
+        "event": ev,
+    }))
 }
 
 async fn handle_status(shared: Arc<Shared>, req: Req) {

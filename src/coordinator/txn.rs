@@ -38,6 +38,16 @@ pub enum TxnMsg {
     Status(oneshot::Sender<TransactionEvent>),
     /// The deadlock detector chose this transaction as the victim of this cycle.
     Deadlock(crate::engine::deadlock::Cycle),
+    /// An operator's action (`txcoord resolve`): answered once its record is durable
+    /// (with the transaction's state then), or with the rule that refuses it.
+    Resolve {
+        /// What, by whom, why.
+        resolution: crate::proto::Resolution,
+        /// Only check the rules.
+        dry_run: bool,
+        /// Where the answer goes.
+        answer: oneshot::Sender<Result<TransactionEvent, String>>,
+    },
     /// JetStream stored a command this transaction sent.
     Stored {
         /// The step.
@@ -182,8 +192,30 @@ pub async fn drive(
                 .map(|(_, at)| at)
                 .unwrap_or_else(|| Instant::now() + std::time::Duration::from_secs(3600));
             let mut out = Vec::new();
+            let mut resolved = None;
             tokio::select! {
                 msg = rx.recv() => match msg {
+                    Some(TxnMsg::Resolve { resolution, dry_run, answer }) => {
+                        let now = now_ms();
+                        match engine.check_resolve(&resolution) {
+                            Err(e) => {
+                                let _ = answer.send(Err(e.0));
+                            }
+                            Ok(()) if dry_run => {
+                                let _ = answer.send(Ok(engine.snapshot(now)));
+                            }
+                            Ok(()) => match engine.resolve(now, &resolution, &mut out) {
+                                Ok(()) => {
+                                    tracing::warn!(action = resolution.action.as_str(), by = %resolution.by,
+                                        reason = %resolution.reason, step = ?resolution.step, "resolved by an operator");
+                                    resolved = Some(answer);
+                                }
+                                Err(e) => {
+                                    let _ = answer.send(Err(e.0));
+                                }
+                            },
+                        }
+                    }
                     Some(TxnMsg::Reply(reply)) => {
                         let attempt = reply.attempt;
                         match engine.handle(now_ms(), Event::Reply(reply), &mut out) {
@@ -218,8 +250,16 @@ pub async fn drive(
                 }
             }
             if let Err(stop) = driver.perform(&mut engine, out).await {
+                if let Some(answer) = resolved.take() {
+                    let _ = answer.send(Err(format!(
+                        "this coordinator stopped before the record was durable ({stop:?}); the transaction resumes from its log, ask again"
+                    )));
+                }
                 stopped = Some(stop);
                 break;
+            }
+            if let Some(answer) = resolved.take() {
+                let _ = answer.send(Ok(engine.snapshot(now_ms())));
             }
             if undecided && !matches!(engine.state(), TxnState::Accepted | TxnState::Preparing) {
                 undecided = false;

@@ -216,6 +216,17 @@ impl System {
         self.participants.push((name.to_string(), p));
     }
 
+    /// Runs `txcoord` with `args` against this system's server and waits for it.
+    #[allow(dead_code)]
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(env!("CARGO_BIN_EXE_txcoord"))
+            .args(args)
+            .env("TXCOORD_NATS_URL", self.nats.url())
+            .env("TXCOORD_LOG", "error")
+            .output()
+            .expect("txcoord runs")
+    }
+
     /// The coordinator's counters (`$SRV.STATS.txcoord`).
     #[allow(dead_code)]
     pub async fn stats(&self) -> Value {
