@@ -2,11 +2,13 @@
 //! commit is decided, no mark-done before a decision), each refusal naming its rule; an
 //! abort of an undecided transaction, a mark-done of a stuck one's step that the operator
 //! fixed by hand, a retry-now, the bulk form over every stuck transaction with a dry run;
-//! and every action's audit record in the log (who, what, why).
+//! and every action's audit record in the log (who, what, why); the alerts on txn.alerts;
+//! the metrics the Grafana dashboard (docs/grafana-dashboard.json) queries.
 
 mod common;
 
 use common::{System, check, request, step, validator};
+use futures::StreamExt;
 use serde_json::{Value, json};
 use txcoord::participant::BranchState;
 use txcoord::proto::{Reason, ResolveAction, TxnState};
@@ -25,11 +27,15 @@ fn resolve(sys: &System, args: &[&str]) -> (i32, String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operators_resolve_within_the_rules_and_the_log_says_who() {
+    let metrics = format!("127.0.0.1:{}", txcoord::natsserver::free_port().unwrap());
     let env = [
         ("TXCOORD_STUCK_AFTER_MS", "300"),
         ("TXCOORD_RETRY_BASE_MS", "100"),
+        ("TXCOORD_METRICS_LISTEN", metrics.as_str()),
     ];
     let mut sys = System::start(&["a", "b"], &env).await;
+    let mut alerts = sys.nc.subscribe("txn.alerts").await.unwrap();
+    sys.nc.flush().await.unwrap();
 
     // Undecided: b is down, so its vote never comes (the prepare timeout is a minute).
     sys.participant("b").kill9();
@@ -212,4 +218,92 @@ async fn operators_resolve_within_the_rules_and_the_log_says_who() {
     let (code, out, _) = resolve(&sys, &["r-stuck", "abort", "--reason", " "]);
     assert_eq!(code, 1);
     assert!(out.contains("reason must say something"), "{out}");
+
+    // Alerts: the stuck one, and each operator action; each matches its schema.
+    let schema = validator("alert");
+    let mut seen = Vec::new();
+    while seen.len() < 4 {
+        let msg = tokio::time::timeout(std::time::Duration::from_secs(10), alerts.next())
+            .await
+            .unwrap_or_else(|_| panic!("alerts so far: {seen:?}"))
+            .unwrap();
+        let v: Value = serde_json::from_slice(&msg.payload).unwrap();
+        check(&schema, "alert", "txn.alerts", &v);
+        seen.push((
+            v["kind"].as_str().unwrap().to_string(),
+            v["txn_id"].as_str().unwrap().to_string(),
+        ));
+    }
+    let pair = |k: &str, t: &str| (k.to_string(), t.to_string());
+    assert_eq!(
+        seen,
+        [
+            pair("resolved", "r-wait"),
+            pair("stuck", "r-stuck"),
+            pair("resolved", "r-stuck"),
+            pair("resolved", "r-stuck"),
+        ]
+    );
+
+    // The metrics the Grafana dashboard queries all exist, and counted what happened.
+    let page = reqwest::get(format!("http://{metrics}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/docs/grafana-dashboard.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let mut names = std::collections::BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for t in panel["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap();
+            let mut rest = expr;
+            while let Some(i) = rest.find("txcoord_") {
+                let name: String = rest[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                rest = &rest[i + name.len()..];
+                names.insert(name);
+            }
+        }
+    }
+    assert!(names.len() >= 10, "{names:?}");
+    for name in &names {
+        assert!(
+            page.lines()
+                .any(|l| l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}{{"))),
+            "the dashboard queries {name}, which /metrics does not have:\n{page}"
+        );
+    }
+    let line = |prefix: &str| {
+        page.lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in\n{page}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse::<f64>()
+            .unwrap()
+    };
+    assert_eq!(
+        line("txcoord_ended_by_reason_total{reason=\"operator\"}"),
+        1.0
+    );
+    assert_eq!(
+        line("txcoord_transaction_duration_seconds_count{outcome=\"aborted\"}"),
+        1.0
+    );
+    assert_eq!(
+        line("txcoord_transaction_duration_seconds_count{outcome=\"committed\"}"),
+        1.0
+    );
+    assert_eq!(line("txcoord_alerts_total"), 4.0);
 }

@@ -127,6 +127,50 @@ pub struct Metrics {
     pub command_batches: AtomicU64,
     /// Commands sent in batches.
     pub batched_commands: AtomicU64,
+    /// Time from acceptance to outcome of the transactions this coordinator started, by
+    /// outcome (committed, aborted, completed, compensated).
+    pub durations: [Histogram; 4],
+    /// Aborted and compensated transactions by reason kind.
+    pub ended_by_reason: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+    /// Alerts published on `<prefix>.alerts`.
+    pub alerts: AtomicU64,
+}
+
+/// The outcomes [`Metrics::durations`] is kept for, in its order.
+pub const OUTCOMES: [TxnState; 4] = [
+    TxnState::Committed,
+    TxnState::Aborted,
+    TxnState::Completed,
+    TxnState::Compensated,
+];
+
+/// The upper bounds, in seconds, of [`Histogram`]'s buckets.
+pub const BUCKETS_S: [f64; 15] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// A Prometheus-style histogram with fixed buckets ([`BUCKETS_S`]), lock-free.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Observations at or below each bound (not cumulative; the exporter sums them).
+    pub buckets: [AtomicU64; 15],
+    /// Observations above the last bound.
+    pub over: AtomicU64,
+    /// Sum of the observations, in microseconds.
+    pub sum_us: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one duration.
+    pub fn observe(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        match BUCKETS_S.iter().position(|&b| s <= b) {
+            Some(i) => self.buckets[i].fetch_add(1, Ordering::Relaxed),
+            None => self.over.fetch_add(1, Ordering::Relaxed),
+        };
+        self.sum_us
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
 }
 
 impl Metrics {
@@ -148,6 +192,34 @@ impl Metrics {
     fn duplicate(&self) {
         self.duplicates.fetch_add(1, Ordering::Relaxed);
     }
+    /// A transaction ended in `state`, `took` after this coordinator accepted it (`None`
+    /// for one it resumed from the log), for `reason` when it did not succeed.
+    fn ended(
+        &self,
+        state: TxnState,
+        took: Option<Duration>,
+        reason: Option<&crate::proto::Reason>,
+    ) {
+        self.finished(state);
+        if let (Some(d), Some(i)) = (took, OUTCOMES.iter().position(|&s| s == state)) {
+            self.durations[i].observe(d);
+        }
+        if matches!(state, TxnState::Aborted | TxnState::Compensated)
+            && let Some(r) = reason
+        {
+            let kind = serde_json::to_value(r)
+                .ok()
+                .and_then(|v| v["kind"].as_str().map(str::to_owned))
+                .unwrap_or_else(|| "unknown".into());
+            *self
+                .ended_by_reason
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(kind)
+                .or_default() += 1;
+        }
+    }
+
     fn finished(&self, state: TxnState) {
         match state {
             TxnState::Committed => self.committed.fetch_add(1, Ordering::Relaxed),
@@ -178,6 +250,7 @@ impl Metrics {
             "rejected_edges": self.rejected_edges.load(Ordering::Relaxed),
             "command_batches": self.command_batches.load(Ordering::Relaxed),
             "batched_commands": self.batched_commands.load(Ordering::Relaxed),
+            "alerts": self.alerts.load(Ordering::Relaxed),
             "in_flight": in_flight,
         })
     }

@@ -37,6 +37,36 @@ pub fn render(shared: &Shared) -> String {
             get(outcome)
         );
     }
+    histograms(&mut out, &shared.metrics);
+    let _ = writeln!(
+        out,
+        "# HELP txcoord_ended_by_reason_total Aborted transactions and compensated sagas, by the kind of their reason."
+    );
+    let _ = writeln!(out, "# TYPE txcoord_ended_by_reason_total counter");
+    let by_reason = shared
+        .metrics
+        .ended_by_reason
+        .lock()
+        .map(|m| m.clone())
+        .unwrap_or_else(|p| p.into_inner().clone());
+    for kind in [
+        "vote_abort",
+        "timeout",
+        "deadlock",
+        "step_failed",
+        "log_refused",
+        "operator",
+    ] {
+        if !by_reason.contains_key(kind) {
+            let _ = writeln!(out, "txcoord_ended_by_reason_total{{reason=\"{kind}\"}} 0");
+        }
+    }
+    for (kind, n) in &by_reason {
+        let _ = writeln!(
+            out,
+            "txcoord_ended_by_reason_total{{reason=\"{kind}\"}} {n}"
+        );
+    }
     for (name, key, help) in [
         (
             "txcoord_accepted_total",
@@ -67,6 +97,11 @@ pub fn render(shared: &Shared) -> String {
             "txcoord_rejected_edges_total",
             "rejected_edges",
             "Wait-for edges refused: malformed, or without the token of a prepare sent.",
+        ),
+        (
+            "txcoord_alerts_total",
+            "alerts",
+            "Alerts published on <prefix>.alerts (stuck, failed, deadlock, resolved).",
         ),
         (
             "txcoord_command_batches_total",
@@ -122,6 +157,40 @@ pub fn render(shared: &Shared) -> String {
         u8::from(shared.lease.is_held())
     );
     out
+}
+
+/// `txcoord_transaction_duration_seconds`: acceptance to outcome, by outcome, for the
+/// transactions this coordinator started.
+fn histograms(out: &mut String, m: &super::Metrics) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let name = "txcoord_transaction_duration_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Time from acceptance to the outcome, by outcome (transactions this coordinator started)."
+    );
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    for (state, h) in super::OUTCOMES.iter().zip(&m.durations) {
+        let outcome = crate::ops::state_name(*state);
+        let mut total = 0u64;
+        for (bound, b) in super::BUCKETS_S.iter().zip(&h.buckets) {
+            total += b.load(Relaxed);
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{outcome=\"{outcome}\",le=\"{bound}\"}} {total}"
+            );
+        }
+        total += h.over.load(Relaxed);
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{outcome=\"{outcome}\",le=\"+Inf\"}} {total}"
+        );
+        let _ = writeln!(
+            out,
+            "{name}_sum{{outcome=\"{outcome}\"}} {}",
+            h.sum_us.load(Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "{name}_count{{outcome=\"{outcome}\"}} {total}");
+    }
 }
 
 /// Serves `GET /metrics` on `listener` forever.

@@ -156,6 +156,8 @@ pub async fn drive(
     _permit: Option<(OwnedSemaphorePermit, [super::limits::Held; 2])>,
 ) {
     let txn_id = engine.txn_id().to_string();
+    // A transaction resumed from the log started before this process: its time is unknown.
+    let started = matches!(begin, Begin::New { .. }).then(Instant::now);
     let (accepted_seq, record_seq, last_seq) = match &begin {
         Begin::Recovered {
             accepted_seq,
@@ -175,6 +177,7 @@ pub async fn drive(
         timers: BTreeMap::new(),
         begin: Some(begin),
         finished: false,
+        alerted: 0,
     };
     drop(own);
     let mut stopped = driver.perform(&mut engine, commands).await.err();
@@ -289,7 +292,11 @@ pub async fn drive(
         // Only a finished transaction lets the recovery checkpoint pass it.
         (None, Some(seq)) if driver.finished => {
             shared.inflight.finished(seq);
-            shared.metrics.finished(engine.state());
+            let took = started.map(|t| t.elapsed());
+            let snapshot = engine.snapshot(now_ms());
+            shared
+                .metrics
+                .ended(engine.state(), took, snapshot.reason.as_ref());
         }
         _ => {}
     }
@@ -318,6 +325,8 @@ struct Driver {
     timers: BTreeMap<Timer, Instant>,
     begin: Option<Begin>,
     finished: bool,
+    /// The alerts this driver published once already (bits: stuck, failed, deadlock).
+    alerted: u8,
 }
 
 /// Why the task stopped before its transaction finished.
@@ -446,7 +455,10 @@ impl Driver {
     async fn flush_announces(&mut self) -> Result<(), Stop> {
         for (msg_id, event) in std::mem::take(&mut self.announces) {
             match self.write(&msg_id, &event, None).await {
-                Written::Ours { seq, last } => self.wrote(seq, last),
+                Written::Ours { seq, last } => {
+                    self.wrote(seq, last);
+                    self.alert(&event).await;
+                }
                 Written::Fenced => return Err(Stop::Fenced),
                 Written::LeaseLost => return Err(Stop::Halted),
                 // An announcement is for observers; the transaction goes on without it.
@@ -454,6 +466,68 @@ impl Driver {
             }
         }
         Ok(())
+    }
+
+    /// Publishes an alert about a durable record that needs a person (stuck, failed, a
+    /// deadlock victim: once each per driver; every operator action). Core NATS, best
+    /// effort: the record itself is the truth.
+    async fn alert(&mut self, event: &TransactionEvent) {
+        use crate::proto::{Alert, AlertKind, Reason};
+        let mut kinds = Vec::new();
+        if event.stuck {
+            kinds.push((
+                AlertKind::Stuck,
+                1u8,
+                "phase 2 is unconfirmed past stuck_after_ms; still retried",
+            ));
+        }
+        if event.state == TxnState::Failed {
+            kinds.push((
+                AlertKind::Failed,
+                2,
+                "a compensation keeps failing; still retried, it needs a person",
+            ));
+        }
+        if matches!(&event.reason, Some(Reason::Deadlock { how, .. }) if how == "detected") {
+            kinds.push((
+                AlertKind::Deadlock,
+                4,
+                "aborted as the victim of a distributed deadlock",
+            ));
+        }
+        if event.resolved.is_some() {
+            kinds.push((AlertKind::Resolved, 0, "an operator resolved it"));
+        }
+        for (kind, bit, message) in kinds {
+            if bit != 0 && self.alerted & bit != 0 {
+                continue;
+            }
+            self.alerted |= bit;
+            let alert = Alert {
+                kind,
+                txn_id: event.txn_id.clone(),
+                state: event.state,
+                mode: event.mode,
+                timestamp_ms: event.timestamp_ms,
+                message: message.into(),
+                reason: event.reason.clone(),
+                resolved: event.resolved.clone(),
+            };
+            self.shared
+                .metrics
+                .alerts
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(kind = ?kind, txn_id = %event.txn_id, "alert");
+            if let Err(e) = self
+                .shared
+                .js
+                .client()
+                .publish(self.shared.subjects.alerts(), to_bytes(&alert))
+                .await
+            {
+                tracing::warn!(error = %e, "alert not published");
+            }
+        }
     }
 
     /// Our record landed at `seq`; the subject's last message is at `last`.
@@ -567,6 +641,7 @@ impl Driver {
             return match self.write(msg_id, event, None).await {
                 Written::Ours { seq, last } => {
                     self.wrote(seq, last);
+                    self.alert(event).await;
                     self.failpoint(event, msg_id).await;
                     Ok(None)
                 }

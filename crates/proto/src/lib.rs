@@ -633,6 +633,45 @@ pub struct ResolveRequest {
     pub dry_run: bool,
 }
 
+/// What an alert on `<prefix>.alerts` is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertKind {
+    /// Phase 2 (or a saga's compensation) unconfirmed past `stuck_after_ms`.
+    Stuck,
+    /// A saga whose compensation keeps failing: it needs a person.
+    Failed,
+    /// Aborted as the victim of a distributed deadlock.
+    Deadlock,
+    /// An operator resolved it (`txcoord resolve`).
+    Resolved,
+}
+
+/// An alert on `<prefix>.alerts` (core NATS, published by the active coordinator once the
+/// record it is about is durable): something an operator should look at.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Alert {
+    /// What it is about.
+    pub kind: AlertKind,
+    /// The transaction.
+    pub txn_id: String,
+    /// Its state in the record.
+    pub state: TxnState,
+    /// 2PC or saga.
+    #[serde(default)]
+    pub mode: Mode,
+    /// The record's time, Unix milliseconds.
+    pub timestamp_ms: u64,
+    /// Said in words.
+    pub message: String,
+    /// The record's reason, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<Reason>,
+    /// Resolved: the operator's action.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved: Option<Resolution>,
+}
+
 /// The longest `reason` or `by` a resolve request may carry.
 pub const MAX_RESOLVE_TEXT: usize = 1024;
 
@@ -1158,6 +1197,11 @@ impl Subjects {
     /// The prefix.
     pub fn prefix(&self) -> &str {
         &self.prefix
+    }
+
+    /// Where the coordinator publishes [`Alert`]s: `<prefix>.alerts`.
+    pub fn alerts(&self) -> String {
+        format!("{}.alerts", self.prefix)
     }
 
     /// Where participants report wait-for edges ([`WaitEdge`]): `<prefix>.waits`.
