@@ -176,6 +176,12 @@ pub struct Config {
     /// How long a batch waits for more commands after its first, in microseconds. 0 (the
     /// default): not at all, batches hold what queued while the last one was stored.
     pub batch_linger_us: u64,
+    /// Where `txcoord serve` serves the web console, as `host:port`; empty (the default):
+    /// nowhere.
+    pub console_listen: String,
+    /// The admin credential the console's resolve actions ask for; empty (the default):
+    /// the actions are disabled. `env:NAME` or `file:PATH` read it from there.
+    pub console_admin_token: String,
 }
 
 impl Default for Config {
@@ -223,6 +229,8 @@ impl Default for Config {
             http_url_service: "http".into(),
             batch_max: 128,
             batch_linger_us: 0,
+            console_listen: String::new(),
+            console_admin_token: String::new(),
         }
     }
 }

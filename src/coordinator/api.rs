@@ -421,12 +421,21 @@ async fn handle_resolve(shared: Arc<Shared>, req: Req) {
 }
 
 async fn resolve(shared: &Shared, payload: &[u8]) -> Result<serde_json::Value, String> {
-    use crate::proto::{MAX_RESOLVE_TEXT, ResolveRequest};
-    let mut q: ResolveRequest = serde_json::from_slice(payload).map_err(|e| {
+    let q: crate::proto::ResolveRequest = serde_json::from_slice(payload).map_err(|e| {
         format!(
             "resolve request must be {{\"txn_id\", \"action\": \"retry-now\"|\"abort\"|\"mark-done\", \"step\"?, \"reason\", \"by\", \"dry_run\"?}}: {e}"
         )
     })?;
+    resolve_request(shared, q).await
+}
+
+/// Carries out (or, with `dry_run`, checks) an operator's action on a transaction this
+/// coordinator runs: the NATS endpoint's and the console's one path.
+pub(crate) async fn resolve_request(
+    shared: &Shared,
+    mut q: crate::proto::ResolveRequest,
+) -> Result<serde_json::Value, String> {
+    use crate::proto::MAX_RESOLVE_TEXT;
     if !is_token(&q.txn_id, MAX_TXN_ID_LEN) {
         return Err(format!("txn_id {:?} is not a valid id", q.txn_id));
     }

@@ -12,6 +12,7 @@
 pub mod api;
 pub mod batch;
 pub mod checkpoint;
+pub mod console;
 pub mod deadlock;
 pub mod http;
 pub mod lease;
@@ -50,6 +51,9 @@ pub const REPLY_CONSUMER: &str = "txcoord-reply-reader";
 /// Why the coordinator stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
+    /// A setting could not be used.
+    #[error("configuration: {0}")]
+    Config(String),
     /// NATS could not be reached or used.
     #[error(transparent)]
     Nats(#[from] NatsError),
@@ -410,6 +414,12 @@ fn capped_limits(cfg: &Config, server_max_payload: usize) -> RequestLimits {
     limits
 }
 
+/// A credential from the configuration ([`txcoord_http::secret_value`]); `None` when empty.
+fn secret(raw: &str) -> Result<Option<String>, String> {
+    let value = txcoord_http::secret_value(raw)?.trim().to_string();
+    Ok((!value.is_empty()).then_some(value))
+}
+
 /// Runs the coordinator until `shutdown` completes.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), CoordinatorError> {
     let failpoint = Failpoint::parse(&std::env::var("TXCOORD_FAILPOINT").unwrap_or_default())
@@ -424,6 +434,30 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let mut shutdown = std::pin::pin!(shutdown);
     // The front door listens from now on, answering 503 until this coordinator is active.
     let (front_door, ready) = tokio::sync::watch::channel(None);
+    if !cfg.console_listen.is_empty() {
+        let listener = tokio::net::TcpListener::bind(&cfg.console_listen)
+            .await
+            .map_err(|source| CoordinatorError::Http {
+                addr: cfg.console_listen.clone(),
+                source,
+            })?;
+        let admin_token = secret(&cfg.console_admin_token)
+            .map_err(|e| CoordinatorError::Config(format!("console_admin_token: {e}")))?;
+        let console = console::Console {
+            events: streams.events.clone(),
+            subjects: subjects.clone(),
+            ready: ready.clone(),
+            admin_token,
+            samples: Arc::default(),
+        };
+        tracing::info!(addr = %cfg.console_listen, actions = console.admin_token.is_some(), "web console");
+        tokio::spawn(console::sample(ready.clone(), console.samples.clone()));
+        tokio::spawn(async move {
+            if let Err(e) = console::serve(listener, console).await {
+                tracing::error!(error = %e, "the web console stopped");
+            }
+        });
+    }
     if !cfg.http_listen.is_empty() {
         let listener = tokio::net::TcpListener::bind(&cfg.http_listen)
             .await

@@ -138,8 +138,9 @@ enum Answer {
     Broken(String),
 }
 
-/// Reads a header value: `env:NAME`, `file:PATH`, or the text itself.
-fn header_value(raw: &str) -> Result<String, String> {
+/// Reads a configured secret (a header value, a token): `env:NAME`, `file:PATH` (trimmed),
+/// or the text itself.
+pub fn secret_value(raw: &str) -> Result<String, String> {
     if let Some(var) = raw.strip_prefix("env:") {
         return std::env::var(var).map_err(|_| format!("environment variable {var} is not set"));
     }
@@ -234,7 +235,7 @@ impl HttpParticipant {
                 header: k.clone(),
                 message,
             };
-            let value = header_value(raw).map_err(bad)?;
+            let value = secret_value(raw).map_err(bad)?;
             let hk = reqwest::header::HeaderName::from_bytes(k.as_bytes())
                 .map_err(|e| bad(e.to_string()))?;
             let hv =
