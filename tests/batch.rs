@@ -13,11 +13,10 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Proc, System, check, python, request, step, validator};
+use common::{Proc, System, check, request, step, validator};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use txcoord::participant::BranchState;
@@ -179,17 +178,7 @@ async fn batched_and_per_command_participants_share_transactions() {
         .wait_for("participant ready", Duration::from_secs(30))
         .await;
     sys.participants.push(("plain".into(), plain));
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("participants/python/ledger.py");
-    let ledger = Proc::spawn_bin(
-        &python(),
-        sys.dir.path(),
-        "ledger",
-        &[script.to_str().unwrap(), "--nats-url", &url],
-        &[],
-    );
-    ledger
-        .wait_for("participant ready", Duration::from_secs(30))
-        .await;
+    let ledger = sys.spawn_ledger().await;
     warm_up(&sys, &["a", "plain", "ledger"]).await;
     let tap = Tap::start(&sys).await;
     let reqs = (0..10)

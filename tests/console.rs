@@ -5,9 +5,7 @@
 
 mod common;
 
-use std::time::Duration;
-
-use common::{Proc, System, request, step};
+use common::{System, request, step};
 use serde_json::json;
 use txcoord::proto::{ResolveAction, TxnState};
 
@@ -184,18 +182,11 @@ async fn the_console_lists_shows_and_resolves_behind_a_confirmation() {
 
     // A standby's console: the list from the log, no actions.
     let standby_addr = format!("127.0.0.1:{}", port());
-    let url = sys.nats.url();
-    let standby = Proc::spawn(
-        sys.dir.path(),
-        "standby",
-        &["serve"],
-        &[
-            ("TXCOORD_NATS_URL", url.as_str()),
-            ("TXCOORD_CONSOLE_LISTEN", standby_addr.as_str()),
-        ],
-    );
-    standby
-        .wait_for("web console", Duration::from_secs(30))
+    let _standby = sys
+        .spawn_standby(
+            &[("TXCOORD_CONSOLE_LISTEN", standby_addr.as_str())],
+            "web console",
+        )
         .await;
     let (status, page) = get(&format!("http://{standby_addr}/")).await;
     assert_eq!(status, 200);

@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Proc, System};
+use common::System;
 use serde_json::{Value, json};
 
 fn free_port() -> u16 {
@@ -167,18 +167,11 @@ async fn a_standby_answers_503_until_it_holds_the_lease() {
     let (sys, _base) = start().await;
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let url = sys.nats.url();
-    let standby = Proc::spawn(
-        sys.dir.path(),
-        "standby",
-        &["serve"],
-        &[
-            ("TXCOORD_NATS_URL", url.as_str()),
-            ("TXCOORD_HTTP_LISTEN", listen.as_str()),
-        ],
-    );
-    standby
-        .wait_for("HTTP front door", Duration::from_secs(30))
+    let standby = sys
+        .spawn_standby(
+            &[("TXCOORD_HTTP_LISTEN", listen.as_str())],
+            "HTTP front door",
+        )
         .await;
     let standby_base = format!("http://{listen}");
     let (status, body) = post(&standby_base, "", &one_step("fd-standby")).await;

@@ -3,28 +3,16 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
-use common::{Proc, System, python, request, step};
+use common::{Proc, System, request, step};
 use serde_json::json;
 use txcoord::participant::BranchState;
 use txcoord::proto::{Reason, TxnState};
 
 async fn with_ledger() -> (System, Proc) {
     let sys = System::start(&["a"], &[]).await;
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("participants/python/ledger.py");
-    let url = sys.nats.url();
-    let ledger = Proc::spawn_bin(
-        &python(),
-        sys.dir.path(),
-        "ledger",
-        &[script.to_str().unwrap(), "--nats-url", &url],
-        &[],
-    );
-    ledger
-        .wait_for("participant ready", Duration::from_secs(30))
-        .await;
+    let ledger = sys.spawn_ledger().await;
     (sys, ledger)
 }
 

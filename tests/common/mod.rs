@@ -216,6 +216,40 @@ impl System {
         self.participants.push((name.to_string(), p));
     }
 
+    /// Starts the Python raw-protocol participant (`participants/python/ledger.py`, service
+    /// `ledger`) and waits until it is ready.
+    #[allow(dead_code)]
+    pub async fn spawn_ledger(&self) -> Proc {
+        let script = format!(
+            "{}/participants/python/ledger.py",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let url = self.nats.url();
+        let ledger = Proc::spawn_bin(
+            &python(),
+            self.dir.path(),
+            "ledger",
+            &[script.as_str(), "--nats-url", &url],
+            &[],
+        );
+        ledger
+            .wait_for("participant ready", Duration::from_secs(30))
+            .await;
+        ledger
+    }
+
+    /// Starts a second `txcoord serve` (a standby while the first holds the lease) with
+    /// `env` besides the server's URL, and waits for `ready_line` in its log.
+    #[allow(dead_code)]
+    pub async fn spawn_standby(&self, env: &[(&str, &str)], ready_line: &str) -> Proc {
+        let url = self.nats.url();
+        let mut all = vec![("TXCOORD_NATS_URL", url.as_str())];
+        all.extend_from_slice(env);
+        let standby = Proc::spawn(self.dir.path(), "standby", &["serve"], &all);
+        standby.wait_for(ready_line, Duration::from_secs(30)).await;
+        standby
+    }
+
     /// Runs `txcoord` with `args` against this system's server and waits for it.
     #[allow(dead_code)]
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
