@@ -122,6 +122,42 @@ impl Browser {
         .await;
     }
 
+    /// Clicks what leads to another page, and waits until that page has replaced this one
+    /// and is loaded (a click on a submit button may return before the browser navigates).
+    async fn click_to_page(&self, css: &str) {
+        let old = self.find("html").await;
+        self.click(css).await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let v: Value = self
+                .http
+                .get(format!("{}/element/{old}/name", self.base))
+                .send()
+                .await
+                .expect("WebDriver")
+                .json()
+                .await
+                .expect("JSON");
+            if v["value"]["error"] == "stale element reference" {
+                let ready = self
+                    .call(
+                        reqwest::Method::POST,
+                        "/execute/sync",
+                        Some(json!({"script": "return document.readyState", "args": []})),
+                    )
+                    .await;
+                if ready == "complete" {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{css}: no new page after the click"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     async fn type_into(&self, css: &str, text: &str) {
         let e = self.find(css).await;
         self.call(
@@ -200,17 +236,7 @@ async fn the_console_works_in_a_real_browser() {
         ))
         .await;
     assert_eq!(declined.state, TxnState::Aborted);
-    let stuck = request(
-        "order-6",
-        vec![
-            step("inventory", json!({"delay_ms": 300})),
-            step("payment", json!({})),
-        ],
-    );
-    sys.submit(&stuck, "order-6").await;
-    sys.wait_vote("order-6", 1).await;
-    sys.participant("payment").kill9();
-    sys.wait_state("order-6", |e| e.stuck).await;
+    sys.stuck_commit("order-6", "inventory", "payment").await;
 
     let port = txcoord::natsserver::free_port().unwrap();
     let _driver = Proc::spawn_bin(
@@ -236,22 +262,22 @@ async fn the_console_works_in_a_real_browser() {
 
     // A filter typed into the form.
     b.type_into("input[name=state]", "aborted").await;
-    b.click("form.filters button").await;
+    b.click_to_page("form.filters button").await;
     let rows = b.find_all("tr.txn").await;
     assert_eq!(rows.len(), 1);
     assert!(b.text("tr.txn").await.contains("card declined"));
 
     // The stuck one's page, by a click; then mark-done through the confirmation.
     b.go(&format!("{base}/?stuck=on")).await;
-    b.click("tr.txn a").await;
+    b.click_to_page("tr.txn a").await;
     assert!(b.text("#timeline").await.contains("flagged stuck"));
     b.click("select[name=action] option[value=mark-done]").await;
     b.type_into("input[name=step]", "1").await;
     b.type_into("input[name=reason]", "refund done by hand")
         .await;
     b.type_into("input[name=token]", "sekret").await;
-    b.click("#resolve button").await;
-    b.click("#confirm button").await;
+    b.click_to_page("#resolve button").await;
+    b.click_to_page("#confirm button").await;
     assert!(
         b.text("#done").await.contains("order-6 is committed"),
         "{}",
