@@ -500,14 +500,13 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<ExitCode> {
                 txcoord::proto::is_token(&txn_id, txcoord::proto::MAX_TXN_ID_LEN),
                 "{txn_id:?} is not a valid txn_id"
             );
-            let nc = txcoord::nats::connect_config(&cfg, "txcoord-cli", false).await?;
-            let client = txcoord::client::Client::new(nc, &cfg.subject_prefix).await?;
-            let history: Vec<_> = client
-                .history(&txn_id)
-                .await
-                .into_iter()
-                .filter(|e| e.txn_id == txn_id)
-                .collect();
+            let (events, subjects) = log_reader(&cfg).await?;
+            let history: Vec<txcoord::proto::TransactionEvent> =
+                txcoord::client::read_log(&events, &subjects.events(&txn_id))
+                    .await
+                    .into_iter()
+                    .filter(|e: &txcoord::proto::TransactionEvent| e.txn_id == txn_id)
+                    .collect();
             if history.is_empty() {
                 eprintln!("no transaction {txn_id} in the log");
                 return Ok(ExitCode::from(1));

@@ -79,14 +79,7 @@ async fn the_console_lists_shows_and_resolves_behind_a_confirmation() {
         ))
         .await;
     assert_eq!(no.state, TxnState::Aborted);
-    let stuck = request(
-        "c-stuck",
-        vec![step("a", json!({"delay_ms": 300})), step("b", json!({}))],
-    );
-    sys.submit(&stuck, "c-stuck").await;
-    sys.wait_vote("c-stuck", 1).await;
-    sys.participant("b").kill9();
-    sys.wait_state("c-stuck", |e| e.stuck).await;
+    sys.stuck_commit("c-stuck", "a", "b").await;
 
     // The list and its filters.
     let (status, page) = get(&format!("{base}/")).await;

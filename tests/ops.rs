@@ -82,14 +82,7 @@ async fn list_show_and_watch_read_the_log() {
     let only_a = sys.run(request("o-a", vec![step("a", json!({}))])).await;
     assert_eq!(only_a.state, TxnState::Committed);
     // Stuck (last: its retries may write more records until the coordinator stops): b votes and dies before it hears the commit.
-    let stuck = request(
-        "o-stuck",
-        vec![step("a", json!({"delay_ms": 300})), step("b", json!({}))],
-    );
-    sys.submit(&stuck, "o-stuck").await;
-    sys.wait_vote("o-stuck", 1).await;
-    sys.participant("b").kill9();
-    sys.wait_state("o-stuck", |e| e.stuck).await;
+    sys.stuck_commit("o-stuck", "a", "b").await;
     // From here on no coordinator runs: everything below reads the log alone.
     sys.coordinator.kill9();
 

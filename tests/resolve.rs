@@ -123,14 +123,7 @@ async fn operators_resolve_within_the_rules_and_the_log_says_who() {
     sys.participant("b")
         .wait_for("participant ready", std::time::Duration::from_secs(30))
         .await;
-    let stuck = request(
-        "r-stuck",
-        vec![step("a", json!({"delay_ms": 300})), step("b", json!({}))],
-    );
-    sys.submit(&stuck, "r-stuck").await;
-    sys.wait_vote("r-stuck", 1).await;
-    sys.participant("b").kill9();
-    sys.wait_state("r-stuck", |e| e.stuck).await;
+    sys.stuck_commit("r-stuck", "a", "b").await;
     sys.wait_branch("a", "r-stuck", 0, BranchState::Committed)
         .await;
     let (code, out, _) = resolve(&sys, &["r-stuck", "abort", "--reason", "give up"]);

@@ -113,19 +113,7 @@ impl Client {
     }
 
     async fn read_all<T: serde::de::DeserializeOwned>(&self, subject: &str) -> Vec<T> {
-        let mut out = Vec::new();
-        let mut seq = 0;
-        while let Ok(msg) = self
-            .events
-            .direct_get_next_for_subject(subject.to_string(), Some(seq + 1))
-            .await
-        {
-            seq = msg.sequence;
-            if let Ok(v) = serde_json::from_slice(&msg.payload) {
-                out.push(v);
-            }
-        }
-        out
+        read_log(&self.events, subject).await
     }
 
     /// The submissions stream (bad submissions stay there for inspection).
@@ -279,6 +267,25 @@ pub struct TailRecord {
     pub seq: u64,
     /// The `Nats-Msg-Id` it was written with.
     pub msg_id: Option<String>,
+}
+
+/// Every message on `subject` of the events stream that parses as `T`, oldest first.
+pub async fn read_log<T: serde::de::DeserializeOwned>(
+    events: &jetstream::stream::Stream,
+    subject: &str,
+) -> Vec<T> {
+    let mut out = Vec::new();
+    let mut seq = 0;
+    while let Ok(msg) = events
+        .direct_get_next_for_subject(subject.to_string(), Some(seq + 1))
+        .await
+    {
+        seq = msg.sequence;
+        if let Ok(v) = serde_json::from_slice(&msg.payload) {
+            out.push(v);
+        }
+    }
+    out
 }
 
 /// Reads the end of `txn_id`'s log. Normally its last message is its last record; if that

@@ -453,12 +453,12 @@ pub(crate) async fn resolve_request(
             Some(ev) if ev.state.is_terminal() => format!(
                 "{} is {}: nothing is left to do",
                 q.txn_id,
-                crate::ops::state_name(ev.state)
+                ev.state.as_str()
             ),
             Some(ev) => format!(
                 "{} ({}) is not running on this coordinator: it resumes when the coordinator holding the lease recovers it; ask that one",
                 q.txn_id,
-                crate::ops::state_name(ev.state)
+                ev.state.as_str()
             ),
             None => format!("unknown txn_id {}", q.txn_id),
         });

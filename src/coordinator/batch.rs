@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -47,8 +47,9 @@ struct Queued {
 /// The services that read batches, and a sender per service.
 pub struct Batching {
     settings: BatchSettings,
-    /// What each service's latest believed reply said: true, it reads batches.
-    capable: Mutex<HashMap<String, bool>>,
+    /// What each service's latest believed reply said: true, it reads batches. Read for
+    /// every command and reply, written only when a service changes its mind.
+    capable: RwLock<HashMap<String, bool>>,
     senders: Mutex<HashMap<String, mpsc::UnboundedSender<Queued>>>,
     next_id: AtomicU64,
 }
@@ -62,7 +63,7 @@ impl Batching {
     pub fn new(settings: BatchSettings) -> Batching {
         Batching {
             settings,
-            capable: Mutex::default(),
+            capable: RwLock::default(),
             senders: Mutex::default(),
             next_id: AtomicU64::new(0),
         }
@@ -71,8 +72,12 @@ impl Batching {
     /// A believed reply of `service` said (`true`) or did not say that it reads batches.
     pub fn heard(&self, service: &str, reads_batches: bool) {
         let reads = reads_batches && self.settings.max > 1;
-        let mut capable = lock(&self.capable);
-        if capable.get(service) != Some(&reads) {
+        let known = |c: &HashMap<String, bool>| c.get(service) == Some(&reads);
+        if known(&self.capable.read().unwrap_or_else(|p| p.into_inner())) {
+            return;
+        }
+        let mut capable = self.capable.write().unwrap_or_else(|p| p.into_inner());
+        if !known(&capable) {
             tracing::info!(
                 service,
                 batches = reads,
@@ -84,7 +89,11 @@ impl Batching {
 
     /// Whether `service` is sent batches.
     pub fn reads_batches(&self, service: &str) -> bool {
-        lock(&self.capable).get(service) == Some(&true)
+        self.capable
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(service)
+            == Some(&true)
     }
 
     /// Queues a stamped command for a service that reads batches; `notify` hears

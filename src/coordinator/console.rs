@@ -26,7 +26,7 @@ use axum::routing::{get, post};
 
 use super::http::Readiness;
 use crate::ops::time::{human, parse_duration, parse_time, rfc3339};
-use crate::ops::{Filter, list, parse_state, reason_text, state_name, timeline};
+use crate::ops::{Filter, list, parse_state, reason_text, timeline};
 use crate::proto::{MAX_TXN_ID_LEN, Mode, ResolveAction, Subjects, is_token, now_ms};
 
 /// What the console serves from.
@@ -286,7 +286,7 @@ async fn index(State(c): State<Console>, Query(q): Query<ListQuery>) -> Response
             id = esc(&ev.txn_id),
             mode = if ev.mode == Mode::Saga { "saga" } else { "2pc" },
             cls = if ev.stuck { " class=\"stuck\"" } else { "" },
-            state = esc(&state_name(ev.state)),
+            state = esc(ev.state.as_str()),
             stuck = if ev.stuck { " STUCK" } else { "" },
             at = rfc3339(ev.timestamp_ms),
             ago = human(Duration::from_millis(now.saturating_sub(ev.timestamp_ms))),
@@ -421,7 +421,7 @@ async fn transaction(State(c): State<Console>, Path(id): Path<String>) -> Respon
     let _ = write!(
         body,
         "<p id=\"state\">{}{}</p><pre id=\"timeline\">{}</pre>",
-        esc(&state_name(last.state)),
+        esc(last.state.as_str()),
         if last.stuck {
             " <span class=\"stuck\">STUCK</span>"
         } else {
@@ -452,25 +452,9 @@ async fn transaction(State(c): State<Console>, Path(id): Path<String>) -> Respon
 }
 
 async fn history(c: &Console, id: &str) -> Vec<crate::proto::TransactionEvent> {
-    let subject = c.subjects.events(id);
-    let mut out = Vec::new();
-    let mut seq = 0;
-    while let Ok(msg) = c
-        .events
-        .direct_get_next_for_subject(subject.clone(), Some(seq + 1))
-        .await
-    {
-        seq = msg.sequence;
-        if let Ok(ev) = serde_json::from_slice::<crate::proto::TransactionEvent>(&msg.payload)
-            && ev.txn_id == id
-        {
-            out.push(ev);
-        }
-        if out.len() > 10_000 {
-            break;
-        }
-    }
-    out
+    let all: Vec<crate::proto::TransactionEvent> =
+        crate::client::read_log(&c.events, &c.subjects.events(id)).await;
+    all.into_iter().filter(|e| e.txn_id == id).collect()
 }
 
 #[derive(Debug, serde::Deserialize)]

@@ -77,17 +77,11 @@ pub enum CoordinatorError {
     /// The lease could not be taken.
     #[error(transparent)]
     Lease(#[from] lease::LeaseError),
-    /// The metrics endpoint could not listen.
-    #[error("metrics_listen {addr}: {source}")]
-    Metrics {
-        /// The address.
-        addr: String,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The HTTP front door could not listen.
-    #[error("http_listen {addr}: {source}")]
-    Http {
+    /// A listener (metrics, front door, console) could not listen on its address.
+    #[error("{key} {addr}: {source}")]
+    Listen {
+        /// The configuration key (`metrics_listen`, `http_listen`, `console_listen`).
+        key: &'static str,
         /// The address.
         addr: String,
         /// Why.
@@ -414,6 +408,20 @@ fn capped_limits(cfg: &Config, server_max_payload: usize) -> RequestLimits {
     limits
 }
 
+/// Listens on `addr`, the value of the configuration key `key`.
+async fn listen(
+    key: &'static str,
+    addr: &str,
+) -> Result<tokio::net::TcpListener, CoordinatorError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| CoordinatorError::Listen {
+            key,
+            addr: addr.to_string(),
+            source,
+        })
+}
+
 /// A credential from the configuration ([`txcoord_http::secret_value`]); `None` when empty.
 fn secret(raw: &str) -> Result<Option<String>, String> {
     let value = txcoord_http::secret_value(raw)?.trim().to_string();
@@ -435,12 +443,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     // The front door listens from now on, answering 503 until this coordinator is active.
     let (front_door, ready) = tokio::sync::watch::channel(None);
     if !cfg.console_listen.is_empty() {
-        let listener = tokio::net::TcpListener::bind(&cfg.console_listen)
-            .await
-            .map_err(|source| CoordinatorError::Http {
-                addr: cfg.console_listen.clone(),
-                source,
-            })?;
+        let listener = listen("console_listen", &cfg.console_listen).await?;
         let admin_token = secret(&cfg.console_admin_token)
             .map_err(|e| CoordinatorError::Config(format!("console_admin_token: {e}")))?;
         let console = console::Console {
@@ -459,12 +462,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         });
     }
     if !cfg.http_listen.is_empty() {
-        let listener = tokio::net::TcpListener::bind(&cfg.http_listen)
-            .await
-            .map_err(|source| CoordinatorError::Http {
-                addr: cfg.http_listen.clone(),
-                source,
-            })?;
+        let listener = listen("http_listen", &cfg.http_listen).await?;
         tracing::info!(addr = %cfg.http_listen, "HTTP front door at /v1/transactions");
         tokio::spawn(async move {
             if let Err(e) = http::serve(listener, ready).await {
@@ -572,12 +570,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         outcomes: api.outcomes.clone(),
     }));
     if !cfg.metrics_listen.is_empty() {
-        let listener = tokio::net::TcpListener::bind(&cfg.metrics_listen)
-            .await
-            .map_err(|source| CoordinatorError::Metrics {
-                addr: cfg.metrics_listen.clone(),
-                source,
-            })?;
+        let listener = listen("metrics_listen", &cfg.metrics_listen).await?;
         tracing::info!(addr = %cfg.metrics_listen, "Prometheus metrics at /metrics");
         tokio::spawn(prometheus::serve(listener, shared.clone()));
     }

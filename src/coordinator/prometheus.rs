@@ -170,7 +170,7 @@ fn histograms(out: &mut String, m: &super::Metrics) {
     );
     let _ = writeln!(out, "# TYPE {name} histogram");
     for (state, h) in super::OUTCOMES.iter().zip(&m.durations) {
-        let outcome = crate::ops::state_name(*state);
+        let outcome = state.as_str();
         let mut total = 0u64;
         for (bound, b) in super::BUCKETS_S.iter().zip(&h.buckets) {
             total += b.load(Relaxed);

@@ -56,14 +56,6 @@ impl Filter {
     }
 }
 
-/// A state's name as the wire writes it (`committed`, `compensating`...).
-pub fn state_name(state: TxnState) -> String {
-    serde_json::to_value(state)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_else(|| format!("{state:?}"))
-}
-
 /// Parses a state name as the wire writes it.
 pub fn parse_state(name: &str) -> Result<TxnState, String> {
     serde_json::from_value(serde_json::Value::String(name.trim().to_string())).map_err(|_| {
@@ -209,7 +201,7 @@ pub fn list_line(ev: &TransactionEvent, now_ms: u64) -> String {
         Mode::TwoPc => "2pc",
         Mode::Saga => "saga",
     };
-    let mut state = state_name(ev.state);
+    let mut state = ev.state.as_str().to_string();
     if ev.stuck {
         state.push_str(" STUCK");
     }
@@ -269,7 +261,7 @@ pub fn timeline(events: &[TransactionEvent]) -> String {
         "transaction {} ({mode}, {} steps): {}{}",
         first.txn_id,
         last.steps.len().max(first.steps.len()),
-        state_name(last.state),
+        last.state.as_str(),
         if last.stuck { ", STUCK" } else { "" }
     );
     if let Some(m) = &first.metadata {
@@ -323,7 +315,7 @@ pub fn timeline(events: &[TransactionEvent]) -> String {
             "  +{:<9} {}  {:<13} {}",
             time::human(Duration::from_millis(at)),
             time::rfc3339(ev.timestamp_ms),
-            state_name(ev.state),
+            ev.state.as_str(),
             what.join("; ")
         );
         prev = Some(ev);
@@ -368,7 +360,7 @@ pub fn timeline(events: &[TransactionEvent]) -> String {
             time::human(Duration::from_millis(
                 d.timestamp_ms.saturating_sub(first.timestamp_ms)
             )),
-            state_name(d.state)
+            d.state.as_str()
         );
     }
     let total = time::human(Duration::from_millis(
@@ -477,7 +469,6 @@ mod tests {
         assert_eq!(parse_state("committed"), Ok(TxnState::Committed));
         assert_eq!(parse_state(" compensating "), Ok(TxnState::Compensating));
         assert!(parse_state("done").unwrap_err().contains("not a state"));
-        assert_eq!(state_name(TxnState::Aborting), "aborting");
     }
 
     #[test]

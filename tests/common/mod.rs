@@ -216,6 +216,24 @@ impl System {
         self.participants.push((name.to_string(), p));
     }
 
+    /// Leaves `id` stuck in commit: `first` votes a little late, `second` votes and is
+    /// killed before it hears the commit, and the coordinator (started with a short
+    /// `TXCOORD_STUCK_AFTER_MS`) flags it stuck. `second` stays down.
+    #[allow(dead_code)]
+    pub async fn stuck_commit(&mut self, id: &str, first: &str, second: &str) {
+        let req = request(
+            id,
+            vec![
+                step(first, json!({"delay_ms": 300})),
+                step(second, json!({})),
+            ],
+        );
+        self.submit(&req, id).await;
+        self.wait_vote(id, 1).await;
+        self.participant(second).kill9();
+        self.wait_state(id, |e| e.stuck).await;
+    }
+
     /// Starts the Python raw-protocol participant (`participants/python/ledger.py`, service
     /// `ledger`) and waits until it is ready.
     #[allow(dead_code)]

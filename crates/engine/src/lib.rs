@@ -217,14 +217,6 @@ impl Machine {
     }
 }
 
-/// A state's wire name (`committing`), for the words of a refusal.
-pub(crate) fn state_word(state: TxnState) -> String {
-    serde_json::to_value(state)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_else(|| format!("{state:?}"))
-}
-
 /// Why an operator's action was refused: the rule that applies, in words.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]

@@ -514,7 +514,7 @@ impl Saga {
     /// the step being compensated (the operator undid it by hand).
     pub fn check_resolve(&self, r: &Resolution) -> Result<(), ResolveRefused> {
         let refuse = |why: String| Err(ResolveRefused(why));
-        let state = super::state_word(self.state());
+        let state = self.state().as_str();
         let current = self.steps[self.cursor].state;
         match (r.action, self.phase) {
             (_, Phase::Completed | Phase::Compensated) => {

@@ -779,7 +779,7 @@ impl TwoPc {
     /// Whether an operator's action applies now (see [`super::Machine::resolve`]).
     pub fn check_resolve(&self, r: &Resolution) -> Result<(), ResolveRefused> {
         let refuse = |why: String| Err(ResolveRefused(why));
-        let state = super::state_word(self.phase.state());
+        let state = self.phase.state().as_str();
         match (r.action, self.phase) {
             (_, Phase::Committed | Phase::Aborted) => {
                 refuse(format!("it is {state}: nothing is left to do"))

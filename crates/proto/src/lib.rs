@@ -431,6 +431,25 @@ pub enum TxnState {
 }
 
 impl TxnState {
+    /// The state's name on the wire (`committing`, `compensated`...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TxnState::Accepted => "accepted",
+            TxnState::Preparing => "preparing",
+            TxnState::Prepared => "prepared",
+            TxnState::Committing => "committing",
+            TxnState::Aborting => "aborting",
+            TxnState::Committed => "committed",
+            TxnState::Aborted => "aborted",
+            TxnState::Rejected => "rejected",
+            TxnState::Executing => "executing",
+            TxnState::Compensating => "compensating",
+            TxnState::Completed => "completed",
+            TxnState::Compensated => "compensated",
+            TxnState::Failed => "failed",
+        }
+    }
+
     /// Whether no further event follows this one.
     pub fn is_terminal(self) -> bool {
         matches!(
@@ -1566,6 +1585,27 @@ mod tests {
             ..r
         };
         assert_eq!(tokened.msg_id(), "t.inv.2.commit.3.ab12");
+    }
+
+    #[test]
+    fn state_names_are_the_wire_names() {
+        for s in [
+            TxnState::Accepted,
+            TxnState::Preparing,
+            TxnState::Prepared,
+            TxnState::Committing,
+            TxnState::Aborting,
+            TxnState::Committed,
+            TxnState::Aborted,
+            TxnState::Rejected,
+            TxnState::Executing,
+            TxnState::Compensating,
+            TxnState::Completed,
+            TxnState::Compensated,
+            TxnState::Failed,
+        ] {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
     }
 
     #[test]
