@@ -198,10 +198,17 @@ where
     T: Serialize + DeserializeOwned + Clone,
     P: Participant,
 {
-    txcoord_participant::init_logging();
     let args = Args::parse();
     let service = args.service.clone().unwrap_or_else(|| service.to_string());
     let service = service.as_str();
+    // Logging, and OTLP trace export when configured; flushed when main returns.
+    let _telemetry = match txcoord_telemetry::init(service) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("{service}: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     match run(service, args, seed, make).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

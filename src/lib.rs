@@ -32,4 +32,4 @@ pub use txcoord_participant::{keyed, kvtable};
 pub use txcoord_proto as proto;
 pub use txcoord_testkit::{natsserver, rng};
 
-pub use txcoord_participant::init_logging;
+pub use txcoord_participant::{init_logging, trace};

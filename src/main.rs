@@ -313,8 +313,22 @@ async fn shutdown_signal() {
 }
 
 fn main() -> ExitCode {
-    txcoord::init_logging();
     let cli = Cli::parse();
+    // Logging, and OTLP trace export when OTEL_EXPORTER_OTLP_ENDPOINT is set; kept until
+    // the end so the last spans are flushed.
+    let service = match &cli.command {
+        Cmd::Serve { .. } => "txcoord",
+        Cmd::HttpBridge { .. } => "txcoord-http-bridge",
+        Cmd::Participant { service, .. } => service.as_str(),
+        _ => "txcoord-cli",
+    };
+    let _telemetry = match txcoord_telemetry::init(service) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let cfg = match load_config(&cli) {
         Ok(cfg) => cfg,
         Err(e) => {

@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 
 use super::txn::{TxnMsg, to_bytes};
 use crate::proto::{MAX_BATCH, ParticipantCommand, Subjects};
-use txcoord_nats::{Expect, publish_durable};
+use txcoord_nats::{Expect, publish_durable, publish_durable_with};
 
 /// How the coordinator batches commands (config keys `batch_max`, `batch_linger_us`).
 #[derive(Debug, Clone, Copy)]
@@ -214,7 +214,17 @@ async fn send_batch(
 
 /// One command on its own subject, as for a service that does not read batches.
 async fn send_alone(shared: Arc<super::Shared>, q: Queued) {
-    publish_one(&shared.js, &shared.subjects, &q.cmd, q.body, &q.notify).await;
+    // A lone command of a batching service: its body's trace context is the header too.
+    let header = q.cmd.traceparent.clone();
+    publish_one(
+        &shared.js,
+        &shared.subjects,
+        &q.cmd,
+        q.body,
+        &q.notify,
+        header.as_deref(),
+    )
+    .await;
 }
 
 /// Publishes one command on `<prefix>.cmd.<service>.<txn_id>` with its deterministic id and
@@ -225,6 +235,7 @@ pub async fn publish_one(
     cmd: &ParticipantCommand,
     body: bytes::Bytes,
     notify: &mpsc::WeakSender<TxnMsg>,
+    traceparent: Option<&str>,
 ) {
     let subject = subjects.command(&cmd.service, &cmd.txn_id);
     let msg_id = format!(
@@ -236,7 +247,22 @@ pub async fn publish_one(
     );
     // Bounded: a lost prepare ends in the prepare timeout, a lost phase-2 command in the
     // next resend round.
-    match publish_durable(js, &subject, &msg_id, body, Expect::default(), Some(8)).await {
+    // The send's span, for the participant's span to continue (W3C trace context).
+    let headers: Vec<(&str, &str)> = traceparent
+        .map(|t| (crate::proto::TRACEPARENT_HEADER, t))
+        .into_iter()
+        .collect();
+    match publish_durable_with(
+        js,
+        &subject,
+        &msg_id,
+        &headers,
+        body,
+        Expect::default(),
+        Some(8),
+    )
+    .await
+    {
         Ok(_) => stored(notify, cmd).await,
         Err(e) => {
             tracing::warn!(error = %e, service = %cmd.service, "command not sent; the next round or the timeout covers it")

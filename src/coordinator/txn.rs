@@ -178,6 +178,7 @@ pub async fn drive(
         begin: Some(begin),
         finished: false,
         alerted: 0,
+        trace: None,
     };
     drop(own);
     let mut stopped = driver.perform(&mut engine, commands).await.err();
@@ -327,6 +328,9 @@ struct Driver {
     finished: bool,
     /// The alerts this driver published once already (bits: stuck, failed, deadlock).
     alerted: u8,
+    /// This run's span of the transaction (OpenTelemetry), from its first record or
+    /// command to its end; the parent of every command's span.
+    trace: Option<opentelemetry::Context>,
 }
 
 /// Why the task stopped before its transaction finished.
@@ -383,6 +387,7 @@ impl Driver {
             match cmd {
                 Command::Persist { msg_id, mut event } => {
                     self.flush_announces().await?;
+                    self.trace_event(&event);
                     let Some(refusal) = self.persist(&msg_id, &event).await? else {
                         continue;
                     };
@@ -418,20 +423,26 @@ impl Driver {
                 Command::Send(mut cmd) => {
                     let shared = self.shared.clone();
                     shared.reply_key.stamp(&shared.subjects, &mut cmd);
+                    let span = self.command_span(&mut cmd);
                     let own = self.own.clone();
                     if shared.batching.reads_batches(&cmd.service) {
+                        // One message carries many commands: each command's trace is in
+                        // its body (the transaction's), the send span ends at queueing.
                         shared.batching.send(&shared, cmd, own);
                     } else {
                         tokio::spawn(async move {
                             let body = to_bytes(&cmd);
+                            let header = crate::trace::traceparent_of(&span);
                             super::batch::publish_one(
                                 &shared.js,
                                 &shared.subjects,
                                 &cmd,
                                 body,
                                 &own,
+                                header.as_deref(),
                             )
                             .await;
+                            drop(span);
                         });
                     }
                 }
@@ -445,10 +456,64 @@ impl Driver {
                 Command::CancelTimer(timer) => {
                     self.timers.remove(&timer);
                 }
-                Command::Finished => self.finished = true,
+                Command::Finished => {
+                    self.finished = true;
+                    // Ends the transaction's span.
+                    self.trace = None;
+                }
             }
         }
         self.flush_announces().await
+    }
+
+    /// The transaction's span, started on first use as a child of the trace `traceparent`
+    /// names (the client's, from the request), or a new trace's root.
+    fn trace(&mut self, traceparent: Option<&str>) -> &opentelemetry::Context {
+        let txn_id = &self.txn_id;
+        self.trace.get_or_insert_with(|| {
+            let parent = traceparent.and_then(crate::trace::remote_context);
+            crate::trace::start(
+                "txcoord transaction".to_string(),
+                opentelemetry::trace::SpanKind::Server,
+                parent.as_ref(),
+                vec![opentelemetry::KeyValue::new(
+                    "txcoord.txn_id",
+                    txn_id.clone(),
+                )],
+            )
+        })
+    }
+
+    /// Marks a record about to be written on the transaction's span.
+    fn trace_event(&mut self, event: &TransactionEvent) {
+        use opentelemetry::trace::TraceContextExt as _;
+        let span = self.trace(event.traceparent.as_deref()).span();
+        span.add_event(event.state.as_str(), Vec::new());
+    }
+
+    /// A span for sending `cmd`, a child of the transaction's; the command's own
+    /// `traceparent` is filled with the transaction's trace when the request had none, so
+    /// that a batched command (no header of its own) and the HTTP bridge carry it too.
+    fn command_span(
+        &mut self,
+        cmd: &mut crate::proto::ParticipantCommand,
+    ) -> opentelemetry::Context {
+        use opentelemetry::KeyValue;
+        let txn = self.trace(cmd.traceparent.as_deref()).clone();
+        if cmd.traceparent.is_none() {
+            cmd.traceparent = crate::trace::traceparent_of(&txn);
+        }
+        crate::trace::start(
+            format!("send {} {}", cmd.kind.as_str(), cmd.service),
+            opentelemetry::trace::SpanKind::Producer,
+            Some(&txn),
+            vec![
+                KeyValue::new("txcoord.txn_id", cmd.txn_id.clone()),
+                KeyValue::new("txcoord.service", cmd.service.clone()),
+                KeyValue::new("txcoord.step", cmd.step as i64),
+                KeyValue::new("txcoord.attempt", i64::from(cmd.attempt)),
+            ],
+        )
     }
 
     /// Writes the pending announcements, in order, each fenced like any record.

@@ -49,6 +49,7 @@ pub mod barrier;
 pub mod keyed;
 pub mod kvtable;
 pub mod locks;
+pub mod trace;
 
 use barrier::{Answer, Call, Facts, Plan, Returned, Settled, Write};
 pub use barrier::{BranchRecord, BranchState, HeldLock};
@@ -588,7 +589,12 @@ async fn handle<P: Participant>(ctx: &Ctx<P>, msg: &jetstream::Message) {
         let _ = msg.ack_with(jetstream::AckKind::Term).await;
         return;
     }
-    match run_command(ctx, &cmd).await {
+    let header = msg
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(txcoord_proto::TRACEPARENT_HEADER))
+        .map(|v| v.as_str());
+    match run_command(ctx, &cmd, header).await {
         Ran::Answered(answer) => {
             if send_reply(ctx, &cmd, answer).await {
                 if let Err(e) = msg.ack().await {
@@ -655,7 +661,7 @@ async fn handle_batch<P: Participant>(
             let Ok(_permit) = permits.acquire().await else {
                 return (cmd, Ran::Failed);
             };
-            (cmd, run_command(ctx, cmd).await)
+            (cmd, run_command(ctx, cmd, None).await)
         })
         .collect();
     let mut again = false;
@@ -685,9 +691,50 @@ async fn handle_batch<P: Participant>(
     }
 }
 
+/// Runs one command inside a span continuing its trace: `header` is the command message's
+/// `traceparent` (the coordinator's span for the send), else the command's own field (the
+/// client's; a batch's commands have only that). Without either, no span.
+async fn run_command<P: Participant>(
+    ctx: &Ctx<P>,
+    cmd: &ParticipantCommand,
+    header: Option<&str>,
+) -> Ran {
+    use opentelemetry::KeyValue;
+    let parent = header
+        .and_then(trace::remote_context)
+        .or_else(|| cmd.traceparent.as_deref().and_then(trace::remote_context));
+    let Some(parent) = parent else {
+        return run_branch(ctx, cmd).await;
+    };
+    let kind = serde_json::to_value(cmd.kind)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    let span = trace::start(
+        format!("{} {kind}", ctx.service),
+        opentelemetry::trace::SpanKind::Consumer,
+        Some(&parent),
+        vec![
+            KeyValue::new("txcoord.txn_id", cmd.txn_id.clone()),
+            KeyValue::new("txcoord.service", ctx.service.clone()),
+            KeyValue::new("txcoord.step", cmd.step as i64),
+            KeyValue::new("txcoord.command", kind),
+            KeyValue::new("txcoord.attempt", i64::from(cmd.attempt)),
+        ],
+    );
+    let ran = run_branch(ctx, cmd).await;
+    let error = match &ran {
+        Ran::Answered(_) => None,
+        Ran::Violation => Some("protocol violation: refused".to_string()),
+        Ran::Failed => Some("failed for now: left to its redelivery".to_string()),
+    };
+    trace::end(&span, error);
+    ran
+}
+
 /// Runs one command under its branch's turn: the lock table's bookkeeping, the barrier's
 /// plan, what the in-doubt resolver must know. Replying is the caller's.
-async fn run_command<P: Participant>(ctx: &Ctx<P>, cmd: &ParticipantCommand) -> Ran {
+async fn run_branch<P: Participant>(ctx: &Ctx<P>, cmd: &ParticipantCommand) -> Ran {
     if !ctx.options.jitter.is_zero() {
         use std::hash::BuildHasher;
         // A fresh RandomState draws new keys: a random number per command.
