@@ -722,7 +722,10 @@ async fn run_command<P: Participant>(
             KeyValue::new("txcoord.attempt", i64::from(cmd.attempt)),
         ],
     );
-    let ran = run_branch(ctx, cmd).await;
+    // The span is the current context while the command runs: a service's own spans
+    // (made from `Context::current()`) are its children.
+    let ran =
+        opentelemetry::context::FutureExt::with_context(run_branch(ctx, cmd), span.clone()).await;
     let error = match &ran {
         Ran::Answered(_) => None,
         Ran::Violation => Some("protocol violation: refused".to_string()),
