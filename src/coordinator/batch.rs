@@ -215,14 +215,13 @@ async fn send_batch(
 /// One command on its own subject, as for a service that does not read batches.
 async fn send_alone(shared: Arc<super::Shared>, q: Queued) {
     // A lone command of a batching service: its body's trace context is the header too.
-    let header = q.cmd.traceparent.clone();
     publish_one(
         &shared.js,
         &shared.subjects,
         &q.cmd,
         q.body,
         &q.notify,
-        header.as_deref(),
+        q.cmd.traceparent.as_deref(),
     )
     .await;
 }

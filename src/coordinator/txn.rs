@@ -498,7 +498,6 @@ impl Driver {
         &mut self,
         cmd: &mut crate::proto::ParticipantCommand,
     ) -> opentelemetry::Context {
-        use opentelemetry::KeyValue;
         let txn = self.trace(cmd.traceparent.as_deref()).clone();
         if cmd.traceparent.is_none() {
             cmd.traceparent = crate::trace::traceparent_of(&txn);
@@ -507,12 +506,7 @@ impl Driver {
             format!("send {} {}", cmd.kind.as_str(), cmd.service),
             opentelemetry::trace::SpanKind::Producer,
             Some(&txn),
-            vec![
-                KeyValue::new("txcoord.txn_id", cmd.txn_id.clone()),
-                KeyValue::new("txcoord.service", cmd.service.clone()),
-                KeyValue::new("txcoord.step", cmd.step as i64),
-                KeyValue::new("txcoord.attempt", i64::from(cmd.attempt)),
-            ],
+            crate::trace::command_attributes(cmd),
         )
     }
 

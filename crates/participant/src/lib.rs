@@ -699,28 +699,18 @@ async fn run_command<P: Participant>(
     cmd: &ParticipantCommand,
     header: Option<&str>,
 ) -> Ran {
-    use opentelemetry::KeyValue;
     let parent = header
         .and_then(trace::remote_context)
         .or_else(|| cmd.traceparent.as_deref().and_then(trace::remote_context));
     let Some(parent) = parent else {
         return run_branch(ctx, cmd).await;
     };
-    let kind = serde_json::to_value(cmd.kind)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default();
+    // `cmd.service` is this service's: the callers refuse any other.
     let span = trace::start(
-        format!("{} {kind}", ctx.service),
+        format!("{} {}", cmd.service, cmd.kind.as_str()),
         opentelemetry::trace::SpanKind::Consumer,
         Some(&parent),
-        vec![
-            KeyValue::new("txcoord.txn_id", cmd.txn_id.clone()),
-            KeyValue::new("txcoord.service", ctx.service.clone()),
-            KeyValue::new("txcoord.step", cmd.step as i64),
-            KeyValue::new("txcoord.command", kind),
-            KeyValue::new("txcoord.attempt", i64::from(cmd.attempt)),
-        ],
+        trace::command_attributes(cmd),
     );
     // The span is the current context while the command runs: a service's own spans
     // (made from `Context::current()`) are its children.

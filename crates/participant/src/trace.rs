@@ -65,6 +65,18 @@ pub fn start(
     parent.with_span(span)
 }
 
+/// The attributes of a span about one command: its transaction, service, step, kind and
+/// attempt (the same on the coordinator's send span and the participant's span).
+pub fn command_attributes(cmd: &txcoord_proto::ParticipantCommand) -> Vec<KeyValue> {
+    vec![
+        KeyValue::new("txcoord.txn_id", cmd.txn_id.clone()),
+        KeyValue::new("txcoord.service", cmd.service.clone()),
+        KeyValue::new("txcoord.step", cmd.step as i64),
+        KeyValue::new("txcoord.command", cmd.kind.as_str()),
+        KeyValue::new("txcoord.attempt", i64::from(cmd.attempt)),
+    ]
+}
+
 /// Ends the span of `cx` now, marking it an error with `error` when given.
 pub fn end(cx: &Context, error: Option<String>) {
     let span = cx.span();
