@@ -203,15 +203,31 @@ impl<T: Serialize + DeserializeOwned> Table<T> {
     }
 
     /// Every record.
+    ///
+    /// The keys come from the stream's own subject listing (stream info with a subjects
+    /// filter), which the server answers from its index, exactly. The KV `keys()` lister
+    /// reads them through an ordered consumer that stops when it believes nothing is
+    /// pending, and one demo run lost a key that way (see nats-server#4824 for that
+    /// family of miscounts).
     pub async fn all(&self) -> Result<BTreeMap<String, T>, TableError> {
-        let keys: Vec<String> = match self.store.keys().await {
-            Ok(k) => k
+        let prefix = self.store.prefix.as_str();
+        let subjects: Vec<(String, usize)> = match self
+            .store
+            .stream
+            .info_with_subjects(format!("{prefix}>"))
+            .await
+        {
+            Ok(s) => s
                 .try_collect()
                 .await
                 .map_err(|e| self.unavailable("*", e))?,
             Err(e) => return Err(self.unavailable("*", e)),
         };
+        let keys = subjects
+            .into_iter()
+            .filter_map(|(subject, _)| subject.strip_prefix(prefix).map(str::to_string));
         let mut out = BTreeMap::new();
+        // A deleted or purged key still has its marker on the subject: `get` says None.
         for k in keys {
             if let Some((v, _)) = self.get(&k).await? {
                 out.insert(k, v);
