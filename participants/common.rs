@@ -64,6 +64,10 @@ pub struct Args {
     /// command.
     #[arg(long, env = "TXCOORD_NO_BATCH")]
     pub no_batch: bool,
+    /// Take no one-phase commits: the coordinator runs every transaction with this service
+    /// through both phases.
+    #[arg(long, env = "TXCOORD_NO_ONE_PHASE")]
+    pub no_one_phase: bool,
 }
 
 impl Args {
@@ -253,6 +257,7 @@ where
         lock_wait: Duration::from_millis(args.lock_wait_ms),
         jitter: Duration::from_millis(args.jitter_ms),
         batch: !args.no_batch,
+        one_phase: !args.no_one_phase,
         ..Default::default()
     };
     let participant = Locking {

@@ -176,6 +176,10 @@ pub struct Config {
     /// How long a batch waits for more commands after its first, in microseconds. 0 (the
     /// default): not at all, batches hold what queued while the last one was stored.
     pub batch_linger_us: u64,
+    /// Commit a 2PC transaction of one step in one phase (`commit_one_phase`) when its
+    /// service's replies say it takes that (the SDK's do): no decision record, no second
+    /// command. True by default; false sends every transaction through both phases.
+    pub one_phase: bool,
     /// Where `txcoord serve` serves the web console, as `host:port`; empty (the default):
     /// nowhere.
     pub console_listen: String,
@@ -229,6 +233,7 @@ impl Default for Config {
             http_url_service: "http".into(),
             batch_max: 128,
             batch_linger_us: 0,
+            one_phase: true,
             console_listen: String::new(),
             console_admin_token: String::new(),
         }
@@ -529,6 +534,8 @@ impl Config {
             stuck_after_ms: self.stuck_after_ms,
             execute_attempts: self.saga_execute_attempts,
             compensation_attempts: self.saga_compensation_attempts,
+            // Per transaction: the runtime turns it on when the step's service takes it.
+            one_phase: false,
         }
     }
 }

@@ -259,6 +259,10 @@ enum Cmd {
         /// this service one message per command, as to a raw-protocol participant.
         #[arg(long)]
         no_batch: bool,
+        /// Take no one-phase commits (and say so on every reply): the coordinator then
+        /// runs every transaction with this service through both phases.
+        #[arg(long)]
+        no_one_phase: bool,
         /// Keep records of finished branches this many seconds (0: forever). Default: the
         /// command stream's retention plus a day.
         #[arg(long)]
@@ -748,6 +752,7 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<ExitCode> {
             concurrency,
             quiet,
             no_batch,
+            no_one_phase,
             finished_record_ttl_secs,
         } => {
             let nc = txcoord::nats::connect_config(
@@ -759,6 +764,7 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<ExitCode> {
             let options = txcoord::participant::Options {
                 finished_record_ttl: finished_record_ttl_secs.map(Duration::from_secs),
                 batch: !no_batch,
+                one_phase: !no_one_phase,
                 ..sdk_options(&cfg, concurrency)
             };
             let mut p = txcoord::scripted::Scripted::new(Duration::from_millis(delay_ms));

@@ -37,6 +37,31 @@ pub struct BatchSettings {
     pub max_bytes: usize,
 }
 
+/// What a service's reply says it takes, from its headers: [`BATCH_HEADER`] and
+/// [`ONE_PHASE_HEADER`](crate::proto::ONE_PHASE_HEADER). Nothing, until it said so.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Takes {
+    /// It reads command batches.
+    pub batches: bool,
+    /// It takes `commit_one_phase`.
+    pub one_phase: bool,
+}
+
+impl Takes {
+    /// What the headers of a reply message say.
+    pub fn from_headers(headers: Option<&async_nats::HeaderMap>) -> Takes {
+        let says = |name: &str| {
+            headers
+                .and_then(|h| h.get(name))
+                .is_some_and(|v| v.as_str() == "1")
+        };
+        Takes {
+            batches: says(crate::proto::BATCH_HEADER),
+            one_phase: says(crate::proto::ONE_PHASE_HEADER),
+        }
+    }
+}
+
 /// One command waiting to be sent, and whom to tell when it is stored.
 struct Queued {
     cmd: ParticipantCommand,
@@ -47,9 +72,9 @@ struct Queued {
 /// The services that read batches, and a sender per service.
 pub struct Batching {
     settings: BatchSettings,
-    /// What each service's latest believed reply said: true, it reads batches. Read for
-    /// every command and reply, written only when a service changes its mind.
-    capable: RwLock<HashMap<String, bool>>,
+    /// What each service's latest believed reply said it takes. Read for every command and
+    /// reply, written only when a service changes its mind.
+    capable: RwLock<HashMap<String, Takes>>,
     senders: Mutex<HashMap<String, mpsc::UnboundedSender<Queued>>>,
     next_id: AtomicU64,
 }
@@ -69,10 +94,13 @@ impl Batching {
         }
     }
 
-    /// A believed reply of `service` said (`true`) or did not say that it reads batches.
-    pub fn heard(&self, service: &str, reads_batches: bool) {
-        let reads = reads_batches && self.settings.max > 1;
-        let known = |c: &HashMap<String, bool>| c.get(service) == Some(&reads);
+    /// A believed reply of `service` said what it takes.
+    pub fn heard(&self, service: &str, takes: Takes) {
+        let takes = Takes {
+            batches: takes.batches && self.settings.max > 1,
+            ..takes
+        };
+        let known = |c: &HashMap<String, Takes>| c.get(service) == Some(&takes);
         if known(&self.capable.read().unwrap_or_else(|p| p.into_inner())) {
             return;
         }
@@ -80,20 +108,31 @@ impl Batching {
         if !known(&capable) {
             tracing::info!(
                 service,
-                batches = reads,
-                "the service's replies say whether it reads command batches"
+                batches = takes.batches,
+                one_phase = takes.one_phase,
+                "the service's replies say whether it reads command batches and takes one-phase commits"
             );
-            capable.insert(service.to_string(), reads);
+            capable.insert(service.to_string(), takes);
         }
     }
 
     /// Whether `service` is sent batches.
     pub fn reads_batches(&self, service: &str) -> bool {
+        self.said(service).batches
+    }
+
+    /// Whether `service` takes one-phase commits.
+    pub fn takes_one_phase(&self, service: &str) -> bool {
+        self.said(service).one_phase
+    }
+
+    fn said(&self, service: &str) -> Takes {
         self.capable
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(service)
-            == Some(&true)
+            .copied()
+            .unwrap_or_default()
     }
 
     /// Queues a stamped command for a service that reads batches; `notify` hears

@@ -28,20 +28,24 @@ pub enum DetectorMsg {
     NotAVictim(String, Cycle),
 }
 
-/// Whether `edge` names a prepare this coordinator sent to that service (its token), or
-/// carries none and untokened messages are accepted.
+/// Whether `edge` names a prepare (or a one-phase commit, which prepares first) this
+/// coordinator sent to that service (its token), or carries none and untokened messages
+/// are accepted. A one-phase waiter is never the victim (its participant decides), but its
+/// edges close cycles whose other transactions can be.
 fn believed(shared: &Shared, edge: &WaitEdge) -> bool {
     match &edge.token {
-        Some(token) => {
-            *token
-                == shared.reply_key.token(
-                    &edge.waiter,
-                    &edge.service,
-                    edge.waiter_step,
-                    CommandKind::Prepare,
-                    edge.attempt,
-                )
-        }
+        Some(token) => [CommandKind::Prepare, CommandKind::CommitOnePhase]
+            .into_iter()
+            .any(|kind| {
+                *token
+                    == shared.reply_key.token(
+                        &edge.waiter,
+                        &edge.service,
+                        edge.waiter_step,
+                        kind,
+                        edge.attempt,
+                    )
+            }),
         None => shared.accept_untokened_replies,
     }
 }

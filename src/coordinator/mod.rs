@@ -300,11 +300,27 @@ pub struct Shared {
     pub url_allow: txcoord_http::UrlAllowList,
     /// `http_url_service`: the service that runs URL steps.
     pub url_service: String,
-    /// Command batches for the services that read them ([`batch`]).
+    /// Command batches for the services that read them ([`batch`]), and what each
+    /// service's replies say it takes.
     pub batching: Arc<batch::Batching>,
+    /// `one_phase`: a 2PC transaction of one step commits in one phase when its service
+    /// takes that.
+    pub one_phase: bool,
 }
 
 impl Shared {
+    /// The engine's settings for a new transaction: one phase for a 2PC request of one
+    /// step whose service said it takes `commit_one_phase` (and `one_phase` is on).
+    pub fn engine_for(&self, request: &TransactionRequest) -> EngineConfig {
+        let one_phase = self.one_phase
+            && request.mode == Mode::TwoPc
+            && matches!(request.steps.as_slice(), [only] if self.batching.takes_one_phase(&only.service));
+        EngineConfig {
+            one_phase,
+            ..self.engine
+        }
+    }
+
     /// Parses and validates an untrusted submission, as every way in (the submit stream,
     /// the NATS API, the HTTP front door) must: the request rules of
     /// [`parse_request`], then each URL step against `http_allow` (the step keeps the URL's
@@ -519,6 +535,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
                 .saturating_sub(LOG_RECORD_ROOM)
                 .max(64 * 1024),
         })),
+        one_phase: cfg.one_phase,
         client_limits: limits::Shares::new(cfg.max_in_flight_per_client),
     });
 
@@ -691,16 +708,12 @@ async fn run_replies(shared: Arc<Shared>, consumer: consumer::Consumer<consumer:
     each_message(consumer, REPLY_CONSUMER, |msg| {
         let shared = shared.clone();
         async move {
-            let reads_batches = msg
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(crate::proto::BATCH_HEADER))
-                .is_some_and(|v| v.as_str() == "1");
+            let takes = batch::Takes::from_headers(msg.headers.as_ref());
             if shared.subjects.reply_batch_service(&msg.subject).is_some() {
                 match serde_json::from_slice::<crate::proto::ReplyBatch>(&msg.payload) {
                     Ok(batch) if batch.replies.len() <= crate::proto::MAX_BATCH => {
                         for reply in batch.replies {
-                            take_reply(&shared, &msg, reply, reads_batches).await;
+                            take_reply(&shared, &msg, reply, takes).await;
                         }
                     }
                     Ok(batch) => tracing::warn!(subject = %msg.subject, replies = batch.replies.len(),
@@ -710,7 +723,7 @@ async fn run_replies(shared: Arc<Shared>, consumer: consumer::Consumer<consumer:
                 return;
             }
             match serde_json::from_slice::<ParticipantReply>(&msg.payload) {
-                Ok(reply) => take_reply(&shared, &msg, reply, reads_batches).await,
+                Ok(reply) => take_reply(&shared, &msg, reply, takes).await,
                 Err(e) => tracing::warn!(subject = %msg.subject, error = %e, "malformed participant reply ignored"),
             }
         }
@@ -725,7 +738,7 @@ async fn take_reply(
     shared: &Shared,
     msg: &jetstream::Message,
     mut reply: ParticipantReply,
-    reads_batches: bool,
+    takes: batch::Takes,
 ) {
     if let Err(why) = replies::check(
         &shared.reply_key,
@@ -755,7 +768,7 @@ async fn take_reply(
             "participant reply rejected");
         return;
     }
-    shared.batching.heard(&reply.service, reads_batches);
+    shared.batching.heard(&reply.service, takes);
     reply.reason = reply
         .reason
         .map(|r| replies::bound(r, replies::MAX_REASON_BYTES));
@@ -886,7 +899,7 @@ async fn submission(
         &request,
         seq,
         shared.subjects.reply(&txn_id),
-        shared.engine,
+        shared.engine_for(&request),
         now_ms(),
         &mut out,
     );
@@ -950,6 +963,7 @@ pub(crate) async fn reject(
             cause: None,
             traceparent: None,
             resolved: None,
+            one_phase: false,
         };
         let subject = shared.subjects.events(id);
         let msg_id = format!("{id}.rejected.{}", seq.unwrap_or(0));

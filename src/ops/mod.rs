@@ -413,6 +413,7 @@ mod tests {
             lock_ts: None,
             traceparent: None,
             resolved: None,
+            one_phase: false,
         }
     }
 

@@ -702,6 +702,8 @@ impl Inner {
             stuck_after_ms: ms(self.cfg.commit_patience).max(1),
             execute_attempts: 1,
             compensation_attempts: 1,
+            // The caller decides after prepare: never one phase.
+            one_phase: false,
         }
     }
 
@@ -882,6 +884,7 @@ impl Inner {
             cause: None,
             traceparent: None,
             resolved: None,
+            one_phase: false,
         };
         let decided = if u.commit { W::Committing } else { W::Aborting };
         let mut out = Vec::new();
@@ -1116,6 +1119,8 @@ fn kind_bit(kind: CommandKind) -> u8 {
         CommandKind::Abort => 4,
         CommandKind::Execute => 8,
         CommandKind::Compensate => 16,
+        // Never sent here (the caller decides, so never one phase).
+        CommandKind::CommitOnePhase => 32,
     }
 }
 

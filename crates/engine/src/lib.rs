@@ -367,6 +367,10 @@ pub struct EngineConfig {
     pub compensation_attempts: u32,
     /// How distributed deadlocks are dealt with (carried in every prepare).
     pub deadlock: txcoord_proto::DeadlockPolicy,
+    /// A 2PC transaction of one step is committed in one phase
+    /// ([`txcoord_proto::CommandKind::CommitOnePhase`]): the runtime sets this per
+    /// transaction, only when the step's service said it takes that command.
+    pub one_phase: bool,
 }
 
 impl Default for EngineConfig {
@@ -379,6 +383,7 @@ impl Default for EngineConfig {
             execute_attempts: 3,
             compensation_attempts: 5,
             deadlock: txcoord_proto::DeadlockPolicy::Detect,
+            one_phase: false,
         }
     }
 }

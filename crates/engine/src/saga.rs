@@ -832,6 +832,7 @@ impl Saga {
             cause: self.failing.as_ref().and(self.cause.clone()),
             traceparent: with_payload.then(|| self.traceparent.clone()).flatten(),
             resolved: None,
+            one_phase: false,
         };
         if self.compact {
             super::compact(&mut event);

@@ -16,6 +16,10 @@
 //! | (recover)  | log says accepted/preparing             | Preparing   | Persist(round), Send(prepare)×N with attempt+1, SetTimer |
 //! | (recover)  | log says committing/aborting            | same        | Persist(round), Send to pending with attempt+1, timers |
 //! | Committed/Aborted | anything                         | same        | none (terminal states absorb late messages)  |
+//! | (start, one phase) | `start` with one step, `cfg.one_phase` | Preparing (one phase) | Persist(accepted, `one_phase`), Announce(preparing), Send(commit_one_phase), SetTimer(prepare) |
+//! | Preparing (one phase) | the participant's answer        | Committed/Aborted | Persist(final), Finished: `done`/`read_only` commit, `abort` aborts |
+//! | Preparing (one phase) | prepare timeout                 | same        | no abort (the participant decides): resend with backoff, SetTimer(stuck) |
+//! | Preparing (one phase) | retry timer / stuck timer       | same        | Persist(round), resend / Announce(stuck)     |
 //! | Preparing, or Committing whose decision record was refused | log refused a record | Aborting | compact from now on; as a vote abort, reason `log_refused` |
 //! | any other  | log refused a record                    | same        | compact from now on; the runtime writes the record again compacted |
 //! | any        | log refused a compact record            | same        | none: the runtime stops; a restart resumes   |
@@ -27,6 +31,16 @@
 //! Every other operator action is refused naming the rule (an abort once commit is
 //! decided, a mark-done before a decision...), and the record an allowed one writes
 //! carries it (`resolved`: who, what, why).
+//!
+//! One phase: a transaction of one step whose service said it takes `commit_one_phase`
+//! (and `cfg.one_phase` is on) skips the decision round. The participant prepares and
+//! commits in one command and its record is the decision; the log goes `accepted`,
+//! `preparing`, then `committed` or `aborted`, with no `committing`/`aborting` record, no
+//! commit command and no second reply. Once that command is out the coordinator cannot
+//! abort on its own: at the deadline it keeps asking (the participant refuses a first
+//! delivery past the deadline, so a service that never saw it votes abort), an operator
+//! can only `retry-now`, and it is never a deadlock victim. Recovery resends the same
+//! command, answered from the participant's record.
 //!
 //! Presumed abort: a commit is over only when every ready participant confirmed it, but an
 //! abort is over once each abort command is confirmed *or* durably stored in the command
@@ -88,11 +102,15 @@ pub enum Row {
     DeadlockVictim,
     /// An operator's action (`txcoord resolve`) carried out.
     Resolve,
+    /// One phase: the participant's answer ends the transaction.
+    OnePhaseOutcome,
+    /// One phase: the deadline passed with no answer; asked again instead of aborting.
+    OnePhaseOverdue,
 }
 
 impl Row {
     /// Every row.
-    pub const ALL: [Row; 19] = [
+    pub const ALL: [Row; 21] = [
         Row::Start,
         Row::VoteAbort,
         Row::AllVoted,
@@ -112,6 +130,8 @@ impl Row {
         Row::CallerDecision,
         Row::DeadlockVictim,
         Row::Resolve,
+        Row::OnePhaseOutcome,
+        Row::OnePhaseOverdue,
     ];
 }
 
@@ -207,6 +227,9 @@ pub enum EngineError {
         /// The transaction's state.
         state: TxnState,
     },
+    /// A one-phase commit is decided by its participant: the coordinator cannot abort it.
+    #[error("a one-phase commit is decided by its participant; the coordinator cannot abort it")]
+    OnePhase,
 }
 
 /// Why a log could not be turned back into a running transaction.
@@ -269,6 +292,8 @@ pub struct TwoPc {
     lock_ts: u64,
     /// The request's W3C trace context, in every command.
     traceparent: Option<String>,
+    /// One step, committed in one phase: its participant decides (module doc).
+    one_phase: bool,
 }
 
 impl TwoPc {
@@ -319,6 +344,7 @@ impl TwoPc {
             lean: false,
             lock_ts: request.lock_ts.unwrap_or(now),
             traceparent: request.traceparent.clone(),
+            one_phase: cfg.one_phase && request.steps.len() == 1,
         };
         out.push(Command::Persist {
             msg_id: format!("{}.accepted", txn.txn_id),
@@ -397,6 +423,7 @@ impl TwoPc {
             lean: false,
             lock_ts: accepted.lock_ts.unwrap_or(accepted.timestamp_ms),
             traceparent: accepted.traceparent.clone(),
+            one_phase: accepted.one_phase,
         };
         match last.state {
             TxnState::Accepted | TxnState::Preparing => {
@@ -493,6 +520,7 @@ impl TwoPc {
             lock_ts: None,
             traceparent: None,
             resolved: None,
+            one_phase: false,
         }
     }
 
@@ -605,7 +633,11 @@ impl TwoPc {
         }
         self.compact = true;
         let decision = msg_id == format!("{}.decided", self.txn_id);
-        let undecided = matches!(self.phase, Phase::Preparing | Phase::Prepared)
+        // One phase: once its command may be out, only the participant decides; before
+        // that (the accepted record itself) nothing was sent.
+        let unsent = msg_id == format!("{}.accepted", self.txn_id);
+        let undecided = (matches!(self.phase, Phase::Preparing | Phase::Prepared)
+            && (!self.one_phase || unsent))
             || (self.phase == Phase::Committing && decision);
         if !undecided {
             self.hit(Row::LogRefusedRedo);
@@ -638,11 +670,41 @@ impl TwoPc {
             (CommandKind::Prepare, ReplyOutcome::ReadOnly) => Some(Vote::ReadOnly),
             (CommandKind::Prepare, ReplyOutcome::Abort) => Some(Vote::Abort),
             (CommandKind::Commit | CommandKind::Abort, ReplyOutcome::Done) => None,
+            // One phase: `done` is a commit, so the vote was ready.
+            (CommandKind::CommitOnePhase, ReplyOutcome::Done) => Some(Vote::Ready),
+            (CommandKind::CommitOnePhase, ReplyOutcome::ReadOnly) => Some(Vote::ReadOnly),
+            (CommandKind::CommitOnePhase, ReplyOutcome::Abort) => Some(Vote::Abort),
             (kind, outcome) => return Err(EngineError::InvalidOutcome { kind, outcome }),
         };
+        // A vote must answer the kind of command this transaction sends.
+        let first_phase = if self.one_phase {
+            CommandKind::CommitOnePhase
+        } else {
+            CommandKind::Prepare
+        };
+        if vote.is_some() && reply.kind != first_phase {
+            return Err(EngineError::InvalidOutcome {
+                kind: reply.kind,
+                outcome: reply.outcome,
+            });
+        }
         match (self.phase, reply.kind, vote) {
             (Phase::Preparing, CommandKind::Prepare, Some(vote)) => {
                 self.on_vote(now, reply.step, vote, reply.reason, reply.conflict, out)
+            }
+            (Phase::Preparing, CommandKind::CommitOnePhase, Some(vote)) => {
+                self.hit(Row::OnePhaseOutcome);
+                let step = reply.step;
+                self.branches[step].vote = Some(vote);
+                if vote == Vote::Abort {
+                    self.reason = Some(self.abort_reason(step, reply.reason, reply.conflict));
+                    self.phase = Phase::Aborting;
+                } else {
+                    self.branches[step].done = vote == Vote::Ready;
+                    self.phase = Phase::Committing;
+                }
+                self.finish(now, out);
+                Ok(())
             }
             (Phase::Committing, CommandKind::Commit, None)
             | (Phase::Aborting, CommandKind::Abort, None) => {
@@ -684,27 +746,8 @@ impl TwoPc {
             None => branch.vote = Some(vote),
         }
         if vote == Vote::Abort {
-            let service = branch.service.clone();
             self.hit(Row::VoteAbort);
-            let message = reason.unwrap_or_else(|| "no reason given".into());
-            let reason = match conflict {
-                // The participant's lock table refused a wait that could close a cycle.
-                Some(c) if c.policy != DeadlockPolicy::Detect => Reason::Deadlock {
-                    how: "prevented".into(),
-                    txns: std::iter::once(self.txn_id.clone())
-                        .chain(c.holders)
-                        .collect(),
-                    services: vec![service],
-                    resources: vec![c.resource],
-                    message,
-                    formed_ms: None,
-                },
-                _ => Reason::VoteAbort {
-                    service,
-                    step,
-                    message,
-                },
-            };
+            let reason = self.abort_reason(step, reason, conflict);
             self.decide(Phase::Aborting, Some(reason), now, out);
         } else if self.branches.iter().all(|b| b.vote.is_some()) {
             if self.caller_decides {
@@ -720,8 +763,74 @@ impl TwoPc {
         Ok(())
     }
 
+    /// Why a step's abort vote aborts the transaction: a refusal, or a lock conflict that
+    /// deadlock prevention refused to wait on.
+    fn abort_reason(
+        &self,
+        step: usize,
+        reason: Option<String>,
+        conflict: Option<LockConflict>,
+    ) -> Reason {
+        let service = self.branches[step].service.clone();
+        let message = reason.unwrap_or_else(|| "no reason given".into());
+        match conflict {
+            // The participant's lock table refused a wait that could close a cycle.
+            Some(c) if c.policy != DeadlockPolicy::Detect => Reason::Deadlock {
+                how: "prevented".into(),
+                txns: std::iter::once(self.txn_id.clone())
+                    .chain(c.holders)
+                    .collect(),
+                services: vec![service],
+                resources: vec![c.resource],
+                message,
+                formed_ms: None,
+            },
+            _ => Reason::VoteAbort {
+                service,
+                step,
+                message,
+            },
+        }
+    }
+
     fn on_timer(&mut self, now: u64, timer: Timer, out: &mut Vec<Command>) {
         match (self.phase, timer) {
+            // One phase: the participant decides, so the deadline aborts nothing here. Ask
+            // again (a participant that never saw the command refuses it now, being past
+            // its deadline), with backoff, and flag it stuck if no answer comes.
+            (Phase::Preparing, Timer::PrepareTimeout)
+                if self.one_phase && now >= self.deadline_ms =>
+            {
+                self.hit(Row::OnePhaseOverdue);
+                out.push(Command::CancelTimer(Timer::StepNudge));
+                self.retry_round = 1;
+                out.push(Command::SetTimer {
+                    timer: Timer::Phase2Retry,
+                    at_ms: now.saturating_add(self.retry_delay()),
+                });
+                out.push(Command::SetTimer {
+                    timer: Timer::Stuck,
+                    at_ms: now.saturating_add(self.cfg.stuck_after_ms),
+                });
+                self.nudge_prepares(now, out);
+            }
+            (Phase::Preparing, Timer::Phase2Retry) if self.one_phase => {
+                self.hit(Row::Phase2Retry);
+                self.retry_round += 1;
+                out.push(Command::SetTimer {
+                    timer: Timer::Phase2Retry,
+                    at_ms: now.saturating_add(self.retry_delay()),
+                });
+                self.nudge_prepares(now, out);
+            }
+            (Phase::Preparing, Timer::Stuck) if self.one_phase && !self.stuck => {
+                self.hit(Row::Stuck);
+                self.stuck = true;
+                out.push(Command::Announce {
+                    msg_id: format!("{}.stuck", self.txn_id),
+                    event: self.record(self.phase.state(), now),
+                });
+            }
             (Phase::Preparing, Timer::PrepareTimeout) if now >= self.deadline_ms => {
                 self.hit(Row::PrepareTimeout);
                 let silent: Vec<usize> = (0..self.branches.len())
@@ -771,6 +880,9 @@ impl TwoPc {
                 state: self.phase.state(),
             });
         }
+        if self.one_phase {
+            return Err(EngineError::OnePhase);
+        }
         self.hit(Row::DeadlockVictim);
         self.decide(Phase::Aborting, Some(reason), now, out);
         Ok(())
@@ -795,6 +907,9 @@ impl TwoPc {
                 "every vote is in and its caller decides: there is nothing to resend".into(),
             ),
             (ResolveAction::RetryNow, _) => Ok(()),
+            (ResolveAction::Abort, Phase::Preparing) if self.one_phase => refuse(
+                "it commits in one phase: its participant decides and may have committed already, so the coordinator cannot abort it (retry-now asks it again)".into(),
+            ),
             (ResolveAction::Abort, Phase::Preparing | Phase::Prepared) => Ok(()),
             (ResolveAction::Abort, Phase::Committing) => refuse(
                 "the commit decision is durable and participants may have committed: an abort now would break atomicity (fix a step that cannot commit by hand, then mark-done --step N)".into(),
@@ -987,13 +1102,22 @@ impl TwoPc {
             event: self.record(TxnState::Preparing, now),
         });
         for i in silent {
-            out.push(Command::Send(self.command(i, CommandKind::Prepare)));
+            out.push(Command::Send(self.command(i, self.first_kind())));
         }
     }
 
     fn send_prepares(&self, out: &mut Vec<Command>) {
         for i in 0..self.branches.len() {
-            out.push(Command::Send(self.command(i, CommandKind::Prepare)));
+            out.push(Command::Send(self.command(i, self.first_kind())));
+        }
+    }
+
+    /// What phase 1 sends: a prepare, or the one-phase commit.
+    fn first_kind(&self) -> CommandKind {
+        if self.one_phase {
+            CommandKind::CommitOnePhase
+        } else {
+            CommandKind::Prepare
         }
     }
 
@@ -1045,7 +1169,9 @@ impl TwoPc {
         // and crashed before recording the vote has only the command to find the branch by.
         // A commit needs none: it only follows a recorded ready vote, which has it.
         let (payload, attempt, deadline_ms) = match kind {
-            CommandKind::Prepare => (b.payload.clone(), b.prepare_attempt, self.deadline_ms),
+            CommandKind::Prepare | CommandKind::CommitOnePhase => {
+                (b.payload.clone(), b.prepare_attempt, self.deadline_ms)
+            }
             CommandKind::Abort => (b.payload.clone(), b.decision_attempt, 0),
             _ => (Value::Null, b.decision_attempt, 0),
         };
@@ -1062,7 +1188,8 @@ impl TwoPc {
             compensate_action: None,
             token: None,
             lock_ts: Some(self.lock_ts),
-            deadlock: (kind == CommandKind::Prepare).then_some(self.cfg.deadlock),
+            deadlock: matches!(kind, CommandKind::Prepare | CommandKind::CommitOnePhase)
+                .then_some(self.cfg.deadlock),
             url: b.url.clone(),
             traceparent: self.traceparent.clone(),
         }
@@ -1103,6 +1230,7 @@ impl TwoPc {
             lock_ts: with_payload.then_some(self.lock_ts),
             traceparent: with_payload.then(|| self.traceparent.clone()).flatten(),
             resolved: None,
+            one_phase: self.one_phase,
         };
         if self.compact {
             super::compact(&mut event);

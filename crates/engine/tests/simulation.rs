@@ -35,6 +35,7 @@ use txcoord_testkit::rng::XorShift;
 
 const CFG: EngineConfig = EngineConfig {
     deadlock: txcoord_proto::DeadlockPolicy::Detect,
+    one_phase: false,
     default_timeout_ms: 1_000,
     retry_base_ms: 100,
     retry_cap_ms: 1_000,
@@ -89,9 +90,30 @@ struct Part {
 
 impl Part {
     /// What the SDK does with one command: the barrier's plan, the service call, the record,
-    /// then the reply. `None`: the service failed a commit or abort and the command is
-    /// redelivered later.
-    fn apply(&mut self, cmd: &ParticipantCommand, now: u64) -> Option<ParticipantReply> {
+    /// then the reply (or, when the table goes on from the new record, its next plan).
+    /// `None`: the service failed a commit or abort, or the process crashed (`crash`: in
+    /// the middle of a one-phase commit, its prepare recorded and its commit not run), and
+    /// the command is redelivered later.
+    fn apply(
+        &mut self,
+        cmd: &ParticipantCommand,
+        now: u64,
+        crash: bool,
+    ) -> Option<ParticipantReply> {
+        loop {
+            if let Some(answer) = self.apply_once(cmd, now, crash)? {
+                return Some(answer.reply_to(cmd, &self.name));
+            }
+        }
+    }
+
+    /// One plan of [`Part::apply`]: `Some(None)` when the table goes on.
+    fn apply_once(
+        &mut self,
+        cmd: &ParticipantCommand,
+        now: u64,
+        crash: bool,
+    ) -> Option<Option<barrier::Answer>> {
         let facts = Facts {
             now_ms: now,
             deadline_ms: cmd.deadline_ms,
@@ -136,12 +158,15 @@ impl Part {
                             },
                         };
                         self.rec = Some(rec.clone());
+                        if barrier::continues(cmd.kind, rec.state) {
+                            return if crash { None } else { Some(None) };
+                        }
                         barrier::answer_of(cmd.kind, &rec)
                     }
                 }
             }
         };
-        Some(answer.reply_to(cmd, &self.name))
+        Some(Some(answer))
     }
 
     /// The service itself.
@@ -246,6 +271,8 @@ struct Sim {
     /// 2PC with the caller deciding (the embedded coordinator): whether it will commit. No
     /// coordinator crashes then (the embedded coordinator's memory is its only log).
     caller: Option<bool>,
+    /// What a fresh driver starts with (`one_phase` for a service that takes it).
+    cfg: EngineConfig,
 }
 
 fn request(mode: Mode, n: usize) -> TransactionRequest {
@@ -300,6 +327,7 @@ impl Sim {
             rows: BTreeSet::new(),
             chaos: true,
             caller: None,
+            cfg: CFG,
         }
     }
 
@@ -326,7 +354,7 @@ impl Sim {
                     &self.request,
                     Some(1),
                     "r".into(),
-                    CFG,
+                    self.cfg,
                     self.now,
                     &mut out,
                 );
@@ -499,7 +527,9 @@ impl Sim {
             let s = &e.steps[c.step];
             let saga = s.saga.as_ref();
             match c.kind {
-                CommandKind::Prepare => s.prepare_attempt == c.attempt,
+                CommandKind::Prepare | CommandKind::CommitOnePhase => {
+                    s.prepare_attempt == c.attempt
+                }
                 CommandKind::Commit => {
                     e.state == TxnState::Committing && s.decision_attempt == c.attempt
                 }
@@ -627,7 +657,8 @@ impl Sim {
                 // Redelivery: sometimes the participant sees it again later.
                 let again = self.chaos && self.rng.chance(20);
                 let cmd = self.commands[i].clone();
-                match self.parts[cmd.step].apply(&cmd, self.now) {
+                let crash = self.chaos && self.rng.chance(4);
+                match self.parts[cmd.step].apply(&cmd, self.now, crash) {
                     Some(reply) => {
                         if !again {
                             self.commands.swap_remove(i);
@@ -700,10 +731,10 @@ impl Sim {
                         self.counts.victims += 1;
                     }
                     Err(_) => {
-                        assert_ne!(
-                            before,
-                            TxnState::Preparing,
-                            "an undecided one can be a victim"
+                        let one_phase = self.drivers[i].engine.snapshot(self.now).one_phase;
+                        assert!(
+                            before != TxnState::Preparing || one_phase,
+                            "an undecided one can be a victim, unless its participant decides"
                         );
                         assert!(out.is_empty(), "a refused victim changes nothing");
                     }
@@ -852,7 +883,7 @@ impl Sim {
         };
         let now = self.now;
         assert!(
-            self.parts[step].apply(&cmd, now).is_some(),
+            self.parts[step].apply(&cmd, now, false).is_some(),
             "the fix by hand failed"
         );
     }
@@ -922,18 +953,22 @@ impl Sim {
 }
 
 fn simulate(seed: u64, mode: Mode, scripts: &[Script], chaos_steps: usize) -> Sim {
-    simulate_with(seed, mode, scripts, chaos_steps, None)
+    simulate_with(seed, mode, scripts, chaos_steps, None, false)
 }
 
+/// A run: `caller` decides a 2PC (the embedded coordinator), or with `one_phase` a 2PC of
+/// one step commits in one phase (the server, for a service that takes it).
 fn simulate_with(
     seed: u64,
     mode: Mode,
     scripts: &[Script],
     chaos_steps: usize,
     caller: Option<bool>,
+    one_phase: bool,
 ) -> Sim {
     let mut sim = Sim::new(seed, mode, scripts);
     sim.caller = caller;
+    sim.cfg.one_phase = one_phase && caller.is_none();
     for _ in 0..chaos_steps {
         sim.step();
         sim.check_atomic();
@@ -987,9 +1022,10 @@ proptest! {
         scripts in prop::collection::vec(script_strategy(), 1..6),
         chaos_steps in 0usize..150,
         caller in prop::option::weighted(0.2, any::<bool>()),
+        one_phase in any::<bool>(),
     ) {
         let caller = caller.filter(|_| mode == Mode::TwoPc);
-        let sim = simulate_with(seed, mode, &scripts, chaos_steps, caller);
+        let sim = simulate_with(seed, mode, &scripts, chaos_steps, caller, one_phase);
         if let Err(e) = sim.check_end() {
             prop_assert!(false, "{} (counts {:?})", e, sim.counts);
         }
@@ -1034,7 +1070,25 @@ fn fixed_runs(mode: Mode) -> Vec<Sim> {
                 script(Voting::Ready, Exec::Done, 6, seed % 5 == 0),
                 third,
             ];
-            simulate_with(seed * 7919, mode, &scripts, 100, caller)
+            simulate_with(seed * 7919, mode, &scripts, 100, caller, false)
+        }));
+    }
+    if mode == Mode::TwoPc {
+        // One step committed in one phase, voting each way, down now and then.
+        runs.extend((1..300u64).map(|seed| {
+            let vote = [
+                Voting::Ready,
+                Voting::Ready,
+                Voting::ReadOnly,
+                Voting::Abort,
+            ][(seed % 4) as usize];
+            let script = Script {
+                vote,
+                exec: Exec::Done,
+                comp_fails: 0,
+                down: seed % 5 == 0,
+            };
+            simulate_with(seed * 104_729, mode, &[script], 100, None, true)
         }));
     }
     runs

@@ -24,6 +24,16 @@
 //! | compensate | `execute_failed` | advance to `compensated` (nothing to undo) |
 //! | compensate | any other | answer done |
 //! | compensate | none | call compensate (a failure is answered, retryable), create `compensated_before_execute` |
+//! | commit_one_phase | `prepared` | call commit, advance to `committed` (its own prepare was recorded: [`continues`]) |
+//! | commit_one_phase | any other | answer from the record: `committed` done, `read_only`, else abort |
+//! | commit_one_phase | none, past its deadline | call abort, create `voted_abort` |
+//! | commit_one_phase | none | call prepare, create `prepared` / `read_only` / `voted_abort` as it voted; `prepared` goes on to commit |
+//!
+//! A one-phase commit is two rows in turn: the prepare's row writes `prepared` (so a crash
+//! between the service's prepare and its commit leaves a record that the redelivery commits
+//! from, and a lost create is undone as for a prepare), then [`continues`] sends the loop
+//! back to the table, which commits. The participant decides: the coordinator never sends an
+//! abort to a branch it asked to commit in one phase.
 //!
 //! A create that loses to a concurrent writer is decided again from the winner's record,
 //! after [`undo_after_lost_create`]: a hold that lost to `aborted_before_prepare` is
@@ -233,6 +243,8 @@ pub enum AnswerFrom {
     Step,
     /// Done.
     Done,
+    /// The recorded outcome of a one-phase commit.
+    OnePhase,
 }
 
 /// What the loop knows besides the record.
@@ -317,7 +329,33 @@ pub fn decide(kind: CommandKind, record: Option<&BranchRecord>, facts: &Facts) -
             Write::Create,
             Target::State(S::CompensatedBeforeExecute),
         ),
+
+        (CommandKind::CommitOnePhase, Some(S::Prepared)) => run(
+            Some(Call::Commit),
+            Write::Advance,
+            Target::State(S::Committed),
+        ),
+        (CommandKind::CommitOnePhase, Some(_)) => Plan::Answer(AnswerFrom::OnePhase),
+        (CommandKind::CommitOnePhase, None)
+            if facts.deadline_ms != 0 && facts.now_ms > facts.deadline_ms =>
+        {
+            run(
+                Some(Call::Abort),
+                Write::Create,
+                Target::VotedAbort("commit arrived after its deadline".into()),
+            )
+        }
+        (CommandKind::CommitOnePhase, None) => {
+            run(Some(Call::Prepare), Write::Create, Target::Vote)
+        }
     }
+}
+
+/// Whether command `kind` goes on after its record was written in `state`: a one-phase
+/// commit whose prepare was recorded commits next (the table decides again from the new
+/// record). Every other write ends the command.
+pub fn continues(kind: CommandKind, state: BranchState) -> bool {
+    kind == CommandKind::CommitOnePhase && state == BranchState::Prepared
 }
 
 /// What a service call returned.
@@ -384,6 +422,7 @@ pub fn answer_of(kind: CommandKind, rec: &BranchRecord) -> Answer {
     match kind {
         CommandKind::Prepare => vote_of(rec),
         CommandKind::Execute => step_result_of(rec),
+        CommandKind::CommitOnePhase => one_phase_of(rec),
         _ => Answer::of(ReplyOutcome::Done),
     }
 }
@@ -393,6 +432,7 @@ pub fn answer_from(from: AnswerFrom, rec: Option<&BranchRecord>) -> Answer {
     match (from, rec) {
         (AnswerFrom::Vote, Some(r)) => vote_of(r),
         (AnswerFrom::Step, Some(r)) => step_result_of(r),
+        (AnswerFrom::OnePhase, Some(r)) => one_phase_of(r),
         _ => Answer::of(ReplyOutcome::Done),
     }
 }
@@ -428,6 +468,15 @@ fn vote_of(rec: &BranchRecord) -> Answer {
         | BranchState::CompensatedBeforeExecute => {
             Answer::because(ReplyOutcome::Abort, "branch already ran as a saga step")
         }
+    }
+}
+
+/// A one-phase commit's answer: `done` once committed; otherwise the vote (`read_only`, or
+/// abort with its reason). `prepared` is never answered: [`continues`] commits it first.
+fn one_phase_of(rec: &BranchRecord) -> Answer {
+    match rec.state {
+        BranchState::Committed => Answer::of(ReplyOutcome::Done),
+        _ => vote_of(rec),
     }
 }
 

@@ -82,8 +82,9 @@ use tracing::Instrument;
 
 use txcoord_nats::{Expect, NatsError, publish_durable_with};
 use txcoord_proto::{
-    BATCH_HEADER, CommandBatch, CommandKind, LockConflict, MAX_NAME_LEN, ParticipantCommand,
-    ParticipantReply, ReplyBatch, ReplyOutcome, Subjects, TxnState, is_token, now_ms,
+    BATCH_HEADER, CommandBatch, CommandKind, LockConflict, MAX_NAME_LEN, ONE_PHASE_HEADER,
+    ParticipantCommand, ParticipantReply, ReplyBatch, ReplyOutcome, Subjects, TxnState, is_token,
+    now_ms,
 };
 
 /// What a service's `prepare` decides.
@@ -252,6 +253,10 @@ pub struct Options {
     /// the replies then go out in batches too. On by default; every instance of a service
     /// must have the same setting (they share one consumer).
     pub batch: bool,
+    /// Take one-phase commits (`commit_one_phase`: prepare and commit in one command, for a
+    /// transaction whose only step is this service's) and say so on every reply, so the
+    /// coordinator skips the decision round for such transactions. On by default.
+    pub one_phase: bool,
 }
 
 impl Default for Options {
@@ -268,6 +273,7 @@ impl Default for Options {
             lock_wait: Duration::from_secs(10),
             jitter: Duration::ZERO,
             batch: true,
+            one_phase: true,
         }
     }
 }
@@ -363,6 +369,10 @@ pub enum Failpoint {
     /// `participant-lose-reply-batch`: the first reply batch this process sends is not
     /// published (and its commands are acked), as if the message were lost on the way.
     LoseReplyBatch,
+    /// `participant-exit-before-one-phase-commit`: the process exits after a one-phase
+    /// commit's `prepared` record is written and before the service's `commit` runs, as a
+    /// crash there does.
+    ExitBeforeOnePhaseCommit,
 }
 
 impl Failpoint {
@@ -371,6 +381,7 @@ impl Failpoint {
         match value {
             "participant-exit-before-record" => Some(Failpoint::ExitBeforeRecord),
             "participant-lose-reply-batch" => Some(Failpoint::LoseReplyBatch),
+            "participant-exit-before-one-phase-commit" => Some(Failpoint::ExitBeforeOnePhaseCommit),
             _ => None,
         }
     }
@@ -746,7 +757,7 @@ async fn run_branch<P: Participant>(ctx: &Ctx<P>, cmd: &ParticipantCommand) -> R
         }
         // A resend (a restarted coordinator's, with a new token) of a prepare still waiting
         // for its lock: its edges carry the new token from now on.
-        CommandKind::Prepare => {
+        CommandKind::Prepare | CommandKind::CommitOnePhase => {
             if let Some(seen) =
                 lock_std(&ctx.waiting_as).get_mut(&branch_key(&cmd.txn_id, cmd.step))
                 && cmd.attempt > seen.0
@@ -766,7 +777,7 @@ async fn run_branch<P: Participant>(ctx: &Ctx<P>, cmd: &ParticipantCommand) -> R
         // that could not read its record), and its redelivery or its abort settles it.
         let ends = match (&applied, cmd.kind) {
             (Ok(a), CommandKind::Prepare) => a.outcome != ReplyOutcome::Ready,
-            (Ok(_), CommandKind::Commit | CommandKind::Abort) => true,
+            (Ok(_), CommandKind::Commit | CommandKind::Abort | CommandKind::CommitOnePhase) => true,
             _ => false,
         };
         if ends {
@@ -778,7 +789,9 @@ async fn run_branch<P: Participant>(ctx: &Ctx<P>, cmd: &ParticipantCommand) -> R
                     (CommandKind::Prepare, ReplyOutcome::Ready) => {
                         ctx.note(cmd, Some(BranchState::Prepared))
                     }
-                    (CommandKind::Commit | CommandKind::Abort, _) => ctx.note(cmd, None),
+                    (CommandKind::Commit | CommandKind::Abort | CommandKind::CommitOnePhase, _) => {
+                        ctx.note(cmd, None)
+                    }
                     _ => {}
                 }
                 Ran::Answered(outcome)
@@ -939,12 +952,14 @@ async fn send_reply<P>(ctx: &Ctx<P>, cmd: &ParticipantCommand, answer: Answer) -
 }
 
 /// Publishes a reply or a batch of them, saying with [`BATCH_HEADER`] whether this
-/// participant reads command batches.
+/// participant reads command batches and with [`ONE_PHASE_HEADER`] whether it takes
+/// one-phase commits.
 async fn publish_reply<P>(ctx: &Ctx<P>, subject: &str, msg_id: &str, body: Bytes) -> bool {
-    let headers: &[(&str, &str)] = if ctx.options.batch {
-        &[(BATCH_HEADER, "1")]
-    } else {
-        &[]
+    let headers: &[(&str, &str)] = match (ctx.options.batch, ctx.options.one_phase) {
+        (true, true) => &[(BATCH_HEADER, "1"), (ONE_PHASE_HEADER, "1")],
+        (true, false) => &[(BATCH_HEADER, "1")],
+        (false, true) => &[(ONE_PHASE_HEADER, "1")],
+        (false, false) => &[],
     };
     match publish_durable_with(
         &ctx.js,
@@ -1086,16 +1101,16 @@ async fn allow_ttl(js: &jetstream::Context, kv: &kv::Store, ttl: Duration) -> Op
     }
 }
 
-/// Writes a record: create when `revision` is None, else compare-and-set. `Ok(false)` when
-/// another writer got there first. A retried write that already landed shows up as a
-/// conflict, and the caller's loop re-reads and finds its own record. A record in a final
-/// state gets the finished-record TTL.
+/// Writes a record: create when `revision` is None, else compare-and-set. `Ok(Some(rev))`
+/// with the record's new revision, `Ok(None)` when another writer got there first. A
+/// retried write that already landed shows up as a conflict, and the caller's loop re-reads
+/// and finds its own record. A record in a final state gets the finished-record TTL.
 async fn store(
     records: &Records,
     key: &str,
     rec: &BranchRecord,
     revision: Option<u64>,
-) -> Result<bool, ApplyError> {
+) -> Result<Option<u64>, ApplyError> {
     let body = Bytes::from(serde_json::to_vec(rec).unwrap_or_default());
     let ttl = records.finished_ttl.filter(|_| is_final(rec.state));
     let store = &records.kv;
@@ -1113,7 +1128,7 @@ async fn store(
                     .expected_last_subject_sequence(rev.unwrap_or(0))
                     .ttl(ttl);
                 match records.js.send_publish(subject, msg).await {
-                    Ok(ack) => ack.await.map(|_| ()),
+                    Ok(ack) => ack.await.map(|a| a.sequence),
                     Err(e) => Err(e),
                 }
                 .map_err(|e| {
@@ -1124,26 +1139,18 @@ async fn store(
                     (lost, e.to_string())
                 })
             }
-            (None, None) => store
-                .create(key, body.clone())
-                .await
-                .map(|_| ())
-                .map_err(|e| {
-                    let lost = matches!(e.kind(), kv::CreateErrorKind::AlreadyExists);
-                    (lost, e.to_string())
-                }),
-            (None, Some(rev)) => store
-                .update(key, body.clone(), rev)
-                .await
-                .map(|_| ())
-                .map_err(|e| {
-                    let lost = matches!(e.kind(), kv::UpdateErrorKind::WrongLastRevision);
-                    (lost, e.to_string())
-                }),
+            (None, None) => store.create(key, body.clone()).await.map_err(|e| {
+                let lost = matches!(e.kind(), kv::CreateErrorKind::AlreadyExists);
+                (lost, e.to_string())
+            }),
+            (None, Some(rev)) => store.update(key, body.clone(), rev).await.map_err(|e| {
+                let lost = matches!(e.kind(), kv::UpdateErrorKind::WrongLastRevision);
+                (lost, e.to_string())
+            }),
         };
         match result {
-            Ok(()) => Ok(true),
-            Err((true, _)) => Ok(false),
+            Ok(revision) => Ok(Some(revision)),
+            Err((true, _)) => Ok(None),
             Err((false, e)) => Err(ApplyError::Store(e)),
         }
     })
@@ -1196,8 +1203,14 @@ async fn apply<P: Participant>(
         url: cmd.url.clone(),
         traceparent: cmd.traceparent.clone(),
     };
+    // The record as this command last wrote it, when the table goes on from there (a
+    // one-phase commit after its prepare's record): no need to read it back.
+    let mut written: Option<(BranchRecord, u64)> = None;
     for _ in 0..16 {
-        let current = load(&ctx.store.kv, &key).await?;
+        let current = match written.take() {
+            Some(known) => Some(known),
+            None => load(&ctx.store.kv, &key).await?,
+        };
         let facts = Facts {
             now_ms: now_ms(),
             deadline_ms: cmd.deadline_ms,
@@ -1260,7 +1273,7 @@ async fn apply<P: Participant>(
         {
             exit_before_record(&key);
         }
-        let written = match (write, current) {
+        let stored = match (write, current) {
             (Write::Advance, Some((rec, rev))) => {
                 let new = BranchRecord {
                     state,
@@ -1269,7 +1282,7 @@ async fn apply<P: Participant>(
                 };
                 store(&ctx.store, &key, &new, Some(rev))
                     .await?
-                    .then_some(new)
+                    .map(|rev| (new, rev))
             }
             (_, _) => {
                 // An abort that came first has nothing to find the branch by later.
@@ -1286,8 +1299,8 @@ async fn apply<P: Participant>(
                 } else if state == BranchState::VotedAbort {
                     rec.conflict = conflict;
                 }
-                if store(&ctx.store, &key, &rec, None).await? {
-                    Some(rec)
+                if let Some(rev) = store(&ctx.store, &key, &rec, None).await? {
+                    Some((rec, rev))
                 } else {
                     // Another writer created the record first: undo what our call did if
                     // its record contradicts it, then decide again from it.
@@ -1301,8 +1314,16 @@ async fn apply<P: Participant>(
                 }
             }
         };
-        if let Some(rec) = written {
-            return Ok(barrier::answer_of(cmd.kind, &rec));
+        match stored {
+            Some((rec, rev)) if barrier::continues(cmd.kind, rec.state) => {
+                if ctx.failpoint == Some(Failpoint::ExitBeforeOnePhaseCommit) {
+                    tracing::error!(%key, "failpoint participant-exit-before-one-phase-commit: exiting between the prepared record and the commit");
+                    std::process::exit(101)
+                }
+                written = Some((rec, rev));
+            }
+            Some((rec, _)) => return Ok(barrier::answer_of(cmd.kind, &rec)),
+            None => {}
         }
     }
     Err(ApplyError::Store(

@@ -226,6 +226,10 @@ pub enum CommandKind {
     Execute,
     /// Saga: undo a step that executed (or may have).
     Compensate,
+    /// One-phase commit of a transaction's only step: prepare and, if ready, commit at
+    /// once; the participant decides. Answered `done` (committed), `read_only` or `abort`
+    /// (nothing applied). Sent only to a service whose replies carry [`ONE_PHASE_HEADER`].
+    CommitOnePhase,
 }
 
 impl CommandKind {
@@ -237,6 +241,7 @@ impl CommandKind {
             CommandKind::Abort => "abort",
             CommandKind::Execute => "execute",
             CommandKind::Compensate => "compensate",
+            CommandKind::CommitOnePhase => "commit_one_phase",
         }
     }
 }
@@ -362,6 +367,12 @@ pub const MAX_BATCH: usize = 512;
 /// [`CommandBatch`]es: value `1`. The coordinator sends a service batches from the first
 /// reply that says so until one that does not.
 pub const BATCH_HEADER: &str = "Txcoord-Batch";
+
+/// The header with which a participant's reply (alone or a batch) says it takes
+/// [`CommandKind::CommitOnePhase`]: value `1`. The coordinator commits a transaction of one
+/// step in one phase only when the latest reply it believed from that step's service said
+/// so (and `one_phase` is on in its configuration).
+pub const ONE_PHASE_HEADER: &str = "Txcoord-One-Phase";
 
 impl ParticipantReply {
     /// The deterministic `Nats-Msg-Id` of this reply:
@@ -819,6 +830,11 @@ pub struct TransactionEvent {
     /// and when (the audit record).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resolved: Option<Resolution>,
+    /// 2PC with one step, committed in one phase ([`CommandKind::CommitOnePhase`]): the
+    /// participant decides, there is no `committing`/`aborting` record, and the coordinator
+    /// never aborts it on its own once the command is out.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub one_phase: bool,
 }
 
 /// One step's part of a [`RequestShape`]: service, URL, action, payload, compensation,

@@ -8,6 +8,7 @@ use txcoord_proto::StepRequest;
 
 const CFG: EngineConfig = EngineConfig {
     deadlock: txcoord_proto::DeadlockPolicy::Detect,
+    one_phase: false,
     default_timeout_ms: 1_000,
     retry_base_ms: 100,
     retry_cap_ms: 800,

@@ -8,6 +8,7 @@ use txcoord_proto::StepRequest;
 
 const CFG: EngineConfig = EngineConfig {
     deadlock: txcoord_proto::DeadlockPolicy::Detect,
+    one_phase: false,
     default_timeout_ms: 1_000,
     retry_base_ms: 100,
     retry_cap_ms: 1_000,
@@ -930,4 +931,256 @@ fn once_commit_is_decided_no_abort_and_mark_done_counts_a_step_fixed_by_hand() {
     assert!(out.contains(&Command::Finished));
     let e = m.check_resolve(&operator(MarkDone, Some(2))).unwrap_err();
     assert!(e.0.contains("committed: nothing is left"), "{e}");
+}
+
+/// A one-step transaction started with `one_phase` on, as the runtime starts one whose
+/// service takes `commit_one_phase`.
+fn start_one_phase() -> (TwoPc, Vec<Command>) {
+    let mut out = Vec::new();
+    let txn = TwoPc::start(
+        "t1".into(),
+        &request(&["a"]),
+        Some(7),
+        "txn.reply.t1".into(),
+        EngineConfig {
+            one_phase: true,
+            ..CFG
+        },
+        0,
+        &mut out,
+    );
+    (txn, out)
+}
+
+fn one_phase(outcome: ReplyOutcome) -> Event {
+    reply(0, "a", CommandKind::CommitOnePhase, outcome)
+}
+
+#[test]
+fn one_phase_sends_one_command_after_the_accepted_record_and_done_commits_with_no_decision_record()
+{
+    let (mut txn, out) = start_one_phase();
+    let accepted = record(&out, TxnState::Accepted);
+    assert!(accepted.one_phase, "recovery must know: {accepted:?}");
+    assert_eq!(sends(&out), vec![(0, CommandKind::CommitOnePhase, 1)]);
+    let Command::Send(cmd) = &out[position(&out, |c| matches!(c, Command::Send(_)))] else {
+        unreachable!()
+    };
+    assert_eq!(
+        cmd.payload,
+        json!({"for": "a"}),
+        "it prepares, so it needs the payload"
+    );
+    assert_eq!(cmd.deadline_ms, 1_000);
+    assert_eq!(cmd.deadlock, Some(DeadlockPolicy::Detect));
+    assert!(
+        position(&out, |c| matches!(c, Command::Persist { .. }))
+            < position(&out, |c| matches!(c, Command::Send(_)))
+    );
+    let mut out = Vec::new();
+    txn.handle(10, one_phase(ReplyOutcome::Done), &mut out)
+        .unwrap();
+    assert_eq!(txn.phase(), Phase::Committed);
+    assert_eq!(
+        persisted(&out),
+        vec![TxnState::Committed],
+        "no committing record"
+    );
+    assert!(sends(&out).is_empty(), "no commit command");
+    assert!(out.contains(&Command::Finished));
+    let end = record(&out, TxnState::Committed);
+    assert!(end.one_phase && end.steps[0].done && end.steps[0].vote == Some(Vote::Ready));
+    // A duplicate of the answer, or a late one, changes nothing.
+    let mut late = Vec::new();
+    assert!(matches!(
+        txn.handle(11, one_phase(ReplyOutcome::Done), &mut late),
+        Err(EngineError::Late { .. })
+    ));
+    assert!(late.is_empty());
+}
+
+#[test]
+fn one_phase_read_only_commits_and_abort_aborts_with_the_participants_reason() {
+    let (mut txn, _) = start_one_phase();
+    let mut out = Vec::new();
+    txn.handle(10, one_phase(ReplyOutcome::ReadOnly), &mut out)
+        .unwrap();
+    assert_eq!(persisted(&out), vec![TxnState::Committed]);
+
+    let (mut txn, _) = start_one_phase();
+    let mut out = Vec::new();
+    txn.handle(10, one_phase(ReplyOutcome::Abort), &mut out)
+        .unwrap();
+    assert_eq!(txn.phase(), Phase::Aborted);
+    assert_eq!(
+        persisted(&out),
+        vec![TxnState::Aborted],
+        "no aborting record"
+    );
+    assert!(
+        sends(&out).is_empty(),
+        "nothing to abort: the participant refused"
+    );
+    assert!(matches!(
+        &record(&out, TxnState::Aborted).reason,
+        Some(Reason::VoteAbort { service, step: 0, message }) if service == "a" && message == "no stock"
+    ));
+}
+
+#[test]
+fn one_phase_takes_only_answers_to_its_own_command() {
+    let (mut txn, _) = start_one_phase();
+    let mut out = Vec::new();
+    // A prepare's vote does not answer a one-phase commit (nor `ready` a commit).
+    assert!(matches!(
+        txn.handle(10, vote(0, "a", ReplyOutcome::Ready), &mut out),
+        Err(EngineError::InvalidOutcome { .. })
+    ));
+    assert!(matches!(
+        txn.handle(10, one_phase(ReplyOutcome::Ready), &mut out),
+        Err(EngineError::InvalidOutcome { .. })
+    ));
+    assert!(out.is_empty());
+    assert_eq!(txn.phase(), Phase::Preparing);
+    // And a two-phase transaction takes no one-phase answer.
+    let (mut two, _) = start(&["a"]);
+    assert!(matches!(
+        two.handle(10, one_phase(ReplyOutcome::Done), &mut out),
+        Err(EngineError::InvalidOutcome { .. })
+    ));
+    assert!(out.is_empty());
+}
+
+#[test]
+fn one_phase_is_only_for_a_single_step() {
+    let mut out = Vec::new();
+    let txn = TwoPc::start(
+        "t1".into(),
+        &request(&["a", "b"]),
+        None,
+        "r".into(),
+        EngineConfig {
+            one_phase: true,
+            ..CFG
+        },
+        0,
+        &mut out,
+    );
+    assert!(!txn.snapshot(0).one_phase);
+    assert_eq!(
+        sends(&out),
+        vec![(0, CommandKind::Prepare, 1), (1, CommandKind::Prepare, 1)]
+    );
+}
+
+#[test]
+fn one_phase_past_its_deadline_asks_again_never_aborts_and_is_flagged_stuck() {
+    let (mut txn, _) = start_one_phase();
+    let mut out = Vec::new();
+    txn.handle(500, Event::Timer(Timer::StepNudge), &mut out)
+        .unwrap();
+    assert_eq!(sends(&out), vec![(0, CommandKind::CommitOnePhase, 2)]);
+    let mut out = Vec::new();
+    txn.handle(1_000, Event::Timer(Timer::PrepareTimeout), &mut out)
+        .unwrap();
+    assert_eq!(txn.phase(), Phase::Preparing, "the participant decides");
+    assert!(!persisted(&out).contains(&TxnState::Aborting), "{out:?}");
+    assert_eq!(sends(&out), vec![(0, CommandKind::CommitOnePhase, 3)]);
+    // The round is recorded before it goes out.
+    assert!(
+        position(&out, |c| matches!(c, Command::Persist { .. }))
+            < position(&out, |c| matches!(c, Command::Send(_)))
+    );
+    assert!(out.iter().any(|c| matches!(
+        c,
+        Command::SetTimer {
+            timer: Timer::Phase2Retry,
+            ..
+        }
+    )));
+    assert!(out.contains(&Command::SetTimer {
+        timer: Timer::Stuck,
+        at_ms: 6_000
+    }));
+    // The resends go on, with backoff, with the same deadline in the command (so a
+    // participant that never saw it refuses it now).
+    let mut out = Vec::new();
+    txn.handle(1_300, Event::Timer(Timer::Phase2Retry), &mut out)
+        .unwrap();
+    let Command::Send(cmd) = &out[position(&out, |c| matches!(c, Command::Send(_)))] else {
+        unreachable!()
+    };
+    assert_eq!(
+        (cmd.kind, cmd.attempt, cmd.deadline_ms),
+        (CommandKind::CommitOnePhase, 4, 1_000)
+    );
+    let mut out = Vec::new();
+    txn.handle(6_000, Event::Timer(Timer::Stuck), &mut out)
+        .unwrap();
+    assert!(txn.snapshot(6_000).stuck);
+    assert!(matches!(&out[..], [Command::Announce { event, .. }] if event.stuck));
+    // The late answer still ends it.
+    let mut out = Vec::new();
+    txn.handle(7_000, one_phase(ReplyOutcome::Abort), &mut out)
+        .unwrap();
+    assert_eq!(persisted(&out), vec![TxnState::Aborted]);
+}
+
+#[test]
+fn one_phase_is_no_deadlock_victim_and_no_operator_aborts_it() {
+    let (mut txn, _) = start_one_phase();
+    let mut out = Vec::new();
+    let reason = Reason::Deadlock {
+        how: "detected".into(),
+        txns: vec!["t1".into(), "t2".into()],
+        services: vec!["a".into()],
+        resources: vec!["r".into()],
+        message: "cycle".into(),
+        formed_ms: None,
+    };
+    assert_eq!(
+        txn.deadlock_victim(10, reason, &mut out),
+        Err(EngineError::OnePhase)
+    );
+    let abort = Resolution {
+        action: ResolveAction::Abort,
+        step: None,
+        reason: "stuck".into(),
+        by: "ops".into(),
+        at_ms: 10,
+    };
+    let refused = txn.check_resolve(&abort).unwrap_err();
+    assert!(refused.0.contains("one phase"), "{refused}");
+    let retry = Resolution {
+        action: ResolveAction::RetryNow,
+        ..abort
+    };
+    txn.check_resolve(&retry).unwrap();
+    txn.resolve(10, &retry, &mut out);
+    assert_eq!(sends(&out), vec![(0, CommandKind::CommitOnePhase, 2)]);
+    assert_eq!(txn.phase(), Phase::Preparing);
+}
+
+#[test]
+fn one_phase_recovers_by_asking_again_and_a_refused_round_record_is_redone() {
+    let (_, out) = start_one_phase();
+    let accepted = record(&out, TxnState::Accepted).clone();
+    let mut out = Vec::new();
+    let mut txn = TwoPc::recover(&accepted, &accepted, "r".into(), CFG, 100, &mut out).unwrap();
+    assert_eq!(sends(&out), vec![(0, CommandKind::CommitOnePhase, 2)]);
+    assert!(persisted(&out) == vec![TxnState::Preparing]);
+    // The round's record refused: the command may be out, so no abort; written again.
+    assert_eq!(
+        txn.log_refused(101, "t1.prepare.r2", "too big", &mut Vec::new()),
+        Refusal::Redo
+    );
+    // The accepted record itself refused: nothing was sent, so it may abort.
+    let (mut fresh, _) = start_one_phase();
+    let mut out = Vec::new();
+    assert_eq!(
+        fresh.log_refused(1, "t1.accepted", "too big", &mut out),
+        Refusal::Replanned
+    );
+    assert_eq!(fresh.phase(), Phase::Aborting);
+    assert_eq!(sends(&out), vec![(0, CommandKind::Abort, 1)]);
 }

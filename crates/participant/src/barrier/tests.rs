@@ -362,3 +362,93 @@ fn written_records_answer_by_command_kind() {
         );
     }
 }
+
+#[test]
+fn one_phase_without_a_record_prepares_and_a_prepared_record_goes_on_to_commit() {
+    assert_eq!(
+        plan(CommandKind::CommitOnePhase, None),
+        run(Some(Call::Prepare), Write::Create, Target::Vote)
+    );
+    // Its own prepare recorded (or a crash between the prepare and the commit): commit.
+    assert!(continues(CommandKind::CommitOnePhase, S::Prepared));
+    assert_eq!(
+        plan(CommandKind::CommitOnePhase, Some(S::Prepared)),
+        run(
+            Some(Call::Commit),
+            Write::Advance,
+            Target::State(S::Committed)
+        )
+    );
+    // Every other write ends its command: a prepare's `prepared` waits for the decision.
+    for s in ALL {
+        assert!(!continues(CommandKind::Prepare, s));
+        assert_eq!(
+            continues(CommandKind::CommitOnePhase, s),
+            s == S::Prepared,
+            "{s:?}"
+        );
+    }
+}
+
+#[test]
+fn one_phase_past_its_deadline_releases_and_votes_abort() {
+    let late = Facts {
+        now_ms: 3_000,
+        ..NOW
+    };
+    assert_eq!(
+        decide(CommandKind::CommitOnePhase, None, &late),
+        run(
+            Some(Call::Abort),
+            Write::Create,
+            Target::VotedAbort("commit arrived after its deadline".into())
+        )
+    );
+    // A prepared record past the deadline still commits: only the participant decides,
+    // and it decided when it prepared.
+    assert_eq!(
+        decide(CommandKind::CommitOnePhase, Some(&rec(S::Prepared)), &late),
+        run(
+            Some(Call::Commit),
+            Write::Advance,
+            Target::State(S::Committed)
+        )
+    );
+}
+
+#[test]
+fn one_phase_with_any_other_record_answers_its_outcome() {
+    for s in ALL.into_iter().filter(|s| *s != S::Prepared) {
+        assert_eq!(
+            plan(CommandKind::CommitOnePhase, Some(s)),
+            Plan::Answer(AnswerFrom::OnePhase),
+            "{s:?}"
+        );
+    }
+    let ans = |s| answer_from(AnswerFrom::OnePhase, Some(&rec(s)));
+    assert_eq!(ans(S::Committed), Answer::of(ReplyOutcome::Done));
+    assert_eq!(ans(S::ReadOnly), Answer::of(ReplyOutcome::ReadOnly));
+    assert_eq!(
+        ans(S::VotedAbort),
+        Answer::because(ReplyOutcome::Abort, "out of stock")
+    );
+    for s in [
+        S::Aborted,
+        S::AbortedBeforePrepare,
+        S::Executed,
+        S::ExecuteFailed,
+        S::Compensated,
+        S::CompensatedBeforeExecute,
+    ] {
+        assert_eq!(ans(s).outcome, ReplyOutcome::Abort, "{s:?}");
+    }
+    // After a write the answer is the same: `done` once committed.
+    assert_eq!(
+        answer_of(CommandKind::CommitOnePhase, &rec(S::Committed)).outcome,
+        ReplyOutcome::Done
+    );
+    assert_eq!(
+        answer_of(CommandKind::CommitOnePhase, &rec(S::VotedAbort)).outcome,
+        ReplyOutcome::Abort
+    );
+}
