@@ -13,7 +13,7 @@
 //!   executing), `compensate_fail_times` (the first N compensations fail),
 //!   `compensate: "never"` (every compensation fails).
 //!
-//! It prints `VOTED`, `EXECUTED` and `COMPENSATED` lines on standard error, which the
+//! It prints `VOTED`, `COMMITTED`, `EXECUTED` and `COMPENSATED` lines on standard error, which the
 //! integration tests read, unless it is told to be quiet (the benchmark's no-op participants:
 //! a line per command is a write system call per command).
 
@@ -30,7 +30,7 @@ use crate::participant::{Participant, ServiceError, StepResult, TxnContext, Vote
 pub struct Scripted {
     /// Extra delay before every vote or execute, on top of the payload's `delay_ms`.
     pub prepare_delay: Duration,
-    /// Print no `VOTED`/`EXECUTED`/`COMPENSATED` lines (see [`Scripted::quiet`]).
+    /// Print no `VOTED`/`COMMITTED`/`EXECUTED`/`COMPENSATED` lines (see [`Scripted::quiet`]).
     quiet: bool,
     /// Failures so far per branch and kind, for `flaky` and `compensate_fail_times`.
     failures: Mutex<HashMap<String, u64>>,
@@ -139,7 +139,9 @@ impl Participant for Scripted {
             eprintln!("COMMIT FAILED txn_id={} step={}", txn.txn_id, txn.step);
             return Err(ServiceError("scripted commit failure".into()));
         }
-        tracing::debug!(txn_id = %txn.txn_id, "commit");
+        if !self.quiet {
+            eprintln!("COMMITTED txn_id={} step={}", txn.txn_id, txn.step);
+        }
         Ok(())
     }
 
