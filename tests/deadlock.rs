@@ -153,6 +153,7 @@ async fn a_two_service_deadlock_aborts_the_youngest_and_the_other_commits_long_b
     bank(&mut sys, "bank-b", &["bob", "gatehouse"], &[]).await;
     let schema = validator("wait-edge");
     let mut edges = sys.nc.subscribe("txn.waits").await.unwrap();
+    let mut alerts = sys.nc.subscribe("txn.alerts").await.unwrap();
     let began = Instant::now();
     two_way(&sys, "dl-t1", "dl-t2").await;
     let _gatekeeper = open_gates(&sys);
@@ -171,6 +172,8 @@ async fn a_two_service_deadlock_aborts_the_youngest_and_the_other_commits_long_b
         vec!["dl-t2".to_string(), "dl-t1".to_string()],
         "the victim first"
     );
+    // The victim's abort is also an alert on txn.alerts.
+    common::next_alert(&mut alerts, "deadlock", "dl-t2").await;
     assert_eq!(services, vec!["bank-a".to_string(), "bank-b".to_string()]);
     assert_eq!(
         resources,

@@ -194,6 +194,7 @@ async fn a_compensation_that_never_succeeds_ends_failed_and_is_still_retried() {
         ("TXCOORD_SAGA_COMPENSATION_ATTEMPTS", "3"),
     ];
     let sys = System::start(&["a", "b"], &env).await;
+    let mut alerts = sys.nc.subscribe("txn.alerts").await.unwrap();
     let ev = sys
         .run(saga(
             "s-never",
@@ -216,6 +217,8 @@ async fn a_compensation_that_never_succeeds_ends_failed_and_is_still_retried() {
         matches!(ev.cause, Some(Reason::StepFailed { step: 1, .. })),
         "{ev:?}"
     );
+    // A saga that ended failed needs a person: an alert on txn.alerts.
+    common::next_alert(&mut alerts, "failed", "s-never").await;
     let first = sys.client.status("s-never").await.unwrap();
     assert_eq!(first.state, TxnState::Failed);
     tokio::time::sleep(Duration::from_millis(800)).await;

@@ -527,3 +527,25 @@ pub fn step(service: &str, payload: Value) -> Value {
 pub fn request(txn_id: &str, steps: Vec<Value>) -> Value {
     json!({"txn_id": txn_id, "mode": "2pc", "steps": steps})
 }
+
+/// Waits (10 s at most) on `alerts` (a subscription to `txn.alerts`) for an alert of `kind`
+/// about `txn_id`; every alert seen on the way must match the schema. The alert, as JSON.
+#[allow(dead_code)]
+pub async fn next_alert(alerts: &mut async_nats::Subscriber, kind: &str, txn_id: &str) -> Value {
+    use futures::StreamExt;
+    let schema = validator("alert");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    loop {
+        let msg = tokio::time::timeout_at(deadline, alerts.next())
+            .await
+            .unwrap_or_else(|_| panic!("no {kind} alert for {txn_id}; alerts seen: {seen:?}"))
+            .expect("alerts subscription open");
+        let v: Value = serde_json::from_slice(&msg.payload).expect("alert is JSON");
+        check(&schema, "alert", "txn.alerts", &v);
+        if v["kind"] == kind && v["txn_id"] == txn_id {
+            return v;
+        }
+        seen.push(v);
+    }
+}
