@@ -1,4 +1,5 @@
-//! The participant SDK's saga barrier against a real nats-server: commands are published by
+//! The participant SDK's barrier (sagas, and the 2PC rows a test can only show with real
+//! deliveries) against a real nats-server: commands are published by
 //! hand (as a coordinator would, duplicates and misorderings included) and the test counts
 //! how often the service itself was called.
 
@@ -16,6 +17,9 @@ use txcoord::proto::{CommandKind, ParticipantCommand, ParticipantReply, ReplyOut
 struct Counting {
     executes: AtomicU32,
     compensates: AtomicU32,
+    prepares: AtomicU32,
+    commits: AtomicU32,
+    aborts: AtomicU32,
     /// Fail retryably this many times first.
     flaky: AtomicU32,
 }
@@ -30,7 +34,18 @@ impl Participant for Svc {
         _action: &str,
         _payload: &Value,
     ) -> participant::Vote {
+        self.0.prepares.fetch_add(1, Ordering::SeqCst);
         participant::Vote::Ready
+    }
+
+    async fn commit(&self, _txn: &TxnContext) -> Result<(), ServiceError> {
+        self.0.commits.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn abort(&self, _txn: &TxnContext) -> Result<(), ServiceError> {
+        self.0.aborts.fetch_add(1, Ordering::SeqCst);
+        Ok(())
     }
     async fn execute(&self, _txn: &TxnContext, _action: &str, _payload: &Value) -> StepResult {
         self.0.executes.fetch_add(1, Ordering::SeqCst);
@@ -146,6 +161,62 @@ impl Harness {
             self.service.compensates.load(Ordering::SeqCst),
         )
     }
+
+    /// The 2PC calls so far: prepares, commits, aborts.
+    fn calls_2pc(&self) -> (u32, u32, u32) {
+        let s = &self.service;
+        (
+            s.prepares.load(Ordering::SeqCst),
+            s.commits.load(Ordering::SeqCst),
+            s.aborts.load(Ordering::SeqCst),
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resent_prepare_is_answered_from_the_record_and_a_late_one_after_its_abort_votes_abort() {
+    let mut h = Harness::start().await;
+    assert_eq!(
+        h.send("p2", CommandKind::Prepare, 1).await.outcome,
+        ReplyOutcome::Ready
+    );
+    // A resend (a higher attempt) reads the record first: no second prepare.
+    assert_eq!(
+        h.send("p2", CommandKind::Prepare, 2).await.outcome,
+        ReplyOutcome::Ready
+    );
+    assert_eq!(h.calls_2pc(), (1, 0, 0));
+    // The abort came first (the prepare timed out somewhere on the way): the first
+    // delivery of the late prepare is not read first, so the service may prepare, but the
+    // abort's record wins: the hold is released and the vote is abort.
+    h.send("p3", CommandKind::Abort, 1).await;
+    assert_eq!(h.calls_2pc(), (1, 0, 1));
+    let late = h.send("p3", CommandKind::Prepare, 1).await;
+    assert_eq!(late.outcome, ReplyOutcome::Abort);
+    assert_eq!(
+        h.record("p3").await,
+        Some(BranchState::AbortedBeforePrepare)
+    );
+    assert_eq!(
+        h.calls_2pc(),
+        (2, 0, 2),
+        "the late prepare ran (not read first) and was released by an abort"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_phase_commit_prepares_and_commits_once_and_its_repeat_is_answered_from_the_record() {
+    let mut h = Harness::start().await;
+    assert_eq!(
+        h.send("o1", CommandKind::CommitOnePhase, 1).await.outcome,
+        ReplyOutcome::Done
+    );
+    assert_eq!(h.record("o1").await, Some(BranchState::Committed));
+    assert_eq!(
+        h.send("o1", CommandKind::CommitOnePhase, 2).await.outcome,
+        ReplyOutcome::Done
+    );
+    assert_eq!(h.calls_2pc(), (1, 1, 0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

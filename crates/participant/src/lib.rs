@@ -7,7 +7,8 @@
 //!   after commit and abort after abort are no-ops;
 //! - an abort for a branch with no recorded vote is passed to the service (a prepare may
 //!   have held resources and crashed before its vote was stored) and then recorded, so a
-//!   late prepare votes abort without calling the service;
+//!   late prepare votes abort (its first delivery is not read first: it may call the
+//!   service's prepare, find the abort's record, and release the hold with abort);
 //! - after a crash, the service's durable consumer replays what it missed and every
 //!   in-doubt branch gets its decision (the coordinator resends it until confirmed).
 //!
@@ -605,7 +606,8 @@ async fn handle<P: Participant>(ctx: &Ctx<P>, msg: &jetstream::Message) {
         .as_ref()
         .and_then(|h| h.get(txcoord_proto::TRACEPARENT_HEADER))
         .map(|v| v.as_str());
-    match run_command(ctx, &cmd, header).await {
+    let first = msg.info().is_ok_and(|i| i.delivered == 1);
+    match run_command(ctx, &cmd, header, first).await {
         Ran::Answered(answer) => {
             if send_reply(ctx, &cmd, answer).await {
                 if let Err(e) = msg.ack().await {
@@ -659,6 +661,7 @@ async fn handle_batch<P: Participant>(
             return;
         }
     };
+    let first = msg.info().is_ok_and(|i| i.delivered == 1);
     let mine = batch.commands.iter().filter(|c| {
         let ok = c.service == ctx.service;
         if !ok {
@@ -672,7 +675,7 @@ async fn handle_batch<P: Participant>(
             let Ok(_permit) = permits.acquire().await else {
                 return (cmd, Ran::Failed);
             };
-            (cmd, run_command(ctx, cmd, None).await)
+            (cmd, run_command(ctx, cmd, None, first).await)
         })
         .collect();
     let mut again = false;
@@ -709,12 +712,13 @@ async fn run_command<P: Participant>(
     ctx: &Ctx<P>,
     cmd: &ParticipantCommand,
     header: Option<&str>,
+    first_delivery: bool,
 ) -> Ran {
     let parent = header
         .and_then(trace::remote_context)
         .or_else(|| cmd.traceparent.as_deref().and_then(trace::remote_context));
     let Some(parent) = parent else {
-        return run_branch(ctx, cmd).await;
+        return run_branch(ctx, cmd, first_delivery).await;
     };
     // `cmd.service` is this service's: the callers refuse any other.
     let span = trace::start(
@@ -725,8 +729,11 @@ async fn run_command<P: Participant>(
     );
     // The span is the current context while the command runs: a service's own spans
     // (made from `Context::current()`) are its children.
-    let ran =
-        opentelemetry::context::FutureExt::with_context(run_branch(ctx, cmd), span.clone()).await;
+    let ran = opentelemetry::context::FutureExt::with_context(
+        run_branch(ctx, cmd, first_delivery),
+        span.clone(),
+    )
+    .await;
     let error = match &ran {
         Ran::Answered(_) => None,
         Ran::Violation => Some("protocol violation: refused".to_string()),
@@ -737,8 +744,13 @@ async fn run_command<P: Participant>(
 }
 
 /// Runs one command under its branch's turn: the lock table's bookkeeping, the barrier's
-/// plan, what the in-doubt resolver must know. Replying is the caller's.
-async fn run_branch<P: Participant>(ctx: &Ctx<P>, cmd: &ParticipantCommand) -> Ran {
+/// plan, what the in-doubt resolver must know. Replying is the caller's. `first_delivery`:
+/// JetStream delivers this message for the first time.
+async fn run_branch<P: Participant>(
+    ctx: &Ctx<P>,
+    cmd: &ParticipantCommand,
+    first_delivery: bool,
+) -> Ran {
     if !ctx.options.jitter.is_zero() {
         use std::hash::BuildHasher;
         // A fresh RandomState draws new keys: a random number per command.
@@ -770,7 +782,7 @@ async fn run_branch<P: Participant>(ctx: &Ctx<P>, cmd: &ParticipantCommand) -> R
     let _turn = ctx.branches.lock(&branch_key(&cmd.txn_id, cmd.step)).await;
     let span = tracing::info_span!("branch", txn_id = %cmd.txn_id, step = cmd.step, kind = cmd.kind.as_str());
     async {
-        let applied = apply(ctx, cmd).await;
+        let applied = apply(ctx, cmd, first_delivery).await;
         // Locks are held while the branch may be prepared: a refusal, a read-only vote and
         // the branch's end (commit or abort applied) let go. A command that failed lets go
         // of nothing: the branch may be prepared (a commit to retry, a redelivered prepare
@@ -927,7 +939,7 @@ async fn resolve_one<P: Participant>(ctx: &Ctx<P>, branch: InDoubt) {
         traceparent: None,
     };
     let _turn = ctx.branches.lock(&branch_key(&cmd.txn_id, cmd.step)).await;
-    match apply(ctx, &cmd).await {
+    match apply(ctx, &cmd, false).await {
         Ok(_) => {
             ctx.note(&cmd, None);
             ctx.locks.release(&locks::BranchId {
@@ -1182,13 +1194,15 @@ fn exit_before_record(key: &str) -> ! {
     std::process::exit(101)
 }
 
-/// Carries out the barrier's plan for `cmd` ([`barrier::decide`]): load the record, call
-/// the service if the plan says so, write the record (create, or compare-and-set), answer.
-/// A write lost to a concurrent writer (another instance, a racing redelivery) is decided
-/// again from what is stored.
+/// Carries out the barrier's plan for `cmd` ([`barrier::decide`]): load the record (unless
+/// [`barrier::assume_absent`] says it cannot be there yet), call the service if the plan
+/// says so, write the record (create, or compare-and-set), answer. A write lost to a
+/// concurrent writer (another instance, a racing redelivery) is decided again from what is
+/// stored.
 async fn apply<P: Participant>(
     ctx: &Ctx<P>,
     cmd: &ParticipantCommand,
+    first_delivery: bool,
 ) -> Result<Answer, ApplyError> {
     let key = branch_key(&cmd.txn_id, cmd.step);
     let from_command = TxnContext {
@@ -1206,9 +1220,11 @@ async fn apply<P: Participant>(
     // The record as this command last wrote it, when the table goes on from there (a
     // one-phase commit after its prepare's record): no need to read it back.
     let mut written: Option<(BranchRecord, u64)> = None;
+    let mut blind = barrier::assume_absent(cmd.kind, cmd.attempt, first_delivery);
     for _ in 0..16 {
         let current = match written.take() {
             Some(known) => Some(known),
+            None if std::mem::take(&mut blind) => None,
             None => load(&ctx.store.kv, &key).await?,
         };
         let facts = Facts {
