@@ -352,3 +352,44 @@ async fn finished_records_expire_and_open_ones_stay() {
         ReplyOutcome::Done
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_acting_on_its_own_prepared_record_finds_another_instances_commit_and_answers_from_it()
+ {
+    let mut h = Harness::start().await;
+    assert_eq!(
+        h.send("p4", CommandKind::Prepare, 1).await.outcome,
+        ReplyOutcome::Ready
+    );
+    // Another instance of the service commits the branch meanwhile (a resend went there).
+    let store = participant::branch_store(&h.js, "svc", 1).await.unwrap();
+    let entry = store.entry("p4.0").await.unwrap().expect("prepared record");
+    let mut rec: participant::BranchRecord = serde_json::from_slice(&entry.value).unwrap();
+    rec.state = BranchState::Committed;
+    store
+        .update(
+            "p4.0",
+            serde_json::to_vec(&rec).unwrap().into(),
+            entry.revision,
+        )
+        .await
+        .unwrap();
+    // This process's first commit, right after its own prepare, acts on the record it wrote
+    // without reading it; its compare-and-set fails, and it answers from what is stored.
+    assert_eq!(
+        h.send("p4", CommandKind::Commit, 1).await.outcome,
+        ReplyOutcome::Done
+    );
+    assert_eq!(h.record("p4").await, Some(BranchState::Committed));
+    assert_eq!(
+        h.calls_2pc(),
+        (1, 1, 0),
+        "the one commit it ran (every service bears a repeated call)"
+    );
+    // A repeat reads the record: no second commit here.
+    assert_eq!(
+        h.send("p4", CommandKind::Commit, 2).await.outcome,
+        ReplyOutcome::Done
+    );
+    assert_eq!(h.calls_2pc(), (1, 1, 0));
+}

@@ -36,7 +36,8 @@
 //! abort to a branch it asked to commit in one phase.
 //!
 //! The first delivery of a first prepare (or one-phase commit) skips the read
-//! ([`assume_absent`]). A create that loses to a concurrent writer is decided again from the winner's record,
+//! ([`assume_absent`]), and so does a first commit or abort soon after this process wrote
+//! the `prepared` record it acts on ([`trust_own_record`]). A create that loses to a concurrent writer is decided again from the winner's record,
 //! after [`undo_after_lost_create`]: a hold that lost to `aborted_before_prepare` is
 //! released (call abort), an execute that lost to `compensated_before_execute` is undone
 //! (call compensate).
@@ -370,6 +371,23 @@ pub fn assume_absent(kind: CommandKind, attempt: u32, first_delivery: bool) -> b
     first_delivery
         && attempt == 1
         && matches!(kind, CommandKind::Prepare | CommandKind::CommitOnePhase)
+}
+
+/// How long after this process wrote a branch's `prepared` record a first commit or abort
+/// acts on that record without reading it back ([`trust_own_record`]).
+pub const OWN_RECORD_TRUSTED_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Whether a commit or abort may act on the `prepared` record this very process wrote
+/// `age` ago, without reading it back: on the first delivery of the decision's first
+/// attempt, within [`OWN_RECORD_TRUSTED_FOR`]. Then only another instance of the service
+/// that got a resend of the decision can have changed the record, and a resend comes only
+/// after the coordinator's retry delay (or its restart). If that happened anyway, the
+/// compare-and-set on the revision fails, the loop reads the record and answers from it:
+/// the service's commit (or abort) has then run twice, which every service must bear
+/// already (a crash between a call and its record repeats the call). This saves the read
+/// before the common commit.
+pub fn trust_own_record(attempt: u32, first_delivery: bool, age: std::time::Duration) -> bool {
+    first_delivery && attempt == 1 && age < OWN_RECORD_TRUSTED_FOR
 }
 
 /// Whether command `kind` goes on after its record was written in `state`: a one-phase

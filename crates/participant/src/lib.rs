@@ -358,7 +358,22 @@ struct Ctx<P> {
     edges: tokio::sync::mpsc::UnboundedSender<txcoord_proto::WaitEdge>,
     /// [`Failpoint::LoseReplyBatch`] has lost its batch.
     lost_reply_batch: std::sync::atomic::AtomicBool,
+    /// The `prepared` records this process wrote, with their revisions, until their
+    /// decision comes: a first commit or abort soon after acts on it without reading it
+    /// back ([`barrier::trust_own_record`]).
+    own: std::sync::Mutex<HashMap<String, OwnRecord>>,
 }
+
+/// A `prepared` record as this process wrote it.
+struct OwnRecord {
+    record: BranchRecord,
+    revision: u64,
+    written: std::time::Instant,
+}
+
+/// The most `prepared` records [`Ctx::own`] keeps (a branch whose decision went to another
+/// instance stays until the map is full, then goes with the old ones).
+const OWN_RECORDS: usize = 65_536;
 
 /// The SDK's test hooks, named in `TXCOORD_FAILPOINT` (other values are the coordinator's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -492,6 +507,7 @@ pub async fn run<P: Participant>(
         events: streams.events.clone(),
         subjects,
         in_doubt: Default::default(),
+        own: Default::default(),
         violations: AtomicU64::new(0),
         failpoint: std::env::var("TXCOORD_FAILPOINT")
             .ok()
@@ -1221,6 +1237,12 @@ async fn apply<P: Participant>(
     // one-phase commit after its prepare's record): no need to read it back.
     let mut written: Option<(BranchRecord, u64)> = None;
     let mut blind = barrier::assume_absent(cmd.kind, cmd.attempt, first_delivery);
+    if matches!(cmd.kind, CommandKind::Commit | CommandKind::Abort)
+        && let Some(own) = lock_std(&ctx.own).remove(&key)
+        && barrier::trust_own_record(cmd.attempt, first_delivery, own.written.elapsed())
+    {
+        written = Some((own.record, own.revision));
+    }
     for _ in 0..16 {
         let current = match written.take() {
             Some(known) => Some(known),
@@ -1338,13 +1360,37 @@ async fn apply<P: Participant>(
                 }
                 written = Some((rec, rev));
             }
-            Some((rec, _)) => return Ok(barrier::answer_of(cmd.kind, &rec)),
+            Some((rec, rev)) => {
+                if cmd.kind == CommandKind::Prepare && rec.state == BranchState::Prepared {
+                    remember_own(ctx, &key, &rec, rev);
+                }
+                return Ok(barrier::answer_of(cmd.kind, &rec));
+            }
             None => {}
         }
     }
     Err(ApplyError::Store(
         "too many concurrent writers on one branch".into(),
     ))
+}
+
+/// Keeps the `prepared` record this process just wrote for its decision
+/// ([`Ctx::own`]); when the map is full, records older than a minute go first.
+fn remember_own<P>(ctx: &Ctx<P>, key: &str, rec: &BranchRecord, revision: u64) {
+    let mut own = lock_std(&ctx.own);
+    if own.len() >= OWN_RECORDS {
+        own.retain(|_, o| o.written.elapsed() < Duration::from_secs(60));
+    }
+    if own.len() < OWN_RECORDS {
+        own.insert(
+            key.to_string(),
+            OwnRecord {
+                record: rec.clone(),
+                revision,
+                written: std::time::Instant::now(),
+            },
+        );
+    }
 }
 
 fn lock_std<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -476,3 +476,18 @@ fn only_a_first_delivery_of_a_first_attempt_that_creates_its_record_skips_the_re
         Some(Call::Abort)
     );
 }
+
+#[test]
+fn only_a_first_decision_soon_after_its_own_prepare_skips_the_read() {
+    let soon = std::time::Duration::from_millis(20);
+    assert!(trust_own_record(1, true, soon));
+    // A redelivery or a resend may come after another instance changed the record.
+    assert!(!trust_own_record(1, false, soon));
+    assert!(!trust_own_record(2, true, soon));
+    assert!(
+        !trust_own_record(0, true, soon),
+        "the in-doubt resolver reads"
+    );
+    // Late enough for a resend to have gone elsewhere: read.
+    assert!(!trust_own_record(1, true, OWN_RECORD_TRUSTED_FOR));
+}
