@@ -19,6 +19,12 @@ use tokio::sync::{Semaphore, oneshot};
 use super::{ClientError, last_record_of};
 use crate::proto::{Subjects, TransactionEvent};
 
+/// An event's state, read without the rest of it.
+#[derive(serde::Deserialize)]
+struct StateOnly {
+    state: crate::proto::TxnState,
+}
+
 type Waiters = HashMap<String, Vec<(u64, oneshot::Sender<TransactionEvent>)>>;
 
 struct Shared {
@@ -64,12 +70,16 @@ impl Outcomes {
             let weak = weak.clone();
             let task = tokio::spawn(async move {
                 while let Some(msg) = sub.next().await {
+                    // Most events are not outcomes: read their state alone first (no
+                    // steps, no strings kept), and the whole event only for an outcome.
+                    let outcome = serde_json::from_slice::<StateOnly>(&msg.payload)
+                        .is_ok_and(|head| head.state.is_outcome());
+                    if !outcome {
+                        continue;
+                    }
                     let Ok(ev) = serde_json::from_slice::<TransactionEvent>(&msg.payload) else {
                         continue;
                     };
-                    if !ev.state.is_outcome() {
-                        continue;
-                    }
                     let Some(shared) = weak.upgrade() else { break };
                     shared.deliver(ev);
                 }
