@@ -12,6 +12,11 @@ use serde_json::Value;
 use txcoord::config::Config;
 use txcoord::proto::TxnState;
 
+/// mimalloc instead of the system allocator: per-message allocations are most of what the
+/// processes do besides I/O (see BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod bench;
 mod chaos;
 mod deadlock_demo;
