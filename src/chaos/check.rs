@@ -13,8 +13,9 @@ pub struct Transfer {
     pub id: String,
     /// (bank, account) debited.
     pub from: (String, String),
-    /// (bank, account) credited.
-    pub to: (String, String),
+    /// (bank, account) credited; `None`: a withdrawal, the money leaves the banks. A
+    /// withdrawal is a transaction of one step, which a bank on the SDK commits in one phase.
+    pub to: Option<(String, String)>,
     /// How much.
     pub amount: u64,
 }
@@ -194,7 +195,8 @@ fn atomicity(e: &Evidence<'_>) -> Line {
             continue;
         };
         checked += 1;
-        for (step, (bank, _)) in [(0, &t.from), (1, &t.to)] {
+        let steps = std::iter::once((0, &t.from)).chain(t.to.as_ref().map(|to| (1, to)));
+        for (step, (bank, _)) in steps {
             let b = branch(e, bank, &t.id, step);
             let fine = if committed {
                 b == Some(Branch::Committed)
@@ -223,10 +225,15 @@ fn money(e: &Evidence<'_>) -> Line {
         .iter()
         .map(|(k, v)| (k.clone(), i128::from(*v)))
         .collect();
+    // What committed withdrawals took out of the banks.
+    let mut withdrawn = 0i128;
     for t in e.transfers {
         if outcome(e.log.get(&t.id)) == Some(true) {
             *want.entry(t.from.clone()).or_default() -= i128::from(t.amount);
-            *want.entry(t.to.clone()).or_default() += i128::from(t.amount);
+            match &t.to {
+                Some(to) => *want.entry(to.clone()).or_default() += i128::from(t.amount),
+                None => withdrawn += i128::from(t.amount),
+            }
         }
     }
     let mut problems = Vec::new();
@@ -256,17 +263,17 @@ fn money(e: &Evidence<'_>) -> Line {
             None => problems.push(format!("{bank}/{acct} is missing")),
         }
     }
-    if total_now != total_before {
+    if total_now != total_before - withdrawn {
         problems.insert(
             0,
-            format!("{total_now} in all, {total_before} at the start"),
+            format!("{total_now} in all, {total_before} at the start less {withdrawn} withdrawn"),
         );
     }
     line(
         "money conserved exactly",
         &problems,
         format!(
-            "{total_now} in all, as at the start; every account as the committed transfers leave it"
+            "{total_now} in all, as at the start less the committed withdrawals ({withdrawn}); every account as the committed transfers leave it"
         ),
     )
 }
@@ -431,14 +438,21 @@ mod tests {
                 Transfer {
                     id: "t1".into(),
                     from: k("a", "x"),
-                    to: k("b", "y"),
+                    to: Some(k("b", "y")),
                     amount: 30,
                 },
                 Transfer {
                     id: "t2".into(),
                     from: k("b", "y"),
-                    to: k("a", "x"),
+                    to: Some(k("a", "x")),
                     amount: 500,
+                },
+                // A withdrawal, committed in one phase: no decision record.
+                Transfer {
+                    id: "t3".into(),
+                    from: k("b", "y"),
+                    to: None,
+                    amount: 20,
                 },
             ];
             let mut log = HashMap::new();
@@ -448,6 +462,14 @@ mod tests {
                     rec(TxnState::Accepted),
                     rec(TxnState::Preparing),
                     rec(TxnState::Committing),
+                    rec(TxnState::Committed),
+                ],
+            );
+            log.insert(
+                "t3".into(),
+                vec![
+                    rec(TxnState::Accepted),
+                    rec(TxnState::Preparing),
                     rec(TxnState::Committed),
                 ],
             );
@@ -471,6 +493,7 @@ mod tests {
                 cmd("t1", "a", 0, CommandKind::Commit),
                 cmd("t1", "b", 1, CommandKind::Commit),
                 cmd("t2", "b", 0, CommandKind::Abort),
+                cmd("t3", "b", 0, CommandKind::CommitOnePhase),
             ];
             let bank = |acct: &str, balance, branches: &[(&str, Branch)]| Bank {
                 accounts: [(
@@ -497,8 +520,12 @@ mod tests {
                     "b".to_string(),
                     bank(
                         "y",
-                        130,
-                        &[("t1.1", Branch::Committed), ("t2.0", Branch::NotApplied)],
+                        110,
+                        &[
+                            ("t1.1", Branch::Committed),
+                            ("t2.0", Branch::NotApplied),
+                            ("t3.0", Branch::Committed),
+                        ],
                     ),
                 ),
             ]
@@ -590,7 +617,7 @@ mod tests {
         let mut w = World::good();
         let b = w.banks.get_mut("b").unwrap();
         b.branches.insert("t1.1".into(), Branch::NotApplied);
-        b.accounts.get_mut("y").unwrap().balance = 100;
+        b.accounts.get_mut("y").unwrap().balance = 80;
         assert_eq!(
             w.failing(),
             ["atomicity, branch by branch", "money conserved exactly"]
@@ -603,6 +630,19 @@ mod tests {
             .branches
             .insert("t2.0".into(), Branch::Committed);
         assert_eq!(w.failing(), ["atomicity, branch by branch"]);
+    }
+
+    #[test]
+    fn a_withdrawal_is_one_branch_and_the_money_it_took_out() {
+        // Committed, but its one branch never applied: the money is still in the bank.
+        let mut w = World::good();
+        let b = w.banks.get_mut("b").unwrap();
+        b.branches.insert("t3.0".into(), Branch::NotApplied);
+        b.accounts.get_mut("y").unwrap().balance = 130;
+        assert_eq!(
+            w.failing(),
+            ["atomicity, branch by branch", "money conserved exactly"]
+        );
     }
 
     #[test]

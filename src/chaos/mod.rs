@@ -1,7 +1,8 @@
 //! `txcoord chaos`: the fault suite. It starts nats-server (`sync_interval: always`), two
 //! coordinators (one active, one standby), two banks on the Rust SDK and one in Python on the
 //! raw protocol, each process behind its own TCP proxy. It runs bank transfers (a debit at
-//! one bank and a credit at another, 2PC) with a fixed number in flight while it SIGKILLs
+//! one bank and a credit at another, 2PC; one in five a withdrawal, a debit alone, which the
+//! Rust banks commit in one phase) with a fixed number in flight while it SIGKILLs
 //! coordinators and banks, restarts and SIGKILLs nats-server, and cuts and delays
 //! connections. At the end it reads the log, the commands it saw and every bank's state, and
 //! prints one line per check (see [`check`]).
@@ -23,7 +24,7 @@ use tokio::sync::oneshot;
 use txcoord::nats::{Expect, publish_durable};
 use txcoord::natsserver::NatsServer;
 use txcoord::participant::BranchState;
-use txcoord::proto::{ParticipantCommand, Subjects, TransactionEvent, now_ms};
+use txcoord::proto::{CommandBatch, ParticipantCommand, Subjects, TransactionEvent, now_ms};
 use txcoord::rng::XorShift;
 
 use crate::procs::{Proc, coordinator_stats, sibling, wait_consumer};
@@ -395,6 +396,14 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
     let lines = check::all(&evidence);
     let recovery = check::recovery_ms(&evidence);
     report(&args, &banks, &faults, exits, elapsed, &lines, recovery);
+    let one_phase = commands
+        .iter()
+        .filter(|c| c.kind == txcoord::proto::CommandKind::CommitOnePhase)
+        .count();
+    println!(
+        "one phase: {} withdrawals (one step each), {one_phase} commit_one_phase commands seen",
+        transfers.iter().filter(|t| t.to.is_none()).count()
+    );
     {
         let h = lock(&latencies);
         if !h.is_empty() {
@@ -480,6 +489,9 @@ fn generate(args: &ChaosArgs, banks: &[BankSpec]) -> Vec<Transfer> {
             if rng.below(100) == 0 {
                 to.1 = "acct-missing".into();
             }
+            // One in five is a withdrawal: one step, committed in one phase by a bank that
+            // takes that (the Python bank on the raw protocol runs it in two).
+            let to = (rng.below(5) != 0).then_some(to);
             Transfer {
                 id: format!("chaos-{run}-{i}"),
                 from,
@@ -491,14 +503,17 @@ fn generate(args: &ChaosArgs, banks: &[BankSpec]) -> Vec<Transfer> {
 }
 
 fn request(t: &Transfer) -> Value {
+    let mut steps = vec![
+        json!({"service": t.from.0, "action": "debit", "payload": {"account": t.from.1, "amount": t.amount}}),
+    ];
+    if let Some(to) = &t.to {
+        steps.push(json!({"service": to.0, "action": "credit", "payload": {"account": to.1, "amount": t.amount}}));
+    }
     json!({
         "txn_id": t.id,
         "mode": "2pc",
         "metadata": {"chaos": true},
-        "steps": [
-            {"service": t.from.0, "action": "debit", "payload": {"account": t.from.1, "amount": t.amount}},
-            {"service": t.to.0, "action": "credit", "payload": {"account": t.to.1, "amount": t.amount}},
-        ],
+        "steps": steps,
     })
 }
 
@@ -637,8 +652,8 @@ impl Watch {
     }
 }
 
-/// Records every command published on `<prefix>.cmd.>`, from a connection straight to the
-/// server (not through a proxy).
+/// Records every command published on `<prefix>.cmd.>`, alone or in a command batch, from
+/// a connection straight to the server (not through a proxy).
 async fn observe_commands(
     nc: &async_nats::Client,
     subjects: &Subjects,
@@ -648,14 +663,18 @@ async fn observe_commands(
     let out = seen.clone();
     tokio::spawn(async move {
         while let Some(msg) = sub.next().await {
-            if let Ok(c) = serde_json::from_slice::<ParticipantCommand>(&msg.payload) {
-                lock(&out).push(check::Command {
-                    txn_id: c.txn_id,
-                    service: c.service,
-                    step: c.step,
-                    kind: c.kind,
-                });
-            }
+            let commands = match serde_json::from_slice::<ParticipantCommand>(&msg.payload) {
+                Ok(c) => vec![c],
+                Err(_) => serde_json::from_slice::<CommandBatch>(&msg.payload)
+                    .map(|b| b.commands)
+                    .unwrap_or_default(),
+            };
+            lock(&out).extend(commands.into_iter().map(|c| check::Command {
+                txn_id: c.txn_id,
+                service: c.service,
+                step: c.step,
+                kind: c.kind,
+            }));
         }
     });
     Ok(seen)

@@ -35,9 +35,12 @@
 //! back to the table, which commits. The participant decides: the coordinator never sends an
 //! abort to a branch it asked to commit in one phase.
 //!
-//! The first delivery of a first prepare (or one-phase commit) skips the read
-//! ([`assume_absent`]), and so does a first commit or abort soon after this process wrote
-//! the `prepared` record it acts on ([`trust_own_record`]). A create that loses to a concurrent writer is decided again from the winner's record,
+//! A first commit or abort soon after this process wrote the `prepared` record it acts on
+//! skips the read ([`trust_own_record`]). A prepare always reads first: JetStream can
+//! deliver a command it had already delivered and removed (its consumer's or its duplicate
+//! window's state does not always survive a server crash), so "first delivery" does not
+//! prove that nothing is recorded, and a prepare run again after its branch was settled
+//! would hold what nothing releases (`txcoord chaos` found that). A create that loses to a concurrent writer is decided again from the winner's record,
 //! after [`undo_after_lost_create`]: a hold that lost to `aborted_before_prepare` is
 //! released (call abort), an execute that lost to `compensated_before_execute` is undone
 //! (call compensate).
@@ -351,26 +354,6 @@ pub fn decide(kind: CommandKind, record: Option<&BranchRecord>, facts: &Facts) -
             run(Some(Call::Prepare), Write::Create, Target::Vote)
         }
     }
-}
-
-/// Whether the loop may take the branch's record as absent without reading it: on the first
-/// delivery of the first attempt of a prepare or a one-phase commit. The coordinator
-/// publishes each (branch, kind, attempt) once (a retry of the publish has the same message
-/// id and is dropped as a duplicate; a resend has a higher attempt), so no earlier delivery
-/// of this command can have written the record. The only record that can be there is an
-/// abort's that came first (`aborted_before_prepare`, after the prepare timed out): the
-/// create then loses, the hold is released ([`undo_after_lost_create`]) and the table
-/// answers from that record, abort, as after any lost create. So a late prepare still votes
-/// abort, having called the service's prepare and abort in between. A redelivery, a resend
-/// and the in-doubt resolver read first. This saves the read before the common first
-/// delivery.
-///
-/// A saga's execute always reads first: an execute that arrives after its compensation
-/// must not run at all (hanging prevention), since its effect is visible, not a hold.
-pub fn assume_absent(kind: CommandKind, attempt: u32, first_delivery: bool) -> bool {
-    first_delivery
-        && attempt == 1
-        && matches!(kind, CommandKind::Prepare | CommandKind::CommitOnePhase)
 }
 
 /// How long after this process wrote a branch's `prepared` record a first commit or abort

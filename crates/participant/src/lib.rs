@@ -7,8 +7,7 @@
 //!   after commit and abort after abort are no-ops;
 //! - an abort for a branch with no recorded vote is passed to the service (a prepare may
 //!   have held resources and crashed before its vote was stored) and then recorded, so a
-//!   late prepare votes abort (its first delivery is not read first: it may call the
-//!   service's prepare, find the abort's record, and release the hold with abort);
+//!   late prepare votes abort without calling the service;
 //! - after a crash, the service's durable consumer replays what it missed and every
 //!   in-doubt branch gets its decision (the coordinator resends it until confirmed).
 //!
@@ -1211,8 +1210,8 @@ fn exit_before_record(key: &str) -> ! {
 }
 
 /// Carries out the barrier's plan for `cmd` ([`barrier::decide`]): load the record (unless
-/// [`barrier::assume_absent`] says it cannot be there yet), call the service if the plan
-/// says so, write the record (create, or compare-and-set), answer. A write lost to a
+/// it is this process's own, just written: [`barrier::trust_own_record`]), call the service
+/// if the plan says so, write the record (create, or compare-and-set), answer. A write lost to a
 /// concurrent writer (another instance, a racing redelivery) is decided again from what is
 /// stored.
 async fn apply<P: Participant>(
@@ -1236,7 +1235,6 @@ async fn apply<P: Participant>(
     // The record as this command last wrote it, when the table goes on from there (a
     // one-phase commit after its prepare's record): no need to read it back.
     let mut written: Option<(BranchRecord, u64)> = None;
-    let mut blind = barrier::assume_absent(cmd.kind, cmd.attempt, first_delivery);
     if matches!(cmd.kind, CommandKind::Commit | CommandKind::Abort)
         && let Some(own) = lock_std(&ctx.own).remove(&key)
         && barrier::trust_own_record(cmd.attempt, first_delivery, own.written.elapsed())
@@ -1246,7 +1244,6 @@ async fn apply<P: Participant>(
     for _ in 0..16 {
         let current = match written.take() {
             Some(known) => Some(known),
-            None if std::mem::take(&mut blind) => None,
             None => load(&ctx.store.kv, &key).await?,
         };
         let facts = Facts {

@@ -454,30 +454,6 @@ fn one_phase_with_any_other_record_answers_its_outcome() {
 }
 
 #[test]
-fn only_a_first_delivery_of_a_first_attempt_that_creates_its_record_skips_the_read() {
-    use CommandKind as K;
-    for kind in [K::Prepare, K::CommitOnePhase] {
-        assert!(assume_absent(kind, 1, true), "{kind:?}");
-        // A redelivery, or a resend, may find what an earlier delivery recorded.
-        assert!(!assume_absent(kind, 1, false), "{kind:?}");
-        assert!(!assume_absent(kind, 2, true), "{kind:?}");
-        // The in-doubt resolver's own commands carry attempt 0.
-        assert!(!assume_absent(kind, 0, true), "{kind:?}");
-    }
-    // Commit, abort and compensate act on what is recorded; an execute must find a
-    // compensation that came first before it runs anything.
-    for kind in [K::Commit, K::Abort, K::Compensate, K::Execute] {
-        assert!(!assume_absent(kind, 1, true), "{kind:?}");
-    }
-    // What a create taken blind can meet: a record the other direction wrote first, which
-    // the lost-create rule undoes.
-    assert_eq!(
-        undo_after_lost_create(S::Prepared, S::AbortedBeforePrepare),
-        Some(Call::Abort)
-    );
-}
-
-#[test]
 fn only_a_first_decision_soon_after_its_own_prepare_skips_the_read() {
     let soon = std::time::Duration::from_millis(20);
     assert!(trust_own_record(1, true, soon));
