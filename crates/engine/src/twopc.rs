@@ -803,15 +803,7 @@ impl TwoPc {
             {
                 self.hit(Row::OnePhaseOverdue);
                 out.push(Command::CancelTimer(Timer::StepNudge));
-                self.retry_round = 1;
-                out.push(Command::SetTimer {
-                    timer: Timer::Phase2Retry,
-                    at_ms: now.saturating_add(self.retry_delay()),
-                });
-                out.push(Command::SetTimer {
-                    timer: Timer::Stuck,
-                    at_ms: now.saturating_add(self.cfg.stuck_after_ms),
-                });
+                self.arm_retry_and_stuck(now, out);
                 self.nudge_prepares(now, out);
             }
             (Phase::Preparing, Timer::Phase2Retry) if self.one_phase => {
@@ -822,14 +814,6 @@ impl TwoPc {
                     at_ms: now.saturating_add(self.retry_delay()),
                 });
                 self.nudge_prepares(now, out);
-            }
-            (Phase::Preparing, Timer::Stuck) if self.one_phase && !self.stuck => {
-                self.hit(Row::Stuck);
-                self.stuck = true;
-                out.push(Command::Announce {
-                    msg_id: format!("{}.stuck", self.txn_id),
-                    event: self.record(self.phase.state(), now),
-                });
             }
             (Phase::Preparing, Timer::PrepareTimeout) if now >= self.deadline_ms => {
                 self.hit(Row::PrepareTimeout);
@@ -853,7 +837,10 @@ impl TwoPc {
                 self.hit(Row::Phase2Retry);
                 self.resend_round(now, out);
             }
-            (Phase::Committing | Phase::Aborting, Timer::Stuck) if !self.stuck => {
+            // Phase 2 unconfirmed, or a one-phase commit unanswered, for too long.
+            (Phase::Committing | Phase::Aborting | Phase::Preparing, Timer::Stuck)
+                if !self.stuck && (self.phase != Phase::Preparing || self.one_phase) =>
+            {
                 self.hit(Row::Stuck);
                 self.stuck = true;
                 out.push(Command::Announce {
@@ -1013,6 +1000,12 @@ impl TwoPc {
         for i in targets {
             out.push(Command::Send(self.command(i, self.phase2_kind())));
         }
+        self.arm_retry_and_stuck(now, out);
+    }
+
+    /// The first resend after the retry delay, and the stuck flag after `stuck_after_ms`:
+    /// what a decision (or a one-phase commit past its deadline) waits with.
+    fn arm_retry_and_stuck(&mut self, now: u64, out: &mut Vec<Command>) {
         self.retry_round = 1;
         out.push(Command::SetTimer {
             timer: Timer::Phase2Retry,
