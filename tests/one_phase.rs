@@ -170,6 +170,7 @@ async fn a_lone_step_commits_in_one_phase_once_its_service_said_it_takes_that() 
         "{history:?}"
     );
     assert!(history.iter().all(|e| e.one_phase), "{history:?}");
+    assert_eq!(sys.stats().await["one_phase"], 1, "counted in $SRV.STATS");
     let events = validator("transaction-event");
     for e in &history {
         check(&events, "transaction-event", "txn.events.one", &json!(e));

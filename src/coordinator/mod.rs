@@ -125,6 +125,8 @@ pub struct Metrics {
     pub command_batches: AtomicU64,
     /// Commands sent in batches.
     pub batched_commands: AtomicU64,
+    /// Transactions started in one phase (`commit_one_phase`).
+    pub one_phase: AtomicU64,
     /// Time from acceptance to outcome of the transactions this coordinator started, by
     /// outcome (committed, aborted, completed, compensated).
     pub durations: [Histogram; 4],
@@ -248,6 +250,7 @@ impl Metrics {
             "rejected_edges": self.rejected_edges.load(Ordering::Relaxed),
             "command_batches": self.command_batches.load(Ordering::Relaxed),
             "batched_commands": self.batched_commands.load(Ordering::Relaxed),
+            "one_phase": self.one_phase.load(Ordering::Relaxed),
             "alerts": self.alerts.load(Ordering::Relaxed),
             "in_flight": in_flight,
         })
@@ -894,12 +897,16 @@ async fn submission(
     }
     let span = tracing::info_span!("txn", %txn_id);
     let mut out = Vec::new();
+    let engine_cfg = shared.engine_for(&request);
+    if engine_cfg.one_phase {
+        shared.metrics.one_phase.fetch_add(1, Ordering::Relaxed);
+    }
     let engine = Machine::start(
         txn_id.clone(),
         &request,
         seq,
         shared.subjects.reply(&txn_id),
-        shared.engine_for(&request),
+        engine_cfg,
         now_ms(),
         &mut out,
     );

@@ -114,6 +114,11 @@ pub fn render(shared: &Shared) -> String {
             "Commands sent inside command batches.",
         ),
         (
+            "txcoord_one_phase_total",
+            "one_phase",
+            "Transactions of one step started in one phase (commit_one_phase): no decision record.",
+        ),
+        (
             "txcoord_held_back_total",
             "held_back",
             "Submissions handed back to wait because a service was at its in-flight share.",
