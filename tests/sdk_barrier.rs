@@ -107,6 +107,19 @@ impl Harness {
 
     /// Sends one command and returns the participant's reply to it.
     async fn send(&mut self, txn: &str, kind: CommandKind, attempt: u32) -> ParticipantReply {
+        self.send_copy(txn, kind, attempt, 0).await
+    }
+
+    /// Sends a command as [`Harness::send`] does; `copy` above 0 stores the same command
+    /// again as a new message (another message id), as JetStream can after a crash: the
+    /// participant sees it as a first delivery.
+    async fn send_copy(
+        &mut self,
+        txn: &str,
+        kind: CommandKind,
+        attempt: u32,
+        copy: u32,
+    ) -> ParticipantReply {
         let cmd = ParticipantCommand {
             url: None,
             deadlock: None,
@@ -125,7 +138,10 @@ impl Harness {
             traceparent: None,
         };
         let subject = self.subjects.command("svc", txn);
-        let id = format!("{txn}.0.{}.{attempt}", kind.as_str());
+        let mut id = format!("{txn}.0.{}.{attempt}", kind.as_str());
+        if copy > 0 {
+            id.push_str(&format!(".copy{copy}"));
+        }
         txcoord::nats::publish_durable(
             &self.js,
             &subject,
@@ -213,6 +229,28 @@ async fn a_one_phase_commit_prepares_and_commits_once_and_its_repeat_is_answered
         ReplyOutcome::Done
     );
     assert_eq!(h.calls_2pc(), (1, 1, 0));
+    // The very same command stored again as a new message (what the fault suite saw after
+    // a crash): a first delivery of attempt 1, still answered from the record, so the
+    // service does not prepare (hold) again what its commit settled.
+    assert_eq!(
+        h.send_copy("o1", CommandKind::CommitOnePhase, 1, 1)
+            .await
+            .outcome,
+        ReplyOutcome::Done
+    );
+    assert_eq!(
+        h.calls_2pc(),
+        (1, 1, 0),
+        "no second prepare after the commit"
+    );
+    // The same for a two-phase prepare stored again after its commit.
+    h.send("p5", CommandKind::Prepare, 1).await;
+    h.send("p5", CommandKind::Commit, 1).await;
+    assert_eq!(
+        h.send_copy("p5", CommandKind::Prepare, 1, 1).await.outcome,
+        ReplyOutcome::Ready
+    );
+    assert_eq!(h.calls_2pc(), (2, 2, 0), "no prepare after the commit");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
