@@ -277,16 +277,30 @@ pub fn decide(kind: CommandKind, record: Option<&BranchRecord>, facts: &Facts) -
     };
     match (kind, state) {
         (CommandKind::Prepare, Some(_)) => Plan::Answer(AnswerFrom::Vote),
-        (CommandKind::Prepare, None)
+        (CommandKind::CommitOnePhase, Some(S::Prepared)) => run(
+            Some(Call::Commit),
+            Write::Advance,
+            Target::State(S::Committed),
+        ),
+        (CommandKind::CommitOnePhase, Some(_)) => Plan::Answer(AnswerFrom::OnePhase),
+        // A one-phase commit prepares first, under the same rules as a prepare.
+        (CommandKind::Prepare | CommandKind::CommitOnePhase, None)
             if facts.deadline_ms != 0 && facts.now_ms > facts.deadline_ms =>
         {
+            let what = if kind == CommandKind::Prepare {
+                "prepare"
+            } else {
+                "commit"
+            };
             run(
                 Some(Call::Abort),
                 Write::Create,
-                Target::VotedAbort("prepare arrived after its deadline".into()),
+                Target::VotedAbort(format!("{what} arrived after its deadline")),
             )
         }
-        (CommandKind::Prepare, None) => run(Some(Call::Prepare), Write::Create, Target::Vote),
+        (CommandKind::Prepare | CommandKind::CommitOnePhase, None) => {
+            run(Some(Call::Prepare), Write::Create, Target::Vote)
+        }
 
         (CommandKind::Commit, Some(S::Committed | S::ReadOnly)) => Plan::Answer(AnswerFrom::Done),
         (CommandKind::Commit, Some(S::Prepared)) => run(
@@ -334,25 +348,6 @@ pub fn decide(kind: CommandKind, record: Option<&BranchRecord>, facts: &Facts) -
             Write::Create,
             Target::State(S::CompensatedBeforeExecute),
         ),
-
-        (CommandKind::CommitOnePhase, Some(S::Prepared)) => run(
-            Some(Call::Commit),
-            Write::Advance,
-            Target::State(S::Committed),
-        ),
-        (CommandKind::CommitOnePhase, Some(_)) => Plan::Answer(AnswerFrom::OnePhase),
-        (CommandKind::CommitOnePhase, None)
-            if facts.deadline_ms != 0 && facts.now_ms > facts.deadline_ms =>
-        {
-            run(
-                Some(Call::Abort),
-                Write::Create,
-                Target::VotedAbort("commit arrived after its deadline".into()),
-            )
-        }
-        (CommandKind::CommitOnePhase, None) => {
-            run(Some(Call::Prepare), Write::Create, Target::Vote)
-        }
     }
 }
 
