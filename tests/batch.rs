@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Proc, System, check, request, step, validator};
+use common::{System, check, request, step, validator};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use txcoord::participant::BranchState;
@@ -166,18 +166,8 @@ async fn a_batch_mixing_transactions_commits_each_and_aborts_the_one_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batched_and_per_command_participants_share_transactions() {
     let mut sys = System::start(&["a"], &[LINGER]).await;
-    let url = sys.nats.url();
     // An SDK participant with batching off, and a raw-protocol one that never heard of it.
-    let plain = Proc::spawn(
-        sys.dir.path(),
-        "plain",
-        &["participant", "--service", "plain", "--no-batch"],
-        &[("TXCOORD_NATS_URL", url.as_str())],
-    );
-    plain
-        .wait_for("participant ready", Duration::from_secs(30))
-        .await;
-    sys.participants.push(("plain".into(), plain));
+    sys.spawn_participant("plain", &["--no-batch"]).await;
     let ledger = sys.spawn_ledger().await;
     warm_up(&sys, &["a", "plain", "ledger"]).await;
     let tap = Tap::start(&sys).await;

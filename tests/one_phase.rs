@@ -247,15 +247,7 @@ async fn a_lone_step_commits_in_one_phase_once_its_service_said_it_takes_that() 
 async fn a_service_that_takes_no_one_phase_and_a_coordinator_with_it_off_run_both_phases() {
     let mut sys = System::start(&["a"], &[]).await;
     let url = sys.nats.url();
-    let c = Proc::spawn(
-        sys.dir.path(),
-        "c",
-        &["participant", "--service", "c", "--no-one-phase"],
-        &[("TXCOORD_NATS_URL", url.as_str())],
-    );
-    c.wait_for("participant ready", Duration::from_secs(30))
-        .await;
-    sys.participants.push(("c".into(), c));
+    sys.spawn_participant("c", &["--no-one-phase"]).await;
     let bus = Bus::watch(&sys.nc).await;
     warm_up(&sys, "c").await;
     let ev = sys.run(request("c1", vec![step("c", json!({}))])).await;

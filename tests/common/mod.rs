@@ -131,15 +131,7 @@ impl System {
         let coordinator = Proc::spawn(dir.path(), "coordinator", &["serve"], &env);
         let participants = services
             .iter()
-            .map(|s| {
-                let p = Proc::spawn(
-                    dir.path(),
-                    s,
-                    &["participant", "--service", s],
-                    &[("TXCOORD_NATS_URL", url.as_str())],
-                );
-                (s.to_string(), p)
-            })
+            .map(|s| (s.to_string(), scripted(dir.path(), &url, s, &[])))
             .collect();
         let nc = async_nats::connect(&url).await.expect("connect");
         let client = Client::new(nc.clone(), "txn").await.expect("client");
@@ -185,6 +177,15 @@ impl System {
                 eprintln!("[{name}] {line}");
             }
         }
+    }
+
+    /// Starts one more scripted participant, `txcoord participant --service <service>` with
+    /// `args` (`--no-batch`, `--no-one-phase`...), and waits until it is ready.
+    pub async fn spawn_participant(&mut self, service: &str, args: &[&str]) {
+        let p = scripted(self.dir.path(), &self.nats.url(), service, args);
+        p.wait_for("participant ready", Duration::from_secs(30))
+            .await;
+        self.participants.push((service.to_string(), p));
     }
 
     /// Starts one of the example services (`inventory`, `payment`, `order`) as `name`, with
@@ -455,6 +456,13 @@ impl System {
             self.client.history(txn_id).await
         );
     }
+}
+
+/// `txcoord participant --service <service>` with `args`, on the server at `url`.
+fn scripted(dir: &std::path::Path, url: &str, service: &str, args: &[&str]) -> Proc {
+    let mut all = vec!["participant", "--service", service];
+    all.extend_from_slice(args);
+    Proc::spawn(dir, service, &all, &[("TXCOORD_NATS_URL", url)])
 }
 
 /// The path of an example service's binary (another workspace package's, built into the
