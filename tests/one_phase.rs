@@ -343,7 +343,12 @@ async fn a_coordinator_killed_with_the_command_out_finishes_it_after_a_restart()
     sys.submit(&req, "slow").await;
     sys.wait_state("slow", |e| e.state == TxnState::Preparing)
         .await;
+    let since = std::time::Instant::now();
     while bus.commands(&sys.nc, "slow").await.is_empty() {
+        assert!(
+            since.elapsed() < Duration::from_secs(30),
+            "the one-phase command never went out"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     sys.coordinator.kill9();
