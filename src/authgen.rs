@@ -1,15 +1,24 @@
 //! `txcoord auth`: generates a nats-server authorization block with one identity for the
-//! coordinator, one per client and one per service, each allowed what its role needs and
-//! nothing more, and a txcoord configuration snippet (`[nats]` credentials) for each.
+//! coordinator, one per client, one per service and one per operator, each allowed what its
+//! role needs and nothing more, and a txcoord configuration snippet (`[nats]` credentials)
+//! for each.
 //!
 //! - The **coordinator** may do anything: it owns the streams, writes the log and the
 //!   commands, and answers the API.
 //! - A **client** may submit on its own subject (`<prefix>.submit.<client>`, which gives it
 //!   its own fair share), call the API as itself (`<prefix>.api.status` and
 //!   `<prefix>.api.execute.<client>`, which submits on its own subject too; `$SRV.*` is for
-//!   operators, who use the coordinator identity),
+//!   operators),
 //!   watch outcomes (`<prefix>.events.*`) and read the log (direct gets on the events
 //!   stream). It may not publish a record, a command or a reply.
+//! - An **operator** (a person, or the tool a person runs: `txcoord list`, `show`,
+//!   `watch`, `resolve`, `status`) may read the log, watch records and alerts
+//!   (`<prefix>.events.*`, `<prefix>.alerts`), ask the coordinator's service endpoints
+//!   (`$SRV.>`: ping, info, stats) and call `<prefix>.api.status` and
+//!   `<prefix>.api.resolve`, the one way to act on a transaction, which the coordinator
+//!   carries out under its rules and records with who asked. It may not submit, publish a
+//!   record, a command or a reply, or touch a stream or a consumer: operators no longer need
+//!   the coordinator's identity, which can write the log.
 //! - A **service** may read only its own commands (its durable consumer on the command
 //!   stream, and its acks), publish only its own replies (`<prefix>.reply.<service>.>`), use
 //!   its own KV buckets (`txp_<service>`, the SDK's branch records, and `<service>_data`,
@@ -33,6 +42,8 @@ pub enum Role {
     Client,
     /// A participant service.
     Service,
+    /// A person (or their tooling) who inspects transactions and resolves stuck ones.
+    Operator,
 }
 
 /// One generated identity.
@@ -90,7 +101,7 @@ pub enum AuthGenError {
     /// A name that cannot be a subject token, or one used twice.
     #[error("{what} {name:?}: {why}")]
     BadName {
-        /// service or client.
+        /// service, client or operator.
         what: &'static str,
         /// The name.
         name: String,
@@ -101,7 +112,7 @@ pub enum AuthGenError {
 
 /// The generated identities and the server's authorization block.
 pub struct Generated {
-    /// The coordinator first, then clients, then services.
+    /// The coordinator first, then clients, services and operators.
     pub identities: Vec<Identity>,
 }
 
@@ -113,15 +124,31 @@ fn password() -> String {
     )
 }
 
-/// Generates identities for `services` and `clients` under `prefix`.
+/// Generates identities for `services` and `clients` under `prefix` (no operator: see
+/// [`generate_with_operators`]).
 pub fn generate(
     prefix: &str,
     services: &[String],
     clients: &[String],
 ) -> Result<Generated, AuthGenError> {
+    generate_with_operators(prefix, services, clients, &[])
+}
+
+/// Generates identities for `services`, `clients` and `operators` under `prefix`. Every name
+/// must be unique across the three lists, and none may be `coordinator`.
+pub fn generate_with_operators(
+    prefix: &str,
+    services: &[String],
+    clients: &[String],
+    operators: &[String],
+) -> Result<Generated, AuthGenError> {
     let s = Subjects::new(prefix.to_string());
     let mut seen = std::collections::HashSet::new();
-    for (what, names) in [("service", services), ("client", clients)] {
+    for (what, names) in [
+        ("service", services),
+        ("client", clients),
+        ("operator", operators),
+    ] {
         for n in names {
             if !crate::proto::is_token(n, crate::proto::MAX_NAME_LEN) {
                 return Err(AuthGenError::BadName {
@@ -227,6 +254,31 @@ pub fn generate(
             subscribe: vec![format!("{}.>", inbox(svc))],
         });
     }
+    for op in operators {
+        let mut publish = vec![
+            s.api("status"),
+            s.api("resolve"),
+            "$SRV.>".into(),
+            "$JS.API.INFO".into(),
+            direct_events.clone(),
+            format!("{direct_events}.>"),
+            format!("$JS.API.DIRECT.GET.{}", s.submit_stream()),
+        ];
+        publish.extend(open_streams.iter().cloned());
+        out.push(Identity {
+            name: op.clone(),
+            role: Role::Operator,
+            user: format!("operator-{op}"),
+            password: password(),
+            inbox_prefix: inbox(op),
+            publish,
+            subscribe: vec![
+                format!("{}.>", inbox(op)),
+                format!("{prefix}.events.*"),
+                s.alerts(),
+            ],
+        });
+    }
     Ok(Generated { identities: out })
 }
 
@@ -298,5 +350,58 @@ mod tests {
         assert!(generate("txn", &["a.b".into()], &[]).is_err());
         assert!(generate("txn", &["a".into()], &["a".into()]).is_err());
         assert!(generate("txn", &["coordinator".into()], &[]).is_err());
+        assert!(generate_with_operators("txn", &["a".into()], &[], &["a".into()]).is_err());
+        assert!(generate_with_operators("txn", &[], &[], &["coordinator".into()]).is_err());
+        assert!(generate_with_operators("txn", &[], &[], &["ana ops".into()]).is_err());
+    }
+
+    #[test]
+    fn an_operator_reads_and_resolves_but_writes_nothing() {
+        let g = generate_with_operators("txn", &["inv".into()], &["shop".into()], &["ana".into()])
+            .unwrap();
+        let ana = g.get("ana").unwrap();
+        assert_eq!(ana.role, Role::Operator);
+        assert_eq!(ana.user, "operator-ana");
+        for may in [
+            "txn.api.resolve",
+            "txn.api.status",
+            "$SRV.>",
+            "$JS.API.DIRECT.GET.TXN_EVENTS",
+            "$JS.API.STREAM.INFO.TXN_EVENTS",
+        ] {
+            assert!(
+                ana.publish.contains(&may.to_string()),
+                "{may}: {:?}",
+                ana.publish
+            );
+        }
+        // Nothing that writes: no submission, no execute, no record, command or reply, no
+        // stream or consumer change, no KV bucket.
+        for p in &ana.publish {
+            assert!(
+                !(p.starts_with("txn.submit")
+                    || p.starts_with("txn.api.execute")
+                    || p.starts_with("txn.events")
+                    || p.starts_with("txn.cmd")
+                    || p.starts_with("txn.reply")
+                    || p.starts_with("$KV")
+                    || p.contains("CREATE")
+                    || p.contains("UPDATE")
+                    || p.contains("DELETE")
+                    || p.contains("PURGE")
+                    || p.starts_with("$JS.ACK")
+                    || p == ">"),
+                "an operator may publish on {p}"
+            );
+        }
+        assert_eq!(
+            ana.subscribe,
+            ["_INBOX_ana.>", "txn.events.*", "txn.alerts"]
+        );
+        let block = g.server_block();
+        assert_eq!(block.matches("{ user:").count(), 4);
+        assert!(block.contains("\"operator-ana\""));
+        assert!(ana.config_toml().contains("user = \"operator-ana\""));
+        assert!(!ana.config_toml().contains("submit_as"));
     }
 }

@@ -212,8 +212,8 @@ enum Cmd {
     /// one line per check. Exit 0 if every check passed, 1 if any did not.
     Chaos(chaos::ChaosArgs),
     /// Generate NATS identities (users, passwords, permissions) for the coordinator, each
-    /// client and each service: an authorization block for nats-server and a txcoord
-    /// configuration file per identity.
+    /// client, each service and each operator: an authorization block for nats-server and a
+    /// txcoord configuration file per identity.
     Auth {
         /// A service that takes part in transactions (repeatable).
         #[arg(long = "service", value_name = "NAME")]
@@ -221,6 +221,10 @@ enum Cmd {
         /// A client that submits transactions (repeatable).
         #[arg(long = "client", value_name = "NAME")]
         clients: Vec<String>,
+        /// An operator (repeatable): may read the log, watch records and alerts, ask the
+        /// coordinator's $SRV endpoints, and call status and resolve; may write nothing else.
+        #[arg(long = "operator", value_name = "NAME")]
+        operators: Vec<String>,
         /// Where to write nats-auth.conf and <name>.toml (created if missing).
         #[arg(long, default_value = "txcoord-auth")]
         out: PathBuf,
@@ -440,9 +444,10 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<ExitCode> {
         Cmd::Auth {
             services,
             clients,
+            operators,
             out,
         } => {
-            write_auth(&cfg.subject_prefix, &services, &clients, &out)?;
+            write_auth(&cfg.subject_prefix, &services, &clients, &operators, &out)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Chaos(args) => {
@@ -615,7 +620,7 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<ExitCode> {
                     anyhow::anyhow!("no answer from the coordinator on {subject} within 35 s")
                 })?
                 .with_context(|| {
-                    format!("asking the coordinator on {subject} (is one running?)")
+                    format!("asking the coordinator on {subject} (is one running? may this identity publish there?)")
                 })?;
                 let v: Value = serde_json::from_slice(&reply.payload).with_context(|| {
                     format!("the coordinator's answer on {subject} is not JSON")
@@ -789,13 +794,15 @@ fn write_auth(
     prefix: &str,
     services: &[String],
     clients: &[String],
+    operators: &[String],
     out: &std::path::Path,
 ) -> anyhow::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    if services.is_empty() && clients.is_empty() {
-        anyhow::bail!("name at least one --service or --client");
+    if services.is_empty() && clients.is_empty() && operators.is_empty() {
+        anyhow::bail!("name at least one --service, --client or --operator");
     }
-    let generated = txcoord::authgen::generate(prefix, services, clients)?;
+    let generated =
+        txcoord::authgen::generate_with_operators(prefix, services, clients, operators)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let write = |name: String, text: String| -> anyhow::Result<()> {
         let path = out.join(name);

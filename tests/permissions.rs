@@ -410,3 +410,214 @@ async fn the_order_demo_runs_under_the_generated_files() {
         nats_log(&nats)
     );
 }
+
+/// The `txcoord` CLI as one generated identity: its output, with a bound on the wait.
+async fn cli_as(url: &str, id: &Identity, args: &[&str]) -> std::process::Output {
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_txcoord"))
+            .args(args)
+            .envs(env_of(url, id))
+            .env("TXCOORD_LOG", "warn")
+            .output(),
+    )
+    .await
+    .expect("the CLI finishes")
+    .expect("the CLI runs")
+}
+
+/// An operator identity (`txcoord auth --operator`) does an operator's work without the
+/// coordinator's password: lists, shows and reads transactions, asks `$SRV` for the
+/// coordinator's stats, and aborts an undecided transaction with `txcoord resolve`, whose
+/// audit record names it. The server refuses every write outside that: a record, a
+/// submission, an execute, a command, a vote, and deleting the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_reads_and_resolves_and_writes_nothing_else() {
+    let g = txcoord::authgen::generate_with_operators(
+        "txn",
+        &["a".into()],
+        &["shop".into()],
+        &["ana".into()],
+    )
+    .unwrap();
+    let nats = NatsServer::start_configured(None, None, "", &g.server_block()).expect("nats");
+    let url = nats.url();
+    let dir = tempfile::tempdir().unwrap();
+    let spawn = |name: &str, args: &[&str], id: &str| {
+        let env = env_of(&url, g.get(id).unwrap());
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        Proc::spawn(dir.path(), name, args, &env)
+    };
+    let coordinator = spawn("coordinator", &["serve"], "coordinator");
+    coordinator
+        .wait_for("coordinator ready", Duration::from_secs(30))
+        .await;
+    let pa = spawn("a", &["participant", "--service", "a"], "a");
+    pa.wait_for("participant ready", Duration::from_secs(30))
+        .await;
+    let shop = connect(&url, &g, "shop").await;
+    let client = Client::new(shop.clone(), "txn")
+        .await
+        .expect("client")
+        .as_client("shop");
+    let out = client
+        .submit_and_wait(
+            vec![request("op-ok", vec![step("a", json!({}))])],
+            Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(out[0].as_ref().expect("outcome").state, TxnState::Committed);
+    let ana = g.get("ana").unwrap();
+
+    // Reading: list, show and status, from the log and the API.
+    let list = cli_as(&url, ana, &["list", "--json"]).await;
+    let listed = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        list.status.success() && listed.contains("op-ok"),
+        "list as an operator: {:?}\n{listed}\n{}",
+        list.status,
+        String::from_utf8_lossy(&list.stderr)
+    );
+    let show = cli_as(&url, ana, &["show", "op-ok", "--json"]).await;
+    let shown = String::from_utf8_lossy(&show.stdout);
+    assert!(
+        show.status.success() && shown.contains("\"committed\""),
+        "show as an operator: {:?}\n{shown}\n{}",
+        show.status,
+        String::from_utf8_lossy(&show.stderr)
+    );
+    let status = cli_as(&url, ana, &["status", "op-ok"]).await;
+    let ev: txcoord::proto::TransactionEvent = serde_json::from_slice(&status.stdout)
+        .unwrap_or_else(|e| {
+            panic!(
+                "status as an operator: {e}\n{}",
+                String::from_utf8_lossy(&status.stderr)
+            )
+        });
+    assert_eq!(ev.state, TxnState::Committed);
+    let op = connect(&url, &g, "ana").await;
+    let stats = op
+        .request("$SRV.STATS.txcoord", "".into())
+        .await
+        .expect("an operator reads the coordinator's stats");
+    let stats: Value = serde_json::from_slice(&stats.payload).unwrap();
+    assert!(
+        stats["endpoints"][0]["data"]["committed"].as_u64() >= Some(1),
+        "{stats}"
+    );
+
+    // Acting: an undecided transaction (its second step is slow to vote; two steps, so it
+    // runs both phases) aborted by the operator; the outcome names who asked and why.
+    let slow = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            client
+                .submit_and_wait(
+                    vec![request(
+                        "op-slow",
+                        vec![step("a", json!({})), step("a", json!({"delay_ms": 4000}))],
+                    )],
+                    Duration::from_secs(30),
+                )
+                .await
+        })
+    };
+    let start = std::time::Instant::now();
+    while client.last_event("op-slow").await.map(|e| e.state) != Some(TxnState::Preparing) {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "op-slow never prepared"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let resolve = cli_as(
+        &url,
+        ana,
+        &[
+            "resolve",
+            "op-slow",
+            "abort",
+            "--reason",
+            "customer cancelled",
+            "--by",
+            "ana",
+        ],
+    )
+    .await;
+    assert!(
+        resolve.status.success(),
+        "resolve as an operator: {:?}\n{}\n{}",
+        resolve.status,
+        String::from_utf8_lossy(&resolve.stdout),
+        String::from_utf8_lossy(&resolve.stderr)
+    );
+    let out = slow.await.unwrap().remove(0).expect("outcome");
+    assert_eq!(out.state, TxnState::Aborted, "{out:?}");
+    assert_eq!(
+        out.reason,
+        Some(Reason::Operator {
+            by: "ana".into(),
+            message: "customer cancelled".into()
+        })
+    );
+
+    // Writing anything else is refused by the server.
+    let id = "op-forged";
+    refused(
+        &op,
+        &format!("txn.events.{id}"),
+        &json!({"txn_id": id, "state": "committed"}),
+    )
+    .await;
+    refused(
+        &op,
+        "txn.submit.shop",
+        &request(id, vec![step("a", json!({}))]),
+    )
+    .await;
+    refused(&op, "txn.submit", &request(id, vec![step("a", json!({}))])).await;
+    refused(&op, &format!("txn.cmd.a.{id}"), &json!({"kind": "commit"})).await;
+    refused(
+        &op,
+        &format!("txn.reply.a.{id}"),
+        &json!({"txn_id": id, "service": "a", "step": 0, "kind": "prepare", "outcome": "ready"}),
+    )
+    .await;
+    for subject in ["txn.api.execute.shop", "$JS.API.STREAM.DELETE.TXN_EVENTS"] {
+        let answer = tokio::time::timeout(
+            Duration::from_secs(2),
+            op.request(subject, request(id, vec![]).to_string().into()),
+        )
+        .await;
+        assert!(
+            !matches!(answer, Ok(Ok(_))),
+            "an operator got an answer on {subject}: {answer:?}"
+        );
+    }
+    let js = txcoord::nats::jetstream(op.clone(), Duration::from_secs(2));
+    assert!(
+        js.get_stream("TXN_EVENTS").await.is_ok(),
+        "the log is still there"
+    );
+    // The server refused exactly those, and nothing the operator's reading and resolving
+    // needed (a missing permission there would show as a violation too).
+    let log = nats_log(&nats);
+    let refusals: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("user:operator-ana") && l.contains("Violation"))
+        .filter_map(|l| l.split(" - Subject ").nth(1))
+        .collect();
+    assert_eq!(
+        refusals,
+        [
+            "\"txn.events.op-forged\"",
+            "\"txn.submit.shop\"",
+            "\"txn.submit\"",
+            "\"txn.cmd.a.op-forged\"",
+            "\"txn.reply.a.op-forged\"",
+            "\"txn.api.execute.shop\"",
+            "\"$JS.API.STREAM.DELETE.TXN_EVENTS\"",
+        ],
+        "{log}"
+    );
+}
