@@ -177,6 +177,11 @@ enum Cmd {
         /// mark-done: the step the operator applied by hand.
         #[arg(long)]
         step: Option<usize>,
+        /// mark-done of a one-phase transaction whose participant never answered, past its
+        /// deadline: what the participant did, as confirmed at the service (`committed` or
+        /// `aborted`). The transaction ends so, recorded as the operator's decision.
+        #[arg(long, value_parser = parse_outcome)]
+        outcome: Option<txcoord::proto::ConfirmedOutcome>,
         /// Why (required: it goes into the audit record).
         #[arg(long)]
         reason: String,
@@ -385,6 +390,15 @@ fn main() -> ExitCode {
 }
 
 /// Who runs this command, for an operator action's audit record: `user@host`.
+/// `--outcome`: `committed` or `aborted`.
+fn parse_outcome(s: &str) -> Result<txcoord::proto::ConfirmedOutcome, String> {
+    match s {
+        "committed" => Ok(txcoord::proto::ConfirmedOutcome::Committed),
+        "aborted" => Ok(txcoord::proto::ConfirmedOutcome::Aborted),
+        other => Err(format!("{other:?} is not an outcome: committed or aborted")),
+    }
+}
+
 fn whoami() -> String {
     let user = std::env::var("USER")
         .or_else(|_| std::env::var("LOGNAME"))
@@ -549,6 +563,7 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<ExitCode> {
         Cmd::Resolve {
             args,
             step,
+            outcome,
             reason,
             by,
             all_stuck,
@@ -605,6 +620,7 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<ExitCode> {
                     resolution: txcoord::proto::Resolution {
                         action,
                         step,
+                        outcome,
                         reason: reason.clone(),
                         by: by.clone(),
                         at_ms: 0,

@@ -377,3 +377,97 @@ async fn a_coordinator_killed_with_the_command_out_finishes_it_after_a_restart()
         (1, 1)
     );
 }
+
+/// A one-phase transaction whose participant does not answer by its deadline can only be
+/// ended by a person: `txcoord resolve <id> mark-done --outcome aborted` (refused until the
+/// deadline has passed) ends it `aborted`, recorded as the operator's decision. When the
+/// participant does answer later, and says it committed, the coordinator reports the
+/// disagreement: a `contradicted` alert on `txn.alerts`, because the service and the log
+/// now disagree and only a person can reconcile them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_one_phase_transaction_ended_by_hand_and_contradicted_later_raises_an_alert() {
+    let sys = System::start(&["a"], &[]).await;
+    warm_up(&sys, "a").await;
+    let mut alerts = sys.nc.subscribe("txn.alerts").await.expect("alerts");
+    sys.nc.flush().await.expect("flush");
+    // The service sleeps past the deadline before it votes (then commits, in one phase).
+    let mut req = request("by-hand", vec![step("a", json!({"delay_ms": 5000}))]);
+    req["timeout_ms"] = json!(1000);
+    sys.submit(&req, "by-hand").await;
+    sys.wait_state("by-hand", |e| e.state == TxnState::Preparing)
+        .await;
+    let resolve = [
+        "resolve",
+        "by-hand",
+        "mark-done",
+        "--outcome",
+        "aborted",
+        "--reason",
+        "the service shows nothing for it",
+        "--by",
+        "ops",
+    ];
+    // Refused while the participant may still be deciding; carried out past the deadline.
+    let since = std::time::Instant::now();
+    loop {
+        let out = sys.cli(&resolve);
+        if out.status.success() {
+            break;
+        }
+        let said = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(said.contains("may still be deciding"), "{said}");
+        assert!(
+            since.elapsed() < Duration::from_secs(20),
+            "never past the deadline: {said}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let ev = sys.wait_state("by-hand", |e| e.state.is_terminal()).await;
+    assert_eq!(ev.state, TxnState::Aborted, "{ev:?}");
+    assert_eq!(
+        ev.reason,
+        Some(Reason::Operator {
+            by: "ops".into(),
+            message: "the service shows nothing for it".into()
+        })
+    );
+    let resolved = ev.resolved.clone().expect("the audit");
+    assert_eq!(
+        resolved.outcome,
+        Some(txcoord::proto::ConfirmedOutcome::Aborted)
+    );
+    // The participant wakes up, commits in one phase and says so: an alert.
+    let alert = loop {
+        let msg = tokio::time::timeout(Duration::from_secs(30), alerts.next())
+            .await
+            .expect("a contradicted alert")
+            .expect("alerts open");
+        let alert: txcoord::proto::Alert = serde_json::from_slice(&msg.payload).expect("an alert");
+        if alert.kind == txcoord::proto::AlertKind::Contradicted {
+            break alert;
+        }
+    };
+    assert_eq!(alert.txn_id, "by-hand");
+    assert_eq!(alert.state, TxnState::Aborted);
+    assert!(
+        alert.message.contains("a answered done"),
+        "{}",
+        alert.message
+    );
+    assert_eq!(alert.resolved, Some(resolved));
+    check(
+        &validator("alert"),
+        "alert",
+        "txn.alerts",
+        &serde_json::to_value(&alert).unwrap(),
+    );
+    // The log is unchanged: the operator's outcome stands.
+    let last = sys.client.history("by-hand").await;
+    assert_eq!(last.last().map(|e| e.state), Some(TxnState::Aborted));
+    assert!(
+        sys.coordinator.log_text().contains("HEURISTIC HAZARD"),
+        "{}",
+        sys.coordinator.log_text()
+    );
+}

@@ -528,6 +528,7 @@ async fn resolve(
         resolution: crate::proto::Resolution {
             action,
             step,
+            outcome: None,
             reason: f.reason.clone(),
             by: "console (admin)".into(),
             at_ms: 0,

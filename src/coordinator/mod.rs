@@ -779,8 +779,76 @@ async fn take_reply(
         Some(tx) => {
             let _ = tx.send(TxnMsg::Reply(reply)).await;
         }
+        None if reply.kind == crate::proto::CommandKind::CommitOnePhase => {
+            late_one_phase_answer(shared, &reply).await
+        }
         None => tracing::debug!(txn_id = %reply.txn_id, service = %reply.service,
             "reply for a transaction that is not running (finished or unknown); ignored"),
+    }
+}
+
+/// Whether a one-phase participant's answer contradicts the outcome an operator recorded by
+/// hand (`mark-done --outcome`): `done` after `aborted`, or a refusal after `committed`. A
+/// read-only answer agrees with either (the participant changed nothing).
+pub fn contradicts(event: &TransactionEvent, answer: crate::proto::ReplyOutcome) -> bool {
+    use crate::proto::{ConfirmedOutcome, ReplyOutcome};
+    let confirmed = event.resolved.as_ref().and_then(|r| r.outcome);
+    matches!(
+        (confirmed, answer),
+        (Some(ConfirmedOutcome::Aborted), ReplyOutcome::Done)
+            | (Some(ConfirmedOutcome::Committed), ReplyOutcome::Abort)
+    )
+}
+
+/// A one-phase answer for a transaction that is no longer running: if an operator ended it
+/// by hand with the other outcome, the service and the log now disagree, which only a
+/// person can reconcile: an error in the log and a `contradicted` alert. Any other late
+/// answer (a duplicate, a redelivery) is ignored.
+async fn late_one_phase_answer(shared: &Shared, reply: &ParticipantReply) {
+    let subject = shared.subjects.events(&reply.txn_id);
+    let last = match shared
+        .streams
+        .events
+        .direct_get_last_for_subject(subject.clone())
+        .await
+    {
+        Ok(msg) => serde_json::from_slice::<TransactionEvent>(&msg.payload).ok(),
+        Err(e) => {
+            tracing::debug!(txn_id = %reply.txn_id, error = %e, "late one-phase answer: no record readable; ignored");
+            None
+        }
+    };
+    let Some(event) = last.filter(|e| e.state.is_outcome() && contradicts(e, reply.outcome)) else {
+        tracing::debug!(txn_id = %reply.txn_id, service = %reply.service,
+            "one-phase answer for a transaction that is not running; ignored");
+        return;
+    };
+    let message = format!(
+        "{} answered {} after an operator recorded the transaction {} by hand: the service and the log disagree",
+        reply.service,
+        reply.outcome.as_str(),
+        event.state.as_str()
+    );
+    tracing::error!(txn_id = %reply.txn_id, service = %reply.service, answer = reply.outcome.as_str(),
+        recorded = event.state.as_str(), "HEURISTIC HAZARD: {message}");
+    let alert = crate::proto::Alert {
+        kind: crate::proto::AlertKind::Contradicted,
+        txn_id: event.txn_id.clone(),
+        state: event.state,
+        mode: event.mode,
+        timestamp_ms: event.timestamp_ms,
+        message,
+        reason: event.reason.clone(),
+        resolved: event.resolved.clone(),
+    };
+    shared.metrics.alerts.fetch_add(1, Ordering::Relaxed);
+    if let Err(e) = shared
+        .js
+        .client()
+        .publish(shared.subjects.alerts(), to_bytes(&alert))
+        .await
+    {
+        tracing::warn!(error = %e, "alert not published");
     }
 }
 
@@ -1232,4 +1300,62 @@ async fn resume(
         .instrument(span),
     );
     Resumed::Running
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{ConfirmedOutcome, ReplyOutcome, Resolution, ResolveAction};
+
+    fn ended(state: TxnState, outcome: Option<ConfirmedOutcome>) -> TransactionEvent {
+        TransactionEvent {
+            txn_id: "t".into(),
+            state,
+            mode: Mode::TwoPc,
+            steps: Vec::new(),
+            timestamp_ms: 0,
+            reason: None,
+            stuck: false,
+            timeout_ms: None,
+            metadata: None,
+            submit_seq: None,
+            current_step: None,
+            cause: None,
+            lock_ts: None,
+            traceparent: None,
+            resolved: Some(Resolution {
+                action: ResolveAction::MarkDone,
+                step: Some(0),
+                outcome,
+                reason: "checked".into(),
+                by: "ops".into(),
+                at_ms: 0,
+            }),
+            one_phase: true,
+        }
+    }
+
+    #[test]
+    fn only_the_other_outcome_after_a_confirmed_one_contradicts_it() {
+        let aborted = ended(TxnState::Aborted, Some(ConfirmedOutcome::Aborted));
+        let committed = ended(TxnState::Committed, Some(ConfirmedOutcome::Committed));
+        assert!(contradicts(&aborted, ReplyOutcome::Done));
+        assert!(contradicts(&committed, ReplyOutcome::Abort));
+        // Agreeing, or read-only (nothing changed): no contradiction.
+        assert!(!contradicts(&aborted, ReplyOutcome::Abort));
+        assert!(!contradicts(&committed, ReplyOutcome::Done));
+        assert!(!contradicts(&aborted, ReplyOutcome::ReadOnly));
+        assert!(!contradicts(&committed, ReplyOutcome::ReadOnly));
+        // An outcome the participant gave itself, or an operator action without an
+        // outcome: a late answer is only a duplicate.
+        let answered = TransactionEvent {
+            resolved: None,
+            ..ended(TxnState::Aborted, None)
+        };
+        assert!(!contradicts(&answered, ReplyOutcome::Done));
+        assert!(!contradicts(
+            &ended(TxnState::Aborted, None),
+            ReplyOutcome::Done
+        ));
+    }
 }

@@ -167,7 +167,9 @@ impl Machine {
     /// (refused, it changes nothing). The record that carries it out has `resolved` set: the
     /// audit of who asked, what and why. The rules keep atomicity: an abort only while
     /// nothing is decided; never a commit the votes did not decide; `mark-done` only for a
-    /// step of a decided transaction (which the operator applied by hand).
+    /// step of a decided transaction (which the operator applied by hand), or, with an
+    /// outcome, for a one-phase transaction past its deadline whose participant never
+    /// answered (the operator names what that participant did: a heuristic decision).
     pub fn resolve(
         &mut self,
         now: u64,

@@ -516,6 +516,11 @@ impl Saga {
         let refuse = |why: String| Err(ResolveRefused(why));
         let state = self.state().as_str();
         let current = self.steps[self.cursor].state;
+        if r.outcome.is_some() {
+            return refuse(
+                "--outcome is only for mark-done of a one-phase transaction whose participant never answered; a saga's steps are marked done without one".into(),
+            );
+        }
         match (r.action, self.phase) {
             (_, Phase::Completed | Phase::Compensated) => {
                 refuse(format!("it is {state}: nothing is left to do"))

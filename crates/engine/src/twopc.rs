@@ -55,9 +55,9 @@ use serde_json::Value;
 
 use super::{Command, EngineConfig, Refusal, ResolveRefused, Timer, backoff_ms};
 use txcoord_proto::{
-    CommandKind, DeadlockPolicy, LockConflict, Mode, ParticipantCommand, ParticipantReply, Reason,
-    ReplyOutcome, Resolution, ResolveAction, StepStatus, TransactionEvent, TransactionRequest,
-    TxnState, Vote,
+    CommandKind, ConfirmedOutcome, DeadlockPolicy, LockConflict, Mode, ParticipantCommand,
+    ParticipantReply, Reason, ReplyOutcome, Resolution, ResolveAction, StepStatus,
+    TransactionEvent, TransactionRequest, TxnState, Vote,
 };
 
 /// The rows of the transition table above, as the engine records them when they fire (see
@@ -879,6 +879,11 @@ impl TwoPc {
     pub fn check_resolve(&self, r: &Resolution) -> Result<(), ResolveRefused> {
         let refuse = |why: String| Err(ResolveRefused(why));
         let state = self.phase.state().as_str();
+        if r.outcome.is_some() && !(r.action == ResolveAction::MarkDone && self.one_phase) {
+            return refuse(
+                "--outcome is only for mark-done of a one-phase transaction whose participant never answered".into(),
+            );
+        }
         match (r.action, self.phase) {
             (_, Phase::Committed | Phase::Aborted) => {
                 refuse(format!("it is {state}: nothing is left to do"))
@@ -904,6 +909,26 @@ impl TwoPc {
             (ResolveAction::Abort, _) => refuse(
                 "it is aborting already (retry-now resends the abort; mark-done counts a step you aborted by hand)".into(),
             ),
+            (ResolveAction::MarkDone, Phase::Preparing) if self.one_phase => {
+                if r.step.is_some_and(|s| s != 0) {
+                    return refuse(format!(
+                        "there is no step {}: the transaction has 1 step",
+                        r.step.unwrap_or(0)
+                    ));
+                }
+                if r.outcome.is_none() {
+                    return refuse(
+                        "it commits in one phase and its participant decides: mark-done needs the outcome you confirmed at the service (--outcome committed or --outcome aborted)".into(),
+                    );
+                }
+                if r.at_ms < self.deadline_ms {
+                    return refuse(format!(
+                        "its participant may still be deciding until the deadline, {} ms from now: wait for it, or retry-now",
+                        self.deadline_ms - r.at_ms
+                    ));
+                }
+                Ok(())
+            }
             (ResolveAction::MarkDone, Phase::Preparing | Phase::Prepared) => refuse(format!(
                 "it is {state}: nothing is decided, and mark-done is only for a step of a decided transaction (abort it, or retry-now)"
             )),
@@ -951,6 +976,24 @@ impl TwoPc {
                     message: r.reason.clone(),
                 };
                 self.decide(Phase::Aborting, Some(reason), now, out);
+            }
+            (ResolveAction::MarkDone, Phase::Preparing) => {
+                // One phase, checked: the operator's confirmed outcome is the participant's.
+                let committed = r.outcome == Some(ConfirmedOutcome::Committed);
+                if let Some(b) = self.branches.first_mut() {
+                    b.vote = Some(if committed { Vote::Ready } else { Vote::Abort });
+                    b.done = committed;
+                }
+                if committed {
+                    self.phase = Phase::Committing;
+                } else {
+                    self.phase = Phase::Aborting;
+                    self.reason = Some(Reason::Operator {
+                        by: r.by.clone(),
+                        message: r.reason.clone(),
+                    });
+                }
+                self.finish(now, out);
             }
             (ResolveAction::MarkDone, _) => {
                 if let Some(b) = r.step.and_then(|s| self.branches.get_mut(s)) {

@@ -309,6 +309,19 @@ pub enum ReplyOutcome {
     Failed,
 }
 
+impl ReplyOutcome {
+    /// The name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplyOutcome::Ready => "ready",
+            ReplyOutcome::ReadOnly => "read_only",
+            ReplyOutcome::Abort => "abort",
+            ReplyOutcome::Done => "done",
+            ReplyOutcome::Failed => "failed",
+        }
+    }
+}
+
 /// A participant's reply, published with JetStream to the command's `reply_to`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ParticipantReply {
@@ -632,6 +645,27 @@ impl ResolveAction {
     }
 }
 
+/// What the participant of a one-phase transaction did, as an operator confirmed it at the
+/// service ([`Resolution::outcome`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConfirmedOutcome {
+    /// It committed: the transaction ends `committed`.
+    Committed,
+    /// It aborted, or never prepared and never will: the transaction ends `aborted`.
+    Aborted,
+}
+
+impl ConfirmedOutcome {
+    /// The name used on the command line and the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConfirmedOutcome::Committed => "committed",
+            ConfirmedOutcome::Aborted => "aborted",
+        }
+    }
+}
+
 /// An operator's action on a transaction, as asked and as recorded (the audit): the record
 /// that carries it out has it in [`TransactionEvent::resolved`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -641,6 +675,11 @@ pub struct Resolution {
     /// `mark-done`: the step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step: Option<usize>,
+    /// `mark-done` of a one-phase transaction whose participant never answered: what that
+    /// participant did, as the operator confirmed at its service (a heuristic decision,
+    /// recorded as such). Refused on any other transaction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<ConfirmedOutcome>,
     /// Why, in the operator's words (required).
     pub reason: String,
     /// Who asked (the CLI sends `--by`, or the user and host it runs as).
@@ -675,6 +714,10 @@ pub enum AlertKind {
     Deadlock,
     /// An operator resolved it (`txcoord resolve`).
     Resolved,
+    /// A participant answered after an operator had recorded its outcome by hand
+    /// (`mark-done --outcome`), and its answer says the other thing: the service and the log
+    /// disagree, and a person must reconcile them.
+    Contradicted,
 }
 
 /// An alert on `<prefix>.alerts` (core NATS, published by the active coordinator once the
@@ -1621,6 +1664,18 @@ mod tests {
             TxnState::Failed,
         ] {
             assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+        for o in [
+            ReplyOutcome::Ready,
+            ReplyOutcome::ReadOnly,
+            ReplyOutcome::Abort,
+            ReplyOutcome::Done,
+            ReplyOutcome::Failed,
+        ] {
+            assert_eq!(serde_json::to_value(o).unwrap(), o.as_str());
+        }
+        for o in [ConfirmedOutcome::Committed, ConfirmedOutcome::Aborted] {
+            assert_eq!(serde_json::to_value(o).unwrap(), o.as_str());
         }
     }
 

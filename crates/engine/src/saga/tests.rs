@@ -387,3 +387,18 @@ fn a_silent_execute_is_sent_again_halfway_to_its_deadline() {
     let out = h(&mut s, 501, done(0, CommandKind::Execute));
     assert_eq!(sends(&out), vec![(1, CommandKind::Execute, 1)]);
 }
+
+#[test]
+fn a_saga_refuses_an_operator_outcome() {
+    let (saga, _) = start(2);
+    let r = txcoord_proto::Resolution {
+        action: txcoord_proto::ResolveAction::MarkDone,
+        step: Some(0),
+        outcome: Some(txcoord_proto::ConfirmedOutcome::Committed),
+        reason: "ticket 7".into(),
+        by: "ana".into(),
+        at_ms: 1_000_000,
+    };
+    let e = saga.check_resolve(&r).unwrap_err();
+    assert!(e.0.contains("only for mark-done of a one-phase"), "{e}");
+}

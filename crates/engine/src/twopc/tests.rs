@@ -850,6 +850,7 @@ fn operator(
     txcoord_proto::Resolution {
         action,
         step,
+        outcome: None,
         reason: "ticket 42".into(),
         by: "ana".into(),
         at_ms: 77,
@@ -1145,6 +1146,7 @@ fn one_phase_is_no_deadlock_victim_and_no_operator_aborts_it() {
     let abort = Resolution {
         action: ResolveAction::Abort,
         step: None,
+        outcome: None,
         reason: "stuck".into(),
         by: "ops".into(),
         at_ms: 10,
@@ -1183,4 +1185,109 @@ fn one_phase_recovers_by_asking_again_and_a_refused_round_record_is_redone() {
     );
     assert_eq!(fresh.phase(), Phase::Aborting);
     assert_eq!(sends(&out), vec![(0, CommandKind::Abort, 1)]);
+}
+
+/// An operator's resolution naming the outcome of a one-phase transaction.
+fn confirmed(outcome: ConfirmedOutcome, at_ms: u64) -> txcoord_proto::Resolution {
+    txcoord_proto::Resolution {
+        outcome: Some(outcome),
+        at_ms,
+        ..operator(txcoord_proto::ResolveAction::MarkDone, Some(0))
+    }
+}
+
+#[test]
+fn a_silent_one_phase_participant_is_settled_by_hand_only_past_the_deadline_and_with_its_outcome() {
+    use txcoord_proto::ResolveAction::MarkDone;
+    let (txn, _) = start_one_phase();
+    let mut m = crate::Machine::TwoPc(txn);
+    // Before the deadline (1,000 ms) the participant may still be deciding.
+    let e = m
+        .check_resolve(&confirmed(ConfirmedOutcome::Aborted, 999))
+        .unwrap_err();
+    assert!(e.0.contains("may still be deciding"), "{e}");
+    // Past it: the outcome is required, and there is only step 0.
+    let e = m.check_resolve(&operator(MarkDone, Some(0))).unwrap_err();
+    assert!(e.0.contains("--outcome committed"), "{e}");
+    let e = m
+        .check_resolve(&txcoord_proto::Resolution {
+            step: Some(1),
+            ..confirmed(ConfirmedOutcome::Aborted, 1_000)
+        })
+        .unwrap_err();
+    assert!(e.0.contains("no step 1"), "{e}");
+    // The operator confirmed at the service that it never committed.
+    let r = confirmed(ConfirmedOutcome::Aborted, 1_500);
+    let mut out = Vec::new();
+    m.resolve(1_500, &r, &mut out).unwrap();
+    assert_eq!(m.state(), TxnState::Aborted);
+    assert!(sends(&out).is_empty(), "nothing is sent: {out:?}");
+    assert_eq!(persisted(&out), vec![TxnState::Aborted]);
+    let fin = record(&out, TxnState::Aborted);
+    assert_eq!(fin.resolved, Some(r));
+    assert!(fin.one_phase);
+    assert_eq!(
+        fin.reason,
+        Some(Reason::Operator {
+            by: "ana".into(),
+            message: "ticket 42".into()
+        })
+    );
+    assert!(out.contains(&Command::Finished));
+    // It committed at the service: the transaction ends committed, its step done.
+    let (txn, _) = start_one_phase();
+    let mut m = crate::Machine::TwoPc(txn);
+    let mut out = Vec::new();
+    m.resolve(
+        2_000,
+        &confirmed(ConfirmedOutcome::Committed, 2_000),
+        &mut out,
+    )
+    .unwrap();
+    assert_eq!(m.state(), TxnState::Committed);
+    let fin = record(&out, TxnState::Committed);
+    assert!(fin.steps[0].done);
+    assert_eq!(fin.reason, None);
+    // A late answer from the participant changes nothing.
+    assert!(
+        m.handle(2_100, one_phase(ReplyOutcome::Abort), &mut Vec::new())
+            .is_err()
+    );
+    assert_eq!(m.state(), TxnState::Committed);
+}
+
+#[test]
+fn an_outcome_is_refused_on_anything_but_a_one_phase_transaction_waiting_for_its_participant() {
+    use txcoord_proto::ResolveAction::Abort;
+    // Two phases, committing: mark-done counts a step, it does not take an outcome.
+    let (mut txn, _) = start(&["a", "b"]);
+    let mut out = Vec::new();
+    txn.handle(1, vote(0, "a", ReplyOutcome::Ready), &mut out)
+        .unwrap();
+    txn.handle(1, vote(1, "b", ReplyOutcome::Ready), &mut out)
+        .unwrap();
+    let m = crate::Machine::TwoPc(txn);
+    let e = m
+        .check_resolve(&confirmed(ConfirmedOutcome::Committed, 5_000))
+        .unwrap_err();
+    assert!(e.0.contains("only for mark-done of a one-phase"), "{e}");
+    // One phase, but an abort with an outcome: refused too (abort itself is refused).
+    let (txn, _) = start_one_phase();
+    let m = crate::Machine::TwoPc(txn);
+    let e = m
+        .check_resolve(&txcoord_proto::Resolution {
+            action: Abort,
+            ..confirmed(ConfirmedOutcome::Aborted, 5_000)
+        })
+        .unwrap_err();
+    assert!(e.0.contains("only for mark-done of a one-phase"), "{e}");
+    // One phase, answered already: nothing is left to do.
+    let (mut txn, _) = start_one_phase();
+    txn.handle(10, one_phase(ReplyOutcome::Done), &mut Vec::new())
+        .unwrap();
+    let m = crate::Machine::TwoPc(txn);
+    let e = m
+        .check_resolve(&confirmed(ConfirmedOutcome::Aborted, 5_000))
+        .unwrap_err();
+    assert!(e.0.contains("nothing is left"), "{e}");
 }
