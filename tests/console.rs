@@ -1,5 +1,6 @@
 //! The web console (`console_listen`) over real HTTP: the list with the CLI's filters and
-//! its paging link, a transaction's page, a resolve action behind its confirmation and the
+//! its paging link, a transaction's page, a resolve action behind its confirmation (also one
+//! naming the outcome of a one-phase transaction whose participant is silent) and the
 //! admin credential (a wrong one refused, a rule that refuses it named), the audit record;
 //! and a standby's console, which lists from the log with its actions disabled.
 
@@ -173,6 +174,57 @@ async fn the_console_lists_shows_and_resolves_behind_a_confirmation() {
     assert_eq!(audit.action, ResolveAction::MarkDone);
     assert_eq!(audit.by, "console (admin)");
 
+    // An outcome is only for a one-phase transaction waiting for its participant.
+    let mut with_outcome = fields.to_vec();
+    with_outcome.push(("outcome", "aborted"));
+    let (status, page) = post(&format!("{base}/txn/c-no/resolve"), &with_outcome).await;
+    assert_eq!(status, 409, "{page}");
+    with_outcome.pop();
+    with_outcome.push(("outcome", "maybe"));
+    let (status, page) = post(&url, &with_outcome).await;
+    assert_eq!(status, 400, "{page}");
+    assert!(page.contains("not an outcome"), "{page}");
+    // One that is (a lone step of a service heard from: one phase), whose service sleeps
+    // past the deadline: the page offers the outcome, refused until the deadline, then
+    // carried out behind its confirmation.
+    let mut slow = request("c-1pc", vec![step("a", json!({"delay_ms": 6000}))]);
+    slow["timeout_ms"] = json!(1500);
+    sys.submit(&slow, "c-1pc").await;
+    sys.wait_state("c-1pc", |e| e.state == TxnState::Preparing)
+        .await;
+    let (_, page) = get(&format!("{base}/txn/c-1pc")).await;
+    assert!(page.contains("name=\"outcome\""), "{page}");
+    let url = format!("{base}/txn/c-1pc/resolve");
+    let fields = [
+        ("action", "mark-done"),
+        ("outcome", "aborted"),
+        ("reason", "its service shows nothing"),
+        ("token", "sekret"),
+    ];
+    let since = std::time::Instant::now();
+    let page = loop {
+        let (status, page) = post(&url, &fields).await;
+        if status == 200 {
+            break page;
+        }
+        assert_eq!(status, 409, "{page}");
+        assert!(page.contains("may still be deciding"), "{page}");
+        assert!(
+            since.elapsed() < std::time::Duration::from_secs(20),
+            "{page}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert!(page.contains("(outcome aborted)"), "{page}");
+    let mut confirmed = fields.to_vec();
+    confirmed.push(("confirm", "yes"));
+    let (status, page) = post(&url, &confirmed).await;
+    assert_eq!(status, 200, "{page}");
+    assert!(
+        page.contains("mark-done carried out; c-1pc is aborted"),
+        "{page}"
+    );
+
     // A standby's console: the list from the log, no actions.
     let standby_addr = format!("127.0.0.1:{}", port());
     let _standby = sys
@@ -183,7 +235,7 @@ async fn the_console_lists_shows_and_resolves_behind_a_confirmation() {
         .await;
     let (status, page) = get(&format!("http://{standby_addr}/")).await;
     assert_eq!(status, 200);
-    assert_eq!(listed(&page), ["c-stuck", "c-no", "c-ok"]);
+    assert_eq!(listed(&page), ["c-1pc", "c-stuck", "c-no", "c-ok"]);
     assert!(page.contains("standby"), "{page}");
     let (_, page) = get(&format!("http://{standby_addr}/txn/c-no")).await;
     assert!(page.contains("nothing is left to do"), "{page}");

@@ -437,14 +437,27 @@ async fn transaction(State(c): State<Console>, Path(id): Path<String>) -> Respon
             "<p id=\"resolve-disabled\">Actions are disabled: the console was started without an admin credential (console_admin_token).</p>",
         );
     } else {
+        // A one-phase transaction waiting for its participant: only an outcome named by the
+        // operator ends it (mark-done --outcome).
+        let waiting_one_phase = last.one_phase && last.state == crate::proto::TxnState::Preparing;
+        let outcome = if waiting_one_phase {
+            " outcome <select name=\"outcome\"><option value=\"\">(none)</option><option value=\"committed\">committed</option><option value=\"aborted\">aborted</option></select>"
+        } else {
+            ""
+        };
+        let rule = if waiting_one_phase {
+            "It commits in one phase: its participant decides. Past its deadline, mark-done with the outcome its service shows ends it so (a heuristic decision: make sure the service will not act on it later)."
+        } else {
+            "Abort only before a decision is durable; mark-done only for a step of a decided transaction that you applied by hand."
+        };
         let _ = write!(
             body,
             "<form id=\"resolve\" method=\"post\" action=\"/txn/{id}/resolve\">\
              <select name=\"action\"><option value=\"retry-now\">retry-now</option><option value=\"abort\">abort</option><option value=\"mark-done\">mark-done</option></select> \
-             step <input name=\"step\" size=\"3\"> reason <input name=\"reason\" size=\"40\" required> \
+             step <input name=\"step\" size=\"3\">{outcome} reason <input name=\"reason\" size=\"40\" required> \
              admin token <input type=\"password\" name=\"token\" required> \
              <button type=\"submit\">Continue…</button></form>\
-             <p>Abort only before a decision is durable; mark-done only for a step of a decided transaction that you applied by hand. You confirm on the next page.</p>",
+             <p>{rule} You confirm on the next page.</p>",
             id = esc(&id)
         );
     }
@@ -462,6 +475,8 @@ struct ResolveForm {
     action: String,
     #[serde(default)]
     step: String,
+    #[serde(default)]
+    outcome: String,
     #[serde(default)]
     reason: String,
     #[serde(default)]
@@ -516,6 +531,17 @@ async fn resolve(
             }
         },
     };
+    let outcome = match f.outcome.trim() {
+        "" => None,
+        "committed" => Some(crate::proto::ConfirmedOutcome::Committed),
+        "aborted" => Some(crate::proto::ConfirmedOutcome::Aborted),
+        o => {
+            return fail(
+                StatusCode::BAD_REQUEST,
+                format!("{o:?} is not an outcome: committed or aborted"),
+            );
+        }
+    };
     let Some(active) = c.ready.borrow().clone() else {
         return fail(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -528,7 +554,7 @@ async fn resolve(
         resolution: crate::proto::Resolution {
             action,
             step,
-            outcome: None,
+            outcome,
             reason: f.reason.clone(),
             by: "console (admin)".into(),
             at_ms: 0,
@@ -540,19 +566,24 @@ async fn resolve(
         Ok(v) if !confirmed => {
             let state = v["state"].as_str().unwrap_or("?");
             let body = format!(
-                "<p>{} on {} (now {}) with reason “{}”: the rules allow it.</p>\
+                "<p>{}{} on {} (now {}) with reason “{}”: the rules allow it.</p>\
                  <form id=\"confirm\" method=\"post\" action=\"/txn/{id}/resolve\">\
                  <input type=\"hidden\" name=\"action\" value=\"{a}\"><input type=\"hidden\" name=\"step\" value=\"{s}\">\
+                 <input type=\"hidden\" name=\"outcome\" value=\"{o}\">\
                  <input type=\"hidden\" name=\"reason\" value=\"{r}\"><input type=\"hidden\" name=\"token\" value=\"{t}\">\
                  <input type=\"hidden\" name=\"confirm\" value=\"yes\">\
                  <button type=\"submit\">Confirm {a}</button> <a href=\"/txn/{id}\">Cancel</a></form>",
                 esc(action.as_str()),
+                outcome
+                    .map(|o| format!(" (outcome {})", o.as_str()))
+                    .unwrap_or_default(),
                 esc(&id),
                 esc(state),
                 esc(&f.reason),
                 id = esc(&id),
                 a = esc(action.as_str()),
                 s = esc(&f.step),
+                o = outcome.map(|o| o.as_str()).unwrap_or_default(),
                 r = esc(&f.reason),
                 t = esc(&f.token),
             );
