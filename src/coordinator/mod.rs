@@ -1020,25 +1020,12 @@ pub(crate) async fn reject(
     let now = now_ms();
     if let Some(id) = &txn_id {
         let event = TransactionEvent {
-            lock_ts: None,
-            txn_id: id.clone(),
-            state: TxnState::Rejected,
-            mode: Mode::TwoPc,
-            steps: Vec::new(),
-            timestamp_ms: now,
             reason: Some(Reason::InvalidRequest {
                 message: err.to_string(),
                 path: err.path(),
             }),
-            stuck: false,
-            timeout_ms: None,
-            metadata: None,
             submit_seq: seq,
-            current_step: None,
-            cause: None,
-            traceparent: None,
-            resolved: None,
-            one_phase: false,
+            ..TransactionEvent::new(id.clone(), TxnState::Rejected, Mode::TwoPc, now)
         };
         let subject = shared.subjects.events(id);
         let msg_id = format!("{id}.rejected.{}", seq.unwrap_or(0));
@@ -1309,20 +1296,6 @@ mod tests {
 
     fn ended(state: TxnState, outcome: Option<ConfirmedOutcome>) -> TransactionEvent {
         TransactionEvent {
-            txn_id: "t".into(),
-            state,
-            mode: Mode::TwoPc,
-            steps: Vec::new(),
-            timestamp_ms: 0,
-            reason: None,
-            stuck: false,
-            timeout_ms: None,
-            metadata: None,
-            submit_seq: None,
-            current_step: None,
-            cause: None,
-            lock_ts: None,
-            traceparent: None,
             resolved: Some(Resolution {
                 action: ResolveAction::MarkDone,
                 step: Some(0),
@@ -1332,6 +1305,7 @@ mod tests {
                 at_ms: 0,
             }),
             one_phase: true,
+            ..TransactionEvent::new("t".into(), state, Mode::TwoPc, 0)
         }
     }
 

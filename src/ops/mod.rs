@@ -381,9 +381,6 @@ mod tests {
 
     fn ev(id: &str, state: TxnState, at: u64, services: &[&str]) -> TransactionEvent {
         TransactionEvent {
-            txn_id: id.into(),
-            state,
-            mode: Mode::TwoPc,
             steps: services
                 .iter()
                 .enumerate()
@@ -402,18 +399,8 @@ mod tests {
                     timeout_ms: None,
                 })
                 .collect(),
-            timestamp_ms: at,
-            reason: None,
-            stuck: false,
             timeout_ms: Some(5000),
-            metadata: None,
-            submit_seq: None,
-            current_step: None,
-            cause: None,
-            lock_ts: None,
-            traceparent: None,
-            resolved: None,
-            one_phase: false,
+            ..TransactionEvent::new(id.into(), state, Mode::TwoPc, at)
         }
     }
 

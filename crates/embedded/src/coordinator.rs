@@ -869,22 +869,8 @@ impl Inner {
             })
             .collect();
         let record = |state| TransactionEvent {
-            lock_ts: None,
-            txn_id: u.txn.to_string(),
-            state,
-            mode: Mode::TwoPc,
             steps: steps.clone(),
-            timestamp_ms: 0,
-            reason: None,
-            stuck: false,
-            timeout_ms: None,
-            metadata: None,
-            submit_seq: None,
-            current_step: None,
-            cause: None,
-            traceparent: None,
-            resolved: None,
-            one_phase: false,
+            ..TransactionEvent::new(u.txn.to_string(), state, Mode::TwoPc, 0)
         };
         let decided = if u.commit { W::Committing } else { W::Aborting };
         let mut out = Vec::new();

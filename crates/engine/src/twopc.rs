@@ -505,22 +505,9 @@ impl TwoPc {
             return self.event(state, now, false);
         }
         TransactionEvent {
-            txn_id: self.txn_id.clone(),
-            state,
-            mode: Mode::TwoPc,
-            steps: Vec::new(),
-            timestamp_ms: now,
             reason: self.reason.clone(),
             stuck: self.stuck,
-            timeout_ms: None,
-            metadata: None,
-            submit_seq: None,
-            current_step: None,
-            cause: None,
-            lock_ts: None,
-            traceparent: None,
-            resolved: None,
-            one_phase: false,
+            ..TransactionEvent::new(self.txn_id.clone(), state, Mode::TwoPc, now)
         }
     }
 

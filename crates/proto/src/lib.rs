@@ -880,6 +880,32 @@ pub struct TransactionEvent {
     pub one_phase: bool,
 }
 
+impl TransactionEvent {
+    /// An event with only its identity, state, mode and time: no steps, and every optional
+    /// field empty. Set the rest with struct update syntax
+    /// (`TransactionEvent { steps, ..TransactionEvent::new(..) }`).
+    pub fn new(txn_id: String, state: TxnState, mode: Mode, timestamp_ms: u64) -> Self {
+        TransactionEvent {
+            txn_id,
+            state,
+            mode,
+            steps: Vec::new(),
+            timestamp_ms,
+            reason: None,
+            stuck: false,
+            timeout_ms: None,
+            metadata: None,
+            submit_seq: None,
+            current_step: None,
+            cause: None,
+            lock_ts: None,
+            traceparent: None,
+            resolved: None,
+            one_phase: false,
+        }
+    }
+}
+
 /// One step's part of a [`RequestShape`]: service, URL, action, payload, compensation,
 /// timeout.
 type StepShape = (
