@@ -87,21 +87,10 @@ async fn an_undecided_branch_keeps_waiting_and_never_decides_alone() {
 /// Publishes a command as a coordinator would.
 async fn forge(sys: &System, id: &str, kind: CommandKind) {
     let cmd = ParticipantCommand {
-        url: None,
-        deadlock: None,
-        lock_ts: None,
-        txn_id: id.into(),
-        service: "a".into(),
-        step: 0,
-        kind,
         action: "act".into(),
-        payload: json!(null),
         reply_to: format!("txn.reply.{id}"),
         attempt: 7,
-        deadline_ms: 0,
-        compensate_action: None,
-        token: None,
-        traceparent: None,
+        ..ParticipantCommand::new(id.into(), "a".into(), 0, kind)
     };
     sys.publish_stored(format!("txn.cmd.a.{id}"), serde_json::to_vec(&cmd).unwrap())
         .await;

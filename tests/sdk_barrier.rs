@@ -121,21 +121,11 @@ impl Harness {
         copy: u32,
     ) -> ParticipantReply {
         let cmd = ParticipantCommand {
-            url: None,
-            deadlock: None,
-            lock_ts: None,
-            txn_id: txn.into(),
-            service: "svc".into(),
-            step: 0,
-            kind,
             action: "ship".into(),
             payload: json!({"box": 1}),
             reply_to: self.subjects.reply(txn),
             attempt,
-            deadline_ms: 0,
-            compensate_action: None,
-            token: None,
-            traceparent: None,
+            ..ParticipantCommand::new(txn.into(), "svc".into(), 0, kind)
         };
         let subject = self.subjects.command("svc", txn);
         let mut id = format!("{txn}.0.{}.{attempt}", kind.as_str());

@@ -260,21 +260,10 @@ mod tests {
         let key = ReplyKey::random();
         let s = Subjects::new("txn");
         let mut cmd = ParticipantCommand {
-            url: None,
-            deadlock: None,
-            lock_ts: None,
-            txn_id: "t1".into(),
-            service: "pay".into(),
-            step: 1,
-            kind: CommandKind::Prepare,
             action: "charge".into(),
-            payload: serde_json::Value::Null,
             reply_to: s.reply("t1"),
             attempt: 2,
-            deadline_ms: 0,
-            compensate_action: None,
-            token: None,
-            traceparent: None,
+            ..ParticipantCommand::new("t1".into(), "pay".into(), 1, CommandKind::Prepare)
         };
         key.stamp(&s, &mut cmd);
         assert_eq!(cmd.reply_to, "txn.reply.pay.t1");

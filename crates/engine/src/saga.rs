@@ -736,10 +736,6 @@ impl Saga {
     fn command(&self, i: usize, kind: CommandKind, attempt: u32, now: u64) -> ParticipantCommand {
         let s = &self.steps[i];
         ParticipantCommand {
-            txn_id: self.txn_id.clone(),
-            service: s.service.clone(),
-            step: i,
-            kind,
             action: s.action.clone(),
             payload: s.payload.clone(),
             reply_to: self.reply_to.clone(),
@@ -754,11 +750,9 @@ impl Saga {
             } else {
                 None
             },
-            lock_ts: None,
-            deadlock: None,
-            token: None,
             url: s.url.clone(),
             traceparent: self.traceparent.clone(),
+            ..ParticipantCommand::new(self.txn_id.clone(), s.service.clone(), i, kind)
         }
     }
 

@@ -914,21 +914,9 @@ impl Sim {
         };
         let s = &self.request.steps[step];
         let cmd = ParticipantCommand {
-            txn_id: "t".into(),
-            service: s.service.clone(),
-            step,
-            kind,
             action: s.action.clone(),
             payload: s.payload.clone(),
-            reply_to: String::new(),
-            attempt: 0,
-            deadline_ms: 0,
-            compensate_action: None,
-            token: None,
-            lock_ts: None,
-            deadlock: None,
-            url: None,
-            traceparent: None,
+            ..ParticipantCommand::new("t".into(), s.service.clone(), step, kind)
         };
         let now = self.now;
         assert!(

@@ -936,23 +936,12 @@ async fn resolve_one<P: Participant>(ctx: &Ctx<P>, branch: InDoubt) {
         }
         return;
     };
-    let cmd = ParticipantCommand {
-        txn_id: branch.txn_id.clone(),
-        service: ctx.service.clone(),
-        step: branch.step,
+    let cmd = ParticipantCommand::new(
+        branch.txn_id.clone(),
+        ctx.service.clone(),
+        branch.step,
         kind,
-        action: String::new(),
-        payload: Value::Null,
-        reply_to: String::new(),
-        attempt: 0,
-        deadline_ms: 0,
-        compensate_action: None,
-        token: None,
-        lock_ts: None,
-        deadlock: None,
-        url: None,
-        traceparent: None,
-    };
+    );
     let _turn = ctx.branches.lock(&branch_key(&cmd.txn_id, cmd.step)).await;
     match apply(ctx, &cmd, false).await {
         Ok(_) => {

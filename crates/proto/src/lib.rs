@@ -293,6 +293,32 @@ pub struct ParticipantCommand {
     pub traceparent: Option<String>,
 }
 
+impl ParticipantCommand {
+    /// A command with only its transaction, service, step and kind: no action, a null
+    /// payload, no reply subject, attempt 0, no deadline, and every optional field empty.
+    /// Set the rest with struct update syntax
+    /// (`ParticipantCommand { attempt: 1, ..ParticipantCommand::new(..) }`).
+    pub fn new(txn_id: String, service: String, step: usize, kind: CommandKind) -> Self {
+        ParticipantCommand {
+            txn_id,
+            service,
+            step,
+            kind,
+            action: String::new(),
+            payload: Value::Null,
+            reply_to: String::new(),
+            attempt: 0,
+            deadline_ms: 0,
+            compensate_action: None,
+            token: None,
+            lock_ts: None,
+            deadlock: None,
+            url: None,
+            traceparent: None,
+        }
+    }
+}
+
 /// A participant's answer to a command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
