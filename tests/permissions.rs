@@ -49,6 +49,53 @@ async fn refused(nc: &async_nats::Client, subject: &str, body: &Value) {
     assert!(stored.is_err(), "{subject} was stored: {stored:?}");
 }
 
+/// A nats-server loading the generated block, with the coordinator running under its own
+/// identity; processes are started under the identity they name.
+struct Secured {
+    g: Generated,
+    nats: NatsServer,
+    url: String,
+    dir: tempfile::TempDir,
+    coordinator: Proc,
+}
+
+impl Secured {
+    async fn start(g: Generated) -> Secured {
+        let nats = NatsServer::start_configured(None, None, "", &g.server_block()).expect("nats");
+        let url = nats.url();
+        let dir = tempfile::tempdir().unwrap();
+        let coordinator = spawn_as(&url, &dir, &g, "coordinator", &["serve"], "coordinator");
+        coordinator
+            .wait_for("coordinator ready", Duration::from_secs(30))
+            .await;
+        Secured {
+            g,
+            nats,
+            url,
+            dir,
+            coordinator,
+        }
+    }
+
+    /// `txcoord <args>` as identity `id`, logged under `name`.
+    fn spawn(&self, name: &str, args: &[&str], id: &str) -> Proc {
+        spawn_as(&self.url, &self.dir, &self.g, name, args, id)
+    }
+}
+
+fn spawn_as(
+    url: &str,
+    dir: &tempfile::TempDir,
+    g: &Generated,
+    name: &str,
+    args: &[&str],
+    id: &str,
+) -> Proc {
+    let env = env_of(url, g.get(id).unwrap());
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    Proc::spawn(dir.path(), name, args, &env)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generated_identities_run_transactions_and_stop_forgeries() {
     let g = txcoord::authgen::generate(
@@ -57,18 +104,10 @@ async fn generated_identities_run_transactions_and_stop_forgeries() {
         &["shop".into()],
     )
     .unwrap();
-    let nats = NatsServer::start_configured(None, None, "", &g.server_block()).expect("nats");
-    let url = nats.url();
-    let dir = tempfile::tempdir().unwrap();
-    let spawn = |name: &str, args: &[&str], id: &str| {
-        let env = env_of(&url, g.get(id).unwrap());
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        Proc::spawn(dir.path(), name, args, &env)
-    };
-    let coordinator = spawn("coordinator", &["serve"], "coordinator");
-    coordinator
-        .wait_for("coordinator ready", Duration::from_secs(30))
-        .await;
+    let sys = Secured::start(g).await;
+    let (g, nats, url, dir, coordinator) =
+        (&sys.g, &sys.nats, &sys.url, &sys.dir, &sys.coordinator);
+    let spawn = |name: &str, args: &[&str], id: &str| sys.spawn(name, args, id);
     let pa = spawn("a", &["participant", "--service", "a"], "a");
     let pb = spawn("b", &["participant", "--service", "b"], "b");
     let ledger = {
@@ -76,13 +115,13 @@ async fn generated_identities_run_transactions_and_stop_forgeries() {
             "{}/participants/python/ledger.py",
             env!("CARGO_MANIFEST_DIR")
         );
-        let env = env_of(&url, g.get("ledger").unwrap());
+        let env = env_of(url, g.get("ledger").unwrap());
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         Proc::spawn_bin(
             &python(),
             dir.path(),
             "ledger",
-            &[&script, "--nats-url", &url],
+            &[&script, "--nats-url", url],
             &env,
         )
     };
@@ -91,7 +130,7 @@ async fn generated_identities_run_transactions_and_stop_forgeries() {
             .await;
     }
 
-    let shop = connect(&url, &g, "shop").await;
+    let shop = connect(url, g, "shop").await;
     let client = Client::new(shop.clone(), "txn")
         .await
         .expect("client")
@@ -167,7 +206,7 @@ async fn generated_identities_run_transactions_and_stop_forgeries() {
         serde_json::from_slice(&answer.payload).expect("an outcome");
     assert_eq!(ev.state, TxnState::Committed);
     // (Read back through the coordinator's identity.)
-    let operator = connect(&url, &g, "coordinator").await;
+    let operator = connect(url, g, "coordinator").await;
     let submits = txcoord::nats::jetstream(operator, Duration::from_secs(2))
         .get_stream("TXN_SUBMIT")
         .await
@@ -207,13 +246,13 @@ async fn generated_identities_run_transactions_and_stop_forgeries() {
             ),
         ],
     );
-    let svc_a = connect(&url, &g, "a").await;
+    let svc_a = connect(url, g, "a").await;
     // Service a tries to read b's commands: the server refuses the subscription, so it
     // never sees b's token.
     let mut snoop = svc_a.subscribe("txn.cmd.b.>").await.unwrap();
     // What service a legitimately reads (its own commands, tokens included), watched here
     // through the coordinator's identity.
-    let admin = connect(&url, &g, "coordinator").await;
+    let admin = connect(url, g, "coordinator").await;
     let mut a_cmds = admin.subscribe("txn.cmd.a.>").await.unwrap();
     admin.flush().await.unwrap();
     let submit = {
@@ -302,7 +341,7 @@ async fn generated_identities_run_transactions_and_stop_forgeries() {
     if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(300), snoop.next()).await {
         panic!("service a read b's command on {}", m.subject);
     }
-    let log = nats_log(&nats);
+    let log = nats_log(nats);
     assert!(
         log.contains("Violation"),
         "the server refused the forgeries:\n{log}"
@@ -440,22 +479,13 @@ async fn an_operator_reads_and_resolves_and_writes_nothing_else() {
         &["ana".into()],
     )
     .unwrap();
-    let nats = NatsServer::start_configured(None, None, "", &g.server_block()).expect("nats");
-    let url = nats.url();
-    let dir = tempfile::tempdir().unwrap();
-    let spawn = |name: &str, args: &[&str], id: &str| {
-        let env = env_of(&url, g.get(id).unwrap());
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        Proc::spawn(dir.path(), name, args, &env)
-    };
-    let coordinator = spawn("coordinator", &["serve"], "coordinator");
-    coordinator
-        .wait_for("coordinator ready", Duration::from_secs(30))
-        .await;
+    let sys = Secured::start(g).await;
+    let (g, nats, url) = (&sys.g, &sys.nats, &sys.url);
+    let spawn = |name: &str, args: &[&str], id: &str| sys.spawn(name, args, id);
     let pa = spawn("a", &["participant", "--service", "a"], "a");
     pa.wait_for("participant ready", Duration::from_secs(30))
         .await;
-    let shop = connect(&url, &g, "shop").await;
+    let shop = connect(url, g, "shop").await;
     let client = Client::new(shop.clone(), "txn")
         .await
         .expect("client")
@@ -470,7 +500,7 @@ async fn an_operator_reads_and_resolves_and_writes_nothing_else() {
     let ana = g.get("ana").unwrap();
 
     // Reading: list, show and status, from the log and the API.
-    let list = cli_as(&url, ana, &["list", "--json"]).await;
+    let list = cli_as(url, ana, &["list", "--json"]).await;
     let listed = String::from_utf8_lossy(&list.stdout);
     assert!(
         list.status.success() && listed.contains("op-ok"),
@@ -478,7 +508,7 @@ async fn an_operator_reads_and_resolves_and_writes_nothing_else() {
         list.status,
         String::from_utf8_lossy(&list.stderr)
     );
-    let show = cli_as(&url, ana, &["show", "op-ok", "--json"]).await;
+    let show = cli_as(url, ana, &["show", "op-ok", "--json"]).await;
     let shown = String::from_utf8_lossy(&show.stdout);
     assert!(
         show.status.success() && shown.contains("\"committed\""),
@@ -486,7 +516,7 @@ async fn an_operator_reads_and_resolves_and_writes_nothing_else() {
         show.status,
         String::from_utf8_lossy(&show.stderr)
     );
-    let status = cli_as(&url, ana, &["status", "op-ok"]).await;
+    let status = cli_as(url, ana, &["status", "op-ok"]).await;
     let ev: txcoord::proto::TransactionEvent = serde_json::from_slice(&status.stdout)
         .unwrap_or_else(|e| {
             panic!(
@@ -495,7 +525,7 @@ async fn an_operator_reads_and_resolves_and_writes_nothing_else() {
             )
         });
     assert_eq!(ev.state, TxnState::Committed);
-    let op = connect(&url, &g, "ana").await;
+    let op = connect(url, g, "ana").await;
     let stats = op
         .request("$SRV.STATS.txcoord", "".into())
         .await
@@ -531,7 +561,7 @@ async fn an_operator_reads_and_resolves_and_writes_nothing_else() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let resolve = cli_as(
-        &url,
+        url,
         ana,
         &[
             "resolve",
@@ -601,7 +631,7 @@ async fn an_operator_reads_and_resolves_and_writes_nothing_else() {
     );
     // The server refused exactly those, and nothing the operator's reading and resolving
     // needed (a missing permission there would show as a violation too).
-    let log = nats_log(&nats);
+    let log = nats_log(nats);
     let refusals: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("user:operator-ana") && l.contains("Violation"))
