@@ -738,7 +738,7 @@ async fn run_replies(shared: Arc<Shared>, consumer: consumer::Consumer<consumer:
 /// handed to its transaction. A believed reply also says whether its service reads
 /// command batches.
 async fn take_reply(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     msg: &jetstream::Message,
     mut reply: ParticipantReply,
     takes: batch::Takes,
@@ -779,8 +779,10 @@ async fn take_reply(
         Some(tx) => {
             let _ = tx.send(TxnMsg::Reply(reply)).await;
         }
+        // Checked in its own task: the read must not hold up the replies behind it.
         None if reply.kind == crate::proto::CommandKind::CommitOnePhase => {
-            late_one_phase_answer(shared, &reply).await
+            let shared = shared.clone();
+            tokio::spawn(async move { late_one_phase_answer(&shared, &reply).await });
         }
         None => tracing::debug!(txn_id = %reply.txn_id, service = %reply.service,
             "reply for a transaction that is not running (finished or unknown); ignored"),
@@ -790,7 +792,7 @@ async fn take_reply(
 /// Whether a one-phase participant's answer contradicts the outcome an operator recorded by
 /// hand (`mark-done --outcome`): `done` after `aborted`, or a refusal after `committed`. A
 /// read-only answer agrees with either (the participant changed nothing).
-pub fn contradicts(event: &TransactionEvent, answer: crate::proto::ReplyOutcome) -> bool {
+pub(crate) fn contradicts(event: &TransactionEvent, answer: crate::proto::ReplyOutcome) -> bool {
     use crate::proto::{ConfirmedOutcome, ReplyOutcome};
     let confirmed = event.resolved.as_ref().and_then(|r| r.outcome);
     matches!(
