@@ -134,6 +134,9 @@ pub struct Metrics {
     pub ended_by_reason: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
     /// Alerts published on `<prefix>.alerts`.
     pub alerts: AtomicU64,
+    /// Late one-phase answers that contradict the outcome an operator recorded by hand
+    /// (`contradicted` alerts): the service and the log disagree.
+    pub contradicted: AtomicU64,
 }
 
 /// The outcomes [`Metrics::durations`] is kept for, in its order.
@@ -252,6 +255,7 @@ impl Metrics {
             "batched_commands": self.batched_commands.load(Ordering::Relaxed),
             "one_phase": self.one_phase.load(Ordering::Relaxed),
             "alerts": self.alerts.load(Ordering::Relaxed),
+            "contradicted": self.contradicted.load(Ordering::Relaxed),
             "in_flight": in_flight,
         })
     }
@@ -844,6 +848,7 @@ async fn late_one_phase_answer(shared: &Shared, reply: &ParticipantReply) {
         resolved: event.resolved.clone(),
     };
     shared.metrics.alerts.fetch_add(1, Ordering::Relaxed);
+    shared.metrics.contradicted.fetch_add(1, Ordering::Relaxed);
     if let Err(e) = shared
         .js
         .client()

@@ -119,6 +119,11 @@ pub fn render(shared: &Shared) -> String {
             "Transactions of one step started in one phase (commit_one_phase): no decision record.",
         ),
         (
+            "txcoord_contradicted_total",
+            "contradicted",
+            "Late one-phase answers contradicting an operator's recorded outcome: the service and the log disagree; a person must reconcile them.",
+        ),
+        (
             "txcoord_held_back_total",
             "held_back",
             "Submissions handed back to wait because a service was at its in-flight share.",
