@@ -163,7 +163,9 @@ enum Cmd {
         json: bool,
     },
     /// Ask the active coordinator to act on a transaction: `resolve <id> retry-now`,
-    /// `resolve <id> abort --reason TEXT`, `resolve <id> mark-done --step N --reason TEXT`;
+    /// `resolve <id> abort --reason TEXT`, `resolve <id> mark-done --step N --reason TEXT`,
+    /// `resolve <id> mark-done --outcome committed|aborted --reason TEXT` (a one-phase
+    /// transaction whose participant never answered, past its deadline);
     /// or on every stuck one: `resolve --all-stuck <action> --reason TEXT`. The rules keep
     /// atomicity (an abort only before a decision is durable; mark-done only for a step of
     /// a decided transaction, fixed by hand) and a refusal names the rule. The record that
