@@ -355,7 +355,7 @@ fn nats_log(nats: &NatsServer) -> String {
 /// What compose.yaml does, without containers: `txcoord auth` writes the files, nats-server
 /// loads the block, every process starts with `--config <its file>`, and the order demo
 /// (with the coordinator's identity, as compose runs it) places its orders and its
-/// invariants hold.
+/// invariants hold; the operator's file lists them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_order_demo_runs_under_the_generated_files() {
     let dir = tempfile::tempdir().unwrap();
@@ -374,6 +374,8 @@ async fn the_order_demo_runs_under_the_generated_files() {
             "order",
             "--client",
             "shop",
+            "--operator",
+            "ops",
             "--out",
             auth_dir,
         ],
@@ -442,6 +444,26 @@ async fn the_order_demo_runs_under_the_generated_files() {
         String::from_utf8_lossy(&demo.stderr),
         coordinator.log_text(),
         logs.join("\n")
+    );
+    // The operator's file (as compose generates it): readable by its owner only, and
+    // enough to list what the demo did.
+    let ops = auth.join("ops.toml");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&ops).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "{}", ops.display());
+    let list = tokio::process::Command::new(env!("CARGO_BIN_EXE_txcoord"))
+        .args(["--config", &config("ops"), "list", "--limit", "5"])
+        .env("TXCOORD_NATS_URL", &url)
+        .env("TXCOORD_LOG", "warn")
+        .output()
+        .await
+        .expect("list runs");
+    let listed = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        list.status.success() && listed.lines().count() >= 5,
+        "list as the operator: {:?}\n{listed}\n{}",
+        list.status,
+        String::from_utf8_lossy(&list.stderr)
     );
     assert!(
         !nats_log(&nats).contains("Permissions Violation"),
