@@ -27,6 +27,7 @@
 //! | Committing/Aborting | operator: retry-now             | same        | as the retry timer, at once                  |
 //! | Preparing/Prepared | operator: abort                  | Aborting    | as a vote abort, reason `operator`           |
 //! | Committing/Aborting | operator: mark-done step N      | same, or Committed/Aborted when N was the last | Persist(record) or Persist(final) |
+//! | Preparing (one phase), past the deadline | operator: mark-done with the outcome | Committed/Aborted | Persist(final), Finished: as that answer (an abort's reason `operator`) |
 //!
 //! Every other operator action is refused naming the rule (an abort once commit is
 //! decided, a mark-done before a decision...), and the record an allowed one writes
@@ -39,7 +40,8 @@
 //! commit command and no second reply. Once that command is out the coordinator cannot
 //! abort on its own: at the deadline it keeps asking (the participant refuses a first
 //! delivery past the deadline, so a service that never saw it votes abort), an operator
-//! can only `retry-now`, and it is never a deadlock victim. Recovery resends the same
+//! can only `retry-now`, or, past the deadline, name the outcome the participant reached
+//! (`mark-done --outcome`, a heuristic decision), and it is never a deadlock victim. Recovery resends the same
 //! command, answered from the participant's record.
 //!
 //! Presumed abort: a commit is over only when every ready participant confirmed it, but an
@@ -897,10 +899,9 @@ impl TwoPc {
                 "it is aborting already (retry-now resends the abort; mark-done counts a step you aborted by hand)".into(),
             ),
             (ResolveAction::MarkDone, Phase::Preparing) if self.one_phase => {
-                if r.step.is_some_and(|s| s != 0) {
+                if let Some(step) = r.step.filter(|&s| s != 0) {
                     return refuse(format!(
-                        "there is no step {}: the transaction has 1 step",
-                        r.step.unwrap_or(0)
+                        "there is no step {step}: the transaction has 1 step"
                     ));
                 }
                 if r.outcome.is_none() {
