@@ -837,26 +837,14 @@ async fn late_one_phase_answer(shared: &Shared, reply: &ParticipantReply) {
     );
     tracing::error!(txn_id = %reply.txn_id, service = %reply.service, answer = reply.outcome.as_str(),
         recorded = event.state.as_str(), "HEURISTIC HAZARD: {message}");
-    let alert = crate::proto::Alert {
-        kind: crate::proto::AlertKind::Contradicted,
-        txn_id: event.txn_id.clone(),
-        state: event.state,
-        mode: event.mode,
-        timestamp_ms: event.timestamp_ms,
-        message,
-        reason: event.reason.clone(),
-        resolved: event.resolved.clone(),
-    };
-    shared.metrics.alerts.fetch_add(1, Ordering::Relaxed);
     shared.metrics.contradicted.fetch_add(1, Ordering::Relaxed);
-    if let Err(e) = shared
-        .js
-        .client()
-        .publish(shared.subjects.alerts(), to_bytes(&alert))
-        .await
-    {
-        tracing::warn!(error = %e, "alert not published");
-    }
+    txn::publish_alert(
+        shared,
+        crate::proto::AlertKind::Contradicted,
+        &event,
+        message,
+    )
+    .await;
 }
 
 /// Pulls submissions only with permits in hand: at the in-flight limit nothing is pulled,

@@ -531,7 +531,7 @@ impl Driver {
     /// deadlock victim: once each per driver; every operator action). Core NATS, best
     /// effort: the record itself is the truth.
     async fn alert(&mut self, event: &TransactionEvent) {
-        use crate::proto::{Alert, AlertKind, Reason};
+        use crate::proto::{AlertKind, Reason};
         let mut kinds = Vec::new();
         if event.stuck {
             kinds.push((
@@ -562,30 +562,7 @@ impl Driver {
                 continue;
             }
             self.alerted |= bit;
-            let alert = Alert {
-                kind,
-                txn_id: event.txn_id.clone(),
-                state: event.state,
-                mode: event.mode,
-                timestamp_ms: event.timestamp_ms,
-                message: message.into(),
-                reason: event.reason.clone(),
-                resolved: event.resolved.clone(),
-            };
-            self.shared
-                .metrics
-                .alerts
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::warn!(kind = ?kind, txn_id = %event.txn_id, "alert");
-            if let Err(e) = self
-                .shared
-                .js
-                .client()
-                .publish(self.shared.subjects.alerts(), to_bytes(&alert))
-                .await
-            {
-                tracing::warn!(error = %e, "alert not published");
-            }
+            publish_alert(&self.shared, kind, event, message.into()).await;
         }
     }
 
@@ -917,6 +894,39 @@ async fn keep_in_progress<F: std::future::Future>(
                 }
             }
         }
+    }
+}
+
+/// Publishes an alert of `kind` about the durable record `event` on `<prefix>.alerts`, and
+/// counts it. Core NATS, best effort: the record itself is the truth.
+pub(crate) async fn publish_alert(
+    shared: &Shared,
+    kind: crate::proto::AlertKind,
+    event: &TransactionEvent,
+    message: String,
+) {
+    let alert = crate::proto::Alert {
+        kind,
+        txn_id: event.txn_id.clone(),
+        state: event.state,
+        mode: event.mode,
+        timestamp_ms: event.timestamp_ms,
+        message,
+        reason: event.reason.clone(),
+        resolved: event.resolved.clone(),
+    };
+    shared
+        .metrics
+        .alerts
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::warn!(kind = ?kind, txn_id = %event.txn_id, "alert");
+    if let Err(e) = shared
+        .js
+        .client()
+        .publish(shared.subjects.alerts(), to_bytes(&alert))
+        .await
+    {
+        tracing::warn!(error = %e, "alert not published");
     }
 }
 
