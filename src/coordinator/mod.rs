@@ -796,7 +796,7 @@ async fn take_reply(
 /// Whether a one-phase participant's answer contradicts the outcome an operator recorded by
 /// hand (`mark-done --outcome`): `done` after `aborted`, or a refusal after `committed`. A
 /// read-only answer agrees with either (the participant changed nothing).
-pub(crate) fn contradicts(event: &TransactionEvent, answer: crate::proto::ReplyOutcome) -> bool {
+fn contradicts(event: &TransactionEvent, answer: crate::proto::ReplyOutcome) -> bool {
     use crate::proto::{ConfirmedOutcome, ReplyOutcome};
     let confirmed = event.resolved.as_ref().and_then(|r| r.outcome);
     matches!(
