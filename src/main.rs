@@ -10,7 +10,6 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use serde_json::Value;
 use txcoord::config::Config;
-use txcoord::proto::TxnState;
 
 /// mimalloc instead of the system allocator: per-message allocations are most of what the
 /// processes do besides I/O (see BENCHMARKS.md).
@@ -129,6 +128,10 @@ enum Cmd {
         /// How long to wait for the outcomes, in seconds.
         #[arg(long, default_value_t = 60)]
         timeout_secs: u64,
+        /// `outcome` (every participant confirmed) or `decided` (the decision is durable;
+        /// each request then goes through `txn.api.execute`, so a coordinator must run).
+        #[arg(long, default_value = "outcome", value_parser = parse_until)]
+        until: txcoord::proto::Until,
     },
     /// Print a transaction's latest state.
     Status {
@@ -478,9 +481,11 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<ExitCode> {
             txcoord::coordinator::run(cfg, shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Submit { file, timeout_secs } => {
-            submit(&cfg, &file, Duration::from_secs(timeout_secs)).await
-        }
+        Cmd::Submit {
+            file,
+            timeout_secs,
+            until,
+        } => submit(&cfg, &file, Duration::from_secs(timeout_secs), until).await,
         Cmd::Status { txn_id } => {
             let nc = txcoord::nats::connect_config(&cfg, "txcoord-cli", false).await?;
             let client = txcoord::client::Client::new(nc, &cfg.subject_prefix)
@@ -863,7 +868,16 @@ fn read_requests(text: &str) -> Vec<Result<Value, String>> {
         .collect()
 }
 
-async fn submit(cfg: &Config, file: &str, timeout: Duration) -> anyhow::Result<ExitCode> {
+fn parse_until(s: &str) -> Result<txcoord::proto::Until, String> {
+    s.parse()
+}
+
+async fn submit(
+    cfg: &Config,
+    file: &str,
+    timeout: Duration,
+    until: txcoord::proto::Until,
+) -> anyhow::Result<ExitCode> {
     let text = if file == "-" {
         let mut s = String::new();
         std::io::stdin()
@@ -890,10 +904,24 @@ async fn submit(cfg: &Config, file: &str, timeout: Duration) -> anyhow::Result<E
         .await?
         .submitting_as(&cfg.submit_as);
     let mut aborted = false;
-    for result in client.submit_and_wait(good, timeout).await {
+    let results = match until {
+        txcoord::proto::Until::Outcome => client.submit_and_wait(good, timeout).await,
+        txcoord::proto::Until::Decided => {
+            // In input order, at most 64 at once.
+            let runs = good
+                .into_iter()
+                .map(|req| client.execute(req, until, timeout));
+            futures::StreamExt::collect(futures::StreamExt::buffered(
+                futures::stream::iter(runs),
+                64,
+            ))
+            .await
+        }
+    };
+    for result in results {
         match result {
             Ok(ev) => {
-                if !matches!(ev.state, TxnState::Committed | TxnState::Completed) {
+                if !ev.state.takes_effect() {
                     aborted = true;
                 }
                 println!("{}", serde_json::to_string(&ev)?);

@@ -1,9 +1,11 @@
 //! A client of the coordinator: submits requests on `<prefix>.submit` and waits for their
-//! final events ([`Outcomes`]); asks `<prefix>.api.status`; reads a transaction's log. Used
+//! final events ([`Outcomes`]); runs one through `<prefix>.api.execute` (which can answer at
+//! the durable decision); asks `<prefix>.api.status`; reads a transaction's log. Used
 //! by the CLI, the tests, the demo and the benchmark.
 
 mod outcomes;
 
+pub(crate) use outcomes::WaitList;
 pub use outcomes::{Outcomes, Watch};
 
 use std::time::Duration;
@@ -13,7 +15,7 @@ use futures::StreamExt;
 use serde_json::Value;
 
 use crate::nats::{Expect, NatsError, StreamSettings, ensure_streams, publish_durable};
-use crate::proto::{ApiError, StatusRequest, Subjects, TransactionEvent};
+use crate::proto::{ApiError, StatusRequest, Subjects, TransactionEvent, Until, WAIT_HEADER};
 
 /// A client failure.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +57,8 @@ pub struct Client {
     outcomes: Outcomes,
     /// Where it submits: `<prefix>.submit`, or `<prefix>.submit.<client>` ([`Client::as_client`]).
     submit: String,
+    /// Where it executes: `<prefix>.api.execute`, or `<prefix>.api.execute.<client>`.
+    execute: String,
 }
 
 impl Client {
@@ -64,6 +68,7 @@ impl Client {
         let js = crate::nats::jetstream(nc.clone(), Duration::from_secs(5));
         let streams = ensure_streams(&js, &subjects, &StreamSettings::default()).await?;
         let submit = subjects.submit();
+        let execute = subjects.api("execute");
         let outcomes = Outcomes::start(&nc, subjects.clone(), streams.events.clone()).await?;
         Ok(Client {
             nc,
@@ -72,6 +77,7 @@ impl Client {
             events: streams.events,
             outcomes,
             submit,
+            execute,
         })
     }
 
@@ -80,6 +86,7 @@ impl Client {
     /// permissions let each client user publish only on its own submit subject.
     pub fn as_client(mut self, name: &str) -> Client {
         self.submit = self.subjects.submit_as(name);
+        self.execute = self.subjects.api_execute_as(name);
         self
     }
 
@@ -236,15 +243,55 @@ impl Client {
         .await
         .map_err(|_| ClientError::Api("no answer from txn.api.status".into()))?
         .map_err(|e| ClientError::Api(e.to_string()))?;
-        if let Ok(ev) = serde_json::from_slice::<TransactionEvent>(&reply.payload) {
-            return Ok(ev);
-        }
-        match serde_json::from_slice::<ApiError>(&reply.payload) {
-            Ok(e) => Err(ClientError::Api(e.error)),
-            Err(_) => Err(ClientError::Api(
-                String::from_utf8_lossy(&reply.payload).into_owned(),
-            )),
-        }
+        event_or_error(&reply.payload)
+    }
+
+    /// Runs one request through the coordinator (`<prefix>.api.execute`, or
+    /// `<prefix>.api.execute.<client>` after [`Client::as_client`]) and answers its outcome,
+    /// or with [`Until::Decided`] its decision as soon as that is durable (`committing` or
+    /// `aborting`; the participants apply it afterwards). A missing txn_id is filled in.
+    /// Unlike [`Client::submit_and_wait`], it needs a coordinator that is running.
+    pub async fn execute(
+        &self,
+        mut request: Value,
+        until: Until,
+        timeout: Duration,
+    ) -> Result<TransactionEvent, ClientError> {
+        let txn_id = Self::txn_id_of(&mut request)?;
+        let body = serde_json::to_vec(&request).unwrap_or_default();
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(WAIT_HEADER, until.as_str());
+        let reply = self
+            .nc
+            .send_request(
+                self.execute.clone(),
+                async_nats::Request::new()
+                    .payload(body.into())
+                    .headers(headers)
+                    .timeout(Some(timeout)),
+            )
+            .await
+            .map_err(|e| match e.kind() {
+                async_nats::RequestErrorKind::TimedOut => ClientError::TimedOut {
+                    txn_id,
+                    waited: timeout,
+                },
+                _ => ClientError::Api(format!("{}: {e}", self.execute)),
+            })?;
+        event_or_error(&reply.payload)
+    }
+}
+
+/// An API answer: a transaction's event, or the coordinator's error.
+fn event_or_error(payload: &[u8]) -> Result<TransactionEvent, ClientError> {
+    if let Ok(ev) = serde_json::from_slice::<TransactionEvent>(payload) {
+        return Ok(ev);
+    }
+    match serde_json::from_slice::<ApiError>(payload) {
+        Ok(e) => Err(ClientError::Api(e.error)),
+        Err(_) => Err(ClientError::Api(
+            String::from_utf8_lossy(payload).into_owned(),
+        )),
     }
 }
 

@@ -6,9 +6,12 @@
 //! or an event missed across a reconnect) a waiter that has heard nothing reads the log's
 //! last record after a second, then at doubling intervals up to 30 s, at most 32 reads at a
 //! time across all waiters.
+//!
+//! The registry of waits ([`WaitList`]) is shared with the coordinator, which uses one to
+//! answer a wait for a decision it has just made durable.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,7 +20,7 @@ use futures::StreamExt;
 use tokio::sync::{Semaphore, oneshot};
 
 use super::{ClientError, last_record_of};
-use crate::proto::{Subjects, TransactionEvent};
+use crate::proto::{Subjects, TransactionEvent, Until};
 
 /// An event's state, read without the rest of it.
 #[derive(serde::Deserialize)]
@@ -25,11 +28,108 @@ struct StateOnly {
     state: crate::proto::TxnState,
 }
 
-type Waiters = HashMap<String, Vec<(u64, oneshot::Sender<TransactionEvent>)>>;
+type Waiting = HashMap<String, Vec<(u64, Until, oneshot::Sender<TransactionEvent>)>>;
+
+/// Tasks waiting for transactions' events, each until the kind of state it names: the
+/// registry behind [`Outcomes`], and behind the coordinator's own waits for a decision it
+/// wrote. A wait is a [`Registered`], which leaves the list when dropped.
+#[derive(Default)]
+pub(crate) struct WaitList {
+    waiting: Mutex<Waiting>,
+    next: AtomicU64,
+    /// Registered waits, read without the lock by [`WaitList::is_empty`].
+    count: AtomicUsize,
+}
+
+impl WaitList {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Waiting> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a wait for `txn_id` until `until`.
+    pub(crate) fn register(self: &Arc<Self>, txn_id: &str, until: Until) -> Registered {
+        let (tx, rx) = oneshot::channel();
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        self.lock()
+            .entry(txn_id.to_string())
+            .or_default()
+            .push((n, until, tx));
+        self.count.fetch_add(1, Ordering::Relaxed);
+        Registered {
+            list: self.clone(),
+            txn_id: txn_id.to_string(),
+            n,
+            rx,
+        }
+    }
+
+    /// Hands `ev` to every wait for its transaction that ends at its state.
+    pub(crate) fn deliver(&self, ev: &TransactionEvent) {
+        let mut done = Vec::new();
+        {
+            let mut waiting = self.lock();
+            let Some(list) = waiting.get_mut(&ev.txn_id) else {
+                return;
+            };
+            let mut i = 0;
+            while i < list.len() {
+                if list[i].1.reached(ev.state) {
+                    done.push(list.swap_remove(i).2);
+                } else {
+                    i += 1;
+                }
+            }
+            if list.is_empty() {
+                waiting.remove(&ev.txn_id);
+            }
+        }
+        self.count.fetch_sub(done.len(), Ordering::Relaxed);
+        for tx in done {
+            let _ = tx.send(ev.clone());
+        }
+    }
+
+    /// Whether nothing waits (a check without the lock, for hot paths).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.count.load(Ordering::Relaxed) == 0
+    }
+
+    fn remove(&self, txn_id: &str, n: u64) {
+        let mut waiting = self.lock();
+        if let Some(list) = waiting.get_mut(txn_id) {
+            let before = list.len();
+            list.retain(|(m, _, _)| *m != n);
+            self.count.fetch_sub(before - list.len(), Ordering::Relaxed);
+            if list.is_empty() {
+                waiting.remove(txn_id);
+            }
+        }
+    }
+}
+
+/// One wait in a [`WaitList`]; dropping it ends the wait.
+pub(crate) struct Registered {
+    list: Arc<WaitList>,
+    txn_id: String,
+    n: u64,
+    rx: oneshot::Receiver<TransactionEvent>,
+}
+
+impl Registered {
+    /// The event that ended the wait; `None` if the list went away first.
+    pub(crate) async fn event(&mut self) -> Option<TransactionEvent> {
+        (&mut self.rx).await.ok()
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.list.remove(&self.txn_id, self.n);
+    }
+}
 
 struct Shared {
-    waiters: Mutex<Waiters>,
-    next: AtomicU64,
+    waits: Arc<WaitList>,
     events: jetstream::stream::Stream,
     subjects: Subjects,
     /// Log reads of the safety net in flight at once.
@@ -45,6 +145,11 @@ impl Drop for Shared {
 
 /// Hands out transactions' outcomes to the tasks waiting for them. Cheap to clone; the
 /// subscription ends when the last clone is dropped.
+///
+/// It waits for outcomes only, never for a decision short of one: an event on the bus may be
+/// a write that the log refused (a fenced coordinator's), which still reaches core
+/// subscribers, and only an outcome follows a decision that is durable. A wait for the
+/// decision goes to the coordinator (`<prefix>.api.execute` with [`crate::proto::WAIT_HEADER`]).
 #[derive(Clone)]
 pub struct Outcomes {
     shared: Arc<Shared>,
@@ -81,12 +186,11 @@ impl Outcomes {
                         continue;
                     };
                     let Some(shared) = weak.upgrade() else { break };
-                    shared.deliver(ev);
+                    shared.waits.deliver(&ev);
                 }
             });
             Shared {
-                waiters: Mutex::new(HashMap::new()),
-                next: AtomicU64::new(0),
+                waits: Arc::new(WaitList::default()),
                 events,
                 subjects,
                 reads: Semaphore::new(32),
@@ -98,66 +202,39 @@ impl Outcomes {
 
     /// Starts waiting for `txn_id`'s outcome. Call it before publishing the request.
     pub fn watch(&self, txn_id: &str) -> Watch {
-        let (tx, rx) = oneshot::channel();
-        let n = self.shared.next.fetch_add(1, Ordering::Relaxed);
-        self.shared
-            .lock()
-            .entry(txn_id.to_string())
-            .or_default()
-            .push((n, tx));
         Watch {
+            wait: self.shared.waits.register(txn_id, Until::Outcome),
             shared: self.shared.clone(),
-            txn_id: txn_id.to_string(),
-            n,
-            rx: Some(rx),
         }
     }
 
     /// How many waits are registered (for tests and metrics).
     pub fn waiting(&self) -> usize {
-        self.shared.lock().values().map(Vec::len).sum()
-    }
-}
-
-impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Waiters> {
-        self.waiters.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn deliver(&self, ev: TransactionEvent) {
-        let waiting = self.lock().remove(&ev.txn_id);
-        for (_, tx) in waiting.into_iter().flatten() {
-            let _ = tx.send(ev.clone());
-        }
+        self.shared.waits.count.load(Ordering::Relaxed)
     }
 }
 
 /// One registered wait for one transaction's outcome.
 pub struct Watch {
+    wait: Registered,
     shared: Arc<Shared>,
-    txn_id: String,
-    n: u64,
-    rx: Option<oneshot::Receiver<TransactionEvent>>,
 }
 
 impl Watch {
     /// The transaction this waits for.
     pub fn txn_id(&self) -> &str {
-        &self.txn_id
+        &self.wait.txn_id
     }
 
     /// Waits up to `timeout` for the outcome (a terminal state, or `failed`).
     pub async fn outcome(mut self, timeout: Duration) -> Result<TransactionEvent, ClientError> {
-        let Some(mut rx) = self.rx.take() else {
-            return Err(self.timed_out(timeout));
-        };
         let deadline = tokio::time::Instant::now() + timeout;
         let mut every = Duration::from_secs(1);
         loop {
             let check = (tokio::time::Instant::now() + every).min(deadline);
             tokio::select! {
-                got = &mut rx => {
-                    return got.map_err(|_| self.timed_out(timeout));
+                got = self.wait.event() => {
+                    return got.ok_or_else(|| self.timed_out(timeout));
                 }
                 _ = tokio::time::sleep_until(check) => {
                     if tokio::time::Instant::now() >= deadline {
@@ -175,27 +252,74 @@ impl Watch {
     /// The outcome if the log already has it.
     async fn look_up(&self) -> Option<TransactionEvent> {
         let _permit = self.shared.reads.acquire().await.ok()?;
-        last_record_of(&self.shared.events, &self.shared.subjects, &self.txn_id)
+        last_record_of(&self.shared.events, &self.shared.subjects, self.txn_id())
             .await
             .filter(|ev| ev.state.is_outcome())
     }
 
     fn timed_out(&self, waited: Duration) -> ClientError {
         ClientError::TimedOut {
-            txn_id: self.txn_id.clone(),
+            txn_id: self.txn_id().to_string(),
             waited,
         }
     }
 }
 
-impl Drop for Watch {
-    fn drop(&mut self) {
-        let mut waiters = self.shared.lock();
-        if let Some(list) = waiters.get_mut(&self.txn_id) {
-            list.retain(|(n, _)| *n != self.n);
-            if list.is_empty() {
-                waiters.remove(&self.txn_id);
-            }
-        }
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::TxnState;
+
+    fn event(txn_id: &str, state: TxnState) -> TransactionEvent {
+        TransactionEvent::new(txn_id.to_string(), state, crate::proto::Mode::TwoPc, 0)
+    }
+
+    #[tokio::test]
+    async fn a_wait_ends_at_the_state_it_names_and_only_for_its_transaction() {
+        let list = Arc::new(WaitList::default());
+        let mut decided = list.register("t1", Until::Decided);
+        let mut outcome = list.register("t1", Until::Outcome);
+        let mut other = list.register("t2", Until::Decided);
+        assert_eq!(list.count.load(Ordering::Relaxed), 3);
+
+        list.deliver(&event("t1", TxnState::Preparing));
+        list.deliver(&event("t1", TxnState::Committing));
+        assert_eq!(
+            decided.event().await.map(|e| e.state),
+            Some(TxnState::Committing)
+        );
+        assert_eq!(list.count.load(Ordering::Relaxed), 2);
+        assert!(matches!(
+            outcome.rx.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        ));
+
+        list.deliver(&event("t1", TxnState::Committed));
+        assert_eq!(
+            outcome.event().await.map(|e| e.state),
+            Some(TxnState::Committed)
+        );
+        assert!(matches!(
+            other.rx.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        ));
+        drop(other);
+        assert!(list.is_empty());
+        assert!(list.lock().is_empty(), "nothing left behind");
+    }
+
+    #[tokio::test]
+    async fn a_dropped_wait_leaves_the_list_and_the_others_stay() {
+        let list = Arc::new(WaitList::default());
+        let first = list.register("t", Until::Outcome);
+        let mut second = list.register("t", Until::Outcome);
+        drop(first);
+        assert_eq!(list.count.load(Ordering::Relaxed), 1);
+        list.deliver(&event("t", TxnState::Aborted));
+        assert_eq!(
+            second.event().await.map(|e| e.state),
+            Some(TxnState::Aborted)
+        );
+        assert!(list.is_empty());
     }
 }

@@ -26,7 +26,8 @@ use crate::client::Outcomes;
 use crate::nats::{Expect, publish_durable};
 use crate::ops::time::rfc3339;
 use crate::proto::{
-    ApiError, MAX_TXN_ID_LEN, RequestShape, StatusRequest, TransactionEvent, is_token,
+    ApiError, MAX_TXN_ID_LEN, RequestShape, StatusRequest, TransactionEvent, Until, WAIT_HEADER,
+    is_token,
 };
 
 /// The micro service's name.
@@ -270,6 +271,19 @@ async fn handle_execute(outcomes: Outcomes, shared: Arc<Shared>, req: Req) {
         Some(name) => shared.subjects.submit_as(name),
         None => shared.subjects.submit(),
     };
+    let until = match req
+        .message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(WAIT_HEADER))
+        .map(|v| v.as_str().parse::<Until>())
+    {
+        None => Until::Outcome,
+        Some(Ok(until)) => until,
+        Some(Err(e)) => {
+            return respond(&req, error_body(format!("header {WAIT_HEADER}: {e}"))).await;
+        }
+    };
     let parsed = shared.parse_request(
         &req.message.payload,
         super::nats_traceparent(req.message.headers.as_ref()),
@@ -297,8 +311,16 @@ async fn handle_execute(outcomes: Outcomes, shared: Arc<Shared>, req: Req) {
         ),
         (Err(e), None) => return respond(&req, error_body(e.to_string())).await,
     };
-    let body = match publish_and_wait(&outcomes, &shared, &submit, &txn_id, body, Some(timeout_ms))
-        .await
+    let body = match publish_and_wait(
+        &outcomes,
+        &shared,
+        &submit,
+        &txn_id,
+        body,
+        Some(timeout_ms),
+        until,
+    )
+    .await
     {
         Ran::Event(ev) => to_bytes(&*ev),
         Ran::Accepted => error_body(format!("no outcome for {txn_id}")),
@@ -346,7 +368,9 @@ pub(crate) enum Ran {
 }
 
 /// Publishes a submission (idempotently: its txn_id is its message id) and, with
-/// `wait_for` (the request's prepare timeout), waits for its outcome.
+/// `wait_for` (the request's prepare timeout), waits for its outcome, or with
+/// [`Until::Decided`] for the decision this coordinator makes durable (the outcome, if it
+/// comes first or from another coordinator, ends the wait too).
 pub(crate) async fn publish_and_wait(
     outcomes: &Outcomes,
     shared: &Shared,
@@ -354,9 +378,12 @@ pub(crate) async fn publish_and_wait(
     txn_id: &str,
     body: Bytes,
     wait_for: Option<u64>,
+    until: Until,
 ) -> Ran {
     // Waiting starts before the publish, so the outcome cannot slip past.
     let watch = outcomes.watch(txn_id);
+    let mut decision =
+        (until == Until::Decided).then(|| shared.decisions.register(txn_id, Until::Decided));
     if let Err(e) =
         publish_durable(&shared.js, submit, txn_id, body, Expect::default(), Some(5)).await
     {
@@ -365,14 +392,24 @@ pub(crate) async fn publish_and_wait(
     let Some(timeout_ms) = wait_for else {
         return Ran::Accepted;
     };
-    // Already finished (a resubmission): the recorded outcome is the answer.
+    // Already decided or finished (a resubmission): the log's record is the answer.
     if let Some(ev) = last_event(shared, txn_id).await
-        && ev.state.is_outcome()
+        && until.reached(ev.state)
     {
         return Ran::Event(Box::new(ev));
     }
     let wait = Duration::from_millis(timeout_ms.saturating_add(30_000));
-    match watch.outcome(wait).await {
+    let decided = async {
+        match decision.as_mut() {
+            Some(d) => d.event().await,
+            None => std::future::pending().await,
+        }
+    };
+    let got = tokio::select! {
+        Some(ev) = decided => Ok(ev),
+        got = watch.outcome(wait) => got,
+    };
+    match got {
         Ok(ev) => Ran::Event(Box::new(ev)),
         // No outcome in time: the latest state the log has, if any.
         Err(_) => match last_event(shared, txn_id).await {

@@ -1,6 +1,7 @@
 //! The HTTP front door (`http_listen`): `POST /v1/transactions` takes a TransactionRequest
 //! and answers `202 {"txn_id"}` (or, with `?wait=true` or `Prefer: wait`, `200` and the
-//! final event); `GET /v1/transactions/{id}` answers the latest state with every vote.
+//! final event; with `?wait=decided`, `200` and the decision once it is durable, see
+//! [`Until::Decided`]); `GET /v1/transactions/{id}` answers the latest state with every vote.
 //!
 //! Errors have one shape, `{"error": text, "status": code, "kind": name, "path"?: JSON
 //! path}`, with the status that fits: `400` (a bad request, with the path), `404` (unknown
@@ -25,7 +26,7 @@ use super::Shared;
 use super::api::{Ran, current_state, publish_and_wait, taken};
 use super::txn::to_bytes;
 use crate::client::Outcomes;
-use crate::proto::{MAX_TXN_ID_LEN, RequestError, is_token};
+use crate::proto::{MAX_TXN_ID_LEN, RequestError, Until, is_token};
 
 /// What the front door needs once this coordinator is active.
 #[derive(Clone)]
@@ -93,8 +94,27 @@ pub async fn serve(listener: tokio::net::TcpListener, ready: Readiness) -> std::
 
 #[derive(serde::Deserialize)]
 struct SubmitQuery {
-    #[serde(default)]
-    wait: bool,
+    /// `true` or `outcome`, `decided`, `false`; absent means `Prefer: wait` decides.
+    wait: Option<String>,
+}
+
+impl SubmitQuery {
+    /// How long to wait, if at all: the query's `wait`, else `Prefer: wait` (the outcome).
+    fn until(&self, headers: &HeaderMap) -> Result<Option<Until>, String> {
+        match self.wait.as_deref().map(str::trim) {
+            Some("true" | "1") => Ok(Some(Until::Outcome)),
+            Some("false" | "0") => Ok(None),
+            Some(other) => other
+                .parse::<Until>()
+                .map(Some)
+                .map_err(|e| format!("query parameter wait: {e}, \"true\" or \"false\"")),
+            None => Ok(headers
+                .get("prefer")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.split(',').any(|p| p.trim() == "wait"))
+                .then_some(Until::Outcome)),
+        }
+    }
 }
 
 async fn submit(
@@ -130,11 +150,12 @@ async fn submit(
             );
         }
     };
-    let wait = q.wait
-        || headers
-            .get("prefer")
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.split(',').any(|p| p.trim() == "wait"));
+    let until = match q.until(&headers) {
+        Ok(until) => until,
+        Err(message) => {
+            return error(StatusCode::BAD_REQUEST, "invalid_request", message, None);
+        }
+    };
     let traceparent = headers
         .get(crate::proto::TRACEPARENT_HEADER)
         .and_then(|v| v.to_str().ok());
@@ -181,7 +202,8 @@ async fn submit(
         &shared.subjects.submit(),
         &txn_id,
         to_bytes(&request),
-        wait.then_some(timeout),
+        until.map(|_| timeout),
+        until.unwrap_or_default(),
     )
     .await;
     match ran {

@@ -313,6 +313,9 @@ pub struct Shared {
     /// `one_phase`: a 2PC transaction of one step commits in one phase when its service
     /// takes that.
     pub one_phase: bool,
+    /// Waits for a decision of this coordinator's (`Until::Decided`: the front door and
+    /// `<prefix>.api.execute`), answered once the decision record is durable.
+    pub(crate) decisions: Arc<crate::client::WaitList>,
 }
 
 impl Shared {
@@ -543,6 +546,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
                 .max(64 * 1024),
         })),
         one_phase: cfg.one_phase,
+        decisions: Arc::default(),
         client_limits: limits::Shares::new(cfg.max_in_flight_per_client),
     });
 

@@ -516,7 +516,7 @@ impl Driver {
             match self.write(&msg_id, &event, None).await {
                 Written::Ours { seq, last } => {
                     self.wrote(seq, last);
-                    self.alert(&event).await;
+                    self.recorded(&event).await;
                 }
                 Written::Fenced => return Err(Stop::Fenced),
                 Written::LeaseLost => return Err(Stop::Halted),
@@ -564,6 +564,16 @@ impl Driver {
             self.alerted |= bit;
             publish_alert(&self.shared, kind, event, message.into()).await;
         }
+    }
+
+    /// What follows a record of ours that is durable: the waits for its decision that this
+    /// coordinator holds (`Until::Decided`) are answered, and alerts go out. Only here, after
+    /// the write's acknowledgement, since a fenced write still reaches core subscribers.
+    async fn recorded(&mut self, event: &TransactionEvent) {
+        if event.state.is_decided() && !self.shared.decisions.is_empty() {
+            self.shared.decisions.deliver(event);
+        }
+        self.alert(event).await;
     }
 
     /// Our record landed at `seq`; the subject's last message is at `last`.
@@ -677,7 +687,7 @@ impl Driver {
             return match self.write(msg_id, event, None).await {
                 Written::Ours { seq, last } => {
                     self.wrote(seq, last);
-                    self.alert(event).await;
+                    self.recorded(event).await;
                     self.failpoint(event, msg_id).await;
                     Ok(None)
                 }

@@ -517,7 +517,78 @@ impl TxnState {
     pub fn is_outcome(self) -> bool {
         self.is_terminal() || self == TxnState::Failed
     }
+
+    /// Whether the transaction's fate is settled, once this state is durable in the log:
+    /// an outcome, or a two-phase decision (`committing`, `aborting`) whose confirmations
+    /// are still on their way. A client that waits only for the decision
+    /// ([`Until::Decided`]) stops here; the participants apply it afterwards.
+    pub fn is_decided(self) -> bool {
+        self.is_outcome() || matches!(self, TxnState::Committing | TxnState::Aborting)
+    }
+
+    /// Whether the transaction took effect or, durably decided, will: `committed`,
+    /// `completed`, or `committing`.
+    pub fn takes_effect(self) -> bool {
+        matches!(
+            self,
+            TxnState::Committed | TxnState::Completed | TxnState::Committing
+        )
+    }
 }
+
+/// How long a client waits on a transaction it submits (`<prefix>.api.execute` with the
+/// [`WAIT_HEADER`], `POST /v1/transactions?wait=`, `txcoord submit --until`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Until {
+    /// Until the outcome: every participant confirmed (`committed`, `aborted`...), or a
+    /// saga `failed`. The default.
+    #[default]
+    Outcome,
+    /// Until the decision is durable in the log (`committing` or `aborting` for 2PC; a
+    /// saga or a one-phase commit has no earlier decision than its outcome). The
+    /// participants apply it afterwards, so a read of a service right after the answer may
+    /// not see it yet; the outcome follows on `<prefix>.events.<txn_id>`. The answer comes
+    /// only from the coordinator that wrote the decision, never from an event on the bus,
+    /// since a fenced (refused) write still reaches core subscribers.
+    Decided,
+}
+
+impl Until {
+    /// The name on the wire: `outcome` or `decided`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Until::Outcome => "outcome",
+            Until::Decided => "decided",
+        }
+    }
+
+    /// Whether a wait of this kind ends at `state`.
+    pub fn reached(self, state: TxnState) -> bool {
+        match self {
+            Until::Outcome => state.is_outcome(),
+            Until::Decided => state.is_decided(),
+        }
+    }
+}
+
+impl std::str::FromStr for Until {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Until, String> {
+        match s.trim() {
+            "outcome" => Ok(Until::Outcome),
+            "decided" => Ok(Until::Decided),
+            other => Err(format!(
+                "unknown wait {other:?}: expected \"outcome\" or \"decided\""
+            )),
+        }
+    }
+}
+
+/// The header of a `<prefix>.api.execute` request that says how long to wait: `outcome`
+/// (the default) or `decided` (see [`Until`]).
+pub const WAIT_HEADER: &str = "Txcoord-Wait";
 
 /// Cuts `text` to at most `max` bytes (at a character boundary), saying how much was cut.
 pub fn cut_text(text: String, max: usize) -> String {
@@ -1729,6 +1800,44 @@ mod tests {
         for o in [ConfirmedOutcome::Committed, ConfirmedOutcome::Aborted] {
             assert_eq!(serde_json::to_value(o).unwrap(), o.as_str());
         }
+    }
+
+    #[test]
+    fn a_decided_wait_ends_at_a_decision_or_any_outcome_and_parses_only_its_names() {
+        use TxnState::*;
+        let all = [
+            Accepted,
+            Preparing,
+            Prepared,
+            Committing,
+            Aborting,
+            Committed,
+            Aborted,
+            Rejected,
+            Executing,
+            Compensating,
+            Completed,
+            Compensated,
+            Failed,
+        ];
+        for s in all {
+            assert_eq!(Until::Outcome.reached(s), s.is_outcome(), "{s:?}");
+            let decided = s.is_outcome() || matches!(s, Committing | Aborting);
+            assert_eq!(Until::Decided.reached(s), decided, "{s:?}");
+            // What took effect or durably will: never an abort, a compensation, a failure.
+            let effect = matches!(s, Committed | Completed | Committing);
+            assert_eq!(s.takes_effect(), effect, "{s:?}");
+        }
+        for u in [Until::Outcome, Until::Decided] {
+            assert_eq!(u.as_str().parse::<Until>(), Ok(u));
+            assert_eq!(serde_json::to_value(u).unwrap(), u.as_str());
+        }
+        let err = "soon".parse::<Until>().unwrap_err();
+        assert!(
+            err.contains("\"soon\"") && err.contains("\"decided\""),
+            "{err}"
+        );
+        assert_eq!(Until::default(), Until::Outcome);
     }
 
     #[test]
