@@ -22,7 +22,7 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use txcoord::client::Outcomes;
 use txcoord::natsserver::{NatsCluster, NatsServer};
-use txcoord::proto::{Subjects, TxnState};
+use txcoord::proto::{DECIDED_TO_HEADER, Subjects, Until};
 
 use crate::procs::{Proc, coordinator_stats, wait_consumer};
 
@@ -76,6 +76,11 @@ pub struct BenchArgs {
     /// Keep the store and logs here (a temp dir otherwise).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// What each client waits for: `outcome` (the default: the final event) or `decided`
+    /// (the durable decision, which the coordinator sends to the inbox the submission names
+    /// in `Txcoord-Decided-To`; the participants apply it afterwards).
+    #[arg(long, default_value = "outcome", value_parser = ["outcome", "decided"])]
+    pub until: String,
 }
 
 struct Setup {
@@ -278,6 +283,7 @@ async fn closed_loop(
         services,
         waiters,
     } = *target;
+    let until: Until = args.until.parse().map_err(anyhow::Error::msg)?;
     let Load {
         count,
         duration,
@@ -314,13 +320,19 @@ async fn closed_loop(
                 let id = uuid::Uuid::now_v7().to_string();
                 let mut req = request(&args, &services, i, &pad);
                 req["txn_id"] = json!(id);
-                let watch = waiters.watch(&id);
                 let t0 = Instant::now();
                 let body = serde_json::to_vec(&req).unwrap_or_default();
-                if let Err(e) = txcoord::nats::publish_durable(
+                let watch = waiters.watch_until(&id, until);
+                let decided_to = (until == Until::Decided).then(|| waiters.decided_to());
+                let headers: Vec<(&str, &str)> = decided_to
+                    .map(|to| (DECIDED_TO_HEADER, to))
+                    .into_iter()
+                    .collect();
+                if let Err(e) = txcoord::nats::publish_durable_with(
                     &js,
                     &subjects.submit(),
                     &id,
+                    &headers,
                     body.into(),
                     Default::default(),
                     Some(10),
@@ -330,10 +342,11 @@ async fn closed_loop(
                     eprintln!("submit failed: {e}");
                     continue;
                 }
-                match watch.outcome(Duration::from_secs(60)).await {
-                    Ok(ev) => {
+                let ended = watch.outcome(Duration::from_secs(60)).await.ok();
+                match ended {
+                    Some(ev) => {
                         let _ = hist.record(t0.elapsed().as_micros() as u64);
-                        if matches!(ev.state, TxnState::Committed | TxnState::Completed) {
+                        if ev.state.takes_effect() {
                             ok += 1;
                         } else {
                             bad += 1;
@@ -342,8 +355,8 @@ async fn closed_loop(
                             b.inc(1);
                         }
                     }
-                    _ => {
-                        eprintln!("no outcome for {id} within 60 s");
+                    None => {
+                        eprintln!("no {} for {id} within 60 s", until.as_str());
                         stop.store(true, Ordering::Relaxed);
                     }
                 }
@@ -588,6 +601,7 @@ pub async fn run(args: BenchArgs, nats_url: Option<String>) -> anyhow::Result<()
     let report = json!({
         "mode": args.mode,
         "participants": args.participants,
+        "until": args.until,
         "concurrency": args.concurrency,
         "payload_bytes": args.payload_bytes,
         "abort_fraction": args.abort_fraction,
@@ -623,7 +637,7 @@ pub async fn run(args: BenchArgs, nats_url: Option<String>) -> anyhow::Result<()
         println!("{report}");
     } else {
         println!(
-            "txcoord bench: {} x{} {}participants, {} clients, {}-byte payloads, abort {:.0}%{}",
+            "txcoord bench: {} x{} {}participants, {} clients, {}-byte payloads, abort {:.0}%{}{}",
             args.mode,
             args.participants,
             if args.http { "HTTP " } else { "" },
@@ -632,6 +646,11 @@ pub async fn run(args: BenchArgs, nats_url: Option<String>) -> anyhow::Result<()
             args.abort_fraction * 100.0,
             if args.sync_always {
                 ", sync_interval: always"
+            } else {
+                ""
+            },
+            if args.until == "decided" {
+                ", each waits for the decision only"
             } else {
                 ""
             }

@@ -129,7 +129,7 @@ enum Cmd {
         #[arg(long, default_value_t = 60)]
         timeout_secs: u64,
         /// `outcome` (every participant confirmed) or `decided` (the decision is durable;
-        /// each request then goes through `txn.api.execute`, so a coordinator must run).
+        /// the participants apply it afterwards, and `committing` counts as committed).
         #[arg(long, default_value = "outcome", value_parser = parse_until)]
         until: txcoord::proto::Until,
     },
@@ -904,20 +904,7 @@ async fn submit(
         .await?
         .submitting_as(&cfg.submit_as);
     let mut aborted = false;
-    let results = match until {
-        txcoord::proto::Until::Outcome => client.submit_and_wait(good, timeout).await,
-        txcoord::proto::Until::Decided => {
-            // In input order, at most 64 at once.
-            let runs = good
-                .into_iter()
-                .map(|req| client.execute(req, until, timeout));
-            futures::StreamExt::collect(futures::StreamExt::buffered(
-                futures::stream::iter(runs),
-                64,
-            ))
-            .await
-        }
-    };
+    let results = client.submit_until(good, until, timeout, |_, _| {}).await;
     for result in results {
         match result {
             Ok(ev) => {

@@ -1,9 +1,12 @@
 //! Waiting only for the decision (`Until::Decided`): through `txn.api.execute` with the
-//! `Txcoord-Wait: decided` header, the front door's `?wait=decided` and `txcoord submit
-//! --until decided`, with real processes. The answer is `committing` once the decision is
+//! `Txcoord-Wait: decided` header, a submission naming an inbox in `Txcoord-Decided-To`
+//! (and `txcoord submit --until decided`, which submits that way), the front door's
+//! `?wait=decided`, with real processes. The answer is `committing` once the decision is
 //! durable although a participant that must confirm is dead, and the outcome follows when
 //! it comes back; an abort vote answers `aborting` (or `aborted`); a one-phase transaction
-//! has no earlier decision than its outcome; a bad wait value is a clear error.
+//! has no earlier decision than its outcome; a bad wait value is a clear error; a decision
+//! header naming anything but an inbox is ignored, so nobody can make the coordinator
+//! publish on a subject of their choosing.
 
 mod common;
 
@@ -84,6 +87,105 @@ async fn the_api_answers_at_the_durable_decision_and_the_outcome_follows() {
         .await
         .expect("an answer");
     assert_eq!(again.state, TxnState::Committed, "{again:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_naming_an_inbox_hears_the_durable_decision() {
+    let (mut sys, _base) = start().await;
+    // What the coordinator sends to the client's inbox, seen by a second subscriber.
+    let inbox = sys.client.outcomes().decided_to().to_string();
+    let mut notices = sys.nc.subscribe(inbox).await.expect("subscribe");
+    let client = sys.client.clone();
+    let wait = async move {
+        let mut got = client
+            .submit_until(
+                vec![slow_second("dc-sub")],
+                Until::Decided,
+                Duration::from_secs(60),
+                |_, _| {},
+            )
+            .await;
+        serde_json::to_value(got.remove(0).expect("an answer")).expect("an event")
+    };
+    let ev = with_a_killed_after_its_vote(&mut sys, "dc-sub", wait).await;
+    assert_eq!(ev["state"], "committing", "{ev}");
+    let last = sys.client.last_event("dc-sub").await.expect("a record");
+    assert_eq!(last.state, TxnState::Committing, "{last:?}");
+    // The coordinator sent the decision, once, as a transaction event.
+    let notice = tokio::time::timeout(
+        Duration::from_secs(10),
+        futures::StreamExt::next(&mut notices),
+    )
+    .await
+    .expect("a decision notice")
+    .expect("the subscription");
+    let notice: Value = serde_json::from_slice(&notice.payload).expect("JSON");
+    common::check(
+        &common::validator("transaction-event"),
+        "transaction-event",
+        "the decision notice",
+        &notice,
+    );
+    assert_eq!(notice["txn_id"], "dc-sub", "{notice}");
+    assert_eq!(notice["state"], "committing", "{notice}");
+    the_outcome_follows(&mut sys, "dc-sub").await;
+    let again = tokio::time::timeout(
+        Duration::from_millis(300),
+        futures::StreamExt::next(&mut notices),
+    )
+    .await;
+    assert!(again.is_err(), "a second notice: {again:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_header_that_is_no_inbox_is_ignored_and_the_transaction_runs() {
+    let (sys, _base) = start().await;
+    // Someone names a subject of the coordinator's own, hoping it publishes there for them.
+    let target = "txn.cmd.b.forged";
+    let mut watch = sys
+        .nc
+        .subscribe(target.to_string())
+        .await
+        .expect("subscribe");
+    let js = async_nats::jetstream::new(sys.nc.clone());
+    for (id, to) in [("dc-evil", target), ("dc-wild", "_INBOX.*")] {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", id);
+        headers.insert(txcoord::proto::DECIDED_TO_HEADER, to);
+        let body = request(id, vec![step("a", json!({})), step("b", json!({}))]);
+        js.publish_with_headers(
+            "txn.submit".to_string(),
+            headers,
+            serde_json::to_vec(&body).expect("JSON").into(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+        let ev = sys.wait_state(id, |e| e.state.is_outcome()).await;
+        assert_eq!(ev.state, TxnState::Committed, "{ev:?}");
+    }
+    // Nothing reached the subject, and the coordinator said why it ignored both.
+    let quiet = tokio::time::timeout(
+        Duration::from_millis(300),
+        futures::StreamExt::next(&mut watch),
+    )
+    .await;
+    assert!(
+        quiet.is_err(),
+        "the coordinator published on {target}: {quiet:?}"
+    );
+    let log = sys.coordinator.log_text();
+    for (id, why) in [
+        ("dc-evil", "is not an inbox"),
+        ("dc-wild", "not a subject one can publish on"),
+    ] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("header ignored") && l.contains(id) && l.contains(why)),
+            "{id}: {log}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -190,6 +190,25 @@ async fn generated_identities_run_transactions_and_stop_forgeries() {
         client.last_event("cli-1").await.map(|e| e.state),
         Some(TxnState::Committed)
     );
+    // Waiting for the decision only: the coordinator sends it to the client's own inbox
+    // (`_INBOX_shop...`), the one place the client may subscribe.
+    let file = dir.path().join("cli-2.json");
+    std::fs::write(
+        &file,
+        request("cli-2", vec![step("a", json!({})), step("b", json!({}))]).to_string(),
+    )
+    .unwrap();
+    let mut cli = spawn(
+        "cli-decided",
+        &["submit", "--until", "decided", file.to_str().unwrap()],
+        "shop",
+    );
+    let status = cli.wait_exit(Duration::from_secs(30)).await;
+    assert!(
+        status.success(),
+        "txcoord submit --until decided as shop: {status:?}\n{}",
+        cli.log_text()
+    );
 
     // The API as the client: execute under its own name submits on its own subject (its
     // share); plain execute, which would escape the share, is not the client's to call.

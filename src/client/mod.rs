@@ -14,8 +14,12 @@ use async_nats::jetstream;
 use futures::StreamExt;
 use serde_json::Value;
 
-use crate::nats::{Expect, NatsError, StreamSettings, ensure_streams, publish_durable};
-use crate::proto::{ApiError, StatusRequest, Subjects, TransactionEvent, Until, WAIT_HEADER};
+use crate::nats::{
+    Expect, NatsError, StreamSettings, ensure_streams, publish_durable, publish_durable_with,
+};
+use crate::proto::{
+    ApiError, DECIDED_TO_HEADER, StatusRequest, Subjects, TransactionEvent, Until, WAIT_HEADER,
+};
 
 /// A client failure.
 #[derive(Debug, thiserror::Error)]
@@ -160,6 +164,23 @@ impl Client {
         &self,
         requests: Vec<Value>,
         timeout: Duration,
+        on_done: impl FnMut(&TransactionEvent, Duration),
+    ) -> Vec<Result<TransactionEvent, ClientError>> {
+        self.submit_until(requests, Until::Outcome, timeout, on_done)
+            .await
+    }
+
+    /// As [`Client::submit_and_watch`], each waiting `until`: the outcome, or with
+    /// [`Until::Decided`] the decision as soon as the coordinator has made it durable. The
+    /// submission then names this client's inbox ([`Outcomes::decided_to`]) in its
+    /// [`crate::proto::DECIDED_TO_HEADER`], so the answer takes no round trip through the
+    /// API; it is durable too, so a coordinator that dies first leaves it to its successor,
+    /// and the wait then ends at the outcome.
+    pub async fn submit_until(
+        &self,
+        requests: Vec<Value>,
+        until: Until,
+        timeout: Duration,
         mut on_done: impl FnMut(&TransactionEvent, Duration),
     ) -> Vec<Result<TransactionEvent, ClientError>> {
         let mut results: Vec<Option<Result<TransactionEvent, ClientError>>> =
@@ -175,12 +196,28 @@ impl Client {
             };
             results.push(None);
             // Waiting starts before the publish, so the outcome cannot slip past.
-            let watch = self.outcomes.watch(&id);
+            let watch = self.outcomes.watch_until(&id, until);
             let body = bytes::Bytes::from(serde_json::to_vec(&req).unwrap_or_default());
             let (js, subject) = (self.js.clone(), self.submit.clone());
+            let decided_to =
+                (until == Until::Decided).then(|| self.outcomes.decided_to().to_string());
             let sent = tokio::time::Instant::now();
             let publish = tokio::spawn(async move {
-                publish_durable(&js, &subject, &id, body, Expect::default(), Some(10)).await
+                let headers: Vec<(&str, &str)> = decided_to
+                    .as_deref()
+                    .map(|to| (DECIDED_TO_HEADER, to))
+                    .into_iter()
+                    .collect();
+                publish_durable_with(
+                    &js,
+                    &subject,
+                    &id,
+                    &headers,
+                    body,
+                    Expect::default(),
+                    Some(10),
+                )
+                .await
             });
             pending.push(async move {
                 let outcome = match publish.await {
@@ -259,27 +296,47 @@ impl Client {
     ) -> Result<TransactionEvent, ClientError> {
         let txn_id = Self::txn_id_of(&mut request)?;
         let body = serde_json::to_vec(&request).unwrap_or_default();
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(WAIT_HEADER, until.as_str());
-        let reply = self
-            .nc
-            .send_request(
-                self.execute.clone(),
-                async_nats::Request::new()
-                    .payload(body.into())
-                    .headers(headers)
-                    .timeout(Some(timeout)),
-            )
-            .await
-            .map_err(|e| match e.kind() {
-                async_nats::RequestErrorKind::TimedOut => ClientError::TimedOut {
-                    txn_id,
-                    waited: timeout,
-                },
-                _ => ClientError::Api(format!("{}: {e}", self.execute)),
-            })?;
-        event_or_error(&reply.payload)
+        execute(
+            &self.nc,
+            &self.execute,
+            &txn_id,
+            body.into(),
+            until,
+            timeout,
+        )
+        .await
     }
+}
+
+/// Sends one request (its JSON, with its `txn_id`) to `subject` (`<prefix>.api.execute`, or
+/// `.<client>`) and answers the coordinator's event, or its error.
+async fn execute(
+    nc: &async_nats::Client,
+    subject: &str,
+    txn_id: &str,
+    body: bytes::Bytes,
+    until: Until,
+    timeout: Duration,
+) -> Result<TransactionEvent, ClientError> {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(WAIT_HEADER, until.as_str());
+    let reply = nc
+        .send_request(
+            subject.to_string(),
+            async_nats::Request::new()
+                .payload(body)
+                .headers(headers)
+                .timeout(Some(timeout)),
+        )
+        .await
+        .map_err(|e| match e.kind() {
+            async_nats::RequestErrorKind::TimedOut => ClientError::TimedOut {
+                txn_id: txn_id.to_string(),
+                waited: timeout,
+            },
+            _ => ClientError::Api(format!("{subject}: {e}")),
+        })?;
+    event_or_error(&reply.payload)
 }
 
 /// An API answer: a transaction's event, or the coordinator's error.

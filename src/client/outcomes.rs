@@ -7,8 +7,11 @@
 //! last record after a second, then at doubling intervals up to 30 s, at most 32 reads at a
 //! time across all waiters.
 //!
-//! The registry of waits ([`WaitList`]) is shared with the coordinator, which uses one to
-//! answer a wait for a decision it has just made durable.
+//! A wait may end at the decision instead ([`Until::Decided`]): the coordinator publishes
+//! a decision it has made durable on the inbox a submission names
+//! ([`crate::proto::DECIDED_TO_HEADER`]), and the same task hands it out; the safety net
+//! accepts a decision it reads from the log. The registry of waits ([`WaitList`]) is shared
+//! with the coordinator, which uses one to answer `<prefix>.api.execute` at the decision.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -130,6 +133,8 @@ impl Drop for Registered {
 
 struct Shared {
     waits: Arc<WaitList>,
+    /// This client's inbox for decisions ([`crate::proto::DECIDED_TO_HEADER`]).
+    decided_to: String,
     events: jetstream::stream::Stream,
     subjects: Subjects,
     /// Log reads of the safety net in flight at once.
@@ -143,43 +148,51 @@ impl Drop for Shared {
     }
 }
 
-/// Hands out transactions' outcomes to the tasks waiting for them. Cheap to clone; the
-/// subscription ends when the last clone is dropped.
+/// Hands out transactions' outcomes (and decisions) to the tasks waiting for them. Cheap to
+/// clone; the subscriptions end when the last clone is dropped.
 ///
-/// It waits for outcomes only, never for a decision short of one: an event on the bus may be
-/// a write that the log refused (a fenced coordinator's), which still reaches core
-/// subscribers, and only an outcome follows a decision that is durable. A wait for the
-/// decision goes to the coordinator (`<prefix>.api.execute` with [`crate::proto::WAIT_HEADER`]).
+/// Events on `<prefix>.events.*` end only waits for an outcome, never a wait for a decision
+/// short of one: an event on the bus may be a write that the log refused (a fenced
+/// coordinator's), which still reaches core subscribers, and only an outcome follows a
+/// decision that is durable. A decision comes on this client's own inbox
+/// ([`Outcomes::decided_to`], named in a submission's [`crate::proto::DECIDED_TO_HEADER`]),
+/// where the coordinator publishes it after JetStream acknowledged it, or from the log.
 #[derive(Clone)]
 pub struct Outcomes {
     shared: Arc<Shared>,
 }
 
 impl Outcomes {
-    /// Subscribes to every transaction's events under `subjects`' prefix; `events` is the
-    /// events stream (the log), read by the safety net.
+    /// Subscribes to every transaction's events under `subjects`' prefix, and to a new inbox
+    /// for decisions; `events` is the events stream (the log), read by the safety net.
     pub async fn start(
         nc: &async_nats::Client,
         subjects: Subjects,
         events: jetstream::stream::Stream,
     ) -> Result<Outcomes, ClientError> {
-        let all = format!("{}.events.*", subjects.prefix());
-        let mut sub = nc
-            .subscribe(all.clone())
-            .await
-            .map_err(|e| ClientError::Subscribe {
-                subject: all,
-                source: e,
-            })?;
+        let subscribe = |subject: String| async move {
+            nc.subscribe(subject.clone())
+                .await
+                .map_err(|e| ClientError::Subscribe { subject, source: e })
+        };
+        let all = subscribe(format!("{}.events.*", subjects.prefix())).await?;
+        let decided_to = nc.new_inbox();
+        let decided = subscribe(decided_to.clone()).await?;
         let shared = Arc::new_cyclic(|weak: &std::sync::Weak<Shared>| {
             let weak = weak.clone();
+            let inbox = decided_to.clone();
+            let mut both = futures::stream::select(all, decided);
             let task = tokio::spawn(async move {
-                while let Some(msg) = sub.next().await {
+                while let Some(msg) = both.next().await {
                     // Most events are not outcomes: read their state alone first (no
-                    // steps, no strings kept), and the whole event only for an outcome.
-                    let outcome = serde_json::from_slice::<StateOnly>(&msg.payload)
-                        .is_ok_and(|head| head.state.is_outcome());
-                    if !outcome {
+                    // steps, no strings kept), and the whole event only when it can end a
+                    // wait: an outcome, or a decision on our own inbox.
+                    let ends =
+                        serde_json::from_slice::<StateOnly>(&msg.payload).is_ok_and(|head| {
+                            head.state.is_outcome()
+                                || (head.state.is_decided() && msg.subject.as_str() == inbox)
+                        });
+                    if !ends {
                         continue;
                     }
                     let Ok(ev) = serde_json::from_slice::<TransactionEvent>(&msg.payload) else {
@@ -191,6 +204,7 @@ impl Outcomes {
             });
             Shared {
                 waits: Arc::new(WaitList::default()),
+                decided_to,
                 events,
                 subjects,
                 reads: Semaphore::new(32),
@@ -202,10 +216,25 @@ impl Outcomes {
 
     /// Starts waiting for `txn_id`'s outcome. Call it before publishing the request.
     pub fn watch(&self, txn_id: &str) -> Watch {
+        self.watch_until(txn_id, Until::Outcome)
+    }
+
+    /// Starts waiting for `txn_id` until `until`: its outcome, or its durable decision (the
+    /// submission must then name [`Outcomes::decided_to`] in its
+    /// [`crate::proto::DECIDED_TO_HEADER`]; without it the wait ends at the outcome, or at a
+    /// decision the safety net reads from the log). Call it before publishing the request.
+    pub fn watch_until(&self, txn_id: &str, until: Until) -> Watch {
         Watch {
-            wait: self.shared.waits.register(txn_id, Until::Outcome),
+            wait: self.shared.waits.register(txn_id, until),
+            until,
             shared: self.shared.clone(),
         }
+    }
+
+    /// This client's inbox for decisions, for a submission's
+    /// [`crate::proto::DECIDED_TO_HEADER`].
+    pub fn decided_to(&self) -> &str {
+        &self.shared.decided_to
     }
 
     /// How many waits are registered (for tests and metrics).
@@ -214,9 +243,10 @@ impl Outcomes {
     }
 }
 
-/// One registered wait for one transaction's outcome.
+/// One registered wait for one transaction's outcome (or decision).
 pub struct Watch {
     wait: Registered,
+    until: Until,
     shared: Arc<Shared>,
 }
 
@@ -226,7 +256,8 @@ impl Watch {
         &self.wait.txn_id
     }
 
-    /// Waits up to `timeout` for the outcome (a terminal state, or `failed`).
+    /// Waits up to `timeout` for the outcome (a terminal state, or `failed`), or for what
+    /// [`Outcomes::watch_until`] named.
     pub async fn outcome(mut self, timeout: Duration) -> Result<TransactionEvent, ClientError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut every = Duration::from_secs(1);
@@ -249,12 +280,13 @@ impl Watch {
         }
     }
 
-    /// The outcome if the log already has it.
+    /// The outcome (or decision) if the log already has it: a record read from the log is
+    /// durable, so a decision read there is one.
     async fn look_up(&self) -> Option<TransactionEvent> {
         let _permit = self.shared.reads.acquire().await.ok()?;
         last_record_of(&self.shared.events, &self.shared.subjects, self.txn_id())
             .await
-            .filter(|ev| ev.state.is_outcome())
+            .filter(|ev| self.until.reached(ev.state))
     }
 
     fn timed_out(&self, waited: Duration) -> ClientError {

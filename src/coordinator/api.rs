@@ -392,12 +392,14 @@ pub(crate) async fn publish_and_wait(
     let Some(timeout_ms) = wait_for else {
         return Ran::Accepted;
     };
-    // Already decided or finished (a resubmission): the log's record is the answer.
-    if let Some(ev) = last_event(shared, txn_id).await
-        && until.reached(ev.state)
-    {
-        return Ran::Event(Box::new(ev));
-    }
+    // Already decided or finished (a resubmission): the log's record is the answer. Read
+    // alongside the waits, not before them, so a new transaction does not wait for it.
+    let recorded = async {
+        match last_event(shared, txn_id).await {
+            Some(ev) if until.reached(ev.state) => ev,
+            _ => std::future::pending().await,
+        }
+    };
     let wait = Duration::from_millis(timeout_ms.saturating_add(30_000));
     let decided = async {
         match decision.as_mut() {
@@ -406,6 +408,7 @@ pub(crate) async fn publish_and_wait(
         }
     };
     let got = tokio::select! {
+        ev = recorded => Ok(ev),
         Some(ev) = decided => Ok(ev),
         got = watch.outcome(wait) => got,
     };

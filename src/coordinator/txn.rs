@@ -145,6 +145,35 @@ pub enum Begin {
     },
 }
 
+/// The inbox a new submission names for its decision ([`crate::proto::DECIDED_TO_HEADER`]),
+/// if it is one the coordinator answers to (as the API's replies: under
+/// `api_reply_prefixes`); anything else is ignored, and the submitter waits for the outcome.
+fn decided_to(shared: &Shared, txn_id: &str, begin: &Begin) -> Option<String> {
+    let Begin::New {
+        submission: Some(msg),
+    } = begin
+    else {
+        return None;
+    };
+    let to = msg
+        .headers
+        .as_ref()?
+        .get(crate::proto::DECIDED_TO_HEADER)?
+        .as_str();
+    let allowed = super::api::reply_allowed(&shared.api_reply_prefixes, Some(to)).and_then(|()| {
+        crate::proto::is_publish_subject(to, 256)
+            .then_some(())
+            .ok_or_else(|| "not a subject one can publish on (at most 256 bytes)".into())
+    });
+    match allowed {
+        Ok(()) => Some(to.to_string()),
+        Err(why) => {
+            tracing::warn!(%txn_id, header = crate::proto::DECIDED_TO_HEADER, value = %to, %why, "header ignored");
+            None
+        }
+    }
+}
+
 /// Drives one transaction to its end. `commands` are the engine's first batch.
 pub async fn drive(
     shared: Arc<Shared>,
@@ -166,7 +195,9 @@ pub async fn drive(
         } => (Some(*accepted_seq), *record_seq, *last_seq),
         Begin::New { .. } => (None, 0, 0),
     };
+    let decided_to = decided_to(&shared, &txn_id, &begin);
     let mut driver = Driver {
+        decided_to,
         accepted_seq,
         record_seq,
         last_seq,
@@ -304,6 +335,9 @@ pub async fn drive(
 }
 
 struct Driver {
+    /// The submitter's inbox for the decision ([`crate::proto::DECIDED_TO_HEADER`]),
+    /// until the decision is durable and sent there.
+    decided_to: Option<String>,
     /// The sequence of this transaction's `accepted` record, once known.
     accepted_seq: Option<u64>,
     /// The sequence of the last record of this transaction's log as this driver knows it (0:
@@ -570,8 +604,15 @@ impl Driver {
     /// coordinator holds (`Until::Decided`) are answered, and alerts go out. Only here, after
     /// the write's acknowledgement, since a fenced write still reaches core subscribers.
     async fn recorded(&mut self, event: &TransactionEvent) {
-        if event.state.is_decided() && !self.shared.decisions.is_empty() {
-            self.shared.decisions.deliver(event);
+        if event.state.is_decided() {
+            if !self.shared.decisions.is_empty() {
+                self.shared.decisions.deliver(event);
+            }
+            if let Some(to) = self.decided_to.take()
+                && let Err(e) = self.shared.js.client().publish(to, to_bytes(event)).await
+            {
+                tracing::debug!(error = %e, "the submitter's decision notice was not sent");
+            }
         }
         self.alert(event).await;
     }

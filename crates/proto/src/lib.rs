@@ -590,6 +590,30 @@ impl std::str::FromStr for Until {
 /// (the default) or `decided` (see [`Until`]).
 pub const WAIT_HEADER: &str = "Txcoord-Wait";
 
+/// The header of a submission (on `<prefix>.submit`) that names a client's inbox: the
+/// coordinator that makes the transaction's decision durable (`committing`, `aborting`, or
+/// an outcome that comes first) publishes that record there, once, after JetStream
+/// acknowledged it; a wait for [`Until::Decided`] without a round trip through the API. The
+/// subject must start with one of the coordinator's `api_reply_prefixes` (`_INBOX` by
+/// default) and have no wildcards; any other value is ignored (with a warning), so the
+/// client's wait ends at the outcome instead.
+pub const DECIDED_TO_HEADER: &str = "Txcoord-Decided-To";
+
+/// Whether `subject` is one a message can be published on: dot-separated non-empty tokens
+/// without whitespace or wildcards, at most `max` bytes.
+pub fn is_publish_subject(subject: &str, max: usize) -> bool {
+    !subject.is_empty()
+        && subject.len() <= max
+        && subject.split('.').all(|t| {
+            !t.is_empty()
+                && t != "*"
+                && t != ">"
+                && !t
+                    .bytes()
+                    .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+        })
+}
+
 /// Cuts `text` to at most `max` bytes (at a character boundary), saying how much was cut.
 pub fn cut_text(text: String, max: usize) -> String {
     if text.len() <= max {
@@ -1832,6 +1856,21 @@ mod tests {
             assert_eq!(u.as_str().parse::<Until>(), Ok(u));
             assert_eq!(serde_json::to_value(u).unwrap(), u.as_str());
         }
+        for good in ["_INBOX.abc", "_INBOX_shop.x.y-1"] {
+            assert!(is_publish_subject(good, 256), "{good}");
+        }
+        for bad in [
+            "",
+            "_INBOX.",
+            "_INBOX..a",
+            "_INBOX.*",
+            "_INBOX.>",
+            "_INBOX.a b",
+            "a\r\nPUB",
+        ] {
+            assert!(!is_publish_subject(bad, 256), "{bad:?}");
+        }
+        assert!(!is_publish_subject(&"a".repeat(300), 256));
         let err = "soon".parse::<Until>().unwrap_err();
         assert!(
             err.contains("\"soon\"") && err.contains("\"decided\""),
