@@ -46,11 +46,20 @@ fn a_short_chaos_run_passes_every_check() {
         "check nothing left held: ok",
         "check one outcome per txn_id, no record after a terminal record: ok",
         "check no command contradicts a branch's outcome: ok",
+        "check every decision a client was told is durable and kept: ok",
         "check time from the last fault to the last terminal transfer:",
         "chaos: PASSED",
     ] {
         assert!(stdout.contains(check), "no {check:?} in:\n{stdout}");
     }
+    // The coordinators told the run's inbox decisions to commit, under the same faults.
+    let told = stdout
+        .lines()
+        .find_map(|l| l.split_once("decisions told (").map(|(_, rest)| rest))
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or_else(|| panic!("no decisions line in:\n{stdout}"));
+    assert!(told > 0, "no decision to commit was told:\n{stdout}");
     // Withdrawals ran in one phase at the SDK banks, under the same faults.
     let one_phase = stdout
         .lines()

@@ -42,6 +42,15 @@ pub struct Command {
     pub kind: CommandKind,
 }
 
+/// A decision a coordinator sent to the run's inbox (`Txcoord-Decided-To`).
+#[derive(Debug, Clone)]
+pub struct Notice {
+    /// The transaction (or, for a message that was no event, its text).
+    pub txn_id: String,
+    /// The state it announced; `None`: the message was not a transaction event.
+    pub state: Option<TxnState>,
+}
+
 /// Where a bank's branch ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Branch {
@@ -83,6 +92,8 @@ pub struct Evidence<'a> {
     pub log: &'a HashMap<String, Vec<Record>>,
     /// Every command seen.
     pub commands: &'a [Command],
+    /// Every decision sent to the run's inbox.
+    pub notices: &'a [Notice],
     /// Each bank's end state, by service.
     pub banks: &'a BTreeMap<String, Bank>,
     /// Each account's balance before the run, by (bank, account).
@@ -147,7 +158,61 @@ pub fn all(e: &Evidence<'_>) -> Vec<Line> {
         nothing_held(e),
         one_outcome(e),
         no_contradiction(e),
+        decisions_kept(e),
     ]
+}
+
+/// Every decision a client was told is a record of the log (so it was durable) and agrees
+/// with the transaction's outcome: `committing` ends `committed`, `aborting` ends aborted.
+fn decisions_kept(e: &Evidence<'_>) -> Line {
+    let mut problems = Vec::new();
+    let (mut commits, mut aborts) = (0, 0);
+    for n in e.notices {
+        let Some(state) = n.state else {
+            problems.push(format!("not a transaction event: {:?}", n.txn_id));
+            continue;
+        };
+        if !state.is_decided() {
+            problems.push(format!(
+                "{}: told {state:?}, which decides nothing",
+                n.txn_id
+            ));
+            continue;
+        }
+        let log = e.log.get(&n.txn_id);
+        if !log.is_some_and(|l| l.iter().any(|r| r.state == state)) {
+            problems.push(format!(
+                "{}: told {state:?}, which the log does not hold",
+                n.txn_id
+            ));
+        }
+        let promised = state.takes_effect();
+        match outcome(log) {
+            Some(ended) if ended == promised => {}
+            ended => problems.push(format!(
+                "{}: told {state:?}, but the outcome is {}",
+                n.txn_id,
+                match ended {
+                    Some(true) => "committed",
+                    Some(false) => "aborted",
+                    None => "missing",
+                }
+            )),
+        }
+        if promised {
+            commits += 1;
+        } else {
+            aborts += 1;
+        }
+    }
+    line(
+        "every decision a client was told is durable and kept",
+        &problems,
+        format!(
+            "{} decisions told ({commits} to commit, {aborts} to abort)",
+            e.notices.len()
+        ),
+    )
 }
 
 fn terminal(e: &Evidence<'_>) -> Line {
@@ -425,6 +490,7 @@ mod tests {
         transfers: Vec<Transfer>,
         log: HashMap<String, Vec<Record>>,
         commands: Vec<Command>,
+        notices: Vec<Notice>,
         banks: BTreeMap<String, Bank>,
         initial: BTreeMap<(String, String), u64>,
     }
@@ -531,10 +597,20 @@ mod tests {
             ]
             .into();
             let initial = [(k("a", "x"), 100), (k("b", "y"), 100)].into();
+            let notice = |t: &str, state| Notice {
+                txn_id: t.into(),
+                state: Some(state),
+            };
+            let notices = vec![
+                notice("t1", TxnState::Committing),
+                notice("t2", TxnState::Aborting),
+                notice("t3", TxnState::Committed),
+            ];
             World {
                 transfers,
                 log,
                 commands,
+                notices,
                 banks,
                 initial,
             }
@@ -545,6 +621,7 @@ mod tests {
                 transfers: &self.transfers,
                 log: &self.log,
                 commands: &self.commands,
+                notices: &self.notices,
                 banks: &self.banks,
                 initial: &self.initial,
                 last_fault_ms: 0,
@@ -565,20 +642,50 @@ mod tests {
         let w = World::good();
         let lines = w.check();
         assert!(lines.iter().all(|l| l.ok), "{lines:?}");
-        assert_eq!(lines.len(), 6);
+        assert_eq!(lines.len(), 7);
+    }
+
+    #[test]
+    fn a_decision_told_but_not_kept_or_not_in_the_log_is_caught() {
+        const KEPT: &str = "every decision a client was told is durable and kept";
+        // Told to commit, but it aborted.
+        let mut w = World::good();
+        w.notices.push(Notice {
+            txn_id: "t2".into(),
+            state: Some(TxnState::Committing),
+        });
+        assert_eq!(w.failing(), [KEPT]);
+        // Told a decision the log never held (a refused, fenced write's phantom).
+        let mut w = World::good();
+        w.log
+            .get_mut("t1")
+            .unwrap()
+            .retain(|r| r.state != TxnState::Committing);
+        assert_eq!(w.failing(), [KEPT]);
+        // Told something that decides nothing, or something that is no event at all.
+        for state in [Some(TxnState::Preparing), None] {
+            let mut w = World::good();
+            w.notices.push(Notice {
+                txn_id: "t1".into(),
+                state,
+            });
+            assert_eq!(w.failing(), [KEPT]);
+        }
     }
 
     #[test]
     fn a_record_after_the_terminal_one_is_caught() {
         let mut w = World::good();
         w.log.get_mut("t1").unwrap().push(rec(TxnState::Preparing));
-        // The transfer no longer ends terminal either, so its money is unaccounted for.
+        // The transfer no longer ends terminal either, so its money is unaccounted for, and
+        // the commit its client was told has no outcome.
         assert_eq!(
             w.failing(),
             [
                 "every transfer terminal",
                 "money conserved exactly",
-                "one outcome per txn_id, no record after a terminal record"
+                "one outcome per txn_id, no record after a terminal record",
+                "every decision a client was told is durable and kept"
             ]
         );
     }
@@ -670,6 +777,7 @@ mod tests {
             transfers: &w.transfers,
             log: &w.log,
             commands: &w.commands,
+            notices: &w.notices,
             banks: &w.banks,
             initial: &w.initial,
             last_fault_ms,

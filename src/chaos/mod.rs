@@ -21,10 +21,12 @@ use futures::{StreamExt, TryStreamExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
-use txcoord::nats::{Expect, publish_durable};
+use txcoord::nats::{Expect, publish_durable_with};
 use txcoord::natsserver::NatsServer;
 use txcoord::participant::BranchState;
-use txcoord::proto::{CommandBatch, ParticipantCommand, Subjects, TransactionEvent, now_ms};
+use txcoord::proto::{
+    CommandBatch, DECIDED_TO_HEADER, ParticipantCommand, Subjects, TransactionEvent, now_ms,
+};
 use txcoord::rng::XorShift;
 
 use crate::procs::{Proc, coordinator_stats, sibling, wait_consumer};
@@ -276,6 +278,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
         }
     }
     let commands = observe_commands(&nc, &subjects).await?;
+    let (inbox, notices) = observe_decisions(&nc).await?;
     let watch = Watch::start(&nc, &subjects).await?;
     let client = txcoord::client::Client::new(nc.clone(), "txn").await?;
 
@@ -326,6 +329,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
                 latencies.clone(),
             );
             let subject = subjects.submit();
+            let inbox = inbox.clone();
             tokio::spawn(async move {
                 loop {
                     let i = taken.fetch_add(1, Ordering::SeqCst);
@@ -336,7 +340,11 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                     let sent = Instant::now();
-                    if transfer(&js, &client, &watch, &subject, t, settle).await {
+                    let to = Target {
+                        subject: &subject,
+                        decided_to: &inbox,
+                    };
+                    if transfer(&js, &client, &watch, to, t, settle).await {
                         let _ = lock(&latencies).record(sent.elapsed().as_millis() as u64);
                     }
                     bar.inc(1);
@@ -385,10 +393,12 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
         );
     }
     let commands = std::mem::take(&mut *lock(&commands));
+    let notices = std::mem::take(&mut *lock(&notices));
     let evidence = check::Evidence {
         transfers: &transfers,
         log: &log,
         commands: &commands,
+        notices: &notices,
         banks: &bank_states,
         initial: &initial,
         last_fault_ms: faults.last_end_ms,
@@ -517,23 +527,32 @@ fn request(t: &Transfer) -> Value {
     })
 }
 
-/// Submits one transfer (retrying through server restarts; the id deduplicates) and waits
-/// for its terminal record; false if `settle` ran out first.
+/// Where a transfer goes: the submit subject, and the inbox its decision is sent to.
+#[derive(Clone, Copy)]
+struct Target<'a> {
+    subject: &'a str,
+    decided_to: &'a str,
+}
+
+/// Submits one transfer (retrying through server restarts; the id deduplicates), naming
+/// the inbox for its decision, and waits for its terminal record; false if `settle` ran
+/// out first.
 async fn transfer(
     js: &async_nats::jetstream::Context,
     client: &txcoord::client::Client,
     watch: &Watch,
-    subject: &str,
+    to: Target<'_>,
     t: &Transfer,
     settle: Duration,
 ) -> bool {
     let deadline = tokio::time::Instant::now() + settle;
     let mut done = watch.register(&t.id);
     let body = bytes::Bytes::from(request(t).to_string());
-    while publish_durable(
+    while publish_durable_with(
         js,
-        subject,
+        to.subject,
         &t.id,
+        &[(DECIDED_TO_HEADER, to.decided_to)],
         body.clone(),
         Expect::default(),
         Some(10),
@@ -615,6 +634,33 @@ async fn drain(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// Records every decision the coordinators send to the run's inbox (each submission names
+/// it in `Txcoord-Decided-To`): what a client that waits only for the decision was told.
+async fn observe_decisions(
+    nc: &async_nats::Client,
+) -> anyhow::Result<(String, Arc<Mutex<Vec<check::Notice>>>)> {
+    let inbox = nc.new_inbox();
+    let mut sub = nc.subscribe(inbox.clone()).await?;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let out = seen.clone();
+    tokio::spawn(async move {
+        while let Some(msg) = sub.next().await {
+            let notice = match serde_json::from_slice::<TransactionEvent>(&msg.payload) {
+                Ok(ev) => check::Notice {
+                    txn_id: ev.txn_id,
+                    state: Some(ev.state),
+                },
+                Err(_) => check::Notice {
+                    txn_id: String::from_utf8_lossy(&msg.payload).into_owned(),
+                    state: None,
+                },
+            };
+            lock(&out).push(notice);
+        }
+    });
+    Ok((inbox, seen))
 }
 
 /// Wakes each transfer's waiter when its terminal record is published.
