@@ -54,20 +54,23 @@ async fn the_outcome_follows(sys: &mut System, id: &str) {
     assert_eq!(ev.state, TxnState::Committed, "{ev:?}");
 }
 
+/// [`slow_second`] through `txn.api.execute`, waiting for the decision.
+async fn decided_through_the_api(
+    client: &txcoord::client::Client,
+    id: &str,
+) -> txcoord::proto::TransactionEvent {
+    client
+        .execute(slow_second(id), Until::Decided, Duration::from_secs(60))
+        .await
+        .expect("an answer")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_answers_at_the_durable_decision_and_the_outcome_follows() {
     let (mut sys, _base) = start().await;
     let client = sys.client.clone();
     let wait = async move {
-        let ev = client
-            .execute(
-                slow_second("dc-api"),
-                Until::Decided,
-                Duration::from_secs(60),
-            )
-            .await
-            .expect("an answer");
-        serde_json::to_value(ev).expect("an event")
+        serde_json::to_value(decided_through_the_api(&client, "dc-api").await).expect("an event")
     };
     let ev = with_a_killed_after_its_vote(&mut sys, "dc-api", wait).await;
     assert_eq!(ev["state"], "committing", "{ev}");
@@ -77,15 +80,7 @@ async fn the_api_answers_at_the_durable_decision_and_the_outcome_follows() {
     the_outcome_follows(&mut sys, "dc-api").await;
     // Asked again once it is over: the outcome at once (a decided wait ends at any
     // outcome, the recorded one included).
-    let again = sys
-        .client
-        .execute(
-            slow_second("dc-api"),
-            Until::Decided,
-            Duration::from_secs(60),
-        )
-        .await
-        .expect("an answer");
+    let again = decided_through_the_api(&sys.client, "dc-api").await;
     assert_eq!(again.state, TxnState::Committed, "{again:?}");
 }
 
