@@ -1,5 +1,5 @@
-//! Waiting for outcomes, the one way txcoord does it (the CLI, the demo, the benchmark and
-//! the coordinator's `execute` endpoint all wait through [`Outcomes`]): one task owns the
+//! Waiting for outcomes, the one way a client of txcoord does it (the CLI, the demo and the
+//! benchmark all wait through [`Outcomes`]): one task owns the
 //! `<prefix>.events.*` subscription and hands each transaction's outcome to whoever waits
 //! for it. A waiter registers before its request is published, so the outcome cannot slip
 //! past; as a safety net (an outcome recorded before anyone waited, as for a resubmission,
@@ -11,7 +11,8 @@
 //! a decision it has made durable on the inbox a submission names
 //! ([`crate::proto::DECIDED_TO_HEADER`]), and the same task hands it out; the safety net
 //! accepts a decision it reads from the log. The registry of waits ([`WaitList`]) is shared
-//! with the coordinator, which uses one to answer `<prefix>.api.execute` at the decision.
+//! with the coordinator, which answers `<prefix>.api.execute` and the front door's waits
+//! from one, fed by its own durable records instead of a subscription.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

@@ -22,7 +22,6 @@ use tokio::task::JoinHandle;
 
 use super::txn::{TxnMsg, first_record, to_bytes};
 use super::{CoordinatorError, Shared};
-use crate::client::Outcomes;
 use crate::nats::{Expect, publish_durable};
 use crate::ops::time::rfc3339;
 use crate::proto::{
@@ -38,8 +37,6 @@ const QUEUE: &str = "q";
 /// The running API; dropping it stops the endpoints.
 pub struct ApiHandle {
     tasks: Vec<JoinHandle<()>>,
-    /// The one outcome waiter the API's executes use (the HTTP front door uses it too).
-    pub outcomes: Outcomes,
 }
 
 impl Drop for ApiHandle {
@@ -152,21 +149,12 @@ pub async fn start(
             }));
         }
     }
-    // Every execute waits for its outcome through one subscription.
-    let outcomes = Outcomes::start(
-        &client,
-        shared.subjects.clone(),
-        shared.streams.events.clone(),
-    )
-    .await
-    .map_err(CoordinatorError::ApiOutcomes)?;
     for (index, (name, subject, _)) in instance.endpoints.iter().enumerate() {
         let mut sub = client
             .queue_subscribe(subject.clone(), QUEUE.into())
             .await
             .map_err(api_err)?;
         let (client, shared, instance) = (client.clone(), shared.clone(), instance.clone());
-        let outcomes = outcomes.clone();
         let execute = matches!(*name, "execute" | "execute_as");
         let resolve = *name == "resolve";
         tasks.push(tokio::spawn(async move {
@@ -180,7 +168,7 @@ pub async fn start(
                     continue;
                 }
                 if execute {
-                    tokio::spawn(handle_execute(outcomes.clone(), shared.clone(), req));
+                    tokio::spawn(handle_execute(shared.clone(), req));
                 } else if resolve {
                     tokio::spawn(handle_resolve(shared.clone(), req));
                 } else {
@@ -190,7 +178,7 @@ pub async fn start(
         }));
     }
     confirm_subscriptions(&client).await?;
-    Ok(ApiHandle { tasks, outcomes })
+    Ok(ApiHandle { tasks })
 }
 
 /// Waits until the server has processed every subscription this connection sent so far, so
@@ -266,7 +254,7 @@ async fn respond(req: &Req, body: Bytes) {
 
 /// `<prefix>.api.execute` (or `<prefix>.api.execute.<client>`, which submits as that client,
 /// with its fair share): submits the request and answers its outcome.
-async fn handle_execute(outcomes: Outcomes, shared: Arc<Shared>, req: Req) {
+async fn handle_execute(shared: Arc<Shared>, req: Req) {
     let submit = match shared.subjects.execute_caller(&req.message.subject) {
         Some(name) => shared.subjects.submit_as(name),
         None => shared.subjects.submit(),
@@ -311,24 +299,15 @@ async fn handle_execute(outcomes: Outcomes, shared: Arc<Shared>, req: Req) {
         ),
         (Err(e), None) => return respond(&req, error_body(e.to_string())).await,
     };
-    let body = match publish_and_wait(
-        &outcomes,
-        &shared,
-        &submit,
-        &txn_id,
-        body,
-        Some(timeout_ms),
-        until,
-    )
-    .await
-    {
-        Ran::Event(ev) => to_bytes(&*ev),
-        Ran::Accepted => error_body(format!("no outcome for {txn_id}")),
-        Ran::NoOutcome(wait) => error_body(format!(
-            "no outcome for {txn_id} within {wait:?}; ask txn.api.status later"
-        )),
-        Ran::NotAccepted(e) => error_body(format!("submission not accepted: {e}")),
-    };
+    let body =
+        match publish_and_wait(&shared, &submit, &txn_id, body, Some(timeout_ms), until).await {
+            Ran::Event(ev) => to_bytes(&*ev),
+            Ran::Accepted => error_body(format!("no outcome for {txn_id}")),
+            Ran::NoOutcome(wait) => error_body(format!(
+                "no outcome for {txn_id} within {wait:?}; ask txn.api.status later"
+            )),
+            Ran::NotAccepted(e) => error_body(format!("submission not accepted: {e}")),
+        };
     respond(&req, body).await
 }
 
@@ -368,11 +347,16 @@ pub(crate) enum Ran {
 }
 
 /// Publishes a submission (idempotently: its txn_id is its message id) and, with
-/// `wait_for` (the request's prepare timeout), waits for its outcome, or with
-/// [`Until::Decided`] for the decision this coordinator makes durable (the outcome, if it
-/// comes first or from another coordinator, ends the wait too).
+/// `wait_for` (the request's prepare timeout), waits `until` its outcome or its decision.
+///
+/// The wait is answered in-process ([`Shared::waits`]), by this coordinator's own record
+/// once JetStream acknowledged it, so the coordinator needs no subscription to every
+/// transaction's events (four or five deliveries per transaction that nobody else asked
+/// for) and never takes a refused write's phantom event for a record. The log is read at
+/// once (a resubmission of a transaction that is already over or decided) and then after
+/// a second, at doubling intervals (an outcome another coordinator wrote, as around a
+/// fail-over).
 pub(crate) async fn publish_and_wait(
-    outcomes: &Outcomes,
     shared: &Shared,
     submit: &str,
     txn_id: &str,
@@ -380,45 +364,38 @@ pub(crate) async fn publish_and_wait(
     wait_for: Option<u64>,
     until: Until,
 ) -> Ran {
-    // Waiting starts before the publish, so the outcome cannot slip past.
-    let watch = outcomes.watch(txn_id);
-    let mut decision =
-        (until == Until::Decided).then(|| shared.decisions.register(txn_id, Until::Decided));
+    // Waiting starts before the publish, so the record cannot slip past.
+    let mut wait = wait_for.map(|_| shared.waits.register(txn_id, until));
     if let Err(e) =
         publish_durable(&shared.js, submit, txn_id, body, Expect::default(), Some(5)).await
     {
         return Ran::NotAccepted(e.to_string());
     }
-    let Some(timeout_ms) = wait_for else {
+    let (Some(timeout_ms), Some(wait)) = (wait_for, wait.as_mut()) else {
         return Ran::Accepted;
     };
-    // Already decided or finished (a resubmission): the log's record is the answer. Read
-    // alongside the waits, not before them, so a new transaction does not wait for it.
-    let recorded = async {
-        match last_event(shared, txn_id).await {
-            Some(ev) if until.reached(ev.state) => ev,
-            _ => std::future::pending().await,
+    let waited = Duration::from_millis(timeout_ms.saturating_add(30_000));
+    let deadline = tokio::time::Instant::now() + waited;
+    let mut every = Duration::ZERO;
+    loop {
+        let check = (tokio::time::Instant::now() + every).min(deadline);
+        tokio::select! {
+            Some(ev) = wait.event() => return Ran::Event(Box::new(ev)),
+            _ = tokio::time::sleep_until(check) => {
+                let last = last_event(shared, txn_id).await;
+                if let Some(ev) = last.as_ref().filter(|ev| until.reached(ev.state)) {
+                    return Ran::Event(Box::new(ev.clone()));
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    // Nothing in time: the latest state the log has, if any.
+                    return match last {
+                        Some(ev) => Ran::Event(Box::new(ev)),
+                        None => Ran::NoOutcome(waited),
+                    };
+                }
+                every = (every * 2).clamp(Duration::from_secs(1), Duration::from_secs(30));
+            }
         }
-    };
-    let wait = Duration::from_millis(timeout_ms.saturating_add(30_000));
-    let decided = async {
-        match decision.as_mut() {
-            Some(d) => d.event().await,
-            None => std::future::pending().await,
-        }
-    };
-    let got = tokio::select! {
-        ev = recorded => Ok(ev),
-        Some(ev) = decided => Ok(ev),
-        got = watch.outcome(wait) => got,
-    };
-    match got {
-        Ok(ev) => Ran::Event(Box::new(ev)),
-        // No outcome in time: the latest state the log has, if any.
-        Err(_) => match last_event(shared, txn_id).await {
-            Some(ev) => Ran::Event(Box::new(ev)),
-            None => Ran::NoOutcome(wait),
-        },
     }
 }
 

@@ -25,7 +25,6 @@ use tokio::sync::watch;
 use super::Shared;
 use super::api::{Ran, current_state, publish_and_wait, taken};
 use super::txn::to_bytes;
-use crate::client::Outcomes;
 use crate::proto::{MAX_TXN_ID_LEN, RequestError, Until, is_token};
 
 /// What the front door needs once this coordinator is active.
@@ -33,8 +32,6 @@ use crate::proto::{MAX_TXN_ID_LEN, RequestError, Until, is_token};
 pub struct Active {
     /// The coordinator's shared state.
     pub shared: Arc<Shared>,
-    /// The outcome waiter.
-    pub outcomes: Outcomes,
 }
 
 /// `None` until the lease is held and recovery is done.
@@ -197,7 +194,6 @@ async fn submit(
         .timeout_ms
         .unwrap_or(shared.engine.default_timeout_ms);
     let ran = publish_and_wait(
-        &active.outcomes,
         shared,
         &shared.subjects.submit(),
         &txn_id,

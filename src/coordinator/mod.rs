@@ -313,9 +313,10 @@ pub struct Shared {
     /// `one_phase`: a 2PC transaction of one step commits in one phase when its service
     /// takes that.
     pub one_phase: bool,
-    /// Waits for a decision of this coordinator's (`Until::Decided`: the front door and
-    /// `<prefix>.api.execute`), answered once the decision record is durable.
-    pub(crate) decisions: Arc<crate::client::WaitList>,
+    /// The waits of the front door and `<prefix>.api.execute` for a transaction's outcome
+    /// or decision ([`crate::proto::Until`]), answered by this coordinator's own record once
+    /// it is durable.
+    pub(crate) waits: Arc<crate::client::WaitList>,
 }
 
 impl Shared {
@@ -546,7 +547,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
                 .max(64 * 1024),
         })),
         one_phase: cfg.one_phase,
-        decisions: Arc::default(),
+        waits: Arc::default(),
         client_limits: limits::Shares::new(cfg.max_in_flight_per_client),
     });
 
@@ -595,7 +596,6 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     let api = api::start(client.clone(), shared.clone()).await?;
     let _ = front_door.send(Some(http::Active {
         shared: shared.clone(),
-        outcomes: api.outcomes.clone(),
     }));
     if !cfg.metrics_listen.is_empty() {
         let listener = listen("metrics_listen", &cfg.metrics_listen).await?;
@@ -1040,7 +1040,13 @@ pub(crate) async fn reject(
         )
         .await
         {
-            Ok(_) => return,
+            Ok(_) => {
+                // Durable: it answers whoever waits here for this transaction.
+                if !shared.waits.is_empty() {
+                    shared.waits.deliver(&event);
+                }
+                return;
+            }
             Err(e) => {
                 tracing::info!(txn_id = %id, error = %e, "txn_id already used; reporting on the errors subject")
             }

@@ -600,13 +600,15 @@ impl Driver {
         }
     }
 
-    /// What follows a record of ours that is durable: the waits for its decision that this
-    /// coordinator holds (`Until::Decided`) are answered, and alerts go out. Only here, after
-    /// the write's acknowledgement, since a fenced write still reaches core subscribers.
+    /// What follows a record of ours that is durable: the waits this coordinator holds for
+    /// it (the API's and the front door's, for a decision or an outcome) are answered, the
+    /// submitter's inbox hears the decision (`Txcoord-Decided-To`), and alerts go out. Only
+    /// here, after the write's acknowledgement, since a fenced write still reaches core
+    /// subscribers.
     async fn recorded(&mut self, event: &TransactionEvent) {
         if event.state.is_decided() {
-            if !self.shared.decisions.is_empty() {
-                self.shared.decisions.deliver(event);
+            if !self.shared.waits.is_empty() {
+                self.shared.waits.deliver(event);
             }
             if let Some(to) = self.decided_to.take()
                 && let Err(e) = self.shared.js.client().publish(to, to_bytes(event)).await
