@@ -131,7 +131,7 @@ async fn a_log_write_refused_for_a_wrong_last_sequence_stops_the_writer() {
         ..preparing
     };
     sys.publish_stored(
-        format!("txn.events.{id}"),
+        format!("txn.log.{id}"),
         serde_json::to_vec(&intruder).unwrap(),
     )
     .await;

@@ -435,11 +435,8 @@ async fn a_foreign_message_in_a_log_does_not_hide_its_outcome() {
     );
     // Someone with publish rights on the log stores a foreign message anyway: the outcome
     // still reads as the log's last real record.
-    sys.publish_stored(
-        "txn.events.victim-2".into(),
-        br#"{"not":"an event"}"#.to_vec(),
-    )
-    .await;
+    sys.publish_stored("txn.log.victim-2".into(), br#"{"not":"an event"}"#.to_vec())
+        .await;
     assert_eq!(
         sys.client.last_event("victim-2").await.map(|e| e.state),
         Some(TxnState::Committed)
@@ -459,8 +456,7 @@ async fn foreign_messages_in_a_running_log_are_written_after_and_recovered_past(
     let url = sys.nats.url();
     let junk = || br#"{"not":"an event"}"#.to_vec();
     // A log squatted before its transaction exists.
-    sys.publish_stored("txn.events.squat-1".into(), junk())
-        .await;
+    sys.publish_stored("txn.log.squat-1".into(), junk()).await;
     let ev = sys
         .run(request("squat-1", vec![step("a", json!({}))]))
         .await;
@@ -478,7 +474,7 @@ async fn foreign_messages_in_a_running_log_are_written_after_and_recovered_past(
         sys.participant("a")
             .wait_for(&format!("VOTED Ready txn_id={id}"), Duration::from_secs(10))
             .await;
-        sys.publish_stored(format!("txn.events.{id}"), junk()).await;
+        sys.publish_stored(format!("txn.log.{id}"), junk()).await;
         if !kill {
             let ev = sys.wait_state(id, |e| e.state.is_terminal()).await;
             assert_eq!(ev.state, TxnState::Committed, "{id}: {ev:?}");

@@ -289,7 +289,7 @@ async fn generated_identities_run_transactions_and_stop_forgeries() {
     refused(&shop, &format!("txn.reply.{id}"), &vote).await;
     refused(
         &shop,
-        &format!("txn.events.{id}"),
+        &format!("txn.log.{id}"),
         &json!({"txn_id": id, "state": "committed"}),
     )
     .await;
@@ -636,7 +636,7 @@ async fn an_operator_reads_and_resolves_and_writes_nothing_else() {
     let id = "op-forged";
     refused(
         &op,
-        &format!("txn.events.{id}"),
+        &format!("txn.log.{id}"),
         &json!({"txn_id": id, "state": "committed"}),
     )
     .await;
@@ -681,7 +681,7 @@ async fn an_operator_reads_and_resolves_and_writes_nothing_else() {
     assert_eq!(
         refusals,
         [
-            "\"txn.events.op-forged\"",
+            "\"txn.log.op-forged\"",
             "\"txn.submit.shop\"",
             "\"txn.submit\"",
             "\"txn.cmd.a.op-forged\"",

@@ -1026,7 +1026,7 @@ pub(crate) async fn reject(
             submit_seq: seq,
             ..TransactionEvent::new(id.clone(), TxnState::Rejected, Mode::TwoPc, now)
         };
-        let subject = shared.subjects.events(id);
+        let subject = shared.subjects.log(id);
         let msg_id = format!("{id}.rejected.{}", seq.unwrap_or(0));
         match publish_durable(
             &shared.js,

@@ -640,7 +640,7 @@ impl Driver {
         submission: Option<&jetstream::Message>,
     ) -> Written {
         const FOREIGN_RETRIES: u32 = 8;
-        let subject = self.shared.subjects.events(&self.txn_id);
+        let subject = self.shared.subjects.log(&self.txn_id);
         let msg_id = format!("{msg_id}@{}", self.shared.run_id);
         let mut expect = self.last_seq;
         for _ in 0..=FOREIGN_RETRIES {
@@ -742,22 +742,15 @@ impl Driver {
         let Some(Begin::New { submission }) = self.begin.take() else {
             return Err(Stop::Halted);
         };
-        // A txn_id that already has a log is not written to at all: a refused write would
-        // still reach core subscribers of the subject as a phantom record. (Two submissions
-        // of one new id at the same instant can still both try; the fenced write keeps one.)
-        let existing = first_record(&self.shared, &self.txn_id)
-            .await
-            .ok()
-            .flatten()
-            .map(|(ev, _)| ev);
+        // Written without reading the log first: a txn_id that has a log already gets its
+        // `accepted` refused (it expects no record before it), and a refused write reaches
+        // nobody, since the events stream republishes only what it stored
+        // (`Subjects::log`). The reuse is then reported from the log.
         // The submission's own sequence in the message id: a redelivered copy of the same
         // submission can never pass for this write.
         let msg_id = format!("{msg_id}.{}", event.submit_seq.unwrap_or(0));
         self.shared.inflight.accepting();
-        let written = match &existing {
-            Some(_) => Written::Fenced,
-            None => self.write(&msg_id, event, submission.as_deref()).await,
-        };
+        let written = self.write(&msg_id, event, submission.as_deref()).await;
         let ours = match &written {
             Written::Ours { seq, last } => Some((*seq, *last)),
             _ => None,
@@ -803,7 +796,7 @@ impl Driver {
             }
             None => {
                 self.shared.metrics.duplicate();
-                self.report_reuse(event, existing).await;
+                self.report_reuse(event, None).await;
                 Err(Stop::Halted)
             }
         }

@@ -230,13 +230,13 @@ pub async fn ensure_streams(
             vec![subjects.submit(), subjects.submit_named()],
         )
     };
-    let events = stream::Config {
-        max_age: settings.events_max_age,
-        ..base(
-            subjects.events_stream(),
-            vec![subjects.events_all(), subjects.errors()],
-        )
-    };
+    let events = events_config(
+        subjects,
+        stream::Config {
+            max_age: settings.events_max_age,
+            ..base(subjects.events_stream(), Vec::new())
+        },
+    );
     let commands = stream::Config {
         max_age: settings.command_max_age,
         retention: stream::RetentionPolicy::WorkQueue,
@@ -254,9 +254,65 @@ pub async fn ensure_streams(
     };
     Ok(Streams {
         submit: open_stream(js, submit).await?,
-        events: open_stream(js, events).await?,
+        events: open_events_stream(js, events).await?,
         commands: open_stream(js, commands).await?,
         replies: open_reply_stream(js, replies).await?,
+    })
+}
+
+/// The events stream's subjects on top of `base`: it takes log records on
+/// `<prefix>.log.<id>` (and submission errors on `<prefix>.errors`), stores each record as
+/// `<prefix>.events.<id>`, and republishes what it stored there. So a write it refuses
+/// reaches no subscriber, and nothing published straight on `<prefix>.events.<id>` is
+/// stored ([`Subjects::log`]).
+fn events_config(subjects: &Subjects, base: stream::Config) -> stream::Config {
+    let events = format!("{}.events.{{{{wildcard(1)}}}}", subjects.prefix());
+    stream::Config {
+        subjects: vec![subjects.log_all(), subjects.errors()],
+        subject_transform: Some(stream::SubjectTransform {
+            source: subjects.log_all(),
+            destination: events.clone(),
+        }),
+        republish: Some(stream::Republish {
+            source: format!("{}.events.*", subjects.prefix()),
+            destination: events,
+            headers_only: false,
+        }),
+        ..base
+    }
+}
+
+/// Opens the events stream. One created by an older txcoord (records published and stored
+/// on `<prefix>.events.<id>`) is updated in place: its records keep their subjects, so
+/// every read by subject goes on as before; only where records are written changes.
+async fn open_events_stream(
+    js: &jetstream::Context,
+    config: stream::Config,
+) -> Result<stream::Stream, NatsError> {
+    let name = config.name.clone();
+    let stream = get_or_create(js, &config).await?;
+    let have = &stream.cached_info().config;
+    if have.subjects == config.subjects
+        && have.subject_transform == config.subject_transform
+        && have.republish == config.republish
+    {
+        return Ok(stream);
+    }
+    let mut updated = have.clone();
+    updated.subjects = config.subjects.clone();
+    updated.subject_transform = config.subject_transform.clone();
+    updated.republish = config.republish.clone();
+    tracing::info!(stream = %name, subjects = ?updated.subjects,
+        "events stream from an older txcoord: records are now written on the log subjects and republished once stored");
+    js.update_stream(&updated)
+        .await
+        .map_err(|e| NatsError::Stream {
+            stream: name.clone(),
+            message: format!("cannot move the log to its write subjects: {e}"),
+        })?;
+    js.get_stream(&name).await.map_err(|e| NatsError::Stream {
+        stream: name,
+        message: e.to_string(),
     })
 }
 
@@ -290,29 +346,35 @@ async fn open_stream(
     js: &jetstream::Context,
     config: stream::Config,
 ) -> Result<stream::Stream, NatsError> {
-    let name = config.name.clone();
+    let stream = get_or_create(js, &config).await?;
+    add_subjects(js, stream, &config).await
+}
+
+/// The stream named in `config`, created with it when missing. JetStream may still be
+/// starting (or electing a leader on a cluster): retries a while.
+async fn get_or_create(
+    js: &jetstream::Context,
+    config: &stream::Config,
+) -> Result<stream::Stream, NatsError> {
     let mut delay = Duration::from_millis(100);
-    // JetStream may still be starting (or electing a leader on a cluster): retry a while.
-    for attempt in 0..30 {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
         match js.get_or_create_stream(config.clone()).await {
-            Ok(s) => return add_subjects(js, s, &config).await,
-            Err(e) if attempt < 29 => {
-                tracing::debug!(stream = %name, error = %e, "stream not ready, retrying");
+            Ok(s) => return Ok(s),
+            Err(e) if attempt < 30 => {
+                tracing::debug!(stream = %config.name, error = %e, "stream not ready, retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(2));
             }
             Err(e) => {
                 return Err(NatsError::Stream {
-                    stream: name,
+                    stream: config.name.clone(),
                     message: e.to_string(),
                 });
             }
         }
     }
-    Err(NatsError::Stream {
-        stream: name,
-        message: "unreachable".into(),
-    })
 }
 
 /// A stream made by an older txcoord may lack subjects this one adds (the named submit

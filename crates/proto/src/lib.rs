@@ -1476,6 +1476,20 @@ impl Subjects {
         format!("{}.events.>", self.prefix)
     }
 
+    /// Where the coordinator writes one transaction's log records. The events stream takes
+    /// them here, stores them as [`Subjects::events`] (a subject transform) and only then
+    /// republishes them there: a write the stream refuses (a wrong expected sequence: a
+    /// fenced coordinator, a reused txn_id) never reaches subscribers of the events, and a
+    /// publish straight on the events subject is never stored. Nobody subscribes here.
+    pub fn log(&self, txn_id: &str) -> String {
+        format!("{}.log.{txn_id}", self.prefix)
+    }
+
+    /// Every transaction's log writes (what the events stream listens on).
+    pub fn log_all(&self) -> String {
+        format!("{}.log.*", self.prefix)
+    }
+
     /// Submission errors that have no txn_id.
     pub fn errors(&self) -> String {
         format!("{}.errors", self.prefix)
