@@ -153,9 +153,9 @@ impl Drop for Shared {
 /// clone; the subscriptions end when the last clone is dropped.
 ///
 /// Events on `<prefix>.events.*` end only waits for an outcome, never a wait for a decision
-/// short of one: an event on the bus may be a write that the log refused (a fenced
-/// coordinator's), which still reaches core subscribers, and only an outcome follows a
-/// decision that is durable. A decision comes on this client's own inbox
+/// short of one. The events stream republishes only records it stored, but that subject is
+/// open to whoever the server lets publish there (anyone, without `txcoord auth`), and a
+/// promise to commit is not taken from it. A decision comes on this client's own inbox
 /// ([`Outcomes::decided_to`], named in a submission's [`crate::proto::DECIDED_TO_HEADER`]),
 /// where the coordinator publishes it after JetStream acknowledged it, or from the log.
 #[derive(Clone)]

@@ -352,7 +352,8 @@ pub(crate) enum Ran {
 /// The wait is answered in-process ([`Shared::waits`]), by this coordinator's own record
 /// once JetStream acknowledged it, so the coordinator needs no subscription to every
 /// transaction's events (four or five deliveries per transaction that nobody else asked
-/// for) and never takes a refused write's phantom event for a record. The log is read at
+/// for) and never takes a message someone else published on the events subject for a
+/// record. The log is read at
 /// once (a resubmission of a transaction that is already over or decided) and then after
 /// a second, at doubling intervals (an outcome another coordinator wrote, as around a
 /// fail-over).

@@ -603,8 +603,7 @@ impl Driver {
     /// What follows a record of ours that is durable: the waits this coordinator holds for
     /// it (the API's and the front door's, for a decision or an outcome) are answered, the
     /// submitter's inbox hears the decision (`Txcoord-Decided-To`), and alerts go out. Only
-    /// here, after the write's acknowledgement, since a fenced write still reaches core
-    /// subscribers.
+    /// here, after the write's acknowledgement: a record is what the log stored.
     async fn recorded(&mut self, event: &TransactionEvent) {
         if event.state.is_decided() {
             if !self.shared.waits.is_empty() {

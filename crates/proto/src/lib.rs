@@ -549,8 +549,9 @@ pub enum Until {
     /// saga or a one-phase commit has no earlier decision than its outcome). The
     /// participants apply it afterwards, so a read of a service right after the answer may
     /// not see it yet; the outcome follows on `<prefix>.events.<txn_id>`. The answer comes
-    /// only from the coordinator that wrote the decision, never from an event on the bus,
-    /// since a fenced (refused) write still reaches core subscribers.
+    /// only from the coordinator that wrote the decision (after JetStream acknowledged it)
+    /// or from a read of the log, never from an event on the bus, where anyone the server
+    /// lets publish can put a message.
     Decided,
 }
 
