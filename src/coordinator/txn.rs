@@ -795,7 +795,7 @@ impl Driver {
             }
             None => {
                 self.shared.metrics.duplicate();
-                self.report_reuse(event, None).await;
+                self.report_reuse(event).await;
                 Err(Stop::Halted)
             }
         }
@@ -804,19 +804,15 @@ impl Driver {
     /// The txn_id of `ours` (an `accepted` record not written) has a log already. A redelivery
     /// of the same submission, or a resubmission of the same request, is a retry: its
     /// recorded outcome stands. Another request under a taken id gets a SubmitError
-    /// (`duplicate_txn_id`) that names the existing transaction's state. `first` is the
-    /// log's first record when the caller has read it already (it is read here otherwise:
-    /// another submission won the write).
-    async fn report_reuse(&self, ours: &TransactionEvent, first: Option<TransactionEvent>) {
-        let first = match first {
-            Some(f) => f,
-            None => match first_record(&self.shared, &self.txn_id).await {
-                Ok(Some((f, _))) => f,
-                _ => {
-                    tracing::info!("txn_id already has a recorded transaction; nothing runs again");
-                    return;
-                }
-            },
+    /// (`duplicate_txn_id`) that names the existing transaction's state, read from the
+    /// log's first record.
+    async fn report_reuse(&self, ours: &TransactionEvent) {
+        let first = match first_record(&self.shared, &self.txn_id).await {
+            Ok(Some((f, _))) => f,
+            _ => {
+                tracing::info!("txn_id already has a recorded transaction; nothing runs again");
+                return;
+            }
         };
         let same_submission = first.submit_seq.is_some() && first.submit_seq == ours.submit_seq;
         if same_submission
