@@ -22,7 +22,7 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use txcoord::client::Outcomes;
 use txcoord::natsserver::{NatsCluster, NatsServer};
-use txcoord::proto::{DECIDED_TO_HEADER, Subjects, Until};
+use txcoord::proto::{Subjects, Until};
 
 use crate::procs::{Proc, coordinator_stats, wait_consumer};
 
@@ -323,11 +323,7 @@ async fn closed_loop(
                 let t0 = Instant::now();
                 let body = serde_json::to_vec(&req).unwrap_or_default();
                 let watch = waiters.watch_until(&id, until);
-                let decided_to = (until == Until::Decided).then(|| waiters.decided_to());
-                let headers: Vec<(&str, &str)> = decided_to
-                    .map(|to| (DECIDED_TO_HEADER, to))
-                    .into_iter()
-                    .collect();
+                let headers: Vec<(&str, &str)> = waiters.header_for(until).into_iter().collect();
                 if let Err(e) = txcoord::nats::publish_durable_with(
                     &js,
                     &subjects.submit(),

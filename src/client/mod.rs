@@ -17,9 +17,7 @@ use serde_json::Value;
 use crate::nats::{
     Expect, NatsError, StreamSettings, ensure_streams, publish_durable, publish_durable_with,
 };
-use crate::proto::{
-    ApiError, DECIDED_TO_HEADER, StatusRequest, Subjects, TransactionEvent, Until, WAIT_HEADER,
-};
+use crate::proto::{ApiError, StatusRequest, Subjects, TransactionEvent, Until, WAIT_HEADER};
 
 /// A client failure.
 #[derive(Debug, thiserror::Error)]
@@ -199,15 +197,14 @@ impl Client {
             let watch = self.outcomes.watch_until(&id, until);
             let body = bytes::Bytes::from(serde_json::to_vec(&req).unwrap_or_default());
             let (js, subject) = (self.js.clone(), self.submit.clone());
-            let decided_to =
-                (until == Until::Decided).then(|| self.outcomes.decided_to().to_string());
+            let header = self
+                .outcomes
+                .header_for(until)
+                .map(|(name, value)| (name, value.to_string()));
             let sent = tokio::time::Instant::now();
             let publish = tokio::spawn(async move {
-                let headers: Vec<(&str, &str)> = decided_to
-                    .as_deref()
-                    .map(|to| (DECIDED_TO_HEADER, to))
-                    .into_iter()
-                    .collect();
+                let headers: Vec<(&str, &str)> =
+                    header.iter().map(|(n, v)| (*n, v.as_str())).collect();
                 publish_durable_with(
                     &js,
                     &subject,
@@ -296,47 +293,27 @@ impl Client {
     ) -> Result<TransactionEvent, ClientError> {
         let txn_id = Self::txn_id_of(&mut request)?;
         let body = serde_json::to_vec(&request).unwrap_or_default();
-        execute(
-            &self.nc,
-            &self.execute,
-            &txn_id,
-            body.into(),
-            until,
-            timeout,
-        )
-        .await
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(WAIT_HEADER, until.as_str());
+        let reply = self
+            .nc
+            .send_request(
+                self.execute.clone(),
+                async_nats::Request::new()
+                    .payload(body.into())
+                    .headers(headers)
+                    .timeout(Some(timeout)),
+            )
+            .await
+            .map_err(|e| match e.kind() {
+                async_nats::RequestErrorKind::TimedOut => ClientError::TimedOut {
+                    txn_id,
+                    waited: timeout,
+                },
+                _ => ClientError::Api(format!("{}: {e}", self.execute)),
+            })?;
+        event_or_error(&reply.payload)
     }
-}
-
-/// Sends one request (its JSON, with its `txn_id`) to `subject` (`<prefix>.api.execute`, or
-/// `.<client>`) and answers the coordinator's event, or its error.
-async fn execute(
-    nc: &async_nats::Client,
-    subject: &str,
-    txn_id: &str,
-    body: bytes::Bytes,
-    until: Until,
-    timeout: Duration,
-) -> Result<TransactionEvent, ClientError> {
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert(WAIT_HEADER, until.as_str());
-    let reply = nc
-        .send_request(
-            subject.to_string(),
-            async_nats::Request::new()
-                .payload(body)
-                .headers(headers)
-                .timeout(Some(timeout)),
-        )
-        .await
-        .map_err(|e| match e.kind() {
-            async_nats::RequestErrorKind::TimedOut => ClientError::TimedOut {
-                txn_id: txn_id.to_string(),
-                waited: timeout,
-            },
-            _ => ClientError::Api(format!("{subject}: {e}")),
-        })?;
-    event_or_error(&reply.payload)
 }
 
 /// An API answer: a transaction's event, or the coordinator's error.

@@ -67,8 +67,12 @@ impl WaitList {
         }
     }
 
-    /// Hands `ev` to every wait for its transaction that ends at its state.
+    /// Hands `ev` to every wait for its transaction that ends at its state (without taking
+    /// the lock when nothing waits at all, as on a coordinator nobody asks).
     pub(crate) fn deliver(&self, ev: &TransactionEvent) {
+        if self.is_empty() {
+            return;
+        }
         let mut done = Vec::new();
         {
             let mut waiting = self.lock();
@@ -236,6 +240,13 @@ impl Outcomes {
     /// [`crate::proto::DECIDED_TO_HEADER`].
     pub fn decided_to(&self) -> &str {
         &self.shared.decided_to
+    }
+
+    /// The header a submission carries so that a wait `until` hears its decision: this
+    /// client's inbox in [`crate::proto::DECIDED_TO_HEADER`] for [`Until::Decided`], none
+    /// for an outcome.
+    pub fn header_for(&self, until: Until) -> Option<(&'static str, &str)> {
+        (until == Until::Decided).then(|| (crate::proto::DECIDED_TO_HEADER, self.decided_to()))
     }
 
     /// How many waits are registered (for tests and metrics).

@@ -366,13 +366,13 @@ pub(crate) async fn publish_and_wait(
     until: Until,
 ) -> Ran {
     // Waiting starts before the publish, so the record cannot slip past.
-    let mut wait = wait_for.map(|_| shared.waits.register(txn_id, until));
+    let waiting = wait_for.map(|ms| (ms, shared.waits.register(txn_id, until)));
     if let Err(e) =
         publish_durable(&shared.js, submit, txn_id, body, Expect::default(), Some(5)).await
     {
         return Ran::NotAccepted(e.to_string());
     }
-    let (Some(timeout_ms), Some(wait)) = (wait_for, wait.as_mut()) else {
+    let Some((timeout_ms, mut wait)) = waiting else {
         return Ran::Accepted;
     };
     let waited = Duration::from_millis(timeout_ms.saturating_add(30_000));

@@ -1042,9 +1042,7 @@ pub(crate) async fn reject(
         {
             Ok(_) => {
                 // Durable: it answers whoever waits here for this transaction.
-                if !shared.waits.is_empty() {
-                    shared.waits.deliver(&event);
-                }
+                shared.waits.deliver(&event);
                 return;
             }
             Err(e) => {

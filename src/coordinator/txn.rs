@@ -606,9 +606,7 @@ impl Driver {
     /// here, after the write's acknowledgement: a record is what the log stored.
     async fn recorded(&mut self, event: &TransactionEvent) {
         if event.state.is_decided() {
-            if !self.shared.waits.is_empty() {
-                self.shared.waits.deliver(event);
-            }
+            self.shared.waits.deliver(event);
             if let Some(to) = self.decided_to.take()
                 && let Err(e) = self.shared.js.client().publish(to, to_bytes(event)).await
             {

@@ -304,16 +304,25 @@ async fn open_events_stream(
     updated.republish = config.republish.clone();
     tracing::info!(stream = %name, subjects = ?updated.subjects,
         "events stream from an older txcoord: records are now written on the log subjects and republished once stored");
-    js.update_stream(&updated)
+    update(js, &updated, "cannot move the log to its write subjects").await
+}
+
+/// Updates a stream to `config` and opens it again; `failed` says what did not happen.
+async fn update(
+    js: &jetstream::Context,
+    config: &stream::Config,
+    failed: &str,
+) -> Result<stream::Stream, NatsError> {
+    let failure = |e: &dyn std::fmt::Display, what: &str| NatsError::Stream {
+        stream: config.name.clone(),
+        message: format!("{what}: {e}"),
+    };
+    js.update_stream(config)
         .await
-        .map_err(|e| NatsError::Stream {
-            stream: name.clone(),
-            message: format!("cannot move the log to its write subjects: {e}"),
-        })?;
-    js.get_stream(&name).await.map_err(|e| NatsError::Stream {
-        stream: name,
-        message: e.to_string(),
-    })
+        .map_err(|e| failure(&e, failed))?;
+    js.get_stream(&config.name)
+        .await
+        .map_err(|e| failure(&e, "cannot open it after the update"))
 }
 
 /// Opens the reply stream. One created by an older txcoord as a work queue cannot be turned
@@ -397,18 +406,8 @@ async fn add_subjects(
     let mut config = have.clone();
     config.subjects.extend(missing);
     tracing::info!(stream = %config.name, subjects = ?config.subjects, "adding subjects to a stream from an older txcoord");
-    js.update_stream(&config)
-        .await
-        .map_err(|e| NatsError::Stream {
-            stream: config.name.clone(),
-            message: format!("cannot add subjects {:?}: {e}", config.subjects),
-        })?;
-    js.get_stream(&config.name)
-        .await
-        .map_err(|e| NatsError::Stream {
-            stream: config.name.clone(),
-            message: e.to_string(),
-        })
+    let failed = format!("cannot add subjects {:?}", config.subjects);
+    update(js, &config, &failed).await
 }
 
 /// Opens the KV bucket `bucket`, creating it (history 1, `replicas`, and `max_age` if not
