@@ -322,7 +322,7 @@ async fn closed_loop(
                 req["txn_id"] = json!(id);
                 let t0 = Instant::now();
                 let body = serde_json::to_vec(&req).unwrap_or_default();
-                let watch = waiters.watch_until(&id, until);
+                let watch = waiters.watch_submitted(&id, until);
                 let headers: Vec<(&str, &str)> = waiters.header_for(until).into_iter().collect();
                 if let Err(e) = txcoord::nats::publish_durable_with(
                     &js,

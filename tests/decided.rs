@@ -5,8 +5,8 @@
 //! durable although a participant that must confirm is dead, and the outcome follows when
 //! it comes back; an abort vote answers `aborting` (or `aborted`); a one-phase transaction
 //! has no earlier decision than its outcome; a bad wait value is a clear error; a decision
-//! header naming anything but an inbox is ignored, so nobody can make the coordinator
-//! publish on a subject of their choosing.
+//! or outcome header naming anything but an inbox is ignored, so nobody can make the
+//! coordinator publish on a subject of their choosing.
 
 mod common;
 
@@ -143,10 +143,20 @@ async fn a_decision_header_that_is_no_inbox_is_ignored_and_the_transaction_runs(
         .await
         .expect("subscribe");
     let js = async_nats::jetstream::new(sys.nc.clone());
-    for (id, to) in [("dc-evil", target), ("dc-wild", "_INBOX.*")] {
+    let (decided, outcome) = (
+        txcoord::proto::DECIDED_TO_HEADER,
+        txcoord::proto::OUTCOME_TO_HEADER,
+    );
+    let forged = [
+        ("dc-evil", decided, target),
+        ("dc-wild", decided, "_INBOX.*"),
+        ("oc-evil", outcome, target),
+        ("oc-wild", outcome, "_INBOX.>"),
+    ];
+    for (id, header, to) in forged {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", id);
-        headers.insert(txcoord::proto::DECIDED_TO_HEADER, to);
+        headers.insert(header, to);
         let body = request(id, vec![step("a", json!({})), step("b", json!({}))]);
         js.publish_with_headers(
             "txn.submit".to_string(),
@@ -174,6 +184,8 @@ async fn a_decision_header_that_is_no_inbox_is_ignored_and_the_transaction_runs(
     for (id, why) in [
         ("dc-evil", "is not an inbox"),
         ("dc-wild", "not a subject one can publish on"),
+        ("oc-evil", "is not an inbox"),
+        ("oc-wild", "not a subject one can publish on"),
     ] {
         assert!(
             log.lines()

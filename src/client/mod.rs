@@ -169,11 +169,12 @@ impl Client {
     }
 
     /// As [`Client::submit_and_watch`], each waiting `until`: the outcome, or with
-    /// [`Until::Decided`] the decision as soon as the coordinator has made it durable. The
-    /// submission then names this client's inbox ([`Outcomes::decided_to`]) in its
-    /// [`crate::proto::DECIDED_TO_HEADER`], so the answer takes no round trip through the
-    /// API; it is durable too, so a coordinator that dies first leaves it to its successor,
-    /// and the wait then ends at the outcome.
+    /// [`Until::Decided`] the decision as soon as the coordinator has made it durable. Each
+    /// submission names this client's inbox ([`Outcomes::header_for`]), where the coordinator
+    /// that writes the record publishes it, so the answer takes no round trip through the
+    /// API and this client hears of no other transaction. The submission is durable, so a
+    /// coordinator that dies first leaves it to its successor; if that one resumed it from
+    /// the log, the wait finds the answer in the log and the transaction's events.
     pub async fn submit_until(
         &self,
         requests: Vec<Value>,
@@ -194,7 +195,7 @@ impl Client {
             };
             results.push(None);
             // Waiting starts before the publish, so the outcome cannot slip past.
-            let watch = self.outcomes.watch_until(&id, until);
+            let watch = self.outcomes.watch_submitted(&id, until);
             let body = bytes::Bytes::from(serde_json::to_vec(&req).unwrap_or_default());
             let (js, subject) = (self.js.clone(), self.submit.clone());
             let header = self

@@ -1,18 +1,28 @@
 //! Waiting for outcomes, the one way a client of txcoord does it (the CLI, the demo and the
-//! benchmark all wait through [`Outcomes`]): one task owns the
-//! `<prefix>.events.*` subscription and hands each transaction's outcome to whoever waits
-//! for it. A waiter registers before its request is published, so the outcome cannot slip
-//! past; as a safety net (an outcome recorded before anyone waited, as for a resubmission,
-//! or an event missed across a reconnect) a waiter that has heard nothing reads the log's
-//! last record after a second, then at doubling intervals up to 30 s, at most 32 reads at a
-//! time across all waiters.
+//! benchmark all wait through [`Outcomes`]): one task owns this client's inbox for notices
+//! and hands each transaction's outcome (or decision) to whoever waits for it.
 //!
-//! A wait may end at the decision instead ([`Until::Decided`]): the coordinator publishes
-//! a decision it has made durable on the inbox a submission names
-//! ([`crate::proto::DECIDED_TO_HEADER`]), and the same task hands it out; the safety net
-//! accepts a decision it reads from the log. The registry of waits ([`WaitList`]) is shared
-//! with the coordinator, which answers `<prefix>.api.execute` and the front door's waits
-//! from one, fed by its own durable records instead of a subscription.
+//! A client's own submissions name that inbox ([`Outcomes::header_for`]): the coordinator
+//! publishes the durable outcome there ([`crate::proto::OUTCOME_TO_HEADER`]), or the durable
+//! decision for a wait that ends there ([`Until::Decided`],
+//! [`crate::proto::DECIDED_TO_HEADER`]). So a client hears about its own transactions only,
+//! not every transaction's every event: with many clients, the server would otherwise send
+//! each record to each of them.
+//!
+//! Notices are core NATS, at most once, and only the coordinator that wrote the record sends
+//! one (a successor that resumes the transaction from the log does not). So a wait that has
+//! heard nothing after a second subscribes to the transaction's own events
+//! (`<prefix>.events.<txn_id>`), then reads the log's last record, and reads it again at
+//! doubling intervals up to 30 s, at most 32 reads at a time across all waiters. A wait for
+//! a transaction this client did not submit with the header ([`Outcomes::watch`]) does the
+//! same at once. An event seen on `<prefix>.events.<txn_id>` ends only a wait for an
+//! outcome, never a wait for a decision short of one: a promise to commit is taken from the
+//! coordinator's notice or from the log, not from a subject that anyone the server lets
+//! publish there can write to.
+//!
+//! The registry of waits ([`WaitList`]) is shared with the coordinator, which answers
+//! `<prefix>.api.execute` and the front door's waits from one, fed by its own durable
+//! records instead of a subscription.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -138,8 +148,10 @@ impl Drop for Registered {
 
 struct Shared {
     waits: Arc<WaitList>,
-    /// This client's inbox for decisions ([`crate::proto::DECIDED_TO_HEADER`]).
-    decided_to: String,
+    /// This client's inbox for notices ([`crate::proto::DECIDED_TO_HEADER`],
+    /// [`crate::proto::OUTCOME_TO_HEADER`]).
+    inbox: String,
+    nc: async_nats::Client,
     events: jetstream::stream::Stream,
     subjects: Subjects,
     /// Log reads of the safety net in flight at once.
@@ -156,47 +168,39 @@ impl Drop for Shared {
 /// Hands out transactions' outcomes (and decisions) to the tasks waiting for them. Cheap to
 /// clone; the subscriptions end when the last clone is dropped.
 ///
-/// Events on `<prefix>.events.*` end only waits for an outcome, never a wait for a decision
-/// short of one. The events stream republishes only records it stored, but that subject is
-/// open to whoever the server lets publish there (anyone, without `txcoord auth`), and a
-/// promise to commit is not taken from it. A decision comes on this client's own inbox
-/// ([`Outcomes::decided_to`], named in a submission's [`crate::proto::DECIDED_TO_HEADER`]),
-/// where the coordinator publishes it after JetStream acknowledged it, or from the log.
+/// A decision comes only on this client's own inbox ([`Outcomes::decided_to`], named in a
+/// submission's [`crate::proto::DECIDED_TO_HEADER`]), where the coordinator publishes it
+/// after JetStream acknowledged it, or from the log. An outcome comes on that inbox too
+/// ([`crate::proto::OUTCOME_TO_HEADER`]), from the log, or from the transaction's events.
 #[derive(Clone)]
 pub struct Outcomes {
     shared: Arc<Shared>,
 }
 
 impl Outcomes {
-    /// Subscribes to every transaction's events under `subjects`' prefix, and to a new inbox
-    /// for decisions; `events` is the events stream (the log), read by the safety net.
+    /// Subscribes to a new inbox for this client's notices; `events` is the events stream
+    /// (the log), read by the safety net.
     pub async fn start(
         nc: &async_nats::Client,
         subjects: Subjects,
         events: jetstream::stream::Stream,
     ) -> Result<Outcomes, ClientError> {
-        let subscribe = |subject: String| async move {
-            nc.subscribe(subject.clone())
+        let inbox = nc.new_inbox();
+        let mut notices =
+            nc.subscribe(inbox.clone())
                 .await
-                .map_err(|e| ClientError::Subscribe { subject, source: e })
-        };
-        let all = subscribe(format!("{}.events.*", subjects.prefix())).await?;
-        let decided_to = nc.new_inbox();
-        let decided = subscribe(decided_to.clone()).await?;
+                .map_err(|e| ClientError::Subscribe {
+                    subject: inbox.clone(),
+                    source: e,
+                })?;
         let shared = Arc::new_cyclic(|weak: &std::sync::Weak<Shared>| {
             let weak = weak.clone();
-            let inbox = decided_to.clone();
-            let mut both = futures::stream::select(all, decided);
             let task = tokio::spawn(async move {
-                while let Some(msg) = both.next().await {
-                    // Most events are not outcomes: read their state alone first (no
-                    // steps, no strings kept), and the whole event only when it can end a
-                    // wait: an outcome, or a decision on our own inbox.
-                    let ends =
-                        serde_json::from_slice::<StateOnly>(&msg.payload).is_ok_and(|head| {
-                            head.state.is_outcome()
-                                || (head.state.is_decided() && msg.subject.as_str() == inbox)
-                        });
+                while let Some(msg) = notices.next().await {
+                    // A notice is a durable decision or outcome; anything else here is not
+                    // one (read the state alone first, the whole event only if it is).
+                    let ends = serde_json::from_slice::<StateOnly>(&msg.payload)
+                        .is_ok_and(|head| head.state.is_decided());
                     if !ends {
                         continue;
                     }
@@ -209,7 +213,8 @@ impl Outcomes {
             });
             Shared {
                 waits: Arc::new(WaitList::default()),
-                decided_to,
+                inbox,
+                nc: nc.clone(),
                 events,
                 subjects,
                 reads: Semaphore::new(32),
@@ -219,34 +224,50 @@ impl Outcomes {
         Ok(Outcomes { shared })
     }
 
-    /// Starts waiting for `txn_id`'s outcome. Call it before publishing the request.
+    /// Starts waiting for `txn_id`'s outcome, for a transaction whose submission does not
+    /// name this client's inbox (one submitted elsewhere, or before this client started):
+    /// the wait follows the transaction's events and the log from its start.
     pub fn watch(&self, txn_id: &str) -> Watch {
         self.watch_until(txn_id, Until::Outcome)
     }
 
-    /// Starts waiting for `txn_id` until `until`: its outcome, or its durable decision (the
-    /// submission must then name [`Outcomes::decided_to`] in its
-    /// [`crate::proto::DECIDED_TO_HEADER`]; without it the wait ends at the outcome, or at a
-    /// decision the safety net reads from the log). Call it before publishing the request.
+    /// As [`Outcomes::watch`], until `until`: its outcome, or its durable decision (which
+    /// only the log tells such a wait).
     pub fn watch_until(&self, txn_id: &str, until: Until) -> Watch {
+        self.register(txn_id, until, false)
+    }
+
+    /// Starts waiting for `txn_id` until `until`, for a submission of this client that
+    /// carries [`Outcomes::header_for`]`(until)`: the coordinator's notice ends the wait, and
+    /// the transaction's events and the log are followed only if it has not come after a
+    /// second. Call it before publishing the submission.
+    pub fn watch_submitted(&self, txn_id: &str, until: Until) -> Watch {
+        self.register(txn_id, until, true)
+    }
+
+    fn register(&self, txn_id: &str, until: Until, notified: bool) -> Watch {
         Watch {
             wait: self.shared.waits.register(txn_id, until),
             until,
+            notified,
             shared: self.shared.clone(),
         }
     }
 
-    /// This client's inbox for decisions, for a submission's
-    /// [`crate::proto::DECIDED_TO_HEADER`].
+    /// This client's inbox for notices (decisions and outcomes alike).
     pub fn decided_to(&self) -> &str {
-        &self.shared.decided_to
+        &self.shared.inbox
     }
 
-    /// The header a submission carries so that a wait `until` hears its decision: this
-    /// client's inbox in [`crate::proto::DECIDED_TO_HEADER`] for [`Until::Decided`], none
-    /// for an outcome.
+    /// The header a submission carries so that a wait `until` hears of it: this client's
+    /// inbox in [`crate::proto::DECIDED_TO_HEADER`] for [`Until::Decided`], in
+    /// [`crate::proto::OUTCOME_TO_HEADER`] for [`Until::Outcome`].
     pub fn header_for(&self, until: Until) -> Option<(&'static str, &str)> {
-        (until == Until::Decided).then(|| (crate::proto::DECIDED_TO_HEADER, self.decided_to()))
+        let name = match until {
+            Until::Decided => crate::proto::DECIDED_TO_HEADER,
+            Until::Outcome => crate::proto::OUTCOME_TO_HEADER,
+        };
+        Some((name, self.decided_to()))
     }
 
     /// How many waits are registered (for tests and metrics).
@@ -259,6 +280,9 @@ impl Outcomes {
 pub struct Watch {
     wait: Registered,
     until: Until,
+    /// Whether the submission names this client's inbox, so that the coordinator's notice
+    /// is expected and the events are followed only if it is late.
+    notified: bool,
     shared: Arc<Shared>,
 }
 
@@ -273,21 +297,47 @@ impl Watch {
     pub async fn outcome(mut self, timeout: Duration) -> Result<TransactionEvent, ClientError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut every = Duration::from_secs(1);
+        let mut events = None;
+        let txn_id = self.txn_id().to_string();
+        if !self.notified {
+            events = self.follow().await;
+            if let Some(ev) = self.look_up().await {
+                return Ok(ev);
+            }
+        }
         loop {
             let check = (tokio::time::Instant::now() + every).min(deadline);
             tokio::select! {
                 got = self.wait.event() => {
                     return got.ok_or_else(|| self.timed_out(timeout));
                 }
+                ev = next_outcome(&mut events, &txn_id) => return Ok(ev),
                 _ = tokio::time::sleep_until(check) => {
                     if tokio::time::Instant::now() >= deadline {
                         return Err(self.timed_out(timeout));
+                    }
+                    // Subscribed before the read: a record written after the read comes as
+                    // an event, one written before it is what the read finds.
+                    if events.is_none() {
+                        events = self.follow().await;
                     }
                     if let Some(ev) = self.look_up().await {
                         return Ok(ev);
                     }
                     every = (every * 2).min(Duration::from_secs(30));
                 }
+            }
+        }
+    }
+
+    /// Subscribes to this transaction's events; `None` (the log reads go on) if it cannot.
+    async fn follow(&self) -> Option<async_nats::Subscriber> {
+        let subject = self.shared.subjects.events(self.txn_id());
+        match self.shared.nc.subscribe(subject).await {
+            Ok(sub) => Some(sub),
+            Err(e) => {
+                tracing::debug!(txn_id = %self.txn_id(), error = %e, "cannot follow the transaction's events; reading its log");
+                None
             }
         }
     }
@@ -307,6 +357,30 @@ impl Watch {
             waited,
         }
     }
+}
+
+/// The next outcome of `txn_id` among its events, if they are followed; never otherwise (nor
+/// once the subscription ended: the log reads go on). Only an outcome: a decision seen on the
+/// bus is not taken as a promise.
+async fn next_outcome(
+    events: &mut Option<async_nats::Subscriber>,
+    txn_id: &str,
+) -> TransactionEvent {
+    if let Some(sub) = events {
+        while let Some(msg) = sub.next().await {
+            if !serde_json::from_slice::<StateOnly>(&msg.payload)
+                .is_ok_and(|head| head.state.is_outcome())
+            {
+                continue;
+            }
+            if let Ok(ev) = serde_json::from_slice::<TransactionEvent>(&msg.payload)
+                && ev.txn_id == txn_id
+            {
+                return ev;
+            }
+        }
+    }
+    std::future::pending().await
 }
 
 #[cfg(test)]

@@ -918,7 +918,11 @@ async fn submission(
     let request = match parsed.result {
         Ok(r) => r,
         Err(e) => {
-            reject(&shared, parsed.txn_id, seq, e).await;
+            let notices = match &parsed.txn_id {
+                Some(id) => txn::Notices::of(&shared, id, msg.headers.as_ref()),
+                None => txn::Notices::default(),
+            };
+            reject(&shared, parsed.txn_id, seq, e, notices).await;
             if let Err(e) = msg.ack().await {
                 tracing::debug!(error = %e, "ack of a rejected submission failed");
             }
@@ -1007,12 +1011,14 @@ fn derived_txn_id(subjects: &Subjects, seq: Option<u64>) -> String {
 }
 
 /// Records a bad submission: a `rejected` event if it has a usable txn_id that is not taken,
-/// otherwise an error on `<prefix>.errors` naming its stream sequence.
+/// otherwise an error on `<prefix>.errors` naming its stream sequence. The `rejected` record,
+/// once durable, goes to the inboxes the submission named (`notices`).
 pub(crate) async fn reject(
     shared: &Shared,
     txn_id: Option<String>,
     seq: Option<u64>,
     err: RequestError,
+    mut notices: txn::Notices,
 ) {
     tracing::warn!(txn_id = txn_id.as_deref().unwrap_or("-"), submit_seq = seq, error = %err, "submission rejected");
     shared.metrics.rejected.fetch_add(1, Ordering::Relaxed);
@@ -1043,6 +1049,7 @@ pub(crate) async fn reject(
             Ok(_) => {
                 // Durable: it answers whoever waits here for this transaction.
                 shared.waits.deliver(&event);
+                notices.send(&shared.js, &event).await;
                 return;
             }
             Err(e) => {

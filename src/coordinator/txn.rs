@@ -145,31 +145,77 @@ pub enum Begin {
     },
 }
 
-/// The inbox a new submission names for its decision ([`crate::proto::DECIDED_TO_HEADER`]),
-/// if it is one the coordinator answers to (as the API's replies: under
-/// `api_reply_prefixes`); anything else is ignored, and the submitter waits for the outcome.
-fn decided_to(shared: &Shared, txn_id: &str, begin: &Begin) -> Option<String> {
-    let Begin::New {
-        submission: Some(msg),
-    } = begin
-    else {
-        return None;
-    };
-    let to = msg
-        .headers
-        .as_ref()?
-        .get(crate::proto::DECIDED_TO_HEADER)?
-        .as_str();
-    let allowed = super::api::reply_allowed(&shared.api_reply_prefixes, Some(to)).and_then(|()| {
-        crate::proto::is_publish_subject(to, 256)
-            .then_some(())
-            .ok_or_else(|| "not a subject one can publish on (at most 256 bytes)".into())
-    });
-    match allowed {
-        Ok(()) => Some(to.to_string()),
-        Err(why) => {
-            tracing::warn!(%txn_id, header = crate::proto::DECIDED_TO_HEADER, value = %to, %why, "header ignored");
-            None
+/// The inboxes a submission names for notices: its decision
+/// ([`crate::proto::DECIDED_TO_HEADER`]) and its outcome
+/// ([`crate::proto::OUTCOME_TO_HEADER`]). Each is published to once, after JetStream
+/// acknowledged the record, by the coordinator that wrote it.
+#[derive(Debug, Default)]
+pub(crate) struct Notices {
+    decided_to: Option<String>,
+    outcome_to: Option<String>,
+}
+
+impl Notices {
+    /// The inboxes `headers` name, if they are ones the coordinator answers to (as the API's
+    /// replies: under `api_reply_prefixes`, and plain subjects); anything else is ignored
+    /// with a warning, and the submitter's wait ends another way (its own log reads).
+    pub(crate) fn of(
+        shared: &Shared,
+        txn_id: &str,
+        headers: Option<&async_nats::HeaderMap>,
+    ) -> Notices {
+        let inbox = |header: &'static str| -> Option<String> {
+            let to = headers?.get(header)?.as_str();
+            let allowed =
+                super::api::reply_allowed(&shared.api_reply_prefixes, Some(to)).and_then(|()| {
+                    crate::proto::is_publish_subject(to, 256)
+                        .then_some(())
+                        .ok_or_else(|| {
+                            "not a subject one can publish on (at most 256 bytes)".into()
+                        })
+                });
+            match allowed {
+                Ok(()) => Some(to.to_string()),
+                Err(why) => {
+                    tracing::warn!(%txn_id, header, value = %to, %why, "header ignored");
+                    None
+                }
+            }
+        };
+        Notices {
+            decided_to: inbox(crate::proto::DECIDED_TO_HEADER),
+            outcome_to: inbox(crate::proto::OUTCOME_TO_HEADER),
+        }
+    }
+
+    /// The notices of a new submission; none for a transaction resumed from the log.
+    fn of_begin(shared: &Shared, txn_id: &str, begin: &Begin) -> Notices {
+        match begin {
+            Begin::New {
+                submission: Some(msg),
+            } => Notices::of(shared, txn_id, msg.headers.as_ref()),
+            _ => Notices::default(),
+        }
+    }
+
+    /// Publishes `event`, a durable record, to each inbox it answers and that has not heard
+    /// one yet: the decision inbox at the first decided state (a decision, or an outcome
+    /// that came first), the outcome inbox at the outcome.
+    pub(crate) async fn send(&mut self, js: &jetstream::Context, event: &TransactionEvent) {
+        let decided = event
+            .state
+            .is_decided()
+            .then(|| self.decided_to.take())
+            .flatten();
+        let outcome = event
+            .state
+            .is_outcome()
+            .then(|| self.outcome_to.take())
+            .flatten();
+        for to in [decided, outcome].into_iter().flatten() {
+            if let Err(e) = js.client().publish(to, to_bytes(event)).await {
+                tracing::debug!(error = %e, "the submitter's notice was not sent");
+            }
         }
     }
 }
@@ -195,9 +241,9 @@ pub async fn drive(
         } => (Some(*accepted_seq), *record_seq, *last_seq),
         Begin::New { .. } => (None, 0, 0),
     };
-    let decided_to = decided_to(&shared, &txn_id, &begin);
+    let notices = Notices::of_begin(&shared, &txn_id, &begin);
     let mut driver = Driver {
-        decided_to,
+        notices,
         accepted_seq,
         record_seq,
         last_seq,
@@ -335,9 +381,9 @@ pub async fn drive(
 }
 
 struct Driver {
-    /// The submitter's inbox for the decision ([`crate::proto::DECIDED_TO_HEADER`]),
-    /// until the decision is durable and sent there.
-    decided_to: Option<String>,
+    /// The submitter's inboxes for the decision and the outcome, until each is durable and
+    /// sent there.
+    notices: Notices,
     /// The sequence of this transaction's `accepted` record, once known.
     accepted_seq: Option<u64>,
     /// The sequence of the last record of this transaction's log as this driver knows it (0:
@@ -602,16 +648,13 @@ impl Driver {
 
     /// What follows a record of ours that is durable: the waits this coordinator holds for
     /// it (the API's and the front door's, for a decision or an outcome) are answered, the
-    /// submitter's inbox hears the decision (`Txcoord-Decided-To`), and alerts go out. Only
-    /// here, after the write's acknowledgement: a record is what the log stored.
+    /// submitter's inboxes hear the decision and the outcome (`Txcoord-Decided-To`,
+    /// `Txcoord-Outcome-To`), and alerts go out. Only here, after the write's
+    /// acknowledgement: a record is what the log stored.
     async fn recorded(&mut self, event: &TransactionEvent) {
         if event.state.is_decided() {
             self.shared.waits.deliver(event);
-            if let Some(to) = self.decided_to.take()
-                && let Err(e) = self.shared.js.client().publish(to, to_bytes(event)).await
-            {
-                tracing::debug!(error = %e, "the submitter's decision notice was not sent");
-            }
+            self.notices.send(&self.shared.js, event).await;
         }
         self.alert(event).await;
     }
@@ -766,11 +809,13 @@ impl Driver {
                         "the coordinator's log refused this transaction's record: {source}"
                     ),
                 };
+                let notices = std::mem::take(&mut self.notices);
                 super::reject(
                     &self.shared,
                     Some(self.txn_id.clone()),
                     event.submit_seq,
                     err,
+                    notices,
                 )
                 .await;
             }

@@ -600,6 +600,17 @@ pub const WAIT_HEADER: &str = "Txcoord-Wait";
 /// client's wait ends at the outcome instead.
 pub const DECIDED_TO_HEADER: &str = "Txcoord-Decided-To";
 
+/// The header of a submission (on `<prefix>.submit`) that names a client's inbox for the
+/// transaction's outcome: the coordinator that writes the final record (`committed`,
+/// `aborted`, `completed`, `compensated`, `failed`, or `rejected`) publishes it there, once,
+/// after JetStream acknowledged it. A client then waits for its own transactions without
+/// receiving every transaction's events on `<prefix>.events.*`. The same rules as
+/// [`DECIDED_TO_HEADER`]: under the coordinator's `api_reply_prefixes`, no wildcards,
+/// anything else ignored with a warning. A notice is at most once (core NATS), and a
+/// coordinator that resumes the transaction from the log sends none: a client's wait falls
+/// back to the log and to `<prefix>.events.<txn_id>` (as [`crate::Subjects`] names it).
+pub const OUTCOME_TO_HEADER: &str = "Txcoord-Outcome-To";
+
 /// Whether `subject` is one a message can be published on: dot-separated non-empty tokens
 /// without whitespace or wildcards, at most `max` bytes.
 pub fn is_publish_subject(subject: &str, max: usize) -> bool {
