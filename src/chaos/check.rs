@@ -163,10 +163,11 @@ pub fn all(e: &Evidence<'_>) -> Vec<Line> {
 }
 
 /// Every decision a client was told is a record of the log (so it was durable) and agrees
-/// with the transaction's outcome: `committing` ends `committed`, `aborting` ends aborted.
+/// with the transaction's outcome: `committing` ends `committed`, `aborting` ends aborted;
+/// an outcome told is the log's too.
 fn decisions_kept(e: &Evidence<'_>) -> Line {
     let mut problems = Vec::new();
-    let (mut commits, mut aborts) = (0, 0);
+    let (mut commits, mut aborts, mut outcomes) = (0, 0, 0);
     for n in e.notices {
         let Some(state) = n.state else {
             problems.push(format!("not a transaction event: {:?}", n.txn_id));
@@ -204,12 +205,15 @@ fn decisions_kept(e: &Evidence<'_>) -> Line {
         } else {
             aborts += 1;
         }
+        if state.is_outcome() {
+            outcomes += 1;
+        }
     }
     line(
         "every decision a client was told is durable and kept",
         &problems,
         format!(
-            "{} decisions told ({commits} to commit, {aborts} to abort)",
+            "{} decisions told ({commits} to commit, {aborts} to abort), {outcomes} of them outcomes",
             e.notices.len()
         ),
     )

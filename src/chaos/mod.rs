@@ -25,7 +25,8 @@ use txcoord::nats::{Expect, publish_durable_with};
 use txcoord::natsserver::NatsServer;
 use txcoord::participant::BranchState;
 use txcoord::proto::{
-    CommandBatch, DECIDED_TO_HEADER, ParticipantCommand, Subjects, TransactionEvent, now_ms,
+    CommandBatch, DECIDED_TO_HEADER, OUTCOME_TO_HEADER, ParticipantCommand, Subjects,
+    TransactionEvent, now_ms,
 };
 use txcoord::rng::XorShift;
 
@@ -527,7 +528,8 @@ fn request(t: &Transfer) -> Value {
     })
 }
 
-/// Where a transfer goes: the submit subject, and the inbox its decision is sent to.
+/// Where a transfer goes: the submit subject, and the inbox its decision and outcome are
+/// sent to.
 #[derive(Clone, Copy)]
 struct Target<'a> {
     subject: &'a str,
@@ -552,7 +554,10 @@ async fn transfer(
         js,
         to.subject,
         &t.id,
-        &[(DECIDED_TO_HEADER, to.decided_to)],
+        &[
+            (DECIDED_TO_HEADER, to.decided_to),
+            (OUTCOME_TO_HEADER, to.decided_to),
+        ],
         body.clone(),
         Expect::default(),
         Some(10),
@@ -636,8 +641,9 @@ async fn drain(
     }
 }
 
-/// Records every decision the coordinators send to the run's inbox (each submission names
-/// it in `Txcoord-Decided-To`): what a client that waits only for the decision was told.
+/// Records every decision and outcome the coordinators send to the run's inbox (each
+/// submission names it in `Txcoord-Decided-To` and `Txcoord-Outcome-To`): what a client
+/// that waits for either was told.
 async fn observe_decisions(
     nc: &async_nats::Client,
 ) -> anyhow::Result<(String, Arc<Mutex<Vec<check::Notice>>>)> {
