@@ -180,6 +180,13 @@ pub struct Config {
     /// service's replies say it takes that (the SDK's do): no decision record, no second
     /// command. True by default; false sends every transaction through both phases.
     pub one_phase: bool,
+    /// Write the `preparing` record of a 2PC transaction (true, the default): the event
+    /// observers see right after the prepares went out. Recovery does not need it (the
+    /// `accepted` record before it announces the prepares), so false saves one log write per
+    /// transaction; a transaction in its first round of prepares then shows `accepted` as
+    /// its latest state. Resend rounds (`preparing` with a higher `prepare_attempt`) are
+    /// written either way: they are needed.
+    pub announce_preparing: bool,
     /// Where `txcoord serve` serves the web console, as `host:port`; empty (the default):
     /// nowhere.
     pub console_listen: String,
@@ -234,6 +241,7 @@ impl Default for Config {
             batch_max: 128,
             batch_linger_us: 0,
             one_phase: true,
+            announce_preparing: true,
             console_listen: String::new(),
             console_admin_token: String::new(),
         }

@@ -439,7 +439,12 @@ async fn transaction(State(c): State<Console>, Path(id): Path<String>) -> Respon
     } else {
         // A one-phase transaction waiting for its participant: only an outcome named by the
         // operator ends it (mark-done --outcome).
-        let waiting_one_phase = last.one_phase && last.state == crate::proto::TxnState::Preparing;
+        // (`accepted` when the coordinator writes no `preparing` record.)
+        let waiting_one_phase = last.one_phase
+            && matches!(
+                last.state,
+                crate::proto::TxnState::Accepted | crate::proto::TxnState::Preparing
+            );
         let outcome = if waiting_one_phase {
             " outcome <select name=\"outcome\"><option value=\"\">(none)</option><option value=\"committed\">committed</option><option value=\"aborted\">aborted</option></select>"
         } else {

@@ -313,6 +313,8 @@ pub struct Shared {
     /// `one_phase`: a 2PC transaction of one step commits in one phase when its service
     /// takes that.
     pub one_phase: bool,
+    /// `announce_preparing`: write the `preparing` record that follows `accepted`.
+    pub announce_preparing: bool,
     /// The waits of the front door and `<prefix>.api.execute` for a transaction's outcome
     /// or decision ([`crate::proto::Until`]), answered by this coordinator's own record once
     /// it is durable.
@@ -547,6 +549,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
                 .max(64 * 1024),
         })),
         one_phase: cfg.one_phase,
+        announce_preparing: cfg.announce_preparing,
         waits: Arc::default(),
         client_limits: limits::Shares::new(cfg.max_in_flight_per_client),
     });

@@ -499,7 +499,13 @@ impl Driver {
                         }
                     }
                 }
-                Command::Announce { msg_id, event } => self.announces.push((msg_id, event)),
+                // `preparing` is for observers only; `announce_preparing = false` skips it
+                // (a resend round is a Persist, written either way).
+                Command::Announce { msg_id, event } => {
+                    if self.shared.announce_preparing || event.state != TxnState::Preparing {
+                        self.announces.push((msg_id, event));
+                    }
+                }
                 Command::Send(mut cmd) => {
                     let shared = self.shared.clone();
                     shared.reply_key.stamp(&shared.subjects, &mut cmd);
