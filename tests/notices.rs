@@ -3,7 +3,8 @@
 //! client receives every transaction's events. With real processes: the notice is the log's
 //! final record and comes once; a transaction submitted elsewhere sends this client nothing
 //! and is still waited for through its own events; a rejected submission is told its
-//! rejection; a wait whose notice cannot come (the coordinator SIGKILLed, its successor
+//! rejection, once even when one inbox is named for both the decision and the outcome; a
+//! wait whose notice cannot come (the coordinator SIGKILLed, its successor
 //! resuming the transaction from the log) still ends at the outcome.
 
 mod common;
@@ -120,6 +121,36 @@ async fn a_rejected_submission_is_told_its_rejection() {
         notice["reason"].to_string().contains("service"),
         "the notice says what was wrong: {notice}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_inbox_named_for_the_decision_and_the_outcome_hears_an_early_outcome_once() {
+    let sys = System::start(&["a"], &[]).await;
+    let inbox = sys.nc.new_inbox();
+    let mut notices = sys.nc.subscribe(inbox.clone()).await.expect("subscribe");
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", "on-both");
+    headers.insert(txcoord::proto::DECIDED_TO_HEADER, inbox.as_str());
+    headers.insert(txcoord::proto::OUTCOME_TO_HEADER, inbox.as_str());
+    // Rejected: the outcome is the first decided state.
+    let bad =
+        json!({"txn_id": "on-both", "mode": "2pc", "steps": [{"action": "x", "payload": {}}]});
+    async_nats::jetstream::new(sys.nc.clone())
+        .publish_with_headers(
+            "txn.submit".to_string(),
+            headers,
+            serde_json::to_vec(&bad).expect("JSON").into(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    let notice = next_json(&mut notices, Duration::from_secs(10))
+        .await
+        .expect("a notice");
+    assert_eq!(notice["state"], "rejected", "{notice}");
+    let again = next_json(&mut notices, Duration::from_millis(300)).await;
+    assert!(again.is_none(), "a second notice: {again:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -211,7 +211,9 @@ impl Notices {
             .state
             .is_outcome()
             .then(|| self.outcome_to.take())
-            .flatten();
+            .flatten()
+            // One inbox named for both hears an outcome that came first once.
+            .filter(|to| decided.as_ref() != Some(to));
         for to in [decided, outcome].into_iter().flatten() {
             if let Err(e) = js.client().publish(to, to_bytes(event)).await {
                 tracing::debug!(error = %e, "the submitter's notice was not sent");
