@@ -10,15 +10,20 @@ use common::{System, request, step};
 use serde_json::json;
 use txcoord::proto::TxnState;
 
-/// The states of `txn_id`'s log, in order, once it has an outcome.
-async fn states(sys: &System, txn_id: &str) -> Vec<TxnState> {
-    sys.wait_state(txn_id, |e| e.state.is_outcome()).await;
+/// The states of `txn_id`'s log, in order, as it is now.
+async fn logged(sys: &System, txn_id: &str) -> Vec<TxnState> {
     sys.client
         .history(txn_id)
         .await
         .into_iter()
         .map(|e| e.state)
         .collect()
+}
+
+/// The states of `txn_id`'s log, in order, once it has an outcome.
+async fn states(sys: &System, txn_id: &str) -> Vec<TxnState> {
+    sys.wait_state(txn_id, |e| e.state.is_outcome()).await;
+    logged(sys, txn_id).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -61,14 +66,7 @@ async fn without_it_a_successor_still_writes_its_resend_round_and_commits() {
     // Killed in the middle of the prepares: its log holds `accepted` alone.
     sys.wait_vote("an-crash", 0).await;
     sys.coordinator.kill9();
-    let before: Vec<TxnState> = sys
-        .client
-        .history("an-crash")
-        .await
-        .into_iter()
-        .map(|e| e.state)
-        .collect();
-    assert_eq!(before, [TxnState::Accepted]);
+    assert_eq!(logged(&sys, "an-crash").await, [TxnState::Accepted]);
     sys.coordinator.restart();
     let log = {
         sys.wait_state("an-crash", |e| e.state.is_outcome()).await;
