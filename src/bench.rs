@@ -79,8 +79,8 @@ pub struct BenchArgs {
     /// What each client waits for: `outcome` (the default: the final event) or `decided`
     /// (the durable decision, which the coordinator sends to the inbox the submission names
     /// in `Txcoord-Decided-To`; the participants apply it afterwards).
-    #[arg(long, default_value = "outcome", value_parser = ["outcome", "decided"])]
-    pub until: String,
+    #[arg(long, default_value = "outcome", value_parser = crate::parse_until)]
+    pub until: Until,
 }
 
 struct Setup {
@@ -283,7 +283,7 @@ async fn closed_loop(
         services,
         waiters,
     } = *target;
-    let until: Until = args.until.parse().map_err(anyhow::Error::msg)?;
+    let until = args.until;
     let Load {
         count,
         duration,
@@ -645,7 +645,7 @@ pub async fn run(args: BenchArgs, nats_url: Option<String>) -> anyhow::Result<()
             } else {
                 ""
             },
-            if args.until == "decided" {
+            if args.until == Until::Decided {
                 ", each waits for the decision only"
             } else {
                 ""

@@ -868,6 +868,7 @@ fn read_requests(text: &str) -> Vec<Result<Value, String>> {
         .collect()
 }
 
+/// `--until` of `submit` and `bench`: `outcome` or `decided`.
 fn parse_until(s: &str) -> Result<txcoord::proto::Until, String> {
     s.parse()
 }

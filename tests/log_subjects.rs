@@ -112,10 +112,20 @@ async fn an_old_events_stream_is_moved_over_and_a_refused_write_reaches_nobody()
         .await;
     assert!(forged.is_err(), "a publish on txn.events was stored");
     // The subscriber hears the core forgery (anyone may publish where the server lets
-    // them) but never the refused write.
+    // them) but never the refused write. A marker published after both answers comes after
+    // anything either could have sent the subscriber.
+    nc.publish("txn.events.new-1", "end".into())
+        .await
+        .expect("publish the marker");
     let mut after = Vec::new();
-    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(500), events.next()).await
-    {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .expect("the marker")
+            .expect("the subscription");
+        if msg.payload.as_ref() == b"end" {
+            break;
+        }
         after.push(String::from_utf8_lossy(&msg.payload).into_owned());
     }
     assert_eq!(

@@ -42,7 +42,8 @@ pub struct Command {
     pub kind: CommandKind,
 }
 
-/// A decision a coordinator sent to the run's inbox (`Txcoord-Decided-To`).
+/// A decision or outcome a coordinator sent to the run's inbox (`Txcoord-Decided-To`,
+/// `Txcoord-Outcome-To`).
 #[derive(Debug, Clone)]
 pub struct Notice {
     /// The transaction (or, for a message that was no event, its text).
@@ -92,7 +93,7 @@ pub struct Evidence<'a> {
     pub log: &'a HashMap<String, Vec<Record>>,
     /// Every command seen.
     pub commands: &'a [Command],
-    /// Every decision sent to the run's inbox.
+    /// Every decision and outcome sent to the run's inbox.
     pub notices: &'a [Notice],
     /// Each bank's end state, by service.
     pub banks: &'a BTreeMap<String, Bank>,

@@ -343,7 +343,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
                     let sent = Instant::now();
                     let to = Target {
                         subject: &subject,
-                        decided_to: &inbox,
+                        inbox: &inbox,
                     };
                     if transfer(&js, &client, &watch, to, t, settle).await {
                         let _ = lock(&latencies).record(sent.elapsed().as_millis() as u64);
@@ -533,11 +533,11 @@ fn request(t: &Transfer) -> Value {
 #[derive(Clone, Copy)]
 struct Target<'a> {
     subject: &'a str,
-    decided_to: &'a str,
+    inbox: &'a str,
 }
 
 /// Submits one transfer (retrying through server restarts; the id deduplicates), naming
-/// the inbox for its decision, and waits for its terminal record; false if `settle` ran
+/// the inbox for its decision and outcome, and waits for its terminal record; false if `settle` ran
 /// out first.
 async fn transfer(
     js: &async_nats::jetstream::Context,
@@ -554,10 +554,7 @@ async fn transfer(
         js,
         to.subject,
         &t.id,
-        &[
-            (DECIDED_TO_HEADER, to.decided_to),
-            (OUTCOME_TO_HEADER, to.decided_to),
-        ],
+        &[(DECIDED_TO_HEADER, to.inbox), (OUTCOME_TO_HEADER, to.inbox)],
         body.clone(),
         Expect::default(),
         Some(10),

@@ -921,10 +921,8 @@ async fn submission(
     let request = match parsed.result {
         Ok(r) => r,
         Err(e) => {
-            let notices = match &parsed.txn_id {
-                Some(id) => txn::Notices::of(&shared, id, msg.headers.as_ref()),
-                None => txn::Notices::default(),
-            };
+            let id = parsed.txn_id.as_deref().unwrap_or("-");
+            let notices = txn::Notices::of(&shared, id, msg.headers.as_ref());
             reject(&shared, parsed.txn_id, seq, e, notices).await;
             if let Err(e) = msg.ack().await {
                 tracing::debug!(error = %e, "ack of a rejected submission failed");

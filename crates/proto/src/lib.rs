@@ -1819,23 +1819,26 @@ mod tests {
         assert_eq!(tokened.msg_id(), "t.inv.2.commit.3.ab12");
     }
 
+    /// Every state, for the tests that go through them all.
+    const ALL_STATES: [TxnState; 13] = [
+        TxnState::Accepted,
+        TxnState::Preparing,
+        TxnState::Prepared,
+        TxnState::Committing,
+        TxnState::Aborting,
+        TxnState::Committed,
+        TxnState::Aborted,
+        TxnState::Rejected,
+        TxnState::Executing,
+        TxnState::Compensating,
+        TxnState::Completed,
+        TxnState::Compensated,
+        TxnState::Failed,
+    ];
+
     #[test]
     fn state_names_are_the_wire_names() {
-        for s in [
-            TxnState::Accepted,
-            TxnState::Preparing,
-            TxnState::Prepared,
-            TxnState::Committing,
-            TxnState::Aborting,
-            TxnState::Committed,
-            TxnState::Aborted,
-            TxnState::Rejected,
-            TxnState::Executing,
-            TxnState::Compensating,
-            TxnState::Completed,
-            TxnState::Compensated,
-            TxnState::Failed,
-        ] {
+        for s in ALL_STATES {
             assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
         }
         for o in [
@@ -1855,22 +1858,7 @@ mod tests {
     #[test]
     fn a_decided_wait_ends_at_a_decision_or_any_outcome_and_parses_only_its_names() {
         use TxnState::*;
-        let all = [
-            Accepted,
-            Preparing,
-            Prepared,
-            Committing,
-            Aborting,
-            Committed,
-            Aborted,
-            Rejected,
-            Executing,
-            Compensating,
-            Completed,
-            Compensated,
-            Failed,
-        ];
-        for s in all {
+        for s in ALL_STATES {
             assert_eq!(Until::Outcome.reached(s), s.is_outcome(), "{s:?}");
             let decided = s.is_outcome() || matches!(s, Committing | Aborting);
             assert_eq!(Until::Decided.reached(s), decided, "{s:?}");
