@@ -21,6 +21,7 @@ use anyhow::{Context, bail};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use txcoord::client::Outcomes;
+use txcoord::config::Config;
 use txcoord::natsserver::{NatsCluster, NatsServer};
 use txcoord::proto::{Subjects, Until};
 
@@ -99,9 +100,32 @@ impl Drop for Setup {
     }
 }
 
+/// The configuration of the processes a run starts on its own server: the user's (file and
+/// `TXCOORD_*` environment), with the connection settings that server decides put back (no
+/// credentials, the default subject prefix, 1 replica or 3 in a cluster). Its URL is a flag.
+fn run_config(cfg: &Config, cluster: bool) -> Config {
+    let defaults = Config::default();
+    Config {
+        nats_url: defaults.nats_url,
+        nats: defaults.nats,
+        subject_prefix: defaults.subject_prefix,
+        stream_replicas: if cluster { 3 } else { 1 },
+        ..cfg.clone()
+    }
+}
+
+/// What a run's processes were configured with beyond the defaults, for the report: the
+/// keys [`run_config`] sets are reported on their own, so they are left out.
+fn changed_settings(cfg: &Config, cluster: bool) -> serde_json::Map<String, Value> {
+    let mut changed = run_config(cfg, cluster).changed_from_default();
+    changed.remove("stream_replicas");
+    changed
+}
+
 async fn setup(
     args: &BenchArgs,
     nats_url: Option<String>,
+    cfg: &Config,
     dir: &std::path::Path,
 ) -> anyhow::Result<Setup> {
     let services: Vec<String> = (0..args.participants)
@@ -125,12 +149,17 @@ async fn setup(
             let url = s.url();
             (Some(s), None, url)
         };
-        // Replicas reach the coordinator and the participants through a config file.
+        // The coordinator and the participants get the user's settings (file and
+        // environment) through a config file, with what this server decides put back.
         let config = dir.join("txcoord.toml");
+        let effective = run_config(cfg, args.cluster);
         std::fs::write(
             &config,
-            format!("stream_replicas = {}\n", if args.cluster { 3 } else { 1 }),
-        )?;
+            effective
+                .to_toml()
+                .context("writing the benchmark's configuration")?,
+        )
+        .with_context(|| format!("writing {}", config.display()))?;
         let config = config.display().to_string();
         let me = std::env::current_exe()?.display().to_string();
         let common = |cmd: &str| {
@@ -431,7 +460,10 @@ async fn ceiling(
 }
 
 /// Runs the benchmark and prints the report.
-pub async fn run(args: BenchArgs, nats_url: Option<String>) -> anyhow::Result<()> {
+///
+/// When it starts its own server, the coordinator and participants it starts run with `cfg`
+/// (see [`run_config`]), and the report lists what differs from the defaults.
+pub async fn run(args: BenchArgs, nats_url: Option<String>, cfg: &Config) -> anyhow::Result<()> {
     let tmp;
     let dir = match &args.data_dir {
         Some(d) => {
@@ -445,7 +477,11 @@ pub async fn run(args: BenchArgs, nats_url: Option<String>) -> anyhow::Result<()
             tmp.path().to_path_buf()
         }
     };
-    let setup = setup(&args, nats_url, &dir).await?;
+    // Someone else's coordinator runs with settings this process cannot see.
+    let settings = nats_url
+        .is_none()
+        .then(|| changed_settings(cfg, args.cluster));
+    let setup = setup(&args, nats_url, cfg, &dir).await?;
     let nc = txcoord::nats::connect(&setup.url, &Default::default(), "txcoord-bench", true).await?;
     let js = txcoord::nats::jetstream(nc.clone(), Duration::from_secs(5));
     coordinator_stats(&nc, Duration::from_secs(60))
@@ -605,6 +641,7 @@ pub async fn run(args: BenchArgs, nats_url: Option<String>) -> anyhow::Result<()
         "sync_always": args.sync_always,
         "cluster": args.cluster,
         "stream_replicas": replicas,
+        "settings": settings,
         "seconds": elapsed.as_secs_f64(),
         "transactions": total,
         "committed": ok,
@@ -651,6 +688,18 @@ pub async fn run(args: BenchArgs, nats_url: Option<String>) -> anyhow::Result<()
                 ""
             }
         );
+        match &settings {
+            Some(changed) if !changed.is_empty() => println!(
+                "  settings: {}",
+                changed
+                    .iter()
+                    .map(|(k, v)| format!("{k} = {v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Some(_) => {}
+            None => println!("  settings: those of the coordinator already running"),
+        }
         println!(
             "  {total} transactions in {:.1}s: {tps:.0} tx/s ({ok} ok, {bad} not)",
             elapsed.as_secs_f64()
@@ -688,4 +737,32 @@ pub async fn run(args: BenchArgs, nats_url: Option<String>) -> anyhow::Result<()
 /// bound of a run is its raw publish rate over this.
 fn lower_bound_writes(participants: u16) -> f64 {
     f64::from(participants) + 2.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_keeps_the_users_settings_and_reports_them_without_its_own() {
+        let mut user = Config {
+            announce_preparing: false,
+            subject_prefix: "shop".into(),
+            stream_replicas: 3,
+            nats_url: "nats://elsewhere:4222".into(),
+            ..Config::default()
+        };
+        user.nats.token = Some("secret".into());
+        let run = run_config(&user, false);
+        assert!(!run.announce_preparing);
+        assert_eq!(run.stream_replicas, 1);
+        assert_eq!(run.subject_prefix, Config::default().subject_prefix);
+        assert_eq!(run.nats, Config::default().nats);
+        assert_eq!(run_config(&user, true).stream_replicas, 3);
+        let reported = changed_settings(&user, true);
+        assert_eq!(
+            reported.into_iter().collect::<Vec<_>>(),
+            [("announce_preparing".to_string(), json!(false))]
+        );
+    }
 }

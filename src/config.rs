@@ -303,6 +303,27 @@ impl Config {
         Ok(cfg)
     }
 
+    /// This configuration as a TOML file that [`Config::load`] reads back to the same
+    /// values (unset optional keys are left out). `txcoord bench` hands the processes it
+    /// starts their settings this way.
+    pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
+        toml::to_string(self)
+    }
+
+    /// The top-level keys whose values differ from [`Config::default`], with their values
+    /// (a table's key when anything in it differs). Reports say with it what a run changed.
+    pub fn changed_from_default(&self) -> serde_json::Map<String, serde_json::Value> {
+        let (Ok(serde_json::Value::Object(mine)), Ok(serde_json::Value::Object(defaults))) = (
+            serde_json::to_value(self),
+            serde_json::to_value(Config::default()),
+        ) else {
+            return serde_json::Map::new();
+        };
+        mine.into_iter()
+            .filter(|(k, v)| defaults.get(k) != Some(v))
+            .collect()
+    }
+
     /// Checks every field; the error names the first bad one.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.nats_url.split(',').any(|u| u.trim().is_empty()) {
@@ -555,6 +576,37 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn a_written_configuration_reads_back_the_same() {
+        let mut cfg = Config {
+            announce_preparing: false,
+            batch_linger_us: 750,
+            stream_replicas: 3,
+            ..Config::default()
+        };
+        cfg.nats.user = Some("bench".into());
+        cfg.nats.password = Some("secret".into());
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("txcoord.toml");
+        std::fs::write(&file, cfg.to_toml().unwrap()).unwrap();
+        assert_eq!(Config::load(Some(&file)).unwrap(), cfg);
+    }
+
+    #[test]
+    fn changed_from_default_names_only_what_differs() {
+        assert!(Config::default().changed_from_default().is_empty());
+        let mut cfg = Config {
+            announce_preparing: false,
+            ..Config::default()
+        };
+        cfg.nats.user = Some("u".into());
+        let changed = cfg.changed_from_default();
+        let mut keys: Vec<&str> = changed.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["announce_preparing", "nats"]);
+        assert_eq!(changed["announce_preparing"], serde_json::json!(false));
     }
 
     #[test]

@@ -449,7 +449,7 @@ fn sdk_options(cfg: &Config, concurrency: usize) -> txcoord::participant::Option
 async fn run(cli: Cli, cfg: Config) -> anyhow::Result<ExitCode> {
     match cli.command {
         Cmd::Bench(args) => {
-            bench::run(args, cli.nats_url).await?;
+            bench::run(args, cli.nats_url, &cfg).await?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Demo(args) => {
