@@ -1,10 +1,35 @@
-//! The fault suite's short run: a few hundred transfers across two SDK banks and the Python
-//! raw-protocol bank while coordinators, banks and nats-server are killed and connections cut
-//! and delayed. Every correctness check must pass; the time to recover is reported, not
-//! asserted (timing goals belong in RELIABILITY.md's long run).
+//! The fault suite's short runs: a few hundred transfers across two SDK banks and the Python
+//! raw-protocol bank while coordinators, banks and nats-server (one server, or one node of a
+//! 3-node cluster at a time) are killed and connections cut and delayed. Every correctness
+//! check must pass; the time to recover is reported, not asserted (timing goals belong in
+//! RELIABILITY.md's long run).
 
 #[test]
 fn a_short_chaos_run_passes_every_check() {
+    short_run(&["--seed", "11"]);
+}
+
+#[test]
+fn a_short_chaos_run_on_a_three_node_cluster_passes_every_check() {
+    let stdout = short_run(&["--cluster", "--seed", "3"]);
+    let cluster = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("cluster: "))
+        .unwrap_or_else(|| panic!("no cluster line in:\n{stdout}"));
+    assert!(
+        cluster.starts_with("3 nodes, the log at 3 replicas; server faults by node: n"),
+        "{cluster}"
+    );
+}
+
+/// One run at a time: each starts its own servers and a dozen processes on a small machine,
+/// and the faults should meet the load the long run has, not twice that.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Runs `txcoord chaos` with the short run's faults and `extra` flags, checks every line of
+/// its report, and returns the report.
+fn short_run(extra: &[&str]) -> String {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("run");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_txcoord"))
@@ -24,9 +49,8 @@ fn a_short_chaos_run_passes_every_check() {
             "3",
             "--settle-secs",
             "180",
-            "--seed",
-            "11",
         ])
+        .args(extra)
         .arg("--data-dir")
         .arg(&data)
         .env("TXCOORD_LOG", "warn")
@@ -84,4 +108,5 @@ fn a_short_chaos_run_passes_every_check() {
         stdout.contains("bank-py (Python, raw protocol)"),
         "{stdout}"
     );
+    stdout.into_owned()
 }

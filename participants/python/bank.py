@@ -290,7 +290,9 @@ def seed(db, seeds):
 
 
 async def serve(args, bank):
-    nc = await nats.connect(args.nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.2,
+    # One URL, or several (a cluster's nodes) separated by commas, as txcoord's --nats-url.
+    servers = [u.strip() for u in args.nats_url.split(",") if u.strip()]
+    nc = await nats.connect(servers, max_reconnect_attempts=-1, reconnect_time_wait=0.2,
                             user=args.user, password=args.password, inbox_prefix=args.inbox_prefix)
     js = nc.jetstream(timeout=2)
     stream = stream_name(args.prefix, "CMD")

@@ -1,4 +1,5 @@
-//! `txcoord chaos`: the fault suite. It starts nats-server (`sync_interval: always`), two
+//! `txcoord chaos`: the fault suite. It starts nats-server (`sync_interval: always`; with
+//! `--cluster`, three nodes and every stream at 3 replicas, one node hit per server fault), two
 //! coordinators (one active, one standby), two banks on the Rust SDK and one in Python on the
 //! raw protocol, each process behind its own TCP proxy. It runs bank transfers (a debit at
 //! one bank and a credit at another, 2PC; one in five a withdrawal, a debit alone, which the
@@ -22,7 +23,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use txcoord::nats::{Expect, publish_durable_with};
-use txcoord::natsserver::NatsServer;
+use txcoord::natsserver::{NatsCluster, NatsServer};
 use txcoord::participant::BranchState;
 use txcoord::proto::{
     CommandBatch, DECIDED_TO_HEADER, OUTCOME_TO_HEADER, ParticipantCommand, Subjects,
@@ -32,7 +33,7 @@ use txcoord::rng::XorShift;
 
 use crate::procs::{Proc, coordinator_stats, sibling, wait_consumer};
 use check::{Branch, Transfer};
-use proxy::Proxy;
+use proxy::Proxies;
 
 /// The fault suite's options. The defaults are the long run of RELIABILITY.md.
 #[derive(clap::Args, Debug, Clone)]
@@ -85,6 +86,11 @@ pub struct ChaosArgs {
     /// How long to wait for every transfer to end after the last one was sent, seconds.
     #[arg(long, default_value_t = 300)]
     pub settle_secs: u64,
+    /// Run on a 3-node cluster, every stream and bucket at 3 replicas: each server fault
+    /// then restarts or SIGKILLs one node, picked at random, and every process reaches every
+    /// node through its own proxies.
+    #[arg(long)]
+    pub cluster: bool,
 }
 
 const ACCOUNTS: usize = 5;
@@ -112,6 +118,8 @@ enum Fault {
 struct FaultLog {
     counts: BTreeMap<Fault, usize>,
     holder_kills: usize,
+    /// Server faults by node (one node only, unless on a cluster).
+    nodes_hit: BTreeMap<usize, usize>,
     /// When the last fault ended (the process back, the connection up, the delay over).
     last_end_ms: u64,
 }
@@ -122,11 +130,11 @@ enum Role {
     Bank,
 }
 
-/// One process of the run, with its proxy.
+/// One process of the run, with its proxies.
 struct Member {
     proc: Proc,
     role: Role,
-    proxy: Proxy,
+    proxy: Proxies,
     /// Killed on purpose and not yet restarted: the supervisor leaves it alone.
     down: bool,
     /// Times it exited on its own (a coordinator that lost its lease) and was restarted.
@@ -164,25 +172,53 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
         bail!("--transfers and --in-flight must be at least 1");
     }
     let banks = bank_specs(&args);
-    let server = NatsServer::start_with(
-        args.nats_server.as_deref(),
-        Some(&dir.join("nats")),
-        "sync_interval: always",
-    )
-    .context("starting nats-server")?;
-    let url = server.url();
-    let port = url
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse::<u16>().ok())
-        .context("nats-server URL without a port")?;
-    let server = Arc::new(Mutex::new(server));
+    let nodes = if args.cluster {
+        NatsCluster::start_in(
+            args.nats_server.as_deref(),
+            3,
+            "sync_interval: always",
+            Some(&dir.join("nats")),
+        )
+        .context("starting a 3-node nats-server cluster")?
+        .nodes
+    } else {
+        vec![
+            NatsServer::start_with(
+                args.nats_server.as_deref(),
+                Some(&dir.join("nats")),
+                "sync_interval: always",
+            )
+            .context("starting nats-server")?,
+        ]
+    };
+    let url = nodes
+        .iter()
+        .map(NatsServer::url)
+        .collect::<Vec<_>>()
+        .join(",");
+    let ports = nodes
+        .iter()
+        .map(|n| {
+            n.url()
+                .rsplit(':')
+                .next()
+                .and_then(|p| p.parse::<u16>().ok())
+                .context("nats-server URL without a port")
+        })
+        .collect::<anyhow::Result<Vec<u16>>>()?;
+    let server = Arc::new(Mutex::new(nodes));
     eprintln!("txcoord chaos: NATS at {url}, logs in {}", dir.display());
+    // Every process's streams and buckets at the cluster's replicas.
+    let replicas: Vec<(String, String)> = if args.cluster {
+        vec![("TXCOORD_STREAM_REPLICAS".into(), "3".into())]
+    } else {
+        Vec::new()
+    };
 
     let members: Members = Arc::new(Mutex::new(Vec::new()));
     let me = std::env::current_exe()?.display().to_string();
     for i in 1..=2 {
-        let proxy = Proxy::start(port).await?;
+        let proxy = Proxies::start(&ports).await?;
         let cmd = vec![
             me.clone(),
             "serve".into(),
@@ -192,7 +228,12 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
             "3000".into(),
         ];
         let name = format!("coordinator-{i}");
-        let proc = crate::procs::spawn(&name, cmd, dir.join(format!("{name}.log")))?;
+        let proc = crate::procs::spawn_env(
+            &name,
+            cmd,
+            replicas.clone(),
+            dir.join(format!("{name}.log")),
+        )?;
         lock(&members).push(Member {
             proc,
             role: Role::Coordinator,
@@ -207,7 +248,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
         .context("no coordinator became ready")?;
     let python = python(&args);
     for b in &banks {
-        let proxy = Proxy::start(port).await?;
+        let proxy = Proxies::start(&ports).await?;
         let seeds: Vec<String> = (0..ACCOUNTS)
             .map(|a| format!("acct-{a}={OPENING_BALANCE}"))
             .collect();
@@ -241,7 +282,8 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
             for s in seeds {
                 cmd.extend(["--seed".into(), s]);
             }
-            let envs = vec![("TXCOORD_IN_DOUBT_AFTER_MS".into(), "5000".into())];
+            let mut envs = vec![("TXCOORD_IN_DOUBT_AFTER_MS".into(), "5000".into())];
+            envs.extend(replicas.iter().cloned());
             (cmd, envs)
         };
         let proc = crate::procs::spawn_env(
@@ -406,7 +448,31 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
     };
     let lines = check::all(&evidence);
     let recovery = check::recovery_ms(&evidence);
+    // What the server says, not what was asked for.
+    let replicas = match js.get_stream(subjects.events_stream()).await {
+        Ok(mut stream) => stream
+            .info()
+            .await
+            .map(|i| i.config.num_replicas)
+            .unwrap_or(0),
+        Err(_) => 0,
+    };
     report(&args, &banks, &faults, exits, elapsed, &lines, recovery);
+    if args.cluster {
+        let hits: Vec<String> = faults
+            .nodes_hit
+            .iter()
+            .map(|(node, n)| format!("n{node} {n}"))
+            .collect();
+        println!(
+            "cluster: 3 nodes, the log at {replicas} replicas; server faults by node: {}",
+            if hits.is_empty() {
+                "none".to_string()
+            } else {
+                hits.join(", ")
+            }
+        );
+    }
     let one_phase = commands
         .iter()
         .filter(|c| c.kind == txcoord::proto::CommandKind::CommitOnePhase)
@@ -437,7 +503,9 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
     let time_ok = recovery <= args.goal_secs * 1000 || !args.strict_time;
     let ok = lines.iter().all(|l| l.ok) && time_ok;
     println!("chaos: {}", if ok { "PASSED" } else { "FAILED" });
-    lock(&server).stop();
+    for node in lock(&server).iter_mut() {
+        node.stop();
+    }
     Ok(ok)
 }
 
@@ -759,7 +827,8 @@ fn fault_plan(args: &ChaosArgs) -> Vec<Fault> {
 /// What the fault injector works on.
 struct Injector {
     members: Members,
-    server: Arc<Mutex<NatsServer>>,
+    /// The server, or the cluster's nodes.
+    server: Arc<Mutex<Vec<NatsServer>>>,
     js: async_nats::jetstream::Context,
     rng: XorShift,
 }
@@ -806,8 +875,11 @@ async fn inject(
             Fault::RestartServer | Fault::KillServer => {
                 let server = inj.server.clone();
                 let kill = fault == Fault::KillServer;
+                let node = inj.rng.index(lock(&inj.server).len());
+                *log.nodes_hit.entry(node).or_default() += 1;
                 tokio::task::spawn_blocking(move || {
-                    let mut s = lock(&server);
+                    let mut nodes = lock(&server);
+                    let s = &mut nodes[node];
                     if kill {
                         s.kill_and_restart()
                     } else {

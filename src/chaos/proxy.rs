@@ -1,7 +1,8 @@
 //! A TCP proxy between one process and nats-server, for `txcoord chaos`: it forwards bytes
 //! both ways and, on command, cuts every connection (refusing new ones for a while) or
 //! delays every chunk it forwards. Each process of the chaos run talks to NATS through its
-//! own proxy, so a fault can hit one process's network and nothing else.
+//! own proxy (one per node of a cluster: [`Proxies`]), so a fault can hit one process's
+//! network and nothing else.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -67,6 +68,41 @@ impl Proxy {
     pub fn delay(&self, by: Duration, lasting: Duration) {
         if let Ok(mut f) = self.faults.lock() {
             f.delay = Some((by, Instant::now() + lasting));
+        }
+    }
+}
+
+/// One process's proxies, one to each server node, faulted together. The process is given
+/// every proxy's URL, so when a node goes away it reconnects to another through its own
+/// proxy (the nodes do not advertise their own URLs).
+pub struct Proxies(Vec<Proxy>);
+
+impl Proxies {
+    /// A proxy to each of `target_ports`.
+    pub async fn start(target_ports: &[u16]) -> std::io::Result<Proxies> {
+        let mut all = Vec::with_capacity(target_ports.len());
+        for &port in target_ports {
+            all.push(Proxy::start(port).await?);
+        }
+        Ok(Proxies(all))
+    }
+
+    /// The URLs a process connects to, comma separated (what `--nats-url` takes).
+    pub fn url(&self) -> String {
+        self.0.iter().map(Proxy::url).collect::<Vec<_>>().join(",")
+    }
+
+    /// [`Proxy::cut`] on every one.
+    pub fn cut(&self, down_for: Duration) {
+        for p in &self.0 {
+            p.cut(down_for);
+        }
+    }
+
+    /// [`Proxy::delay`] on every one.
+    pub fn delay(&self, by: Duration, lasting: Duration) {
+        for p in &self.0 {
+            p.delay(by, lasting);
         }
     }
 }

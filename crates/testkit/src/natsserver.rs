@@ -291,6 +291,20 @@ impl NatsCluster {
         n: usize,
         jetstream_extra: &str,
     ) -> Result<NatsCluster, ServerError> {
+        Self::start_in(bin, n, jetstream_extra, None)
+    }
+
+    /// As [`NatsCluster::start`], with node `i`'s store in `<dir>/n<i>` (temporary stores
+    /// if None). Each node keeps its client and cluster ports across
+    /// [`NatsServer::restart`] and [`NatsServer::kill_and_restart`], so a restarted node
+    /// rejoins. Nodes do not advertise their client URLs: a client reaches only the URLs it
+    /// was given (a test's proxies stay in the path).
+    pub fn start_in(
+        bin: Option<&Path>,
+        n: usize,
+        jetstream_extra: &str,
+        dir: Option<&Path>,
+    ) -> Result<NatsCluster, ServerError> {
         let cluster_ports: Vec<u16> = (0..n)
             .map(|_| free_port())
             .collect::<std::io::Result<_>>()?;
@@ -302,12 +316,13 @@ impl NatsCluster {
                 .map(|p| format!("nats-route://127.0.0.1:{p}"))
                 .collect();
             let top = format!(
-                "server_name: n{i}\ncluster {{\n  name: txcoord\n  listen: 127.0.0.1:{port}\n  routes: [{}]\n}}\n",
+                "server_name: n{i}\ncluster {{\n  name: txcoord\n  listen: 127.0.0.1:{port}\n  routes: [{}]\n  no_advertise: true\n}}\n",
                 routes.join(", ")
             );
+            let store = dir.map(|d| d.join(format!("n{i}")));
             nodes.push(NatsServer::start_configured(
                 bin,
-                None,
+                store.as_deref(),
                 jetstream_extra,
                 &top,
             )?);
