@@ -392,3 +392,46 @@ async fn a_restart_reads_the_log_from_the_checkpoint() {
     // Only ckpt-live's records (accepted, preparing): the 20 finished ones are behind.
     assert!(field("scanned") <= 3, "{line}");
 }
+
+/// A read of the log at start that stalls partway (JetStream electing the stream's leader,
+/// say) is read again in full, so every unfinished transaction is resumed, not only those
+/// before the stall. The failpoint stops the first read after one record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recovery_read_that_stalls_is_read_again_in_full() {
+    let mut sys = System::start(&["a", "b"], &[]).await;
+    let url = sys.nats.url();
+    let ids: Vec<String> = (0..3).map(|i| format!("stalled-{i}")).collect();
+    for id in &ids {
+        let req = request(
+            id,
+            vec![step("a", json!({})), step("b", json!({"delay_ms": 1500}))],
+        );
+        sys.client
+            .submit_raw(serde_json::to_vec(&req).unwrap().into(), id)
+            .await
+            .unwrap();
+    }
+    for id in &ids {
+        sys.wait_vote(id, 0).await;
+    }
+    sys.coordinator.kill9();
+    sys.coordinator.restart_with(&[
+        ("TXCOORD_NATS_URL", &url),
+        ("TXCOORD_FAILPOINT", "recovery-stall-once"),
+    ]);
+    for id in &ids {
+        let ev = sys.wait_state(id, |e| e.state.is_terminal()).await;
+        assert_eq!(ev.state, TxnState::Committed, "{ev:?}");
+    }
+    let log = sys.coordinator.log_text();
+    assert!(
+        log.contains("failpoint recovery-stall-once")
+            && log.contains("recovery read failed; reading the log again"),
+        "{log}"
+    );
+    let done = log
+        .lines()
+        .rfind(|l| l.contains("recovery done"))
+        .expect("a recovery line");
+    assert!(done.contains("recovered=3"), "{done}");
+}

@@ -396,6 +396,9 @@ pub enum Failpoint {
     /// `before-accepted`: a pulled submission waits forever before its `accepted` record is
     /// written (the coordinator holds it unacked, as one that dies there does).
     BeforeAccepted,
+    /// `recovery-stall-once`: the first read of the log at start stops after its first
+    /// record, as one does when JetStream stops delivering partway (its reader times out).
+    RecoveryStallOnce,
 }
 
 impl Failpoint {
@@ -406,8 +409,9 @@ impl Failpoint {
             "after-decision" => Ok(Some(Failpoint::AfterDecision)),
             "skip-submission-ack" => Ok(Some(Failpoint::SkipSubmissionAck)),
             "before-accepted" => Ok(Some(Failpoint::BeforeAccepted)),
+            "recovery-stall-once" => Ok(Some(Failpoint::RecoveryStallOnce)),
             other => Err(format!(
-                "TXCOORD_FAILPOINT {other:?} is not one of after-decision, skip-submission-ack, before-accepted"
+                "TXCOORD_FAILPOINT {other:?} is not one of after-decision, skip-submission-ack, before-accepted, recovery-stall-once"
             )),
         }
     }
@@ -634,19 +638,18 @@ async fn pull_consumer(
     name: &str,
     config: consumer::pull::Config,
 ) -> Result<consumer::Consumer<consumer::pull::Config>, CoordinatorError> {
-    stream
-        .get_or_create_consumer(
-            name,
-            consumer::pull::Config {
-                durable_name: Some(name.to_string()),
-                ..config
-            },
-        )
-        .await
-        .map_err(|e| CoordinatorError::Consumer {
-            consumer: name.to_string(),
-            message: e.to_string(),
-        })
+    txcoord_nats::durable_consumer(
+        stream,
+        consumer::pull::Config {
+            durable_name: Some(name.to_string()),
+            ..config
+        },
+    )
+    .await
+    .map_err(|message| CoordinatorError::Consumer {
+        consumer: name.to_string(),
+        message,
+    })
 }
 
 /// Replies are read without acknowledgements. A reply only ever moves a transaction the
@@ -1090,13 +1093,71 @@ pub(crate) async fn report_error(shared: &Shared, report: SubmitError) {
 /// Resumes every unfinished transaction; returns how many, and how many records it read.
 /// With a checkpoint it reads every record from there (all of every unfinished
 /// transaction's records are); without one, the last record of every transaction ever.
+///
+/// The read is done in full or not at all: one that stalls or fails (JetStream electing the
+/// stream's leader, a connection lost) is started again, up to ten times, before anything
+/// is resumed. A recovery that went on with half the log would leave every transaction in
+/// the other half unresumed, and the checkpoint could then move past them.
 async fn recover(
     shared: &Arc<Shared>,
     from: Option<u64>,
 ) -> Result<(usize, u64), CoordinatorError> {
-    let consumer_error = |e: &dyn std::fmt::Display| CoordinatorError::Consumer {
-        consumer: "recovery".into(),
-        message: e.to_string(),
+    let mut delay = Duration::from_millis(200);
+    let mut attempt = 0;
+    let (tails, scanned) = loop {
+        attempt += 1;
+        let stall = shared.failpoint == Some(Failpoint::RecoveryStallOnce) && attempt == 1;
+        match read_log_tails(shared, from, stall).await {
+            Ok(found) => break found,
+            Err(ReadFailed::Retry(e)) if attempt < 10 => {
+                tracing::warn!(error = %e, attempt, "recovery read failed; reading the log again");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(ReadFailed::Retry(e) | ReadFailed::Fatal(e)) => return Err(e),
+        }
+    };
+    let mut count = 0;
+    for (ev, record_seq, last_seq) in tails {
+        if ev.state.is_terminal() {
+            continue;
+        }
+        match resume(shared, ev, record_seq, last_seq).await {
+            Resumed::Running => count += 1,
+            Resumed::Finished => {}
+            // A later restart must still see it: the checkpoint stays where it was.
+            Resumed::Failed => shared.inflight.track(from.unwrap_or(1)),
+        }
+    }
+    shared
+        .metrics
+        .recovered
+        .store(count as u64, Ordering::Relaxed);
+    Ok((count, scanned))
+}
+
+/// Why a read of the log for recovery did not finish.
+enum ReadFailed {
+    /// It may finish if tried again (a stall, a consumer that could not be made).
+    Retry(CoordinatorError),
+    /// It cannot (the lease is gone).
+    Fatal(CoordinatorError),
+}
+
+/// One full read of the log for recovery: the last record of every transaction it
+/// reaches (with its sequence and the last sequence of its log), and how many messages it
+/// read. Ends only at the message JetStream says is the last one pending. `stall`: the
+/// `recovery-stall-once` failpoint stops it after the first record.
+async fn read_log_tails(
+    shared: &Arc<Shared>,
+    from: Option<u64>,
+    stall: bool,
+) -> Result<(Vec<(TransactionEvent, u64, u64)>, u64), ReadFailed> {
+    let consumer_error = |e: &dyn std::fmt::Display| {
+        ReadFailed::Retry(CoordinatorError::Consumer {
+            consumer: "recovery".into(),
+            message: e.to_string(),
+        })
     };
     let deliver_policy = match from {
         Some(seq) => consumer::DeliverPolicy::ByStartSequence {
@@ -1120,7 +1181,7 @@ async fn recover(
         .map_err(|e| consumer_error(&e))?
         .num_pending;
     if pending == 0 {
-        return Ok((0, 0));
+        return Ok((Vec::new(), 0));
     }
     let mut messages = consumer.messages().await.map_err(|e| consumer_error(&e))?;
     // The latest record of each transaction seen, with its sequence.
@@ -1137,7 +1198,16 @@ async fn recover(
                 tracing::warn!(error = %e, "recovery read error");
                 continue;
             }
-            Ok(None) | Err(_) => break,
+            Ok(None) => {
+                return Err(consumer_error(&format!(
+                    "the log's reader ended after {scanned} of at least {pending} records"
+                )));
+            }
+            Err(_) => {
+                return Err(consumer_error(&format!(
+                    "no record for 10 s after {scanned} of at least {pending}"
+                )));
+            }
         };
         scanned += 1;
         let (seq, done) = msg
@@ -1161,6 +1231,15 @@ async fn recover(
         if done {
             break;
         }
+        if stall {
+            tracing::warn!(
+                scanned,
+                "failpoint recovery-stall-once: the read stops here"
+            );
+            return Err(consumer_error(&format!(
+                "stalled (failpoint) after {scanned} of at least {pending}"
+            )));
+        }
     }
     // A log that ends in a foreign message is read again from its start: its last record
     // may be before the messages scanned (a recovery of the last message per log).
@@ -1175,27 +1254,16 @@ async fn recover(
                 tails.push((r.event, r.seq, last_seq.max(foreign_seq)));
             }
             Some(_) => {}
-            None => return Err(consumer_error(&"the lease was lost during recovery")),
+            None => {
+                return Err(ReadFailed::Fatal(CoordinatorError::Consumer {
+                    consumer: "recovery".into(),
+                    message: "the lease was lost during recovery".into(),
+                }));
+            }
         }
     }
     tails.extend(last.into_values().map(|(ev, seq)| (ev, seq, seq)));
-    let mut count = 0;
-    for (ev, record_seq, last_seq) in tails {
-        if ev.state.is_terminal() {
-            continue;
-        }
-        match resume(shared, ev, record_seq, last_seq).await {
-            Resumed::Running => count += 1,
-            Resumed::Finished => {}
-            // A later restart must still see it: the checkpoint stays where it was.
-            Resumed::Failed => shared.inflight.track(from.unwrap_or(1)),
-        }
-    }
-    shared
-        .metrics
-        .recovered
-        .store(count as u64, Ordering::Relaxed);
-    Ok((count, scanned))
+    Ok((tails, scanned))
 }
 
 /// Reads one transaction's log again after a driver of it was fenced, and resumes it if its

@@ -359,31 +359,80 @@ async fn open_stream(
     add_subjects(js, stream, &config).await
 }
 
+/// Runs a setup step (opening or creating a stream, a bucket, a consumer) until it
+/// succeeds, fails in a way `transient` says no retry changes, or `attempts` tries have
+/// failed, waiting 100 ms after the first failure and twice as long after each next one, up
+/// to 2 s: JetStream may still be starting, or a cluster electing a leader (30 tries wait
+/// about 50 s in all). The error is the last one.
+async fn retry_setup<T, E, F, Fut>(
+    what: &str,
+    attempts: u32,
+    transient: impl Fn(&E) -> bool,
+    mut op: F,
+) -> Result<T, E>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut delay = Duration::from_millis(100);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match op().await {
+            Ok(done) => return Ok(done),
+            Err(e) if attempt < attempts && transient(&e) => {
+                tracing::debug!(%what, error = %e, attempt, "JetStream not ready, retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// The stream named in `config`, created with it when missing. JetStream may still be
 /// starting (or electing a leader on a cluster): retries a while.
 async fn get_or_create(
     js: &jetstream::Context,
     config: &stream::Config,
 ) -> Result<stream::Stream, NatsError> {
-    let mut delay = Duration::from_millis(100);
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        match js.get_or_create_stream(config.clone()).await {
-            Ok(s) => return Ok(s),
-            Err(e) if attempt < 30 => {
-                tracing::debug!(stream = %config.name, error = %e, "stream not ready, retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
-            }
-            Err(e) => {
-                return Err(NatsError::Stream {
-                    stream: config.name.clone(),
-                    message: e.to_string(),
-                });
-            }
-        }
-    }
+    retry_setup(
+        &format!("stream {}", config.name),
+        30,
+        |_| true,
+        || js.get_or_create_stream(config.clone()),
+    )
+    .await
+    .map_err(|e| NatsError::Stream {
+        stream: config.name.clone(),
+        message: e.to_string(),
+    })
+}
+
+/// The durable pull consumer `config.durable_name` of `stream`, created with `config` when
+/// missing. A process that starts while JetStream is starting, or while a cluster elects the
+/// stream's leader, waits for it (as for the streams) instead of failing at once; a refusal
+/// no retry changes (a bad name or filter) fails at once. The error is the last failure, as
+/// text.
+pub async fn durable_consumer(
+    stream: &stream::Stream,
+    config: jetstream::consumer::pull::Config,
+) -> Result<jetstream::consumer::PullConsumer, String> {
+    use jetstream::stream::ConsumerErrorKind as Kind;
+    let name = config.durable_name.clone().unwrap_or_default();
+    let transient = |e: &jetstream::stream::ConsumerError| match e.kind() {
+        Kind::TimedOut | Kind::Request | Kind::Other => true,
+        // 503: JetStream temporarily unavailable (no leader yet); 500: a server error; 404:
+        // a stream a new leader does not know yet.
+        Kind::JetStream(js) => matches!(js.code(), 404 | 500 | 503),
+        Kind::InvalidConsumerType | Kind::InvalidName => false,
+    };
+    retry_setup(&format!("durable consumer {name}"), 30, transient, || {
+        stream.get_or_create_consumer(&name, config.clone())
+    })
+    .await
+    .map_err(|e| e.to_string())
 }
 
 /// A stream made by an older txcoord may lack subjects this one adds (the named submit
@@ -419,33 +468,27 @@ pub async fn key_value(
     replicas: usize,
     max_age: Duration,
 ) -> Result<jetstream::kv::Store, String> {
-    let mut delay = Duration::from_millis(100);
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let result = match js.get_key_value(bucket).await {
-            Ok(store) => Ok(store),
-            Err(_) => js
-                .create_key_value(jetstream::kv::Config {
-                    bucket: bucket.to_string(),
-                    history: 1,
-                    num_replicas: replicas,
-                    max_age,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| e.to_string()),
-        };
-        match result {
-            Ok(store) => return Ok(store),
-            Err(message) if attempt >= 20 => return Err(message),
-            Err(message) => {
-                tracing::debug!(%bucket, %message, "KV bucket not ready, retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
+    retry_setup(
+        &format!("KV bucket {bucket}"),
+        20,
+        |_| true,
+        || async {
+            match js.get_key_value(bucket).await {
+                Ok(store) => Ok(store),
+                Err(_) => js
+                    .create_key_value(jetstream::kv::Config {
+                        bucket: bucket.to_string(),
+                        history: 1,
+                        num_replicas: replicas,
+                        max_age,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| e.to_string()),
             }
-        }
-    }
+        },
+    )
+    .await
 }
 
 /// What a durable publish is asked to guarantee besides the message id.
@@ -555,5 +598,48 @@ pub async fn publish_durable_with(
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    /// An operation that fails `failures` times with `error`, then succeeds; it counts calls.
+    fn flaky<'a>(
+        calls: &'a Cell<u32>,
+        failures: u32,
+        error: &'static str,
+    ) -> impl FnMut() -> std::future::Ready<Result<u32, &'static str>> + 'a {
+        move || {
+            calls.set(calls.get() + 1);
+            std::future::ready(if calls.get() > failures {
+                Ok(calls.get())
+            } else {
+                Err(error)
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_setup_step_is_retried_through_transient_failures() {
+        let calls = Cell::new(0);
+        let got = retry_setup("x", 5, |_| true, flaky(&calls, 2, "unavailable")).await;
+        assert_eq!(got, Ok(3));
+    }
+
+    #[tokio::test]
+    async fn a_permanent_failure_ends_the_retries_at_once() {
+        let calls = Cell::new(0);
+        let got = retry_setup("x", 5, |e| *e != "bad name", flaky(&calls, 9, "bad name")).await;
+        assert_eq!((got, calls.get()), (Err("bad name"), 1));
+    }
+
+    #[tokio::test]
+    async fn the_last_failure_is_returned_when_the_attempts_run_out() {
+        let calls = Cell::new(0);
+        let got = retry_setup("x", 3, |_| true, flaky(&calls, 9, "unavailable")).await;
+        assert_eq!((got, calls.get()), (Err("unavailable"), 3));
     }
 }

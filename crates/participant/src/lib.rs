@@ -477,24 +477,22 @@ pub async fn run<P: Participant>(
         js: js.clone(),
         finished_ttl,
     };
-    let consumer = streams
-        .commands
-        .get_or_create_consumer(
-            service,
-            consumer::pull::Config {
-                durable_name: Some(service.to_string()),
-                filter_subject: subjects.commands_for(service),
-                ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait: options.ack_wait,
-                max_ack_pending: (options.max_concurrent * 4) as i64,
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(|e| SdkError::Setup {
-            what: format!("durable consumer {service}"),
-            message: e.to_string(),
-        })?;
+    let consumer = txcoord_nats::durable_consumer(
+        &streams.commands,
+        consumer::pull::Config {
+            durable_name: Some(service.to_string()),
+            filter_subject: subjects.commands_for(service),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: options.ack_wait,
+            max_ack_pending: (options.max_concurrent * 4) as i64,
+            ..Default::default()
+        },
+    )
+    .await
+    .map_err(|message| SdkError::Setup {
+        what: format!("durable consumer {service}"),
+        message,
+    })?;
     let permits = Arc::new(Semaphore::new(options.max_concurrent));
     let ctx = Arc::new(Ctx {
         branches: Default::default(),
