@@ -11,13 +11,23 @@ fn a_short_chaos_run_passes_every_check() {
 
 #[test]
 fn a_short_chaos_run_on_a_three_node_cluster_passes_every_check() {
-    let stdout = short_run(&["--cluster", "--seed", "3"]);
+    let stdout = short_run(&[
+        "--cluster",
+        "--quorum-losses",
+        "1",
+        "--partitions",
+        "2",
+        "--seed",
+        "3",
+    ]);
     let cluster = stdout
         .lines()
         .find_map(|l| l.strip_prefix("cluster: "))
         .unwrap_or_else(|| panic!("no cluster line in:\n{stdout}"));
     assert!(
-        cluster.starts_with("3 nodes, the log at 3 replicas; server faults by node: n"),
+        cluster.starts_with(
+            "3 nodes, the log at 3 replicas; 1 quorum losses (two nodes SIGKILLed at once), 2 partitions (one node cut off from the others); server faults by node: n"
+        ),
         "{cluster}"
     );
 }

@@ -33,7 +33,7 @@ use txcoord::rng::XorShift;
 
 use crate::procs::{Proc, coordinator_stats, sibling, wait_consumer};
 use check::{Branch, Transfer};
-use proxy::Proxies;
+use proxy::{Proxies, Proxy};
 
 /// The fault suite's options. The defaults are the long run of RELIABILITY.md.
 #[derive(clap::Args, Debug, Clone)]
@@ -91,6 +91,14 @@ pub struct ChaosArgs {
     /// node through its own proxies.
     #[arg(long)]
     pub cluster: bool,
+    /// With --cluster: times two of the three nodes are SIGKILLed together (no quorum, so
+    /// JetStream takes no write) and started again after up to 1.5 s.
+    #[arg(long, default_value_t = 0)]
+    pub quorum_losses: usize,
+    /// With --cluster: times one node is cut off from the other two (its routes go through
+    /// proxies) for 0.5 to 6 s, while the processes connected to it stay connected to it.
+    #[arg(long, default_value_t = 0)]
+    pub partitions: usize,
 }
 
 const ACCOUNTS: usize = 5;
@@ -109,6 +117,8 @@ enum Fault {
     KillParticipant,
     RestartServer,
     KillServer,
+    LoseQuorum,
+    Partition,
     Cut,
     Delay,
 }
@@ -171,13 +181,31 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
     if args.transfers == 0 || args.in_flight == 0 {
         bail!("--transfers and --in-flight must be at least 1");
     }
+    if (args.quorum_losses > 0 || args.partitions > 0) && !args.cluster {
+        bail!("--quorum-losses and --partitions need --cluster: one server has no peers");
+    }
     let banks = bank_specs(&args);
+    // Between nodes: a proxy for each direction of each route, so a partition can cut them.
+    // They live as long as the run (the injector holds them only while it injects).
+    let mut routes: BTreeMap<(usize, usize), Proxy> = BTreeMap::new();
     let nodes = if args.cluster {
-        NatsCluster::start_in(
+        let cluster_ports = (0..3)
+            .map(|_| txcoord::natsserver::free_port())
+            .collect::<std::io::Result<Vec<u16>>>()?;
+        for from in 0..3 {
+            for (to, &port) in cluster_ports.iter().enumerate() {
+                if from != to {
+                    routes.insert((from, to), Proxy::start(port).await?);
+                }
+            }
+        }
+        let dial = |from: usize, to: usize| routes.get(&(from, to)).map_or(0, Proxy::port);
+        NatsCluster::start_routed(
             args.nats_server.as_deref(),
-            3,
+            &cluster_ports,
             "sync_interval: always",
             Some(&dir.join("nats")),
+            dial,
         )
         .context("starting a 3-node nats-server cluster")?
         .nodes
@@ -207,6 +235,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
         })
         .collect::<anyhow::Result<Vec<u16>>>()?;
     let server = Arc::new(Mutex::new(nodes));
+    let routes = Arc::new(routes);
     eprintln!("txcoord chaos: NATS at {url}, logs in {}", dir.display());
     // Every process's streams and buckets at the cluster's replicas.
     let replicas: Vec<(String, String)> = if args.cluster {
@@ -341,6 +370,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
         Injector {
             members: members.clone(),
             server: server.clone(),
+            routes: routes.clone(),
             js: js.clone(),
             rng: XorShift::new(args.seed ^ 0xFA17),
         },
@@ -465,7 +495,9 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
             .map(|(node, n)| format!("n{node} {n}"))
             .collect();
         println!(
-            "cluster: 3 nodes, the log at {replicas} replicas; server faults by node: {}",
+            "cluster: 3 nodes, the log at {replicas} replicas; {} quorum losses (two nodes SIGKILLed at once), {} partitions (one node cut off from the others); server faults by node: {}",
+            faults.counts.get(&Fault::LoseQuorum).copied().unwrap_or(0),
+            faults.counts.get(&Fault::Partition).copied().unwrap_or(0),
             if hits.is_empty() {
                 "none".to_string()
             } else {
@@ -506,6 +538,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
     for node in lock(&server).iter_mut() {
         node.stop();
     }
+    drop(routes);
     Ok(ok)
 }
 
@@ -815,6 +848,8 @@ fn fault_plan(args: &ChaosArgs) -> Vec<Fault> {
             Fault::KillServer
         });
     }
+    plan.extend(std::iter::repeat_n(Fault::LoseQuorum, args.quorum_losses));
+    plan.extend(std::iter::repeat_n(Fault::Partition, args.partitions));
     plan.extend(std::iter::repeat_n(Fault::Cut, args.cuts));
     plan.extend(std::iter::repeat_n(Fault::Delay, args.delays));
     let mut rng = XorShift::new(args.seed ^ 0x5EED);
@@ -829,6 +864,8 @@ struct Injector {
     members: Members,
     /// The server, or the cluster's nodes.
     server: Arc<Mutex<Vec<NatsServer>>>,
+    /// The proxies on the routes between nodes, by (from, to).
+    routes: Arc<BTreeMap<(usize, usize), Proxy>>,
     js: async_nats::jetstream::Context,
     rng: XorShift,
 }
@@ -875,7 +912,9 @@ async fn inject(
             Fault::RestartServer | Fault::KillServer => {
                 let server = inj.server.clone();
                 let kill = fault == Fault::KillServer;
-                let node = inj.rng.index(lock(&inj.server).len());
+                // One server: no draw, so a seed's plan is what it was before clusters.
+                let nodes = lock(&inj.server).len();
+                let node = if nodes > 1 { inj.rng.index(nodes) } else { 0 };
                 *log.nodes_hit.entry(node).or_default() += 1;
                 tokio::task::spawn_blocking(move || {
                     let mut nodes = lock(&server);
@@ -888,6 +927,39 @@ async fn inject(
                 })
                 .await?
                 .context("restarting nats-server")?;
+            }
+            Fault::LoseQuorum => {
+                let nodes = lock(&inj.server).len();
+                let kept = inj.rng.index(nodes);
+                for (i, node) in lock(&inj.server).iter_mut().enumerate() {
+                    if i != kept {
+                        node.kill();
+                        *log.nodes_hit.entry(i).or_default() += 1;
+                    }
+                }
+                tokio::time::sleep(down).await;
+                let server = inj.server.clone();
+                tokio::task::spawn_blocking(move || {
+                    lock(&server)
+                        .iter_mut()
+                        .enumerate()
+                        .filter(|(i, _)| *i != kept)
+                        .try_for_each(|(_, node)| node.restart())
+                })
+                .await?
+                .context("starting the killed nodes again")?;
+            }
+            Fault::Partition => {
+                let nodes = lock(&inj.server).len();
+                let alone = inj.rng.index(nodes);
+                let lasting = Duration::from_millis(500 + inj.rng.below(5_500));
+                *log.nodes_hit.entry(alone).or_default() += 1;
+                for ((from, to), proxy) in inj.routes.iter() {
+                    if *from == alone || *to == alone {
+                        proxy.cut(lasting);
+                    }
+                }
+                tokio::time::sleep(lasting).await;
             }
             Fault::Cut => {
                 let n = lock(&inj.members).len();

@@ -56,6 +56,11 @@ impl Proxy {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// Ends every connection now and refuses new ones for `down_for`.
     pub fn cut(&self, down_for: Duration) {
         if let Ok(mut f) = self.faults.lock() {

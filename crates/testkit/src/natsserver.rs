@@ -308,12 +308,27 @@ impl NatsCluster {
         let cluster_ports: Vec<u16> = (0..n)
             .map(|_| free_port())
             .collect::<std::io::Result<_>>()?;
-        let mut nodes = Vec::with_capacity(n);
+        Self::start_routed(bin, &cluster_ports, jetstream_extra, dir, |_, to| {
+            cluster_ports[to]
+        })
+    }
+
+    /// As [`NatsCluster::start_in`], with node `i` listening for routes on
+    /// `cluster_ports[i]` and dialling node `to` at port `dial(i, to)`: a proxy there lets a
+    /// test cut the route between two nodes (a partition). Pick the ports with
+    /// [`free_port`].
+    pub fn start_routed(
+        bin: Option<&Path>,
+        cluster_ports: &[u16],
+        jetstream_extra: &str,
+        dir: Option<&Path>,
+        dial: impl Fn(usize, usize) -> u16,
+    ) -> Result<NatsCluster, ServerError> {
+        let mut nodes = Vec::with_capacity(cluster_ports.len());
         for (i, port) in cluster_ports.iter().enumerate() {
-            let routes: Vec<String> = cluster_ports
-                .iter()
-                .filter(|p| *p != port)
-                .map(|p| format!("nats-route://127.0.0.1:{p}"))
+            let routes: Vec<String> = (0..cluster_ports.len())
+                .filter(|&to| to != i)
+                .map(|to| format!("nats-route://127.0.0.1:{}", dial(i, to)))
                 .collect();
             let top = format!(
                 "server_name: n{i}\ncluster {{\n  name: txcoord\n  listen: 127.0.0.1:{port}\n  routes: [{}]\n  no_advertise: true\n}}\n",
