@@ -462,7 +462,60 @@ async fn add_subjects(
 /// Opens the KV bucket `bucket`, creating it (history 1, `replicas`, and `max_age` if not
 /// zero) when missing. Retries a while: JetStream may still be starting, or a cluster
 /// electing a leader. The error is the last failure, as text.
+///
+/// On more than one replica its reads go to the stream's leader ([`consistent_reads`]).
 pub async fn key_value(
+    js: &jetstream::Context,
+    bucket: &str,
+    replicas: usize,
+    max_age: Duration,
+) -> Result<jetstream::kv::Store, String> {
+    let store = open_bucket(js, bucket, replicas, max_age).await?;
+    consistent_reads(js, store).await
+}
+
+/// A bucket's reads made consistent on a cluster. A KV bucket allows direct gets (the KV
+/// API creates it so), and on more than one replica any replica answers one, a follower
+/// that lags behind included: a record read that way can be older than one this very
+/// process wrote a moment ago. Nothing fences a decision taken from such a read (a
+/// participant that finds no record runs its prepare again; a service that finds no hold
+/// releases nothing), so on more than one replica the bucket is set to refuse direct gets,
+/// and reads go through the stream's leader. On one replica the only copy answers, and
+/// direct gets stay.
+async fn consistent_reads(
+    js: &jetstream::Context,
+    mut store: jetstream::kv::Store,
+) -> Result<jetstream::kv::Store, String> {
+    let info = store.stream.info().await.map_err(|e| e.to_string())?;
+    if info.config.num_replicas <= 1 || !info.config.allow_direct {
+        return Ok(store);
+    }
+    let config = stream::Config {
+        allow_direct: false,
+        ..info.config.clone()
+    };
+    tracing::info!(bucket = %store.name, replicas = info.config.num_replicas,
+        "KV bucket on several replicas: its reads now go to the stream's leader");
+    retry_setup(
+        &format!("KV bucket {} (leader reads)", store.name),
+        20,
+        |_| true,
+        || js.update_stream(&config),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let name = store.name.clone();
+    retry_setup(
+        &format!("KV bucket {name}"),
+        20,
+        |_| true,
+        || js.get_key_value(&name),
+    )
+    .await
+    .map_err(|e| e.to_string())
+}
+
+async fn open_bucket(
     js: &jetstream::Context,
     bucket: &str,
     replicas: usize,
