@@ -17,15 +17,9 @@ async fn a_bucket_on_three_replicas_is_read_from_its_leader() {
     let store = txcoord::nats::key_value(&js, "probe3", 3, Duration::ZERO)
         .await
         .unwrap();
-    let info = js
-        .get_stream("KV_probe3")
-        .await
-        .unwrap()
-        .get_info()
-        .await
-        .unwrap();
-    assert_eq!(info.config.num_replicas, 3);
-    assert!(!info.config.allow_direct, "{:?}", info.config);
+    let config = stream_config(&js, "KV_probe3").await;
+    assert_eq!(config.num_replicas, 3);
+    assert!(!config.allow_direct, "{config:?}");
     // Reads and compare-and-set work through the leader.
     let rev = store.create("k", "one".into()).await.unwrap();
     store.update("k", "two".into(), rev).await.unwrap();
@@ -42,12 +36,20 @@ async fn a_bucket_on_three_replicas_is_read_from_its_leader() {
     txcoord::nats::key_value(&js, "probe1", 1, Duration::ZERO)
         .await
         .unwrap();
-    let info = js
-        .get_stream("KV_probe1")
+    let config = stream_config(&js, "KV_probe1").await;
+    assert!(config.allow_direct, "{config:?}");
+}
+
+/// The stream's configuration as the server has it now.
+async fn stream_config(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+) -> async_nats::jetstream::stream::Config {
+    js.get_stream(name)
         .await
         .unwrap()
         .get_info()
         .await
-        .unwrap();
-    assert!(info.config.allow_direct, "{:?}", info.config);
+        .unwrap()
+        .config
 }

@@ -224,16 +224,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
         .map(NatsServer::url)
         .collect::<Vec<_>>()
         .join(",");
-    let ports = nodes
-        .iter()
-        .map(|n| {
-            n.url()
-                .rsplit(':')
-                .next()
-                .and_then(|p| p.parse::<u16>().ok())
-                .context("nats-server URL without a port")
-        })
-        .collect::<anyhow::Result<Vec<u16>>>()?;
+    let ports: Vec<u16> = nodes.iter().map(NatsServer::port).collect();
     let server = Arc::new(Mutex::new(nodes));
     let routes = Arc::new(routes);
     eprintln!("txcoord chaos: NATS at {url}, logs in {}", dir.display());
@@ -479,7 +470,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
     let lines = check::all(&evidence);
     let recovery = check::recovery_ms(&evidence);
     // What the server says, not what was asked for.
-    let replicas = match js.get_stream(subjects.events_stream()).await {
+    let log_replicas = match js.get_stream(subjects.events_stream()).await {
         Ok(mut stream) => stream
             .info()
             .await
@@ -495,7 +486,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
             .map(|(node, n)| format!("n{node} {n}"))
             .collect();
         println!(
-            "cluster: 3 nodes, the log at {replicas} replicas; {} quorum losses (two nodes SIGKILLed at once), {} partitions (one node cut off from the others); server faults by node: {}",
+            "cluster: 3 nodes, the log at {log_replicas} replicas; {} quorum losses (two nodes SIGKILLed at once), {} partitions (one node cut off from the others); server faults by node: {}",
             faults.counts.get(&Fault::LoseQuorum).copied().unwrap_or(0),
             faults.counts.get(&Fault::Partition).copied().unwrap_or(0),
             if hits.is_empty() {

@@ -481,20 +481,21 @@ pub async fn key_value(
 /// participant that finds no record runs its prepare again; a service that finds no hold
 /// releases nothing), so on more than one replica the bucket is set to refuse direct gets,
 /// and reads go through the stream's leader. On one replica the only copy answers, and
-/// direct gets stay.
+/// direct gets stay. Decided from the stream info the bucket was opened with: no request
+/// more at start-up unless the bucket must change.
 async fn consistent_reads(
     js: &jetstream::Context,
-    mut store: jetstream::kv::Store,
+    store: jetstream::kv::Store,
 ) -> Result<jetstream::kv::Store, String> {
-    let info = store.stream.info().await.map_err(|e| e.to_string())?;
-    if info.config.num_replicas <= 1 || !info.config.allow_direct {
+    let have = &store.stream.cached_info().config;
+    if have.num_replicas <= 1 || !have.allow_direct {
         return Ok(store);
     }
     let config = stream::Config {
         allow_direct: false,
-        ..info.config.clone()
+        ..have.clone()
     };
-    tracing::info!(bucket = %store.name, replicas = info.config.num_replicas,
+    tracing::info!(bucket = %store.name, replicas = have.num_replicas,
         "KV bucket on several replicas: its reads now go to the stream's leader");
     retry_setup(
         &format!("KV bucket {} (leader reads)", store.name),

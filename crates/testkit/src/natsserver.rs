@@ -225,6 +225,11 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// The client port (kept across restarts).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// The store directory.
     pub fn store(&self) -> &Path {
         &self.store
