@@ -435,3 +435,48 @@ async fn a_recovery_read_that_stalls_is_read_again_in_full() {
         .expect("a recovery line");
     assert!(done.contains("recovered=3"), "{done}");
 }
+
+/// An unfinished transaction that cannot be resumed at start (its `accepted` record
+/// unreadable for a moment: a leader election, a lagging replica) is tried again in the
+/// background until it runs, not left until the next restart with its participants holding
+/// their prepared branches. The failpoint makes the first such read fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_that_cannot_be_resumed_at_once_is_resumed_later() {
+    let mut sys = System::start(&["a", "b"], &[]).await;
+    let url = sys.nats.url();
+    let ids: Vec<String> = (0..3).map(|i| format!("unreadable-{i}")).collect();
+    for id in &ids {
+        let req = request(
+            id,
+            vec![step("a", json!({})), step("b", json!({"delay_ms": 1500}))],
+        );
+        sys.client
+            .submit_raw(serde_json::to_vec(&req).unwrap().into(), id)
+            .await
+            .unwrap();
+    }
+    for id in &ids {
+        sys.wait_vote(id, 0).await;
+    }
+    sys.coordinator.kill9();
+    sys.coordinator.restart_with(&[
+        ("TXCOORD_NATS_URL", &url),
+        ("TXCOORD_FAILPOINT", "resume-read-fails-once"),
+    ]);
+    for id in &ids {
+        let ev = sys.wait_state(id, |e| e.state.is_terminal()).await;
+        assert_eq!(ev.state, TxnState::Committed, "{ev:?}");
+    }
+    let log = sys.coordinator.log_text();
+    assert!(
+        log.contains("failpoint resume-read-fails-once")
+            && log.contains("resuming a transaction from its log again"),
+        "{log}"
+    );
+    // Two resumed by the recovery at start, the third by the retry, in the same process.
+    let done = log
+        .lines()
+        .rfind(|l| l.contains("recovery done"))
+        .expect("a recovery line");
+    assert!(done.contains("recovered=2"), "{done}");
+}

@@ -399,6 +399,10 @@ pub enum Failpoint {
     /// `recovery-stall-once`: the first read of the log at start stops after its first
     /// record, as one does when JetStream stops delivering partway (its reader times out).
     RecoveryStallOnce,
+    /// `resume-read-fails-once`: the first unfinished transaction whose `accepted` record
+    /// must be read to resume it finds it unreadable, as it is while JetStream elects the
+    /// stream's leader or from a lagging replica.
+    ResumeReadFailsOnce,
 }
 
 impl Failpoint {
@@ -410,8 +414,9 @@ impl Failpoint {
             "skip-submission-ack" => Ok(Some(Failpoint::SkipSubmissionAck)),
             "before-accepted" => Ok(Some(Failpoint::BeforeAccepted)),
             "recovery-stall-once" => Ok(Some(Failpoint::RecoveryStallOnce)),
+            "resume-read-fails-once" => Ok(Some(Failpoint::ResumeReadFailsOnce)),
             other => Err(format!(
-                "TXCOORD_FAILPOINT {other:?} is not one of after-decision, skip-submission-ack, before-accepted, recovery-stall-once"
+                "TXCOORD_FAILPOINT {other:?} is not one of after-decision, skip-submission-ack, before-accepted, recovery-stall-once, resume-read-fails-once"
             )),
         }
     }
@@ -568,9 +573,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         while let Some((txn_id, accepted_seq)) = fenced_rx.recv().await {
             // Only once a new driver tracks it (or its log is finished) may the old tracking
             // go: the recovery checkpoint never passes the transaction meanwhile.
-            if reread_and_resume(&resumer, &txn_id).await {
-                resumer.inflight.finished(accepted_seq);
-            }
+            let resumer = resumer.clone();
+            tokio::spawn(async move {
+                if resume_until_done(&resumer, &txn_id).await {
+                    resumer.inflight.finished(accepted_seq);
+                }
+            });
         }
     });
     if cfg.deadlock_detection {
@@ -1122,11 +1130,22 @@ async fn recover(
         if ev.state.is_terminal() {
             continue;
         }
+        let txn_id = ev.txn_id.clone();
         match resume(shared, ev, record_seq, last_seq).await {
             Resumed::Running => count += 1,
             Resumed::Finished => {}
-            // A later restart must still see it: the checkpoint stays where it was.
-            Resumed::Failed => shared.inflight.track(from.unwrap_or(1)),
+            // Tried again in the background until it runs; until then the checkpoint stays
+            // where it was, so a restart meanwhile still sees it.
+            Resumed::Failed => {
+                let pin = from.unwrap_or(1);
+                shared.inflight.track(pin);
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    if resume_until_done(&shared, &txn_id).await {
+                        shared.inflight.finished(pin);
+                    }
+                });
+            }
         }
     }
     shared
@@ -1266,10 +1285,37 @@ async fn read_log_tails(
     Ok((tails, scanned))
 }
 
-/// Reads one transaction's log again after a driver of it was fenced, and resumes it if its
-/// last record is not terminal and this coordinator still holds the lease. Called once the
-/// fenced driver has left the router. True when the old driver's checkpoint tracking may
-/// go: the log is finished, or a new driver tracks the transaction.
+/// Resumes `txn_id` from its log ([`reread_and_resume`]) until that succeeds, pausing
+/// longer each time (0.2 s, doubling up to 30 s), for as long as this coordinator holds the
+/// lease. A transaction that could not be resumed once (its log unreadable during a leader
+/// election, its `accepted` record not yet on the replica that answered) must not wait for
+/// the next restart: its participants hold their prepared branches until it ends. One that
+/// can never be rebuilt (a record this build cannot read) is logged on every try, and
+/// stops being tried once an operator ends it (`txcoord resolve`). False if the lease went.
+async fn resume_until_done(shared: &Arc<Shared>, txn_id: &str) -> bool {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        if reread_and_resume(shared, txn_id).await {
+            return true;
+        }
+        if !shared.lease.is_held() {
+            return false;
+        }
+        tracing::warn!(
+            %txn_id,
+            retry_in_ms = delay.as_millis() as u64,
+            "an unfinished transaction could not be resumed; trying again"
+        );
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// Reads one transaction's log again (after a driver of it was fenced, or a first attempt
+/// to resume it failed), and resumes it if its last record is not terminal and this
+/// coordinator still holds the lease. Called once any earlier driver has left the router.
+/// True when the earlier checkpoint tracking may go: the log is finished, or a new driver
+/// tracks the transaction.
 pub(crate) async fn reread_and_resume(shared: &Arc<Shared>, txn_id: &str) -> bool {
     if !shared.lease.is_held() {
         return false;
@@ -1283,14 +1329,14 @@ pub(crate) async fn reread_and_resume(shared: &Arc<Shared>, txn_id: &str) -> boo
             true
         }
         Some(r) => {
-            tracing::info!(%txn_id, state = ?r.event.state, "resuming a fenced transaction from its log");
+            tracing::info!(%txn_id, state = ?r.event.state, "resuming a transaction from its log again");
             !matches!(
                 resume(shared, r.event, r.seq, tail.last_seq).await,
                 Resumed::Failed
             )
         }
         None => {
-            tracing::error!(%txn_id, "a fenced transaction's log has no record; a restart tries again");
+            tracing::error!(%txn_id, "an unfinished transaction's log has no readable record");
             false
         }
     }
@@ -1302,7 +1348,7 @@ enum Resumed {
     Running,
     /// It needs nothing more (or already runs).
     Finished,
-    /// It could not be rebuilt; a restart tries again.
+    /// It could not be rebuilt now; [`resume_until_done`] tries again.
     Failed,
 }
 
@@ -1318,7 +1364,17 @@ async fn resume(
     let (accepted, accepted_seq) = if last.state == TxnState::Accepted {
         (last.clone(), record_seq)
     } else {
-        match txn::first_record(shared, &txn_id).await {
+        static FAILED_ONCE: std::sync::atomic::AtomicBool =
+            std::sync::atomic::AtomicBool::new(false);
+        let read = if shared.failpoint == Some(Failpoint::ResumeReadFailsOnce)
+            && !FAILED_ONCE.swap(true, Ordering::SeqCst)
+        {
+            tracing::warn!(%txn_id, "failpoint resume-read-fails-once: the accepted record is not read");
+            Err("unreadable (failpoint)".to_string())
+        } else {
+            txn::first_record(shared, &txn_id).await
+        };
+        match read {
             Ok(Some(first)) => first,
             other => {
                 tracing::error!(%txn_id, "cannot read the accepted record: {other:?}");
