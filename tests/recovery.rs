@@ -393,14 +393,14 @@ async fn a_restart_reads_the_log_from_the_checkpoint() {
     assert!(field("scanned") <= 3, "{line}");
 }
 
-/// A read of the log at start that stalls partway (JetStream electing the stream's leader,
-/// say) is read again in full, so every unfinished transaction is resumed, not only those
-/// before the stall. The failpoint stops the first read after one record.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_recovery_read_that_stalls_is_read_again_in_full() {
+/// Three 2PC transactions whose second step is slow are left unfinished: once each has its
+/// first vote, the coordinator is SIGKILLed and started again with `failpoint`. Every one
+/// must still commit; returns the restarted coordinator's last `recovery done` line and
+/// its whole log.
+async fn unfinished_three_then_restart_with(prefix: &str, failpoint: &str) -> (String, String) {
     let mut sys = System::start(&["a", "b"], &[]).await;
     let url = sys.nats.url();
-    let ids: Vec<String> = (0..3).map(|i| format!("stalled-{i}")).collect();
+    let ids: Vec<String> = (0..3).map(|i| format!("{prefix}-{i}")).collect();
     for id in &ids {
         let req = request(
             id,
@@ -415,24 +415,32 @@ async fn a_recovery_read_that_stalls_is_read_again_in_full() {
         sys.wait_vote(id, 0).await;
     }
     sys.coordinator.kill9();
-    sys.coordinator.restart_with(&[
-        ("TXCOORD_NATS_URL", &url),
-        ("TXCOORD_FAILPOINT", "recovery-stall-once"),
-    ]);
+    sys.coordinator
+        .restart_with(&[("TXCOORD_NATS_URL", &url), ("TXCOORD_FAILPOINT", failpoint)]);
     for id in &ids {
         let ev = sys.wait_state(id, |e| e.state.is_terminal()).await;
         assert_eq!(ev.state, TxnState::Committed, "{ev:?}");
     }
     let log = sys.coordinator.log_text();
+    let done = log
+        .lines()
+        .rfind(|l| l.contains("recovery done"))
+        .expect("a recovery line")
+        .to_string();
+    (done, log)
+}
+
+/// A read of the log at start that stalls partway (JetStream electing the stream's leader,
+/// say) is read again in full, so every unfinished transaction is resumed, not only those
+/// before the stall. The failpoint stops the first read after one record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recovery_read_that_stalls_is_read_again_in_full() {
+    let (done, log) = unfinished_three_then_restart_with("stalled", "recovery-stall-once").await;
     assert!(
         log.contains("failpoint recovery-stall-once")
             && log.contains("recovery read failed; reading the log again"),
         "{log}"
     );
-    let done = log
-        .lines()
-        .rfind(|l| l.contains("recovery done"))
-        .expect("a recovery line");
     assert!(done.contains("recovered=3"), "{done}");
 }
 
@@ -442,41 +450,13 @@ async fn a_recovery_read_that_stalls_is_read_again_in_full() {
 /// their prepared branches. The failpoint makes the first such read fail.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_that_cannot_be_resumed_at_once_is_resumed_later() {
-    let mut sys = System::start(&["a", "b"], &[]).await;
-    let url = sys.nats.url();
-    let ids: Vec<String> = (0..3).map(|i| format!("unreadable-{i}")).collect();
-    for id in &ids {
-        let req = request(
-            id,
-            vec![step("a", json!({})), step("b", json!({"delay_ms": 1500}))],
-        );
-        sys.client
-            .submit_raw(serde_json::to_vec(&req).unwrap().into(), id)
-            .await
-            .unwrap();
-    }
-    for id in &ids {
-        sys.wait_vote(id, 0).await;
-    }
-    sys.coordinator.kill9();
-    sys.coordinator.restart_with(&[
-        ("TXCOORD_NATS_URL", &url),
-        ("TXCOORD_FAILPOINT", "resume-read-fails-once"),
-    ]);
-    for id in &ids {
-        let ev = sys.wait_state(id, |e| e.state.is_terminal()).await;
-        assert_eq!(ev.state, TxnState::Committed, "{ev:?}");
-    }
-    let log = sys.coordinator.log_text();
+    let (done, log) =
+        unfinished_three_then_restart_with("unreadable", "resume-read-fails-once").await;
     assert!(
         log.contains("failpoint resume-read-fails-once")
             && log.contains("resuming a transaction from its log again"),
         "{log}"
     );
     // Two resumed by the recovery at start, the third by the retry, in the same process.
-    let done = log
-        .lines()
-        .rfind(|l| l.contains("recovery done"))
-        .expect("a recovery line");
     assert!(done.contains("recovered=2"), "{done}");
 }
