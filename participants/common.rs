@@ -68,6 +68,10 @@ pub struct Args {
     /// through both phases.
     #[arg(long, env = "TXCOORD_NO_ONE_PHASE")]
     pub no_one_phase: bool,
+    /// Seconds between sweeps that remove the saga markers of finished sagas from this
+    /// service's records (0: never). Only services whose saga steps leave markers sweep.
+    #[arg(long, default_value_t = 60)]
+    pub sweep_secs: u64,
 }
 
 impl Args {
@@ -196,10 +200,11 @@ impl<P: Participant> Participant for Locking<P> {
 pub async fn main<T, P>(
     service: &str,
     seed: Option<fn(u64) -> T>,
+    markers: Option<crate::sweep::Markers<T>>,
     make: impl FnOnce(Table<T>) -> P,
 ) -> ExitCode
 where
-    T: Serialize + DeserializeOwned + Clone,
+    T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
     P: Participant,
 {
     let args = Args::parse();
@@ -213,7 +218,7 @@ where
             return ExitCode::from(2);
         }
     };
-    match run(service, args, seed, make).await {
+    match run(service, args, seed, markers, make).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("{service}: error: {e:#}");
@@ -226,10 +231,11 @@ async fn run<T, P>(
     service: &str,
     args: Args,
     seed: Option<fn(u64) -> T>,
+    markers: Option<crate::sweep::Markers<T>>,
     make: impl FnOnce(Table<T>) -> P,
 ) -> anyhow::Result<()>
 where
-    T: Serialize + DeserializeOwned + Clone,
+    T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
     P: Participant,
 {
     let cfg = crate::config::ServiceConfig::load(args.config.as_deref())?;
@@ -260,6 +266,17 @@ where
         one_phase: !args.no_one_phase,
         ..Default::default()
     };
+    if let Some(markers) = markers
+        && args.sweep_secs > 0
+    {
+        tokio::spawn(crate::sweep::run(
+            js.clone(),
+            txcoord_proto::Subjects::new(args.prefix.clone()),
+            table.clone(),
+            markers,
+            Duration::from_secs(args.sweep_secs),
+        ));
+    }
     let participant = Locking {
         inner: make(table),
         lock: args.lock_records,

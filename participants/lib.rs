@@ -5,7 +5,8 @@
 //!
 //! [`common`] is what the services share (arguments, seeding, running until a signal),
 //! [`config`] reads the part of txcoord's configuration a service needs, and [`quantity`]
-//! is the hold/settle logic of a quantity in a record (stock, a balance).
+//! is the hold/settle logic of a quantity in a record (stock, a balance); [`sweep`] forgets
+//! the saga markers of finished sagas.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -16,3 +17,4 @@ pub mod inventory;
 pub mod order;
 pub mod payment;
 pub mod quantity;
+pub mod sweep;

@@ -80,6 +80,11 @@ fn check<T: Quantity>(cur: Option<&T>, want: &Want<'_>, branch: &str) -> Result<
     Ok(next)
 }
 
+/// Where a record keeps its saga markers (for [`crate::sweep`]).
+pub fn saga_markers<T: Quantity>(record: &mut T) -> &mut std::collections::BTreeMap<String, u64> {
+    record.parts().sagas
+}
+
 /// 2PC prepare: moves `amount` from free into a hold for `branch` (a repeat is a no-op).
 pub fn hold<T: Quantity>(
     cur: Option<&T>,

@@ -449,3 +449,112 @@ fn the_demo_with_a_killed_coordinator_keeps_every_invariant() {
 fn the_saga_demo_with_a_killed_coordinator_keeps_every_invariant() {
     demo_with_kill("saga", "completed");
 }
+
+/// The saga form of [`order`], its last step (the order service's) taking `delay_ms`.
+fn saga_order(txn: &str, order_id: &str, amount: u64, delay_ms: u64) -> Value {
+    let mut v = order(txn, order_id, "apple", 1, "alice", amount);
+    v["mode"] = json!("saga");
+    v["steps"][2]["payload"]["delay_ms"] = json!(delay_ms);
+    v
+}
+
+/// The saga markers (`<txn_id>.<step>`) a record holds.
+fn markers(v: Option<&Value>) -> Vec<String> {
+    v.and_then(|v| v["sagas"].as_object())
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
+/// A saga step that takes stock or money leaves a marker in the record; the services' sweep
+/// removes those of finished sagas (every completed saga used to grow its records for
+/// good), and never one of a saga still running, without touching the quantities or the
+/// record's version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_markers_of_finished_sagas_are_swept_and_no_others() {
+    let mut sys = System::start(&[], &[]).await;
+    let sweep = ["--sweep-secs", "1"];
+    sys.spawn_service(
+        "inventory",
+        "inventory",
+        &[&["--seed", "apple=10"], &sweep[..]].concat(),
+    )
+    .await;
+    sys.spawn_service(
+        "payment",
+        "payment",
+        &[&["--seed", "alice=1000"], &sweep[..]].concat(),
+    )
+    .await;
+    sys.spawn_service("order", "order", &[]).await;
+    for i in 0..3 {
+        let ev = sys
+            .run(saga_order(
+                &format!("s-done-{i}"),
+                &format!("o-{i}"),
+                100,
+                0,
+            ))
+            .await;
+        assert_eq!(ev.state, TxnState::Completed, "{ev:?}");
+    }
+    let apple = sys
+        .wait_record("inventory_data", "apple", |v| {
+            v.is_some() && markers(v).is_empty()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            n(&apple, "available"),
+            n(&apple, "sold"),
+            n(&apple, "version")
+        ),
+        (7, 3, 3)
+    );
+    let alice = sys
+        .wait_record("payment_data", "alice", |v| {
+            v.is_some() && markers(v).is_empty()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            n(&alice, "balance"),
+            n(&alice, "charged"),
+            n(&alice, "version")
+        ),
+        (700, 300, 3)
+    );
+    assert!(
+        sys.participant_log("inventory")
+            .log_text()
+            .contains("saga markers of finished sagas removed")
+    );
+
+    // A saga whose last step takes four seconds keeps its markers through the sweeps
+    // meanwhile, and loses them once it has completed.
+    let check = async {
+        sys.wait_record("inventory_data", "apple", |v| markers(v) == ["s-running.0"])
+            .await;
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let apple = sys.record("inventory_data", "apple").await;
+        let alice = sys.record("payment_data", "alice").await;
+        (markers(apple.as_ref()), markers(alice.as_ref()))
+    };
+    let (ev, during) = tokio::join!(sys.run(saga_order("s-running", "o-9", 100, 4000)), check);
+    assert_eq!(ev.state, TxnState::Completed, "{ev:?}");
+    assert_eq!(
+        during,
+        (
+            vec!["s-running.0".to_string()],
+            vec!["s-running.1".to_string()]
+        )
+    );
+    let apple = sys
+        .wait_record("inventory_data", "apple", |v| {
+            v.is_some() && markers(v).is_empty()
+        })
+        .await
+        .unwrap();
+    assert_eq!((n(&apple, "available"), n(&apple, "sold")), (6, 4));
+}

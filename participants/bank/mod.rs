@@ -203,6 +203,8 @@ pub async fn main() -> ExitCode {
             version: 0,
             version_holder: None,
         }),
+        // Transfers are 2PC only: no saga markers to sweep.
+        None,
         |accounts| Bank { accounts },
     )
     .await

@@ -205,5 +205,5 @@ impl Participant for Orders {
 /// Runs the service until SIGINT or SIGTERM (the binary `txcoord-order`).
 pub async fn main() -> ExitCode {
     // Orders are not seeded: every order comes from a transaction.
-    crate::common::main::<Order, _>("order", None, |orders| Orders { orders }).await
+    crate::common::main::<Order, _>("order", None, None, |orders| Orders { orders }).await
 }

@@ -57,6 +57,7 @@ pub async fn main() -> ExitCode {
             version: 0,
             version_holder: None,
         }),
+        Some(crate::quantity::saga_markers),
         |table| crate::quantity::QuantityService {
             table,
             action: "charge",

@@ -1299,7 +1299,10 @@ mod tests {
                 .collect();
             assert!(withdrawals.len() > transfers.len() / 10, "seed {seed}");
             let out: u64 = withdrawals.iter().sum();
-            assert!(out < opening / 3, "seed {seed}: {out} of {opening} withdrawn");
+            assert!(
+                out < opening / 3,
+                "seed {seed}: {out} of {opening} withdrawn"
+            );
             // Transfers keep their full range: some overdraw an account, and abort.
             assert!(
                 transfers.iter().any(|t| t.to.is_some() && t.amount > 2_000),
