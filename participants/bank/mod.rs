@@ -1,8 +1,9 @@
 //! The bank service: accounts that send and receive money in two-step transfers, the
 //! workload of `txcoord chaos`. `prepare debit {account, amount}` holds the money,
 //! `prepare credit {account, amount}` records an incoming amount; commit moves it, abort
-//! gives it back. Run several with `--service` (bank-a, bank-b, ...). See README.md beside
-//! this file.
+//! gives it back. As saga steps, `execute debit` takes the money at once and `execute
+//! credit` pays it in at once, each with a marker that its compensation reverses. Run
+//! several with `--service` (bank-a, bank-b, ...). See README.md beside this file.
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -10,7 +11,7 @@ use std::process::ExitCode;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use txcoord_participant::kvtable::{Change, Table};
-use txcoord_participant::{Participant, ServiceError, TxnContext, Vote};
+use txcoord_participant::{Participant, ServiceError, StepResult, TxnContext, Vote};
 
 /// One account. The KV revision guards every write; holds and incoming amounts are kept in
 /// the record, keyed by branch, so effect and marker are one compare-and-set.
@@ -28,7 +29,9 @@ pub struct Account {
     /// Incoming money of prepared credits, by `<txn_id>.<step>`: not spendable until commit.
     #[serde(default)]
     pub incoming: BTreeMap<String, u64>,
-    /// Unused by transfers (2PC only); the shared quantity rules need the field.
+    /// What each executed saga step took out (a debit) or paid in (a credit), by
+    /// `<txn_id>.<step>`: the marker that makes a repeated execute a no-op and tells the
+    /// compensation what to reverse.
     #[serde(default)]
     pub sagas: BTreeMap<String, u64>,
     /// Bumped by every committed change.
@@ -123,6 +126,55 @@ fn settle_credit(cur: Option<&Account>, branch: &str, commit: bool) -> (Change<A
     (Change::Put(next), ())
 }
 
+/// Saga execute of a credit: the amount joins the balance at once, with its marker (a
+/// repeat is a no-op).
+fn pay_in(
+    cur: Option<&Account>,
+    branch: &str,
+    account: &str,
+    amount: u64,
+) -> (Change<Account>, Result<(), String>) {
+    let Some(rec) = cur else {
+        return (Change::Keep, Err(format!("unknown account: {account:?}")));
+    };
+    if rec.sagas.contains_key(branch) {
+        return (Change::Keep, Ok(()));
+    }
+    let mut next = rec.clone();
+    next.balance += amount;
+    next.credited += amount;
+    next.version += 1;
+    next.sagas.insert(branch.to_string(), amount);
+    (Change::Put(next), Ok(()))
+}
+
+/// Saga compensation of a credit: takes back what the step paid in and removes its marker
+/// (a no-op without one). If the account has spent it meanwhile, the compensation fails and
+/// the coordinator retries it: money is never made up.
+fn take_back(cur: Option<&Account>, branch: &str) -> (Change<Account>, Result<(), String>) {
+    let Some(rec) = cur else {
+        return (Change::Keep, Ok(()));
+    };
+    let Some(&amount) = rec.sagas.get(branch) else {
+        return (Change::Keep, Ok(()));
+    };
+    if rec.balance < amount {
+        return (
+            Change::Keep,
+            Err(format!(
+                "cannot take back {amount}: the account has {} left",
+                rec.balance
+            )),
+        );
+    }
+    let mut next = rec.clone();
+    next.sagas.remove(branch);
+    next.balance -= amount;
+    next.credited -= amount;
+    next.version += 1;
+    (Change::Put(next), Ok(()))
+}
+
 impl Bank {
     async fn settle(&self, txn: &TxnContext, commit: bool) -> Result<(), ServiceError> {
         // Commit only follows a recorded ready vote, whose payload parsed. An abort may come
@@ -187,6 +239,67 @@ impl Participant for Bank {
     async fn abort(&self, txn: &TxnContext) -> Result<(), ServiceError> {
         self.settle(txn, false).await
     }
+
+    async fn execute(&self, txn: &TxnContext, action: &str, payload: &Value) -> StepResult {
+        let (action, account, amount) = match parse(action, payload) {
+            Ok(p) => p,
+            Err(reason) => {
+                return StepResult::Failed {
+                    reason,
+                    retryable: false,
+                };
+            }
+        };
+        let branch = crate::common::hold_key(txn);
+        let result = match action {
+            Action::Debit => {
+                let want = crate::quantity::Want {
+                    key: &account,
+                    amount,
+                    expected_version: None,
+                    unknown: "unknown account",
+                    short: insufficient,
+                };
+                self.accounts
+                    .update(&account, |cur| crate::quantity::take(cur, &branch, &want))
+                    .await
+            }
+            Action::Credit => {
+                self.accounts
+                    .update(&account, |cur| pay_in(cur, &branch, &account, amount))
+                    .await
+            }
+        };
+        crate::quantity::step_result(result)
+    }
+
+    async fn compensate(&self, txn: &TxnContext) -> Result<(), ServiceError> {
+        // A step whose payload does not parse never executed: nothing to undo.
+        let Ok((action, account, _)) = parse(&txn.action, &txn.payload) else {
+            return Ok(());
+        };
+        let branch = crate::common::hold_key(txn);
+        let result = match action {
+            Action::Debit => {
+                self.accounts
+                    .update(&account, |cur| {
+                        let (change, ()) = crate::quantity::give_back(cur, &branch);
+                        (change, Ok(()))
+                    })
+                    .await
+            }
+            Action::Credit => {
+                self.accounts
+                    .update(&account, |cur| take_back(cur, &branch))
+                    .await
+            }
+        };
+        match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(reason)) => Err(ServiceError(reason)),
+            Err(e) => Err(ServiceError(e.to_string())),
+        }
+    }
 }
 
 /// Runs the service until SIGINT or SIGTERM (the binary `txcoord-bank`).
@@ -203,8 +316,7 @@ pub async fn main() -> ExitCode {
             version: 0,
             version_holder: None,
         }),
-        // Transfers are 2PC only: no saga markers to sweep.
-        None,
+        Some(crate::quantity::saga_markers),
         |accounts| Bank { accounts },
     )
     .await

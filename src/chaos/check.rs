@@ -18,6 +18,10 @@ pub struct Transfer {
     pub to: Option<(String, String)>,
     /// How much.
     pub amount: u64,
+    /// Run as a saga (between two Rust banks): execute the debit, then the credit; a step
+    /// that fails or times out has the executed ones compensated. `completed` counts as
+    /// committed, `compensated` as aborted, and an executed step as a committed branch.
+    pub saga: bool,
 }
 
 /// One record of the log, in log order.
@@ -141,11 +145,12 @@ fn line(name: &'static str, problems: &[String], fine: String) -> Line {
     }
 }
 
-/// The outcome a transaction's log ends with: committed (true), aborted (false), or none.
+/// The outcome a transaction's log ends with: committed or completed (true), aborted or
+/// compensated (false), or none.
 pub fn outcome(records: Option<&Vec<Record>>) -> Option<bool> {
     match records?.last()?.state {
-        TxnState::Committed => Some(true),
-        TxnState::Aborted | TxnState::Rejected => Some(false),
+        TxnState::Committed | TxnState::Completed => Some(true),
+        TxnState::Aborted | TxnState::Rejected | TxnState::Compensated => Some(false),
         _ => None,
     }
 }
@@ -399,6 +404,7 @@ fn one_outcome(e: &Evidence<'_>) -> Line {
                 log[first + 1].state
             ));
         }
+        // A saga that began to compensate never completes.
         let decisions: Vec<TxnState> = log
             .iter()
             .map(|r| r.state)
@@ -407,17 +413,29 @@ fn one_outcome(e: &Evidence<'_>) -> Line {
                     s,
                     TxnState::Committing
                         | TxnState::Committed
+                        | TxnState::Completed
                         | TxnState::Aborting
                         | TxnState::Aborted
+                        | TxnState::Compensating
+                        | TxnState::Compensated
                 )
             })
             .collect();
-        let commits = decisions
-            .iter()
-            .any(|s| matches!(s, TxnState::Committing | TxnState::Committed));
-        let aborts = decisions
-            .iter()
-            .any(|s| matches!(s, TxnState::Aborting | TxnState::Aborted));
+        let commits = decisions.iter().any(|s| {
+            matches!(
+                s,
+                TxnState::Committing | TxnState::Committed | TxnState::Completed
+            )
+        });
+        let aborts = decisions.iter().any(|s| {
+            matches!(
+                s,
+                TxnState::Aborting
+                    | TxnState::Aborted
+                    | TxnState::Compensating
+                    | TxnState::Compensated
+            )
+        });
         if commits && aborts {
             problems.push(format!("{id} was decided both ways: {decisions:?}"));
         }
@@ -437,7 +455,7 @@ fn no_contradiction(e: &Evidence<'_>) -> Line {
         };
         let contradicts = match c.kind {
             CommandKind::Commit => !committed,
-            CommandKind::Abort => committed,
+            CommandKind::Abort | CommandKind::Compensate => committed,
             _ => false,
         };
         if contradicts {
@@ -511,12 +529,14 @@ mod tests {
                     from: k("a", "x"),
                     to: Some(k("b", "y")),
                     amount: 30,
+                    saga: false,
                 },
                 Transfer {
                     id: "t2".into(),
                     from: k("b", "y"),
                     to: Some(k("a", "x")),
                     amount: 500,
+                    saga: false,
                 },
                 // A withdrawal, committed in one phase: no decision record.
                 Transfer {
@@ -524,6 +544,7 @@ mod tests {
                     from: k("b", "y"),
                     to: None,
                     amount: 20,
+                    saga: false,
                 },
             ];
             let mut log = HashMap::new();
@@ -751,6 +772,121 @@ mod tests {
         let b = w.banks.get_mut("b").unwrap();
         b.branches.insert("t3.0".into(), Branch::NotApplied);
         b.accounts.get_mut("y").unwrap().balance = 130;
+        assert_eq!(
+            w.failing(),
+            ["atomicity, branch by branch", "money conserved exactly"]
+        );
+    }
+
+    /// `good()` with two sagas: t4 moved 10 from a/x to b/y and completed; t5 took 40 from
+    /// b/y, its credit timed out, and both steps were compensated.
+    fn with_sagas() -> World {
+        let mut w = World::good();
+        let k = |b: &str, a: &str| (b.to_string(), a.to_string());
+        for (id, from, to, amount) in [
+            ("t4", k("a", "x"), k("b", "y"), 10),
+            ("t5", k("b", "y"), k("a", "x"), 40),
+        ] {
+            w.transfers.push(Transfer {
+                id: id.into(),
+                from,
+                to: Some(to),
+                amount,
+                saga: true,
+            });
+        }
+        w.log.insert(
+            "t4".into(),
+            vec![
+                rec(TxnState::Accepted),
+                rec(TxnState::Executing),
+                rec(TxnState::Completed),
+            ],
+        );
+        w.log.insert(
+            "t5".into(),
+            vec![
+                rec(TxnState::Accepted),
+                rec(TxnState::Executing),
+                rec(TxnState::Compensating),
+                rec(TxnState::Compensating),
+                rec(TxnState::Compensated),
+            ],
+        );
+        let a = w.banks.get_mut("a").unwrap();
+        a.accounts.get_mut("x").unwrap().balance -= 10;
+        a.branches.insert("t4.0".into(), Branch::Committed);
+        a.branches.insert("t5.1".into(), Branch::NotApplied);
+        let b = w.banks.get_mut("b").unwrap();
+        b.accounts.get_mut("y").unwrap().balance += 10;
+        b.branches.insert("t4.1".into(), Branch::Committed);
+        b.branches.insert("t5.0".into(), Branch::NotApplied);
+        for (service, step) in [("b", 0), ("a", 1)] {
+            w.commands.push(Command {
+                txn_id: "t5".into(),
+                service: service.into(),
+                step,
+                kind: CommandKind::Compensate,
+            });
+        }
+        w.notices.push(Notice {
+            txn_id: "t4".into(),
+            state: Some(TxnState::Completed),
+        });
+        w
+    }
+
+    #[test]
+    fn sagas_count_completed_as_committed_and_compensated_as_aborted() {
+        let w = with_sagas();
+        let lines = w.check();
+        assert!(lines.iter().all(|l| l.ok), "{lines:?}");
+        assert!(
+            lines[0].detail.contains("(3 committed, 2 aborted)"),
+            "{lines:?}"
+        );
+        // A compensation sent to a step of a completed saga.
+        let mut w = with_sagas();
+        w.commands.push(Command {
+            txn_id: "t4".into(),
+            service: "b".into(),
+            step: 1,
+            kind: CommandKind::Compensate,
+        });
+        assert_eq!(w.failing(), ["no command contradicts a branch's outcome"]);
+        // A saga that completed after it had begun to compensate.
+        let mut w = with_sagas();
+        w.log
+            .get_mut("t4")
+            .unwrap()
+            .insert(2, rec(TxnState::Compensating));
+        assert_eq!(
+            w.failing(),
+            ["one outcome per txn_id, no record after a terminal record"]
+        );
+        // A completed saga whose credit never executed: the money vanished.
+        let mut w = with_sagas();
+        let b = w.banks.get_mut("b").unwrap();
+        b.branches.insert("t4.1".into(), Branch::NotApplied);
+        b.accounts.get_mut("y").unwrap().balance -= 10;
+        assert_eq!(
+            w.failing(),
+            ["atomicity, branch by branch", "money conserved exactly"]
+        );
+        // A compensated saga whose debit was never given back.
+        let mut w = with_sagas();
+        w.banks
+            .get_mut("b")
+            .unwrap()
+            .branches
+            .insert("t5.0".into(), Branch::Committed);
+        w.banks
+            .get_mut("b")
+            .unwrap()
+            .accounts
+            .get_mut("y")
+            .unwrap()
+            .balance -= 40;
         assert_eq!(
             w.failing(),
             ["atomicity, branch by branch", "money conserved exactly"]

@@ -2,11 +2,11 @@
 //! `--cluster`, three nodes and every stream at 3 replicas, one node hit per server fault), two
 //! coordinators (one active, one standby), two banks on the Rust SDK and one in Python on the
 //! raw protocol, each process behind its own TCP proxy. It runs bank transfers (a debit at
-//! one bank and a credit at another, 2PC; one in five a withdrawal, a debit alone, which the
-//! Rust banks commit in one phase) with a fixed number in flight while it SIGKILLs
-//! coordinators and banks, restarts and SIGKILLs nats-server, and cuts and delays
-//! connections. At the end it reads the log, the commands it saw and every bank's state, and
-//! prints one line per check (see [`check`]).
+//! one bank and a credit at another, 2PC, or every other one between the two Rust banks a
+//! saga; one in five a withdrawal, a debit alone, which the Rust banks commit in one phase)
+//! with a fixed number in flight while it SIGKILLs coordinators and banks, restarts and
+//! SIGKILLs nats-server, and cuts and delays connections. At the end it reads the log, the
+//! commands it saw and every bank's state, and prints one line per check (see [`check`]).
 
 mod check;
 mod proxy;
@@ -504,6 +504,23 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
         "one phase: {} withdrawals (one step each), {one_phase} commit_one_phase commands seen",
         transfers.iter().filter(|t| t.to.is_none()).count()
     );
+    let sagas: Vec<&Transfer> = transfers.iter().filter(|t| t.saga).collect();
+    let ended = |want| {
+        sagas
+            .iter()
+            .filter(|t| check::outcome(log.get(&t.id)) == Some(want))
+            .count()
+    };
+    let compensations = commands
+        .iter()
+        .filter(|c| c.kind == txcoord::proto::CommandKind::Compensate)
+        .count();
+    println!(
+        "sagas: {} transfers between the Rust banks ran as sagas: {} completed, {} compensated; {compensations} compensate commands seen",
+        sagas.len(),
+        ended(true),
+        ended(false)
+    );
     {
         let h = lock(&latencies);
         if !h.is_empty() {
@@ -606,30 +623,56 @@ fn generate(args: &ChaosArgs, banks: &[BankSpec]) -> Vec<Transfer> {
             } else {
                 1 + amount / 100
             };
+            // Every other transfer between two Rust banks runs as a saga (the Python bank
+            // on the raw protocol takes part in 2PC only). Chosen by position, not by a
+            // draw, so a seed keeps its plan.
+            let on_sdk = |bank: &str| banks.iter().any(|b| b.service == bank && !b.python);
+            let saga = i % 2 == 1 && to.as_ref().is_some_and(|to| on_sdk(&to.0)) && on_sdk(&from.0);
             Transfer {
                 id: format!("chaos-{run}-{i}"),
                 from,
                 to,
                 amount,
+                saga,
             }
         })
         .collect()
 }
 
 fn request(t: &Transfer) -> Value {
-    let mut steps = vec![
-        json!({"service": t.from.0, "action": "debit", "payload": {"account": t.from.1, "amount": t.amount}}),
-    ];
+    let mut debit = json!({"service": t.from.0, "action": "debit", "payload": {"account": t.from.1, "amount": t.amount}});
+    if t.saga {
+        // A debit that has not answered within two seconds is compensated, though it may
+        // have executed: under the faults, that is the path of a saga most worth testing
+        // (the give-back of a debit that did run, and an execute that comes after its
+        // compensation, which must not run).
+        debit["timeout_ms"] = json!(SAGA_DEBIT_TIMEOUT_MS);
+    }
+    let mut steps = vec![debit];
     if let Some(to) = &t.to {
-        steps.push(json!({"service": to.0, "action": "credit", "payload": {"account": to.1, "amount": t.amount}}));
+        let mut credit = json!({"service": to.0, "action": "credit", "payload": {"account": to.1, "amount": t.amount}});
+        if t.saga {
+            // Once the money left, the credit is the step that must go through: given ten
+            // minutes, it is retried through every fault rather than compensated (taking
+            // back a credit the account may have spent is the one compensation that can
+            // fail). A credit to an account that does not exist fails at once, and the
+            // debit is given back.
+            credit["timeout_ms"] = json!(SAGA_CREDIT_TIMEOUT_MS);
+        }
+        steps.push(credit);
     }
     json!({
         "txn_id": t.id,
-        "mode": "2pc",
+        "mode": if t.saga { "saga" } else { "2pc" },
         "metadata": {"chaos": true},
         "steps": steps,
     })
 }
+
+/// How long a saga transfer's debit may take before it is compensated.
+const SAGA_DEBIT_TIMEOUT_MS: u64 = 2_000;
+/// How long a saga transfer's credit may take before it is compensated.
+const SAGA_CREDIT_TIMEOUT_MS: u64 = 600_000;
 
 /// Where a transfer goes: the submit subject, and the inbox its decision and outcome are
 /// sent to.
@@ -1142,7 +1185,7 @@ async fn rust_bank(
                     })
                     .map(|r| match r.state {
                         BranchState::Prepared => Branch::Prepared,
-                        BranchState::Committed => Branch::Committed,
+                        BranchState::Committed | BranchState::Executed => Branch::Committed,
                         _ => Branch::NotApplied,
                     });
                 (k, state)
