@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use common::{Proc, System, request, step};
 use futures::StreamExt;
 use serde_json::json;
-use txcoord::proto::{ParticipantCommand, TransactionEvent, TxnState};
+use txcoord::proto::{CommandBatch, ParticipantCommand, TransactionEvent, TxnState};
 
 /// Every command the coordinator publishes, as a core subscriber sees them.
 struct Commands(Arc<Mutex<Vec<ParticipantCommand>>>);
@@ -24,8 +24,11 @@ impl Commands {
         let out = seen.clone();
         tokio::spawn(async move {
             while let Some(msg) = sub.next().await {
+                // A command alone, or a batch of them for a service that reads batches.
                 if let Ok(cmd) = serde_json::from_slice::<ParticipantCommand>(&msg.payload) {
                     out.lock().unwrap().push(cmd);
+                } else if let Ok(batch) = serde_json::from_slice::<CommandBatch>(&msg.payload) {
+                    out.lock().unwrap().extend(batch.commands);
                 }
             }
         });
@@ -197,5 +200,91 @@ async fn a_standby_takes_a_pending_submission_within_seconds_of_a_sigkill() {
     assert!(
         took < Duration::from_secs(20),
         "the standby took {took:?} to run a submission the dead coordinator held"
+    );
+}
+
+/// On a 3-node cluster, where JetStream answers a write whose message id it has stored as a
+/// duplicate before it checks the expected last sequence: a submission redelivered after its
+/// transaction committed starts a second driver of it in the same coordinator run. Its
+/// `accepted` write must be refused for the log it finds, not acknowledged as the first
+/// driver's record, or the transaction runs again (RELIABILITY.md, finding 7: a second
+/// driver took the first one's acknowledgements for an abort the log never held).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_redelivered_after_its_commit_changes_nothing_on_a_cluster() {
+    let cluster = txcoord::natsserver::NatsCluster::start(None, 3, "").expect("3 nodes");
+    let url = cluster.urls();
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = Proc::spawn(
+        dir.path(),
+        "coordinator",
+        &["serve"],
+        &[
+            ("TXCOORD_NATS_URL", url.as_str()),
+            ("TXCOORD_STREAM_REPLICAS", "3"),
+            ("TXCOORD_FAILPOINT", "skip-submission-ack"),
+            ("TXCOORD_SUBMIT_ACK_WAIT_MS", "1000"),
+        ],
+    );
+    coordinator
+        .wait_for("coordinator ready", Duration::from_secs(60))
+        .await;
+    let mut participants = Vec::new();
+    for service in ["a", "b"] {
+        let p = Proc::spawn(
+            dir.path(),
+            service,
+            &["participant", "--service", service],
+            &[("TXCOORD_NATS_URL", url.as_str())],
+        );
+        p.wait_for("participant ready", Duration::from_secs(60))
+            .await;
+        participants.push(p);
+    }
+    let nc = txcoord::nats::connect(&url, &Default::default(), "test", true)
+        .await
+        .unwrap();
+    let client = txcoord::client::Client::new(nc.clone(), "txn")
+        .await
+        .unwrap();
+    let commands = Commands::watch(&nc).await;
+    let id = "redeliver-cluster";
+    let req = request(id, vec![step("a", json!({})), step("b", json!({}))]);
+    client
+        .submit_raw(serde_json::to_vec(&req).unwrap().into(), id)
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let history = loop {
+        let h = client.history(id).await;
+        if h.last().is_some_and(|e| e.state.is_terminal()) {
+            break h;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "{h:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(history.last().map(|e| e.state), Some(TxnState::Committed));
+    let needle = format!("FAILPOINT skip-submission-ack txn_id={id}");
+    wait_count(&coordinator, &needle, 1).await;
+    let sent = commands.of(id).len();
+    assert!(sent >= 4, "prepares and commits were seen: {sent}");
+    // Each redelivery goes through the submission path again, within the duplicate window.
+    wait_count(&coordinator, &needle, 3).await;
+    let after = client.history(id).await;
+    assert_eq!(
+        states(&after),
+        states(&history),
+        "a redelivered submission wrote to the log"
+    );
+    let late: Vec<_> = commands.of(id).into_iter().skip(sent).collect();
+    assert!(
+        late.is_empty(),
+        "a redelivered submission ran the transaction again: {late:?}"
+    );
+    assert!(
+        coordinator
+            .log_text()
+            .contains("txn_id already has a recorded transaction"),
+        "the redelivery was not recognised:\n{}",
+        coordinator.log_text()
     );
 }

@@ -283,9 +283,18 @@ pub struct Shared {
     pub inflight: Arc<checkpoint::InFlight>,
     /// A test hook (`TXCOORD_FAILPOINT`).
     pub failpoint: Option<Failpoint>,
-    /// Unique to this run of this coordinator: it goes into the message id of every log
-    /// record written, so a record can be told apart from any other writer's.
+    /// Unique to this run of this coordinator: with [`Shared::drivers`], it goes into the
+    /// message id of every log record written, so a record can be told apart from any other
+    /// writer's.
     pub run_id: String,
+    /// How many transaction drivers this run has started: each takes the next number, which
+    /// makes its log writes' message ids its own. Two drivers of one transaction in one run
+    /// (one resumed after another was fenced, or one for a redelivered submission after the
+    /// first had finished) must never share a message id: JetStream answers a write whose id
+    /// it has stored as a duplicate, with the stored record's sequence, before it checks the
+    /// expected last sequence, so the second driver would take another record's
+    /// acknowledgement for its own (RELIABILITY.md, finding 7).
+    pub drivers: std::sync::atomic::AtomicU64,
     /// The submit consumer's ack wait.
     pub submit_ack_wait: Duration,
     /// Transactions whose driver was fenced, with their `accepted` sequence: a task reads
@@ -540,6 +549,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         metrics: Metrics::default(),
         failpoint,
         run_id: uuid::Uuid::now_v7().simple().to_string(),
+        drivers: std::sync::atomic::AtomicU64::new(0),
         submit_ack_wait: Duration::from_millis(cfg.submit_ack_wait_ms),
         reply_key: replies::ReplyKey::random(),
         accept_untokened_replies: cfg.accept_untokened_replies,

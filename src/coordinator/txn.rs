@@ -244,7 +244,15 @@ pub async fn drive(
         Begin::New { .. } => (None, 0, 0),
     };
     let notices = Notices::of_begin(&shared, &txn_id, &begin);
+    let writer = format!(
+        "{}.{}",
+        shared.run_id,
+        shared
+            .drivers
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
     let mut driver = Driver {
+        writer,
         notices,
         accepted_seq,
         record_seq,
@@ -383,6 +391,10 @@ pub async fn drive(
 }
 
 struct Driver {
+    /// This driver's own suffix of its writes' message ids (`<run_id>.<n>`): a retry of one
+    /// of its writes is a duplicate JetStream drops, and no other driver's write ever is,
+    /// not even another driver of the same transaction in the same run.
+    writer: String,
     /// The submitter's inboxes for the decision and the outcome, until each is durable and
     /// sent there.
     notices: Notices,
@@ -689,7 +701,7 @@ impl Driver {
     ) -> Written {
         const FOREIGN_RETRIES: u32 = 8;
         let subject = self.shared.subjects.log(&self.txn_id);
-        let msg_id = format!("{msg_id}@{}", self.shared.run_id);
+        let msg_id = format!("{msg_id}@{}", self.writer);
         let mut expect = self.last_seq;
         for _ in 0..=FOREIGN_RETRIES {
             let publish = publish_durable(
