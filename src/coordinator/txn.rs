@@ -751,8 +751,10 @@ impl Driver {
 
     /// After a wrong-last-sequence refusal: ours if the log's last record carries our message
     /// id (a retry of a write that had landed), to be tried again if only foreign messages
-    /// follow our last record, fenced if another writer's record does. Reads the stream
-    /// leader, retrying until it answers or the lease is lost.
+    /// follow our last record, fenced if another writer's record does. Reads the log's end
+    /// (a direct get: on a cluster any replica may answer, a lagging one included, which can
+    /// only fence this driver or make it try again), retrying until it answers or the lease
+    /// is lost.
     async fn settle(&self, msg_id: &str) -> Settled {
         let Some(tail) = log_tail(&self.shared, &self.txn_id).await else {
             return Settled::Written(Written::LeaseLost);
