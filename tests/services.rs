@@ -465,6 +465,13 @@ fn markers(v: Option<&Value>) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The record `key` of `bucket` once it holds no saga marker.
+async fn swept(sys: &System, bucket: &str, key: &str) -> Value {
+    sys.wait_record(bucket, key, |v| v.is_some() && markers(v).is_empty())
+        .await
+        .unwrap_or_default()
+}
+
 /// A saga step that takes stock or money leaves a marker in the record; the services' sweep
 /// removes those of finished sagas (every completed saga used to grow its records for
 /// good), and never one of a saga still running, without touching the quantities or the
@@ -497,12 +504,7 @@ async fn the_markers_of_finished_sagas_are_swept_and_no_others() {
             .await;
         assert_eq!(ev.state, TxnState::Completed, "{ev:?}");
     }
-    let apple = sys
-        .wait_record("inventory_data", "apple", |v| {
-            v.is_some() && markers(v).is_empty()
-        })
-        .await
-        .unwrap();
+    let apple = swept(&sys, "inventory_data", "apple").await;
     assert_eq!(
         (
             n(&apple, "available"),
@@ -511,12 +513,7 @@ async fn the_markers_of_finished_sagas_are_swept_and_no_others() {
         ),
         (7, 3, 3)
     );
-    let alice = sys
-        .wait_record("payment_data", "alice", |v| {
-            v.is_some() && markers(v).is_empty()
-        })
-        .await
-        .unwrap();
+    let alice = swept(&sys, "payment_data", "alice").await;
     assert_eq!(
         (
             n(&alice, "balance"),
@@ -550,11 +547,6 @@ async fn the_markers_of_finished_sagas_are_swept_and_no_others() {
             vec!["s-running.1".to_string()]
         )
     );
-    let apple = sys
-        .wait_record("inventory_data", "apple", |v| {
-            v.is_some() && markers(v).is_empty()
-        })
-        .await
-        .unwrap();
+    let apple = swept(&sys, "inventory_data", "apple").await;
     assert_eq!((n(&apple, "available"), n(&apple, "sold")), (6, 4));
 }

@@ -59,6 +59,17 @@ fn insufficient(account: &str, balance: u64, amount: u64) -> String {
     format!("insufficient funds: {account} has {balance}, debit is {amount}")
 }
 
+/// What a debit of `amount` from `account` needs (a 2PC hold or a saga's taking).
+fn debit(account: &str, amount: u64) -> crate::quantity::Want<'_> {
+    crate::quantity::Want {
+        key: account,
+        amount,
+        expected_version: None,
+        unknown: "unknown account",
+        short: insufficient,
+    }
+}
+
 /// The two actions a transfer step can take here.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Action {
@@ -89,22 +100,33 @@ fn parse(action: &str, payload: &Value) -> Result<(Action, String, u64), String>
     }
 }
 
-/// Prepare credit: the account must exist; the amount waits in `incoming` (a repeat is a
-/// no-op).
-fn expect_credit(
+/// A credit of `amount` to `account` for `branch`, once (a repeat is a no-op); the account
+/// must exist. As a 2PC prepare (`now` false) the amount waits in `incoming`, not spendable
+/// until the commit; as a saga execute (`now`) it joins the balance at once, with its
+/// marker in `sagas`.
+fn credit(
     cur: Option<&Account>,
     branch: &str,
     account: &str,
     amount: u64,
+    now: bool,
 ) -> (Change<Account>, Result<(), String>) {
     let Some(rec) = cur else {
         return (Change::Keep, Err(format!("unknown account: {account:?}")));
     };
-    if rec.incoming.contains_key(branch) {
+    let done = if now { &rec.sagas } else { &rec.incoming };
+    if done.contains_key(branch) {
         return (Change::Keep, Ok(()));
     }
     let mut next = rec.clone();
-    next.incoming.insert(branch.to_string(), amount);
+    if now {
+        next.balance += amount;
+        next.credited += amount;
+        next.version += 1;
+        next.sagas.insert(branch.to_string(), amount);
+    } else {
+        next.incoming.insert(branch.to_string(), amount);
+    }
     (Change::Put(next), Ok(()))
 }
 
@@ -124,28 +146,6 @@ fn settle_credit(cur: Option<&Account>, branch: &str, commit: bool) -> (Change<A
         next.version += 1;
     }
     (Change::Put(next), ())
-}
-
-/// Saga execute of a credit: the amount joins the balance at once, with its marker (a
-/// repeat is a no-op).
-fn pay_in(
-    cur: Option<&Account>,
-    branch: &str,
-    account: &str,
-    amount: u64,
-) -> (Change<Account>, Result<(), String>) {
-    let Some(rec) = cur else {
-        return (Change::Keep, Err(format!("unknown account: {account:?}")));
-    };
-    if rec.sagas.contains_key(branch) {
-        return (Change::Keep, Ok(()));
-    }
-    let mut next = rec.clone();
-    next.balance += amount;
-    next.credited += amount;
-    next.version += 1;
-    next.sagas.insert(branch.to_string(), amount);
-    (Change::Put(next), Ok(()))
 }
 
 /// Saga compensation of a credit: takes back what the step paid in and removes its marker
@@ -176,6 +176,38 @@ fn take_back(cur: Option<&Account>, branch: &str) -> (Change<Account>, Result<()
 }
 
 impl Bank {
+    /// A step's effect: as a 2PC prepare (`saga` false) a debit is held and a credit waits;
+    /// as a saga execute both apply at once. One compare-and-set on the account.
+    async fn apply(
+        &self,
+        txn: &TxnContext,
+        action: Action,
+        account: &str,
+        amount: u64,
+        saga: bool,
+    ) -> Result<Result<(), String>, txcoord_participant::kvtable::TableError> {
+        let branch = crate::common::hold_key(txn);
+        match action {
+            Action::Debit => {
+                let want = debit(account, amount);
+                self.accounts
+                    .update(account, |cur| {
+                        if saga {
+                            crate::quantity::take(cur, &branch, &want)
+                        } else {
+                            crate::quantity::hold(cur, &branch, &want)
+                        }
+                    })
+                    .await
+            }
+            Action::Credit => {
+                self.accounts
+                    .update(account, |cur| credit(cur, &branch, account, amount, saga))
+                    .await
+            }
+        }
+    }
+
     async fn settle(&self, txn: &TxnContext, commit: bool) -> Result<(), ServiceError> {
         // Commit only follows a recorded ready vote, whose payload parsed. An abort may come
         // for a branch that never prepared: one that does not parse holds nothing.
@@ -207,28 +239,7 @@ impl Participant for Bank {
             Ok(p) => p,
             Err(e) => return Vote::Abort(e),
         };
-        let branch = crate::common::hold_key(txn);
-        let result = match action {
-            Action::Debit => {
-                let want = crate::quantity::Want {
-                    key: &account,
-                    amount,
-                    expected_version: None,
-                    unknown: "unknown account",
-                    short: insufficient,
-                };
-                self.accounts
-                    .update(&account, |cur| crate::quantity::hold(cur, &branch, &want))
-                    .await
-            }
-            Action::Credit => {
-                self.accounts
-                    .update(&account, |cur| {
-                        expect_credit(cur, &branch, &account, amount)
-                    })
-                    .await
-            }
-        };
+        let result = self.apply(txn, action, &account, amount, false).await;
         crate::quantity::vote(result)
     }
 
@@ -250,26 +261,7 @@ impl Participant for Bank {
                 };
             }
         };
-        let branch = crate::common::hold_key(txn);
-        let result = match action {
-            Action::Debit => {
-                let want = crate::quantity::Want {
-                    key: &account,
-                    amount,
-                    expected_version: None,
-                    unknown: "unknown account",
-                    short: insufficient,
-                };
-                self.accounts
-                    .update(&account, |cur| crate::quantity::take(cur, &branch, &want))
-                    .await
-            }
-            Action::Credit => {
-                self.accounts
-                    .update(&account, |cur| pay_in(cur, &branch, &account, amount))
-                    .await
-            }
-        };
+        let result = self.apply(txn, action, &account, amount, true).await;
         crate::quantity::step_result(result)
     }
 
