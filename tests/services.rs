@@ -483,13 +483,13 @@ async fn the_markers_of_finished_sagas_are_swept_and_no_others() {
     sys.spawn_service(
         "inventory",
         "inventory",
-        &[&["--seed", "apple=10"], &sweep[..]].concat(),
+        &[&["--seed", "apple=10", "--seed", "pear=10"], &sweep[..]].concat(),
     )
     .await;
     sys.spawn_service(
         "payment",
         "payment",
-        &[&["--seed", "alice=1000"], &sweep[..]].concat(),
+        &[&["--seed", "alice=1000", "--seed", "bob=1000"], &sweep[..]].concat(),
     )
     .await;
     sys.spawn_service("order", "order", &[]).await;
@@ -528,17 +528,28 @@ async fn the_markers_of_finished_sagas_are_swept_and_no_others() {
             .contains("saga markers of finished sagas removed")
     );
 
-    // A saga whose last step takes four seconds keeps its markers through the sweeps
-    // meanwhile, and loses them once it has completed.
+    // A saga whose last step takes eight seconds keeps its markers through the sweeps
+    // meanwhile, and loses them once it has completed. That a sweep ran meanwhile is seen,
+    // not waited for: another saga (on other records) completes while the first runs, and
+    // its markers go, so a sweep read every record after the first saga's markers were in.
+    let mut running = saga_order("s-running", "o-9", 100, 8000);
+    running["steps"][2]["timeout_ms"] = json!(30_000);
     let check = async {
         sys.wait_record("inventory_data", "apple", |v| markers(v) == ["s-running.0"])
             .await;
-        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let mut other = saga_order("s-other", "o-10", 100, 0);
+        other["steps"][0]["payload"]["sku"] = json!("pear");
+        other["steps"][1]["payload"]["account"] = json!("bob");
+        other["steps"][2]["payload"]["account"] = json!("bob");
+        other["steps"][2]["payload"]["items"][0]["sku"] = json!("pear");
+        assert_eq!(sys.run(other).await.state, TxnState::Completed);
+        swept(&sys, "inventory_data", "pear").await;
+        swept(&sys, "payment_data", "bob").await;
         let apple = sys.record("inventory_data", "apple").await;
         let alice = sys.record("payment_data", "alice").await;
         (markers(apple.as_ref()), markers(alice.as_ref()))
     };
-    let (ev, during) = tokio::join!(sys.run(saga_order("s-running", "o-9", 100, 4000)), check);
+    let (ev, during) = tokio::join!(sys.run(running), check);
     assert_eq!(ev.state, TxnState::Completed, "{ev:?}");
     assert_eq!(
         during,

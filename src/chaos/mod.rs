@@ -3,10 +3,11 @@
 //! coordinators (one active, one standby), two banks on the Rust SDK and one in Python on the
 //! raw protocol, each process behind its own TCP proxy. It runs bank transfers (a debit at
 //! one bank and a credit at another, 2PC, or with `--sagas` every other one between the two
-//! Rust banks a saga; one in five a withdrawal, a debit alone, which the Rust banks commit in one phase)
-//! with a fixed number in flight while it SIGKILLs coordinators and banks, restarts and
-//! SIGKILLs nats-server, and cuts and delays connections. At the end it reads the log, the
-//! commands it saw and every bank's state, and prints one line per check (see [`check`]).
+//! Rust banks a saga; one in five a withdrawal, a debit alone, which the Rust banks commit
+//! in one phase) with a fixed number in flight while it SIGKILLs coordinators and banks,
+//! restarts and SIGKILLs nats-server, and cuts and delays connections. At the end it reads
+//! the log, the commands it saw and every bank's state, and prints one line per check (see
+//! [`check`]).
 
 mod check;
 mod proxy;
