@@ -65,7 +65,8 @@ pub struct Config {
     pub max_timeout_ms: u64,
     /// First delay before phase-2 commands are resent.
     pub retry_base_ms: u64,
-    /// Largest delay between resends.
+    /// Largest delay between resends (phase 2, compensations), and the longest an
+    /// unanswered prepare or saga execute waits before it is sent again.
     pub retry_cap_ms: u64,
     /// After this long unconfirmed, phase 2 is flagged `stuck` (and still retried).
     pub stuck_after_ms: u64,

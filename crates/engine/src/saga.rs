@@ -10,7 +10,7 @@
 //! | Executing(i) | `done` for i                                | Executing(i+1) / Completed | Persist(progress), Send(execute i+1) / Persist(completed), Finished |
 //! | Executing(i) | retryable `failed`, tries left              | same          | SetTimer(retry); on it: Persist(round), Send(execute i, attempt+1) |
 //! | Executing(i) | `failed` (or out of tries)                  | Compensating  | compensate i-1 .. 0 that are done |
-//! | Executing(i) | halfway to the deadline, no answer          | same          | Persist(round), Send(execute i, attempt+1) |
+//! | Executing(i) | no answer for half the deadline (at most `retry_cap_ms`) | same | Persist(round), Send(execute i, attempt+1), again after as long |
 //! | Executing(i) | step timeout                                | Compensating  | compensate i (it may have executed), then i-1 .. 0 |
 //! | Compensating(j) | `done` for j                             | Compensating(next) / Compensated | Persist(progress), Send(compensate next) / Persist(compensated), Finished |
 //! | Compensating(j) | `failed` or timeout                      | same (shown `failed` after the limit) | SetTimer(retry, backoff capped); on it: Persist(round), Send(compensate j, attempt+1) |
@@ -51,7 +51,7 @@ pub enum Row {
     Retry,
     /// Executing, `failed` (or out of tries): compensation begins.
     StepFailed,
-    /// Executing, halfway to the deadline with no answer: execute again.
+    /// Executing, no answer for half the deadline (at most `retry_cap_ms`): execute again.
     ExecuteNudge,
     /// Executing, the step timeout: compensation begins.
     StepTimeout,
@@ -501,7 +501,7 @@ impl Saga {
                 )));
                 out.push(Command::SetTimer {
                     timer: Timer::StepNudge,
-                    at_ms: now.saturating_add(self.step_timeout(self.cursor) / 2),
+                    at_ms: now.saturating_add(self.nudge_every(self.cursor)),
                 });
             }
             // A timer armed for a step or phase that is over: stale.
@@ -712,7 +712,7 @@ impl Saga {
         if kind == CommandKind::Execute {
             out.push(Command::SetTimer {
                 timer: Timer::StepNudge,
-                at_ms: now.saturating_add(self.step_timeout(self.cursor) / 2),
+                at_ms: now.saturating_add(self.nudge_every(self.cursor)),
             });
         }
     }
@@ -731,6 +731,13 @@ impl Saga {
 
     fn step_timeout(&self, i: usize) -> u64 {
         self.steps[i].timeout_ms.unwrap_or(self.timeout_ms)
+    }
+
+    /// How long an execute goes unanswered before it is sent again: half the step's
+    /// timeout, but never more than `retry_cap_ms`, so that a command or reply lost on a
+    /// long step (minutes) costs a retry delay, not half the step's time.
+    fn nudge_every(&self, i: usize) -> u64 {
+        (self.step_timeout(i) / 2).min(self.cfg.retry_cap_ms.max(1))
     }
 
     fn command(&self, i: usize, kind: CommandKind, attempt: u32, now: u64) -> ParticipantCommand {

@@ -7,7 +7,7 @@
 //! | (start)    | `start`                                 | Preparing   | Persist(accepted), Announce(preparing), Send(prepare)×N, SetTimer(prepare) |
 //! | Preparing  | vote abort                              | Aborting    | Persist(aborting), Send(abort) to non-refusers, timers |
 //! | Preparing  | last vote, all ready/read_only          | Committing  | Persist(committing), Send(commit) to ready steps, timers |
-//! | Preparing  | halfway to the deadline                 | Preparing   | Persist(round), Send(prepare) to silent steps, attempt+1 |
+//! | Preparing  | halfway to the deadline (at most `retry_cap_ms`), then every `retry_cap_ms` | Preparing | Persist(round), Send(prepare) to silent steps, attempt+1 |
 //! | Preparing  | prepare timeout                         | Aborting    | as a vote abort, reason `timeout`            |
 //! | Committing | `done` from the last pending step          | Committed   | Persist(final), Finished                     |
 //! | Aborting   | last pending step `done`, or its abort command stored in JetStream | Aborted | Persist(final), Finished |
@@ -72,7 +72,8 @@ pub enum Row {
     VoteAbort,
     /// Preparing, the last vote, all ready or read-only: commit decided.
     AllVoted,
-    /// Preparing, halfway to the deadline: prepare again to the silent steps.
+    /// Preparing, halfway to the deadline (at most `retry_cap_ms`, then every
+    /// `retry_cap_ms`): prepare again to the silent steps.
     PrepareNudge,
     /// Preparing, the prepare timeout: abort decided.
     PrepareTimeout,
@@ -820,7 +821,15 @@ impl TwoPc {
             }
             (Phase::Preparing, Timer::StepNudge) => {
                 self.hit(Row::PrepareNudge);
-                self.nudge_prepares(now, out)
+                self.nudge_prepares(now, out);
+                // Under a long deadline, again every `retry_cap_ms` while one is left.
+                let next = now.saturating_add(self.nudge_cap());
+                if next < self.deadline_ms {
+                    out.push(Command::SetTimer {
+                        timer: Timer::StepNudge,
+                        at_ms: next,
+                    });
+                }
             }
             (Phase::Committing | Phase::Aborting, Timer::Phase2Retry) => {
                 self.hit(Row::Phase2Retry);
@@ -1095,16 +1104,25 @@ impl TwoPc {
         out.push(Command::Finished);
     }
 
-    /// The prepare deadline, and halfway to it a resend to the silent steps.
+    /// The prepare deadline, and halfway to it (at most `retry_cap_ms` from now) a resend
+    /// to the silent steps.
     fn arm_prepare_timers(&self, now: u64, out: &mut Vec<Command>) {
         out.push(Command::SetTimer {
             timer: Timer::PrepareTimeout,
             at_ms: self.deadline_ms,
         });
+        let half = self.deadline_ms.saturating_sub(now) / 2;
         out.push(Command::SetTimer {
             timer: Timer::StepNudge,
-            at_ms: now.saturating_add(self.deadline_ms.saturating_sub(now) / 2),
+            at_ms: now.saturating_add(half.min(self.nudge_cap())),
         });
+    }
+
+    /// The longest a prepare goes unanswered before it is sent again: `retry_cap_ms`, so a
+    /// prepare or vote lost under a long deadline (minutes) costs a retry delay, not half
+    /// the deadline.
+    fn nudge_cap(&self) -> u64 {
+        self.cfg.retry_cap_ms.max(1)
     }
 
     /// Halfway to the deadline: sends prepare again, with a new attempt, to every step that has

@@ -389,6 +389,36 @@ fn a_silent_execute_is_sent_again_halfway_to_its_deadline() {
 }
 
 #[test]
+fn a_silent_execute_of_a_long_step_is_sent_again_every_retry_cap() {
+    // A ten-minute step: a lost command or reply costs `retry_cap_ms` (800 here), not
+    // five minutes.
+    let mut req = request(2);
+    req.steps[0].timeout_ms = Some(600_000);
+    let mut out = Vec::new();
+    let mut s = Saga::start("s1".into(), &req, None, "r".into(), CFG, 0, &mut out);
+    let nudge_at = |out: &[Command]| {
+        out.iter().find_map(|c| match c {
+            Command::SetTimer {
+                timer: Timer::StepNudge,
+                at_ms,
+            } => Some(*at_ms),
+            _ => None,
+        })
+    };
+    assert_eq!(nudge_at(&out), Some(800), "{out:?}");
+    let out = h(&mut s, 800, Event::Timer(Timer::StepNudge));
+    assert_eq!(sends(&out), vec![(0, CommandKind::Execute, 2)]);
+    assert_eq!(nudge_at(&out), Some(1_600));
+    let out = h(&mut s, 1_600, Event::Timer(Timer::StepNudge));
+    assert_eq!(sends(&out), vec![(0, CommandKind::Execute, 3)]);
+    // The answer to any attempt moves the saga on; the next step's own deadline (the
+    // default, 1 s) keeps its halfway nudge.
+    let out = h(&mut s, 1_700, done(0, CommandKind::Execute));
+    assert_eq!(sends(&out), vec![(1, CommandKind::Execute, 1)]);
+    assert_eq!(nudge_at(&out), Some(2_200));
+}
+
+#[test]
 fn a_saga_refuses_an_operator_outcome() {
     let (saga, _) = start(2);
     let r = txcoord_proto::Resolution {

@@ -322,6 +322,49 @@ fn halfway_to_the_deadline_prepare_is_sent_again_to_the_silent_steps_only() {
 }
 
 #[test]
+fn under_a_long_deadline_prepare_is_sent_again_every_retry_cap_until_the_deadline() {
+    // A 4.5 s deadline with `retry_cap_ms` 1 s: nudges at 1, 2, 3 and 4 s, none after
+    // (the next would come after the deadline), where before the one nudge came at 2.25 s.
+    let mut req = request(&["a", "b"]);
+    req.timeout_ms = Some(4_500);
+    let mut out = Vec::new();
+    let mut txn = TwoPc::start("t1".into(), &req, Some(7), "r".into(), CFG, 0, &mut out);
+    let nudge_at = |out: &[Command]| {
+        out.iter().find_map(|c| match c {
+            Command::SetTimer {
+                timer: Timer::StepNudge,
+                at_ms,
+            } => Some(*at_ms),
+            _ => None,
+        })
+    };
+    assert_eq!(nudge_at(&out), Some(1_000), "{out:?}");
+    let mut out = Vec::new();
+    txn.handle(10, vote(0, "a", ReplyOutcome::Ready), &mut out)
+        .unwrap();
+    for (at, attempt) in [(1_000, 2), (2_000, 3), (3_000, 4)] {
+        let mut out = Vec::new();
+        txn.handle(at, Event::Timer(Timer::StepNudge), &mut out)
+            .unwrap();
+        assert_eq!(
+            sends(&out),
+            vec![(1, CommandKind::Prepare, attempt)],
+            "at {at}"
+        );
+        assert_eq!(nudge_at(&out), Some(at + 1_000), "at {at}");
+    }
+    let mut out = Vec::new();
+    txn.handle(4_000, Event::Timer(Timer::StepNudge), &mut out)
+        .unwrap();
+    assert_eq!(sends(&out), vec![(1, CommandKind::Prepare, 5)]);
+    assert_eq!(nudge_at(&out), None, "no nudge after the deadline: {out:?}");
+    let mut out = Vec::new();
+    txn.handle(4_500, Event::Timer(Timer::PrepareTimeout), &mut out)
+        .unwrap();
+    assert_eq!(txn.phase(), Phase::Aborting);
+}
+
+#[test]
 fn timeout_names_the_silent_services() {
     let (mut txn, _) = start(&["a", "b", "c"]);
     let mut out = Vec::new();
