@@ -432,7 +432,9 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
     // An abort is final once its commands are stored (the coordinator does not wait for the
     // confirmations), so a bank that was down may still be releasing holds: wait for that.
     let drained = drain(&js, &python, &dir, &banks, settle).await;
-    stop.notify_waiters();
+    // `notify_one` keeps a permit when the supervisor is between two waits (restarting a
+    // process); `notify_waiters` would be lost then, and the run would never end.
+    stop.notify_one();
     let exits: usize = {
         let _ = supervisor.await;
         lock(&members).iter().map(|m| m.exits).sum()
