@@ -94,3 +94,52 @@ async fn a_clean_shutdown_hands_the_lease_over_at_once() {
         .await;
     commit(&sys, "handover-1").await;
 }
+
+/// Sends `signal` (STOP, CONT) to the process.
+fn signal(proc: &Proc, signal: &str) {
+    let pid = proc.pid().expect("the process runs").to_string();
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &pid])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal} {pid}: {status:?}");
+}
+
+/// A coordinator that freezes (SIGSTOP: a stalled VM, a long pause) keeps its pull
+/// requests at the server until they expire. Its successor must still hear every reply to
+/// its own commands: each run reads replies through a consumer of its own. When the runs
+/// shared one consumer, the frozen process's older requests were served first, so the
+/// successor heard no vote for about 30 s and these transactions aborted at their deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_coordinator_takes_no_reply_meant_for_its_successor() {
+    let mut sys = System::start(&["a"], &[TTL]).await;
+    let standby = sys
+        .spawn_standby(&[TTL], "standby: another coordinator holds the lease")
+        .await;
+    // The active coordinator is reading replies: it has pull requests at the server.
+    commit(&sys, "frozen-0").await;
+    signal(&sys.coordinator, "STOP");
+    standby
+        .wait_for("coordinator ready", Duration::from_secs(30))
+        .await;
+    let ids: Vec<String> = (1..=4).map(|i| format!("frozen-{i}")).collect();
+    for id in &ids {
+        let mut req = request(id, vec![step("a", json!({}))]);
+        // A vote lost would be asked for again after 10 s, and the transaction aborted
+        // after 20.
+        req["timeout_ms"] = json!(20_000);
+        sys.submit(&req, id).await;
+    }
+    for id in &ids {
+        let ev = sys.wait_state(id, |e| e.state.is_terminal()).await;
+        assert_eq!(ev.state, TxnState::Committed, "{id}: {ev:?}");
+        assert_eq!(
+            ev.steps[0].prepare_attempt, 1,
+            "{id}: the first vote was heard, no resend was needed: {ev:?}"
+        );
+    }
+    // Thawed, the old coordinator finds its lease taken and stops.
+    signal(&sys.coordinator, "CONT");
+    let status = sys.coordinator.wait_exit(Duration::from_secs(30)).await;
+    assert!(!status.success(), "{status:?}");
+}

@@ -45,8 +45,15 @@ use txn::{Begin, Router, TxnMsg, to_bytes};
 
 /// The durable consumer that reads submissions.
 pub const SUBMIT_CONSUMER: &str = "txcoord-submit";
-/// The durable consumer that reads replies (without acks; see [`reply_consumer`]).
+/// The reply consumer's name, before the run id: each run of a coordinator reads replies
+/// through its own consumer `txcoord-reply-reader-<run id>` (see [`ReplyReader`]). Older
+/// txcoord versions shared one consumer of exactly this name.
 pub const REPLY_CONSUMER: &str = "txcoord-reply-reader";
+
+/// How long a run's reply consumer outlives its reader: the server deletes it this long
+/// after the last pull (the coordinator died); a coordinator cut off for longer makes it
+/// again where it left off.
+const REPLY_CONSUMER_IDLE: Duration = Duration::from_secs(600);
 
 /// Why the coordinator stopped.
 #[derive(Debug, thiserror::Error)]
@@ -604,6 +611,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
         );
         drop((waits, detector_rx));
     }
+    // Before recovery resends anything: every reply to this run's commands is read.
+    let replies = ReplyReader::open(&shared).await?;
     let (recovered, scanned) = recover(&shared, from).await?;
     tracing::info!(recovered, scanned, from = ?from, "recovery done");
     if let Some(store) = state {
@@ -616,7 +625,6 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
             from.unwrap_or(0),
         ));
     }
-    let replies = reply_consumer(&shared).await?;
     let submissions = submit_consumer(&shared).await?;
     let api = api::start(client.clone(), shared.clone()).await?;
     let _ = front_door.send(Some(http::Active {
@@ -645,6 +653,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     if lost {
         return Err(CoordinatorError::LeaseLost);
     }
+    ReplyReader::remove(&shared).await;
     lease.release().await;
     // Every write is either acknowledged or will be redone from the log: nothing to flush.
     let _ = client.flush().await;
@@ -670,22 +679,143 @@ async fn pull_consumer(
     })
 }
 
+/// This run's reader of the reply stream, through a consumer of its own.
+///
 /// Replies are read without acknowledgements. A reply only ever moves a transaction the
 /// coordinator holds in memory; if the coordinator dies before acting on one, recovery
 /// resends the command and the participant answers again from its durable record. An ack
 /// per reply would cost the server a message and a delete and protect nothing.
-async fn reply_consumer(
-    shared: &Shared,
-) -> Result<consumer::Consumer<consumer::pull::Config>, CoordinatorError> {
-    pull_consumer(
-        &shared.streams.replies,
-        REPLY_CONSUMER,
+///
+/// The consumer is this run's alone (`txcoord-reply-reader-<run id>`), starting at the
+/// replies that arrive after it is made. Shared by every run, as it once was, a reply was
+/// delivered to whichever process pulled first, and a coordinator whose lease had run out
+/// without its noticing yet (cut off, then back) took replies to its successor's commands
+/// and dropped them; the successor waited for its next resend. It is made before recovery
+/// sends anything, removed when the coordinator stops cleanly, and deleted by the server
+/// [`REPLY_CONSUMER_IDLE`] after the last pull otherwise; a reader that finds it gone
+/// makes it again from the reply after the last one it read.
+struct ReplyReader {
+    consumer: consumer::Consumer<consumer::pull::Config>,
+    /// The stream sequence after the last reply read: where a remade consumer starts.
+    next_seq: Option<u64>,
+}
+
+impl ReplyReader {
+    fn name(shared: &Shared) -> String {
+        format!("{REPLY_CONSUMER}-{}", shared.run_id)
+    }
+
+    fn config(shared: &Shared, next_seq: Option<u64>) -> consumer::pull::Config {
         consumer::pull::Config {
+            durable_name: Some(Self::name(shared)),
             ack_policy: consumer::AckPolicy::None,
+            deliver_policy: match next_seq {
+                Some(start_sequence) => consumer::DeliverPolicy::ByStartSequence { start_sequence },
+                None => consumer::DeliverPolicy::New,
+            },
+            inactive_threshold: REPLY_CONSUMER_IDLE,
             ..Default::default()
-        },
-    )
-    .await
+        }
+    }
+
+    async fn open(shared: &Shared) -> Result<ReplyReader, CoordinatorError> {
+        let consumer = Self::make(shared, None).await?;
+        // A consumer shared by the runs of an older txcoord: this coordinator holds the
+        // lease, so no reader of it is left that should be. Best effort.
+        if shared
+            .streams
+            .replies
+            .delete_consumer(REPLY_CONSUMER)
+            .await
+            .is_ok()
+        {
+            tracing::info!(
+                consumer = REPLY_CONSUMER,
+                "removed the reply consumer an older txcoord shared between runs"
+            );
+        }
+        Ok(ReplyReader {
+            consumer,
+            next_seq: None,
+        })
+    }
+
+    async fn make(
+        shared: &Shared,
+        next_seq: Option<u64>,
+    ) -> Result<consumer::Consumer<consumer::pull::Config>, CoordinatorError> {
+        txcoord_nats::durable_consumer(&shared.streams.replies, Self::config(shared, next_seq))
+            .await
+            .map_err(|message| CoordinatorError::Consumer {
+                consumer: Self::name(shared),
+                message,
+            })
+    }
+
+    /// Reads replies for ever, handing each to `f`. After the consumer is deleted (or no
+    /// server answers for it), it is fetched again, or made again where reading stopped.
+    async fn each<F, Fut>(mut self, shared: &Shared, mut f: F)
+    where
+        F: FnMut(jetstream::Message) -> Fut,
+        Fut: Future<Output = ()>,
+    {
+        let name = Self::name(shared);
+        loop {
+            match self
+                .consumer
+                .stream()
+                .max_messages_per_batch(500)
+                .messages()
+                .await
+            {
+                Ok(mut messages) => {
+                    while let Some(next) = messages.next().await {
+                        match next {
+                            Ok(msg) => {
+                                if let Ok(info) = msg.info() {
+                                    self.next_seq = Some(info.stream_sequence + 1);
+                                }
+                                f(msg).await
+                            }
+                            Err(e)
+                                if matches!(
+                                    e.kind(),
+                                    consumer::pull::MessagesErrorKind::ConsumerDeleted
+                                        | consumer::pull::MessagesErrorKind::NoResponders
+                                ) =>
+                            {
+                                tracing::warn!(consumer = %name, error = %e, "the reply consumer is not answering; fetching or making it again");
+                                break;
+                            }
+                            Err(e) => {
+                                tracing::debug!(consumer = %name, error = %e, "consumer stream error");
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(consumer = %name, error = %e, "cannot read the reply consumer, retrying");
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            match Self::make(shared, self.next_seq).await {
+                Ok(consumer) => self.consumer = consumer,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot make the reply consumer again, retrying")
+                }
+            }
+        }
+    }
+
+    /// Deletes this run's consumer (a clean stop); the server would after
+    /// [`REPLY_CONSUMER_IDLE`] anyway.
+    async fn remove(shared: &Shared) {
+        let _ = shared
+            .streams
+            .replies
+            .delete_consumer(&Self::name(shared))
+            .await;
+    }
 }
 
 async fn submit_consumer(
@@ -704,43 +834,9 @@ async fn submit_consumer(
     .await
 }
 
-/// Reads a consumer forever, re-subscribing after errors (a server restart, say).
-async fn each_message<F, Fut>(
-    consumer: consumer::Consumer<consumer::pull::Config>,
-    name: &str,
-    mut f: F,
-) where
-    F: FnMut(jetstream::Message) -> Fut,
-    Fut: Future<Output = ()>,
-{
-    loop {
-        let mut messages = match consumer
-            .stream()
-            .max_messages_per_batch(500)
-            .messages()
-            .await
-        {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(consumer = name, error = %e, "cannot read consumer, retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                continue;
-            }
-        };
-        while let Some(next) = messages.next().await {
-            match next {
-                Ok(msg) => f(msg).await,
-                Err(e) => {
-                    tracing::debug!(consumer = name, error = %e, "consumer stream error");
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-async fn run_replies(shared: Arc<Shared>, consumer: consumer::Consumer<consumer::pull::Config>) {
-    each_message(consumer, REPLY_CONSUMER, |msg| {
+async fn run_replies(shared: Arc<Shared>, reader: ReplyReader) {
+    let me = shared.clone();
+    reader.each(&me, |msg| {
         let shared = shared.clone();
         async move {
             let takes = batch::Takes::from_headers(msg.headers.as_ref());
