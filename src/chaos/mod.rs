@@ -424,11 +424,14 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
     for w in workers {
         let _ = w.await;
     }
+    tracing::info!("every transfer was sent and waited for; waiting for the fault plan to end");
     let faults = faults.await.context("the fault injector failed")??;
+    tracing::info!("the fault plan ended; waiting for every transfer to be terminal");
     bar.finish_with_message("done");
     let elapsed = began.elapsed();
     // The transfers that gave up waiting get one more look through the whole settle time.
     wait_terminal(&client, &transfers, settle).await;
+    tracing::info!("waiting for the banks to release their holds");
     // An abort is final once its commands are stored (the coordinator does not wait for the
     // confirmations), so a bank that was down may still be releasing holds: wait for that.
     let drained = drain(&js, &python, &dir, &banks, settle).await;
@@ -439,7 +442,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
         let _ = supervisor.await;
         lock(&members).iter().map(|m| m.exits).sum()
     };
-
+    tracing::info!("reading the log and the banks' records for the checks");
     let log = read_log(&js, &subjects).await?;
     let mut bank_states = BTreeMap::new();
     for b in &banks {
