@@ -1,8 +1,9 @@
 //! The coordinator's lease: at most one coordinator acts for a subject prefix at a time.
 //!
-//! Two coordinators on one prefix would share the reply consumer (each dropping the other's
-//! replies) and, worse, a second one's recovery would resume transactions the first is still
-//! running, so two engines could decide one transaction differently. The lease prevents it.
+//! Two coordinators on one prefix would both take submissions, and a second one's recovery
+//! would resume transactions the first is still running, so two engines could decide one
+//! transaction differently. The lease prevents it. (Each run reads replies through a
+//! consumer of its own, so a coordinator past its lease takes no reply from its successor.)
 //!
 //! It is one key in a KV bucket whose `max_age` is the lease time-to-live: a coordinator
 //! creates the key to take the lease (create fails while another holds it) and renews it
