@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use common::{Proc, System, request, step};
 use serde_json::json;
+use futures::TryStreamExt as _;
+use txcoord::coordinator::REPLY_CONSUMER;
 use txcoord::proto::TxnState;
 
 const TTL: (&str, &str) = ("TXCOORD_LEASE_TTL_MS", "2000");
@@ -118,10 +120,33 @@ async fn a_frozen_coordinator_takes_no_reply_meant_for_its_successor() {
         .await;
     // The active coordinator is reading replies: it has pull requests at the server.
     commit(&sys, "frozen-0").await;
+    // The one consumer older versions shared: the next lease holder removes it.
+    let js = async_nats::jetstream::new(sys.nc.clone());
+    let replies = js.get_stream("TXN_REPLY").await.unwrap();
+    replies
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some(REPLY_CONSUMER.into()),
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::None,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     signal(&sys.coordinator, "STOP");
     standby
         .wait_for("coordinator ready", Duration::from_secs(30))
         .await;
+    standby
+        .wait_for(
+            "removed the reply consumer an older txcoord shared",
+            Duration::from_secs(10),
+        )
+        .await;
+    let names: Vec<String> = replies.consumer_names().try_collect().await.unwrap();
+    assert_eq!(names.len(), 2, "the two runs' own consumers: {names:?}");
+    assert!(
+        names.iter().all(|n| n.starts_with(&format!("{REPLY_CONSUMER}-"))),
+        "{names:?}"
+    );
     let ids: Vec<String> = (1..=4).map(|i| format!("frozen-{i}")).collect();
     for id in &ids {
         let mut req = request(id, vec![step("a", json!({}))]);

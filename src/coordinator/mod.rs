@@ -721,19 +721,17 @@ impl ReplyReader {
     async fn open(shared: &Shared) -> Result<ReplyReader, CoordinatorError> {
         let consumer = Self::make(shared, None).await?;
         // A consumer shared by the runs of an older txcoord: this coordinator holds the
-        // lease, so no reader of it is left that should be. Best effort.
-        if shared
-            .streams
-            .replies
-            .delete_consumer(REPLY_CONSUMER)
-            .await
-            .is_ok()
-        {
-            tracing::info!(
-                consumer = REPLY_CONSUMER,
-                "removed the reply consumer an older txcoord shared between runs"
-            );
-        }
+        // lease, so no reader of it is left that should be. Best effort, and in the
+        // background: a cluster electing a leader must not hold up the start.
+        let replies = shared.streams.replies.clone();
+        tokio::spawn(async move {
+            if replies.delete_consumer(REPLY_CONSUMER).await.is_ok() {
+                tracing::info!(
+                    consumer = REPLY_CONSUMER,
+                    "removed the reply consumer an older txcoord shared between runs"
+                );
+            }
+        });
         Ok(ReplyReader {
             consumer,
             next_seq: None,
