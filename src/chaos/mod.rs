@@ -443,11 +443,13 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
         lock(&members).iter().map(|m| m.exits).sum()
     };
     tracing::info!("reading the log and the banks' records for the checks");
-    let log = read_log(&js, &subjects).await?;
+    let log = patiently("reading the log", || read_log(&js, &subjects)).await?;
     let mut bank_states = BTreeMap::new();
     for b in &banks {
         if !b.python {
-            bank_states.insert(b.service.clone(), rust_bank(&js, &b.service, &dir).await?);
+            let what = format!("reading {}'s records", b.service);
+            let bank = patiently(&what, || rust_bank(&js, &b.service, &dir)).await?;
+            bank_states.insert(b.service.clone(), bank);
         }
     }
     // Stop everything before the Python bank's file is read.
@@ -1097,6 +1099,27 @@ async fn supervise(members: Members, stop: Arc<tokio::sync::Notify>) {
             }
         }
     }
+}
+
+/// Runs `read` until it succeeds, each try cut off after 30 s, five tries at most: the
+/// reads at the end of a run go to a cluster just back from its faults, and a KV key
+/// listing (an ordered consumer underneath) can wait for ever on one that lost a message.
+async fn patiently<T, F, Fut>(what: &str, mut read: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<T>>,
+{
+    let mut last = anyhow::anyhow!("{what}: not tried");
+    for attempt in 1..=5 {
+        match tokio::time::timeout(Duration::from_secs(30), read()).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) => last = e.context(format!("{what} (try {attempt} of 5)")),
+            Err(_) => last = anyhow::anyhow!("{what}: no answer in 30 s (try {attempt} of 5)"),
+        }
+        tracing::warn!(error = %last, "retrying");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    Err(last)
 }
 
 /// Every record of the log, by transaction, in log order.
