@@ -6,8 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::{Proc, System, request, step};
-use serde_json::json;
 use futures::TryStreamExt as _;
+use serde_json::json;
 use txcoord::coordinator::REPLY_CONSUMER;
 use txcoord::proto::TxnState;
 
@@ -144,7 +144,9 @@ async fn a_frozen_coordinator_takes_no_reply_meant_for_its_successor() {
     let names: Vec<String> = replies.consumer_names().try_collect().await.unwrap();
     assert_eq!(names.len(), 2, "the two runs' own consumers: {names:?}");
     assert!(
-        names.iter().all(|n| n.starts_with(&format!("{REPLY_CONSUMER}-"))),
+        names
+            .iter()
+            .all(|n| n.starts_with(&format!("{REPLY_CONSUMER}-"))),
         "{names:?}"
     );
     let ids: Vec<String> = (1..=4).map(|i| format!("frozen-{i}")).collect();
