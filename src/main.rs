@@ -470,7 +470,16 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Chaos(args) => {
-            let ok = chaos::run(args).await?;
+            // Interrupted (Ctrl-C, SIGTERM), the run is dropped, and with the runtime every
+            // task holding its servers and processes: each is stopped on drop, so none is
+            // left running.
+            let ok = tokio::select! {
+                ok = chaos::run(args) => ok?,
+                _ = shutdown_signal() => {
+                    eprintln!("chaos: interrupted; stopping the servers and processes it started");
+                    return Ok(ExitCode::from(130));
+                }
+            };
             Ok(if ok {
                 ExitCode::SUCCESS
             } else {
