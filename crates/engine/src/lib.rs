@@ -351,6 +351,15 @@ pub enum Command {
     Finished,
 }
 
+/// When `out` arms `timer`, if it does (for tests of both engines).
+#[cfg(test)]
+pub(crate) fn armed_at(out: &[Command], timer: Timer) -> Option<u64> {
+    out.iter().find_map(|c| match c {
+        Command::SetTimer { timer: t, at_ms } if *t == timer => Some(*at_ms),
+        _ => None,
+    })
+}
+
 /// Engine settings that come from configuration.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct EngineConfig {

@@ -396,15 +396,7 @@ fn a_silent_execute_of_a_long_step_is_sent_again_every_retry_cap() {
     req.steps[0].timeout_ms = Some(600_000);
     let mut out = Vec::new();
     let mut s = Saga::start("s1".into(), &req, None, "r".into(), CFG, 0, &mut out);
-    let nudge_at = |out: &[Command]| {
-        out.iter().find_map(|c| match c {
-            Command::SetTimer {
-                timer: Timer::StepNudge,
-                at_ms,
-            } => Some(*at_ms),
-            _ => None,
-        })
-    };
+    let nudge_at = |out: &[Command]| crate::armed_at(out, Timer::StepNudge);
     assert_eq!(nudge_at(&out), Some(800), "{out:?}");
     let out = h(&mut s, 800, Event::Timer(Timer::StepNudge));
     assert_eq!(sends(&out), vec![(0, CommandKind::Execute, 2)]);

@@ -329,15 +329,7 @@ fn under_a_long_deadline_prepare_is_sent_again_every_retry_cap_until_the_deadlin
     req.timeout_ms = Some(4_500);
     let mut out = Vec::new();
     let mut txn = TwoPc::start("t1".into(), &req, Some(7), "r".into(), CFG, 0, &mut out);
-    let nudge_at = |out: &[Command]| {
-        out.iter().find_map(|c| match c {
-            Command::SetTimer {
-                timer: Timer::StepNudge,
-                at_ms,
-            } => Some(*at_ms),
-            _ => None,
-        })
-    };
+    let nudge_at = |out: &[Command]| crate::armed_at(out, Timer::StepNudge);
     assert_eq!(nudge_at(&out), Some(1_000), "{out:?}");
     let mut out = Vec::new();
     txn.handle(10, vote(0, "a", ReplyOutcome::Ready), &mut out)
