@@ -312,9 +312,10 @@ pub enum Timer {
     StepTimeout,
     /// Saga: the next try of the current step's execute or compensate.
     StepRetry,
-    /// Halfway to a deadline with no answer (a saga step's execute, or 2PC votes), send the
-    /// command again: a participant that restarted has the old copy pending on its consumer
-    /// until the ack wait expires, and a new attempt reaches it at once.
+    /// Halfway to a deadline (at most `retry_cap_ms` after the send, and as often again)
+    /// with no answer (a saga step's execute, or 2PC votes), send the command again: a
+    /// participant that restarted has the old copy pending on its consumer until the ack
+    /// wait expires, and a new attempt reaches it at once; a lost reply is made again.
     StepNudge,
 }
 
