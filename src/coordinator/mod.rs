@@ -46,8 +46,8 @@ use txn::{Begin, Router, TxnMsg, to_bytes};
 /// The durable consumer that reads submissions.
 pub const SUBMIT_CONSUMER: &str = "txcoord-submit";
 /// The reply consumer's name, before the run id: each run of a coordinator reads replies
-/// through its own consumer `txcoord-reply-reader-<run id>` (see [`ReplyReader`]). Older
-/// txcoord versions shared one consumer of exactly this name.
+/// through its own consumer, `txcoord-reply-reader-<run id>`. Older txcoord versions
+/// shared one consumer of exactly this name.
 pub const REPLY_CONSUMER: &str = "txcoord-reply-reader";
 
 /// How long a run's reply consumer outlives its reader: the server deletes it this long
