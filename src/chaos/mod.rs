@@ -100,8 +100,13 @@ pub struct ChaosArgs {
     /// proxies) for 0.5 to 6 s, while the processes connected to it stay connected to it.
     #[arg(long, default_value_t = 0)]
     pub partitions: usize,
+    /// With --cluster: times one node is SIGKILLed, its JetStream store deleted, and started
+    /// again empty (a lost or replaced disk), each once every stream's replicas are in
+    /// sync, so it is the only copy lost; its peers bring it up to date.
+    #[arg(long, default_value_t = 0)]
+    pub wipes: usize,
     /// Run every other transfer between the two Rust banks as a saga (debit, then credit).
-    /// Off by default until RELIABILITY.md's finding 7 (sagas on a cluster) is settled.
+    /// Off by default, so a seed's workload stays what it was before sagas joined.
     #[arg(long)]
     pub sagas: bool,
 }
@@ -124,6 +129,7 @@ enum Fault {
     KillServer,
     LoseQuorum,
     Partition,
+    WipeNode,
     Cut,
     Delay,
 }
@@ -137,6 +143,10 @@ struct FaultLog {
     nodes_hit: BTreeMap<usize, usize>,
     /// When the last fault ended (the process back, the connection up, the delay over).
     last_end_ms: u64,
+    /// How long the wipes waited, in all, for every stream's replicas to be in sync.
+    wipe_waits: Duration,
+    /// Wipes done although the streams were still not in sync after the longest wait.
+    wipes_unsynced: usize,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -186,8 +196,8 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
     if args.transfers == 0 || args.in_flight == 0 {
         bail!("--transfers and --in-flight must be at least 1");
     }
-    if (args.quorum_losses > 0 || args.partitions > 0) && !args.cluster {
-        bail!("--quorum-losses and --partitions need --cluster: one server has no peers");
+    if (args.quorum_losses > 0 || args.partitions > 0 || args.wipes > 0) && !args.cluster {
+        bail!("--quorum-losses, --partitions and --wipes need --cluster: one server has no peers");
     }
     let banks = bank_specs(&args);
     // Between nodes: a proxy for each direction of each route, so a partition can cut them.
@@ -507,6 +517,14 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
                 hits.join(", ")
             }
         );
+        let wipes = faults.counts.get(&Fault::WipeNode).copied().unwrap_or(0);
+        if wipes > 0 {
+            println!(
+                "wipes: {wipes} nodes SIGKILLed and started again with an empty store, after waiting {:.1} s in all for every stream's replicas to be in sync ({} wiped while still out of sync)",
+                faults.wipe_waits.as_secs_f64(),
+                faults.wipes_unsynced
+            );
+        }
     }
     let one_phase = commands
         .iter()
@@ -910,6 +928,7 @@ fn fault_plan(args: &ChaosArgs) -> Vec<Fault> {
     }
     plan.extend(std::iter::repeat_n(Fault::LoseQuorum, args.quorum_losses));
     plan.extend(std::iter::repeat_n(Fault::Partition, args.partitions));
+    plan.extend(std::iter::repeat_n(Fault::WipeNode, args.wipes));
     plan.extend(std::iter::repeat_n(Fault::Cut, args.cuts));
     plan.extend(std::iter::repeat_n(Fault::Delay, args.delays));
     let mut rng = XorShift::new(args.seed ^ 0x5EED);
@@ -1021,6 +1040,26 @@ async fn inject(
                 }
                 tokio::time::sleep(lasting).await;
             }
+            Fault::WipeNode => {
+                // One copy lost, not two: wait until every replica has caught up from the
+                // faults before (a node restarted a moment ago may still lag).
+                let began = Instant::now();
+                if !in_sync(&inj.js, Duration::from_secs(120)).await {
+                    log.wipes_unsynced += 1;
+                    tracing::warn!(
+                        "the streams' replicas were not all in sync after 120 s; wiping a node anyway"
+                    );
+                }
+                log.wipe_waits += began.elapsed();
+                let nodes = lock(&inj.server).len();
+                let node = inj.rng.index(nodes);
+                *log.nodes_hit.entry(node).or_default() += 1;
+                tracing::info!(node, "wiping a node's store");
+                let server = inj.server.clone();
+                tokio::task::spawn_blocking(move || lock(&server)[node].kill_wipe_and_restart())
+                    .await?
+                    .context("restarting a wiped node")?;
+            }
             Fault::Cut => {
                 let n = lock(&inj.members).len();
                 let everyone = inj.rng.chance(20);
@@ -1066,6 +1105,33 @@ impl Injector {
         let mut m = lock(&self.members);
         m[i].down = false;
         Ok(m[i].proc.restart()?)
+    }
+}
+
+/// Waits (at most `limit`) until every stream, the KV buckets' included, has a leader and
+/// every replica current; whether it got there.
+async fn in_sync(js: &async_nats::jetstream::Context, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        let infos: Result<Vec<_>, _> = js.streams().try_collect().await;
+        let synced = infos.is_ok_and(|infos| {
+            !infos.is_empty()
+                && infos.iter().all(|info| {
+                    // The replicas listed are the leader's followers.
+                    info.cluster.as_ref().is_some_and(|c| {
+                        c.leader.is_some()
+                            && c.replicas.len() + 1 >= info.config.num_replicas
+                            && c.replicas.iter().all(|r| r.current && !r.offline)
+                    })
+                })
+        });
+        if synced {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 

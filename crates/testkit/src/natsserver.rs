@@ -249,6 +249,20 @@ impl NatsServer {
         self.spawn()
     }
 
+    /// SIGKILLs the server, deletes its JetStream store (a node whose disk was lost or
+    /// replaced), and starts it again on the same port with an empty store: in a cluster,
+    /// its peers bring it up to date.
+    pub fn kill_wipe_and_restart(&mut self) -> Result<(), ServerError> {
+        self.kill();
+        let js = self.store.join("js");
+        match std::fs::remove_dir_all(&js) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.spawn()
+    }
+
     /// Stops the server gracefully (SIGTERM: it flushes its store) and waits for it, falling
     /// back to SIGKILL after 10 s.
     pub fn stop(&mut self) {
