@@ -203,6 +203,47 @@ async fn a_standby_takes_a_pending_submission_within_seconds_of_a_sigkill() {
     );
 }
 
+/// A submission redelivered while its own transaction's `accepted` record is still being
+/// written (its progress acks lost, as on a cluster in trouble) must not be acked: that
+/// acks the first copy too, and a coordinator that dies before the record is durable then
+/// loses the transaction for good (RELIABILITY.md, finding 8: three transfers of a cluster
+/// run with a wiped node never ran). The failpoint holds the write 30 s without progress
+/// acks; the coordinator is SIGKILLed after the redelivery, and its restart must run the
+/// transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_redelivered_before_its_accepted_record_is_kept_until_it_is_durable() {
+    let mut sys = System::start(
+        &["a"],
+        &[
+            ("TXCOORD_FAILPOINT", "accepted-write-stalls"),
+            ("TXCOORD_SUBMIT_ACK_WAIT_MS", "1000"),
+        ],
+    )
+    .await;
+    let id = "redelivered-early-1";
+    sys.submit(&request(id, vec![step("a", json!({}))]), id)
+        .await;
+    sys.coordinator
+        .wait_for("FAILPOINT accepted-write-stalls", Duration::from_secs(20))
+        .await;
+    // The server redelivers it after the 1 s ack wait; the running driver still holds it.
+    sys.coordinator
+        .wait_for(
+            "submission of a running transaction",
+            Duration::from_secs(20),
+        )
+        .await;
+    sys.coordinator.kill9();
+    let url = sys.nats.url();
+    sys.coordinator.restart_with(&[
+        ("TXCOORD_NATS_URL", url.as_str()),
+        ("TXCOORD_LEASE_TTL_MS", "2000"),
+        ("TXCOORD_SUBMIT_ACK_WAIT_MS", "1000"),
+    ]);
+    let done = sys.wait_state(id, |e| e.state.is_terminal()).await;
+    assert_eq!(done.state, TxnState::Committed, "{done:?}");
+}
+
 /// On a 3-node cluster, where JetStream answers a write whose message id it has stored as a
 /// duplicate before it checks the expected last sequence: a submission redelivered after its
 /// transaction committed starts a second driver of it in the same coordinator run. Its

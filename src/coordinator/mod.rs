@@ -419,6 +419,10 @@ pub enum Failpoint {
     /// must be read to resume it finds it unreadable, as it is while JetStream elects the
     /// stream's leader or from a lagging replica.
     ResumeReadFailsOnce,
+    /// `accepted-write-stalls`: a new transaction's `accepted` record is written only after
+    /// 30 s, with no progress acks meanwhile (as when a cluster in trouble loses them), so
+    /// the server redelivers its submission while the first copy is still being handled.
+    AcceptedWriteStalls,
 }
 
 impl Failpoint {
@@ -431,8 +435,9 @@ impl Failpoint {
             "before-accepted" => Ok(Some(Failpoint::BeforeAccepted)),
             "recovery-stall-once" => Ok(Some(Failpoint::RecoveryStallOnce)),
             "resume-read-fails-once" => Ok(Some(Failpoint::ResumeReadFailsOnce)),
+            "accepted-write-stalls" => Ok(Some(Failpoint::AcceptedWriteStalls)),
             other => Err(format!(
-                "TXCOORD_FAILPOINT {other:?} is not one of after-decision, skip-submission-ack, before-accepted, recovery-stall-once, resume-read-fails-once"
+                "TXCOORD_FAILPOINT {other:?} is not one of after-decision, skip-submission-ack, before-accepted, recovery-stall-once, resume-read-fails-once, accepted-write-stalls"
             )),
         }
     }
@@ -1077,9 +1082,16 @@ async fn submission(
     };
     let (tx, rx) = mpsc::channel(64);
     if !shared.router.insert(&txn_id, tx.clone()) {
-        tracing::info!(%txn_id, "duplicate submission of a running transaction ignored");
+        // Not acked: this may be the running transaction's own submission, redelivered
+        // because its progress acks were lost, and acking it here would ack that one too
+        // before its `accepted` record is durable (a coordinator dying then would lose the
+        // transaction). It comes back after the ack wait; once the transaction is over, its
+        // log answers it (a retry changes nothing).
+        tracing::info!(%txn_id, "submission of a running transaction: it comes back once that one is done");
         shared.metrics.duplicate();
-        let _ = msg.ack().await;
+        let _ = msg
+            .ack_with(jetstream::AckKind::Nak(Some(shared.submit_ack_wait)))
+            .await;
         return;
     }
     let span = tracing::info_span!("txn", %txn_id);

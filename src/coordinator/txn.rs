@@ -812,6 +812,10 @@ impl Driver {
         // submission can never pass for this write.
         let msg_id = format!("{msg_id}.{}", event.submit_seq.unwrap_or(0));
         self.shared.inflight.accepting();
+        if self.shared.failpoint == Some(Failpoint::AcceptedWriteStalls) {
+            eprintln!("FAILPOINT accepted-write-stalls txn_id={}", self.txn_id);
+            tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+        }
         let written = self.write(&msg_id, event, submission.as_deref()).await;
         let ours = match &written {
             Written::Ours { seq, last } => Some((*seq, *last)),
