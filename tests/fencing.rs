@@ -244,6 +244,49 @@ async fn a_submission_redelivered_before_its_accepted_record_is_kept_until_it_is
     assert_eq!(done.state, TxnState::Committed, "{done:?}");
 }
 
+/// A transaction whose `accepted` record a previous coordinator wrote, and which this
+/// coordinator's recovery did not see (a lagging replica answered it, or the record landed
+/// after the scan), must still be driven when its submission comes back: the new driver's
+/// own `accepted` is refused for the record it finds, and the log's transaction is resumed.
+/// Before, it stayed `accepted` for good (a cluster run with wiped nodes left one so).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_that_finds_an_orphaned_accepted_record_resumes_it() {
+    let sys = System::start(&["a"], &[]).await;
+    // A real accepted record, taken from a transaction that ran, under another txn_id:
+    // as the coordinator before this one wrote it, after this one's recovery.
+    let model = sys
+        .run(request("orphan-model", vec![step("a", json!({}))]))
+        .await;
+    assert_eq!(model.state, TxnState::Committed);
+    let mut accepted = sys.client.history("orphan-model").await[0].clone();
+    assert_eq!(accepted.state, TxnState::Accepted);
+    let id = "orphan-1";
+    accepted.txn_id = id.into();
+    let js = async_nats::jetstream::new(sys.nc.clone());
+    js.publish(
+        format!("txn.log.{id}"),
+        serde_json::to_vec(&accepted).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    // Its submission comes back (the same request).
+    sys.submit(&request(id, vec![step("a", json!({}))]), id)
+        .await;
+    let done = sys.wait_state(id, |e| e.state.is_terminal()).await;
+    assert_eq!(done.state, TxnState::Committed, "{done:?}");
+    let history = sys.client.history(id).await;
+    assert_eq!(
+        history
+            .iter()
+            .filter(|e| e.state == TxnState::Accepted)
+            .count(),
+        1,
+        "the orphan's record is the one accepted record: {history:?}"
+    );
+}
+
 /// On a 3-node cluster, where JetStream answers a write whose message id it has stored as a
 /// duplicate before it checks the expected last sequence: a submission redelivered after its
 /// transaction committed starts a second driver of it in the same coordinator run. Its

@@ -817,6 +817,7 @@ impl Driver {
             tokio::time::sleep(std::time::Duration::from_secs(30)).await;
         }
         let written = self.write(&msg_id, event, submission.as_deref()).await;
+        let fenced = matches!(written, Written::Fenced);
         let ours = match &written {
             Written::Ours { seq, last } => Some((*seq, *last)),
             _ => None,
@@ -865,6 +866,17 @@ impl Driver {
             None => {
                 self.shared.metrics.duplicate();
                 self.report_reuse(event).await;
+                // The log's transaction may be one nobody drives: its writer was a
+                // coordinator that has stopped, and this one's recovery did not see it (a
+                // replica that lagged, a record stored after the scan). It goes the way
+                // of a fenced driver's: the log is read again and the transaction resumed
+                // unless it is over.
+                if fenced && let Ok(Some((_, seq))) = first_record(&self.shared, &self.txn_id).await
+                {
+                    self.shared.inflight.track(seq);
+                    self.accepted_seq = Some(seq);
+                    return Err(Stop::Fenced);
+                }
                 Err(Stop::Halted)
             }
         }
