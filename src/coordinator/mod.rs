@@ -710,9 +710,8 @@ impl ReplyReader {
         format!("{REPLY_CONSUMER}-{}", shared.run_id)
     }
 
-    fn config(shared: &Shared, next_seq: Option<u64>) -> consumer::pull::Config {
+    fn config(next_seq: Option<u64>) -> consumer::pull::Config {
         consumer::pull::Config {
-            durable_name: Some(Self::name(shared)),
             ack_policy: consumer::AckPolicy::None,
             deliver_policy: match next_seq {
                 Some(start_sequence) => consumer::DeliverPolicy::ByStartSequence { start_sequence },
@@ -747,12 +746,12 @@ impl ReplyReader {
         shared: &Shared,
         next_seq: Option<u64>,
     ) -> Result<consumer::Consumer<consumer::pull::Config>, CoordinatorError> {
-        txcoord_nats::durable_consumer(&shared.streams.replies, Self::config(shared, next_seq))
-            .await
-            .map_err(|message| CoordinatorError::Consumer {
-                consumer: Self::name(shared),
-                message,
-            })
+        pull_consumer(
+            &shared.streams.replies,
+            &Self::name(shared),
+            Self::config(next_seq),
+        )
+        .await
     }
 
     /// Reads replies for ever, handing each to `f`. After the consumer is deleted (or no
@@ -838,8 +837,7 @@ async fn submit_consumer(
 }
 
 async fn run_replies(shared: Arc<Shared>, reader: ReplyReader) {
-    let me = shared.clone();
-    reader.each(&me, |msg| {
+    reader.each(&shared.clone(), |msg| {
         let shared = shared.clone();
         async move {
             let takes = batch::Takes::from_headers(msg.headers.as_ref());

@@ -865,14 +865,13 @@ impl Driver {
             }
             None => {
                 self.shared.metrics.duplicate();
-                self.report_reuse(event).await;
+                let first_seq = self.report_reuse(event).await;
                 // The log's transaction may be one nobody drives: its writer was a
                 // coordinator that has stopped, and this one's recovery did not see it (a
                 // replica that lagged, a record stored after the scan). It goes the way
                 // of a fenced driver's: the log is read again and the transaction resumed
                 // unless it is over.
-                if fenced && let Ok(Some((_, seq))) = first_record(&self.shared, &self.txn_id).await
-                {
+                if fenced && let Some(seq) = first_seq {
                     self.shared.inflight.track(seq);
                     self.accepted_seq = Some(seq);
                     return Err(Stop::Fenced);
@@ -886,13 +885,13 @@ impl Driver {
     /// of the same submission, or a resubmission of the same request, is a retry: its
     /// recorded outcome stands. Another request under a taken id gets a SubmitError
     /// (`duplicate_txn_id`) that names the existing transaction's state, read from the
-    /// log's first record.
-    async fn report_reuse(&self, ours: &TransactionEvent) {
-        let first = match first_record(&self.shared, &self.txn_id).await {
-            Ok(Some((f, _))) => f,
+    /// log's first record. The first record's sequence, if it was read.
+    async fn report_reuse(&self, ours: &TransactionEvent) -> Option<u64> {
+        let (first, first_seq) = match first_record(&self.shared, &self.txn_id).await {
+            Ok(Some(found)) => found,
             _ => {
                 tracing::info!("txn_id already has a recorded transaction; nothing runs again");
-                return;
+                return None;
             }
         };
         let same_submission = first.submit_seq.is_some() && first.submit_seq == ours.submit_seq;
@@ -902,7 +901,7 @@ impl Driver {
             tracing::info!(
                 "txn_id already has a recorded transaction of this request; the recorded outcome stands, nothing runs again"
             );
-            return;
+            return Some(first_seq);
         }
         let now = log_tail(&self.shared, &self.txn_id)
             .await
@@ -930,6 +929,7 @@ impl Driver {
             },
         )
         .await;
+        Some(first_seq)
     }
 
     async fn failpoint(&self, event: &TransactionEvent, msg_id: &str) {
